@@ -1,0 +1,313 @@
+//! `run`, `validate`, `status`, `cursor`, `trigger`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use super::{EX_CONFIG, EX_DATAERR, EX_FAIL, EX_OK, report_problems};
+use crate::config::{self, Config, LogFormat};
+use crate::engine::control::{self, Action};
+use crate::engine::lock::{self, LockError};
+use crate::engine::{RunCtx, daemon, run_stream};
+use crate::http::Http;
+use crate::store::{Store, StoreError};
+
+fn load(source: &config::Source) -> Result<Config, i32> {
+    config::load(source).map_err(|p| report_problems(&p))
+}
+
+fn store_error(e: &StoreError) -> i32 {
+    eprintln!("usher: {e}");
+    EX_DATAERR
+}
+
+pub async fn run(source: config::Source, format: LogFormat) -> i32 {
+    let config = match load(&source) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let _guard = crate::logging::init(&config.log, format);
+    for w in &config.warnings {
+        tracing::warn!(warning = %w, "configuration warning");
+    }
+    let state_dir = config.daemon.state_dir.clone();
+    let lock = match lock::acquire(&state_dir) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "not starting");
+            eprintln!("usher: {e}");
+            return EX_FAIL;
+        }
+    };
+    let store = match Store::open(&state_dir) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "not starting");
+            return store_error(&e);
+        }
+    };
+    match daemon::run(source, config, store, lock).await {
+        Ok(()) => EX_OK,
+        Err(e) => {
+            tracing::error!(error = %e, "the daemon failed");
+            eprintln!("usher: {e:#}");
+            EX_FAIL
+        }
+    }
+}
+
+pub async fn validate(source: config::Source, online: bool) -> i32 {
+    let config = match load(&source) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    for w in &config.warnings {
+        println!("warning: {w}");
+    }
+    println!(
+        "configuration is valid: {} connection(s), {} stream(s), read from {}",
+        config.connections.len(),
+        config.streams.len(),
+        config
+            .files
+            .iter()
+            .map(|f| f.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    if !online {
+        return EX_OK;
+    }
+    let http = Http::new();
+    let cancel = CancellationToken::new();
+    let mut bad = 0;
+    for conn in config.connections.values() {
+        let verdict = crate::connectors::check_online(&http, conn, &cancel).await;
+        if !verdict.is_valid() {
+            bad += 1;
+        }
+        println!(
+            "connection {:?} ({}): {verdict}",
+            conn.name,
+            conn.kind.as_str()
+        );
+    }
+    if bad > 0 { EX_CONFIG } else { EX_OK }
+}
+
+pub fn status(source: config::Source, json: bool) -> i32 {
+    let config = match load(&source) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let state_dir = &config.daemon.state_dir;
+    let store = match Store::open_existing(state_dir) {
+        Ok(s) => s,
+        Err(e) => return store_error(&e),
+    };
+    let pid = lock::holder(state_dir);
+    let status = match crate::status::collect(&config, store.as_ref(), pid) {
+        Ok(s) => s,
+        Err(e) => return store_error(&e),
+    };
+    let mut out = std::io::stdout().lock();
+    let r = if json {
+        serde_json::to_writer_pretty(&mut out, &status)
+            .map_err(std::io::Error::other)
+            .and_then(|_| std::io::Write::write_all(&mut out, b"\n"))
+    } else {
+        crate::status::print_text(&status, &mut out)
+    };
+    if r.is_err() { EX_FAIL } else { EX_OK }
+}
+
+fn known_stream(config: &Config, stream: &str) -> Result<(), i32> {
+    if config.streams.contains_key(stream) {
+        Ok(())
+    } else {
+        eprintln!(
+            "usher: no stream {stream:?} in the configuration (streams: {})",
+            config
+                .streams
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        Err(EX_FAIL)
+    }
+}
+
+pub fn cursor_show(source: config::Source, stream: &str) -> i32 {
+    let config = match load(&source) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    if let Err(code) = known_stream(&config, stream) {
+        return code;
+    }
+    match Store::open_existing(&config.daemon.state_dir) {
+        Ok(None) => println!("{stream}: at the start (nothing recorded yet)"),
+        Ok(Some(s)) => match s.cursor_sync(stream) {
+            Ok(Some(c)) => println!("{stream}: {c}"),
+            Ok(None) => println!("{stream}: at the start"),
+            Err(e) => return store_error(&e),
+        },
+        Err(e) => return store_error(&e),
+    }
+    EX_OK
+}
+
+/// Hands a request to the running daemon: control file, SIGUSR1, wait for it to be done.
+fn via_daemon(
+    state_dir: &std::path::Path,
+    pid: u32,
+    action: Action,
+    stream: &str,
+    command: &str,
+) -> i32 {
+    let path = match control::write(state_dir, action, stream, &control::cli_actor(command)) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!(
+                "usher: cannot write the control file in {}: {e}",
+                control::dir(state_dir).display()
+            );
+            return EX_FAIL;
+        }
+    };
+    if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::USR1);
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while path.exists() {
+        if Instant::now() > deadline {
+            eprintln!(
+                "usher: the daemon (pid {pid}) has not picked up {} yet; it will at the stream's next safe point",
+                path.display()
+            );
+            return EX_OK;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!(
+        "{stream}: {} done by the daemon (pid {pid})",
+        action.as_str()
+    );
+    EX_OK
+}
+
+pub fn cursor_reset(source: config::Source, stream: &str) -> i32 {
+    let config = match load(&source) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    if let Err(code) = known_stream(&config, stream) {
+        return code;
+    }
+    let state_dir = config.daemon.state_dir.clone();
+    match lock::acquire(&state_dir) {
+        Ok(_lock) => {
+            let store = match Store::open(&state_dir) {
+                Ok(s) => s,
+                Err(e) => return store_error(&e),
+            };
+            match store.reset_cursor_sync(
+                stream,
+                &control::cli_actor("cursor reset"),
+                "cursor reset by the CLI",
+            ) {
+                Ok(old) => {
+                    println!(
+                        "{stream}: cursor reset (was {}); the next run re-imports from the start",
+                        old.map(|c| format!("{c:?}"))
+                            .unwrap_or_else(|| "at the start".into())
+                    );
+                    EX_OK
+                }
+                Err(e) => store_error(&e),
+            }
+        }
+        Err(LockError::Held { pid: Some(pid), .. }) => {
+            via_daemon(&state_dir, pid, Action::Reset, stream, "cursor reset")
+        }
+        Err(e) => {
+            eprintln!("usher: {e}");
+            EX_FAIL
+        }
+    }
+}
+
+pub async fn trigger(source: config::Source, stream: &str) -> i32 {
+    let config = match load(&source) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    if let Err(code) = known_stream(&config, stream) {
+        return code;
+    }
+    let state_dir = config.daemon.state_dir.clone();
+    let _lock = match lock::acquire(&state_dir) {
+        Ok(l) => l,
+        Err(LockError::Held { pid: Some(pid), .. }) => {
+            return tokio::task::block_in_place(|| {
+                via_daemon(&state_dir, pid, Action::Trigger, stream, "trigger")
+            });
+        }
+        Err(e) => {
+            eprintln!("usher: {e}");
+            return EX_FAIL;
+        }
+    };
+    crate::logging::init_cli();
+    let store = match Store::open(&state_dir) {
+        Ok(s) => s,
+        Err(e) => return store_error(&e),
+    };
+    let _ = store
+        .audit(
+            &control::cli_actor("trigger"),
+            "trigger",
+            Some(stream),
+            "run now, in the CLI (no daemon running)",
+        )
+        .await;
+    let cancel = CancellationToken::new();
+    let c = cancel.clone();
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        c.cancel();
+    });
+    let config = Arc::new(config);
+    let ctx = RunCtx {
+        store,
+        spec: config.streams[stream].clone(),
+        config,
+        http: Http::new(),
+        cancel,
+        interrupt: Default::default(),
+    };
+    let report = run_stream(&ctx, "trigger").await;
+    let c = report.counts;
+    println!(
+        "{}: {} in {:.1}s: pulled {}, created {}, updated {}, skipped {}, failed {}, queued {}",
+        report.stream,
+        report.outcome,
+        report.seconds,
+        c.pulled,
+        c.created,
+        c.updated,
+        c.skipped,
+        c.failed,
+        c.queued
+    );
+    if let Some(e) = &report.error {
+        println!("  error: {e}");
+    }
+    if report.outcome == "ok" {
+        EX_OK
+    } else {
+        EX_FAIL
+    }
+}

@@ -1,0 +1,891 @@
+//! The validation pass: raw structs → [`Config`], collecting every problem on the way.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, NaiveDate, Utc};
+use figment::Figment;
+use url::Url;
+
+use super::load::{Layers, Problem, layers};
+use super::raw::*;
+use super::*;
+use crate::mapping::Mapping;
+use crate::schedule::{Schedule, parse_duration, parse_tz};
+use crate::secret::Secret;
+
+const TOP_LEVEL: &[&str] = &["daemon", "log", "connections", "streams"];
+
+pub(super) fn build(source: &Source, extra: Option<Figment>) -> Result<Config, Vec<Problem>> {
+    let mut l = layers(&source.main_file, source.env_overrides);
+    if let Some(extra) = extra {
+        l.figment = l.figment.merge(extra);
+    }
+    let config_dir = l
+        .main_file
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let mut warnings = Vec::new();
+
+    let root = l.root();
+    for key in root.keys() {
+        if !TOP_LEVEL.contains(&key.as_str()) {
+            l.problem(
+                "config",
+                key,
+                format!("unknown section `{key}` (known: {})", TOP_LEVEL.join(", ")),
+            );
+        }
+    }
+
+    let daemon = build_daemon(&mut l, source);
+    let log = build_log(&mut l);
+
+    let mut connections = BTreeMap::new();
+    for name in names(&mut l, "connections") {
+        if let Some(c) = build_connection(&mut l, &name, &config_dir, &mut warnings) {
+            connections.insert(name, Arc::new(c));
+        }
+    }
+    let mut streams = BTreeMap::new();
+    let mut all_stream_names = Vec::new();
+    for name in names(&mut l, "streams") {
+        all_stream_names.push(name.clone());
+        if let Some(s) = build_stream(&mut l, &name, &connections) {
+            streams.insert(name, Arc::new(s));
+        }
+    }
+
+    if l.problems.is_empty() {
+        Ok(Config {
+            daemon,
+            log,
+            connections,
+            streams,
+            files: l.files,
+            warnings,
+        })
+    } else {
+        Err(l.problems)
+    }
+}
+
+/// The names of the entries of a `[section.NAME]` table, checked for a usable spelling.
+fn names(l: &mut Layers, section: &str) -> Vec<String> {
+    let Some(value) = l.value(section) else {
+        return Vec::new();
+    };
+    let Some(dict) = value.as_dict() else {
+        l.problem(
+            "config",
+            section,
+            format!("`{section}` must be a table of named entries"),
+        );
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for name in dict.keys() {
+        let ok = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if ok {
+            out.push(name.clone());
+        } else {
+            l.problem(
+                &format!("{} \"{name}\"", singular(section)),
+                &format!("{section}.{name}"),
+                "a name may hold only letters, digits, `-` and `_` (at most 64)",
+            );
+        }
+    }
+    out
+}
+
+fn singular(section: &str) -> &str {
+    section.strip_suffix('s').unwrap_or(section)
+}
+
+fn duration(
+    l: &mut Layers,
+    scope: &str,
+    key: &str,
+    value: Option<&String>,
+    default: Duration,
+) -> Duration {
+    match value {
+        None => default,
+        Some(text) => match parse_duration(text) {
+            Ok(d) => d,
+            Err(e) => {
+                l.problem(scope, key, e.to_string());
+                default
+            }
+        },
+    }
+}
+
+fn build_daemon(l: &mut Layers, source: &Source) -> DaemonSettings {
+    let raw: RawDaemon = l.table("daemon", "daemon").unwrap_or_default();
+    let state_dir = source
+        .state_dir_override
+        .clone()
+        .or_else(|| raw.state_dir.as_ref().map(PathBuf::from))
+        .or_else(|| std::env::var_os("STATE_DIRECTORY").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("/var/lib/usher"));
+    let control_poll = duration(
+        l,
+        "daemon",
+        "daemon.control_poll",
+        raw.control_poll.as_ref(),
+        Duration::from_secs(2),
+    );
+    let shutdown_timeout = duration(
+        l,
+        "daemon",
+        "daemon.shutdown_timeout",
+        raw.shutdown_timeout.as_ref(),
+        Duration::from_secs(60),
+    );
+    DaemonSettings {
+        state_dir,
+        control_poll,
+        shutdown_timeout,
+    }
+}
+
+fn build_log(l: &mut Layers) -> LogSettings {
+    let raw: RawLog = l.table("log", "log").unwrap_or_default();
+    let format = match raw.format.as_deref() {
+        None | Some("auto") => LogFormat::Auto,
+        Some("text") => LogFormat::Text,
+        Some("json") => LogFormat::Json,
+        Some(other) => {
+            l.problem(
+                "log",
+                "log.format",
+                format!("unknown format {other:?} (auto, text or json)"),
+            );
+            LogFormat::Auto
+        }
+    };
+    let level = raw.level.unwrap_or_else(|| "info".into());
+    if tracing_subscriber::EnvFilter::try_new(&level).is_err() {
+        l.problem(
+            "log",
+            "log.level",
+            format!("invalid level {level:?} (error, warn, info, debug, trace, or a filter like \"usher=debug\")"),
+        );
+    }
+    LogSettings {
+        level,
+        format,
+        directory: raw.directory.map(PathBuf::from),
+        file_prefix: raw.file_prefix.unwrap_or_else(|| "usher.log".into()),
+    }
+}
+
+/// Reads a secret from exactly one of `KEY`, `KEY_file`, `KEY_env`. A relative file name is
+/// looked up in `$CREDENTIALS_DIRECTORY` (systemd `LoadCredential`), else beside the main file.
+#[allow(clippy::too_many_arguments)] // one argument per way of giving a secret reads best here
+fn secret(
+    l: &mut Layers,
+    scope: &str,
+    prefix: &str,
+    name: &str,
+    inline: Option<&String>,
+    file: Option<&String>,
+    env: Option<&String>,
+    config_dir: &Path,
+    warnings: &mut Vec<Problem>,
+) -> Option<Secret> {
+    let key = format!("{prefix}.{name}");
+    let given = [inline.is_some(), file.is_some(), env.is_some()]
+        .iter()
+        .filter(|b| **b)
+        .count();
+    if given == 0 {
+        l.problem(
+            scope,
+            &key,
+            format!("missing secret: set `{name}_file` (a file holding it) or `{name}_env` (an environment variable)"),
+        );
+        return None;
+    }
+    if given > 1 {
+        l.problem(
+            scope,
+            &key,
+            format!("set only one of `{name}`, `{name}_file`, `{name}_env`"),
+        );
+        return None;
+    }
+    if let Some(v) = inline {
+        warnings.push(Problem {
+            origin: l.origin_of(&key),
+            scope: scope.into(),
+            key: key.clone(),
+            message: format!(
+                "secret written inline; prefer `{name}_file` with systemd's LoadCredential"
+            ),
+        });
+        if v.is_empty() {
+            l.problem(scope, &key, "the secret is empty");
+            return None;
+        }
+        return Some(Secret::new(v.clone()));
+    }
+    if let Some(path) = file {
+        let key = format!("{key}_file");
+        let p = PathBuf::from(path);
+        let p = if p.is_absolute() {
+            p
+        } else if let Some(creds) = std::env::var_os("CREDENTIALS_DIRECTORY") {
+            PathBuf::from(creds).join(p)
+        } else {
+            config_dir.join(p)
+        };
+        return match std::fs::read_to_string(&p) {
+            Ok(text) => {
+                let text = text.trim_end_matches(['\n', '\r']).to_string();
+                if text.is_empty() {
+                    l.problem(scope, &key, format!("secret file {} is empty", p.display()));
+                    None
+                } else {
+                    Some(Secret::new(text))
+                }
+            }
+            Err(e) => {
+                l.problem(
+                    scope,
+                    &key,
+                    format!("cannot read secret file {}: {e}", p.display()),
+                );
+                None
+            }
+        };
+    }
+    let var = env.expect("counted above");
+    let key = format!("{key}_env");
+    match std::env::var(var) {
+        Ok(v) if !v.is_empty() => Some(Secret::new(v)),
+        Ok(_) => {
+            l.problem(scope, &key, format!("environment variable {var} is empty"));
+            None
+        }
+        Err(_) => {
+            l.problem(
+                scope,
+                &key,
+                format!("environment variable {var} is not set"),
+            );
+            None
+        }
+    }
+}
+
+fn url(l: &mut Layers, scope: &str, key: &str, text: &str) -> Option<Url> {
+    match Url::parse(text) {
+        Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {
+            if u.host_str().is_none_or(str::is_empty) {
+                l.problem(scope, key, format!("{text:?} has no host"));
+                return None;
+            }
+            Some(u)
+        }
+        Ok(_) => {
+            l.problem(scope, key, format!("{text:?} is not an http(s) URL"));
+            None
+        }
+        Err(e) => {
+            l.problem(scope, key, format!("{text:?} is not a URL: {e}"));
+            None
+        }
+    }
+}
+
+fn build_connection(
+    l: &mut Layers,
+    name: &str,
+    config_dir: &Path,
+    warnings: &mut Vec<Problem>,
+) -> Option<Connection> {
+    let scope = format!("connection \"{name}\"");
+    let prefix = format!("connections.{name}");
+    let raw: RawConnection = l.table(&scope, &prefix)?;
+    let before = l.problems.len();
+    let kind = match raw.kind.as_deref() {
+        None => {
+            l.problem(
+                &scope,
+                &format!("{prefix}.kind"),
+                format!(
+                    "missing key `kind` (one of: {})",
+                    ConnectionKind::NAMES.join(", ")
+                ),
+            );
+            None
+        }
+        Some(k) => match ConnectionKind::parse(k) {
+            Some(k) => Some(k),
+            None => {
+                l.problem(
+                    &scope,
+                    &format!("{prefix}.kind"),
+                    format!(
+                        "unknown kind {k:?} (one of: {})",
+                        ConnectionKind::NAMES.join(", ")
+                    ),
+                );
+                None
+            }
+        },
+    };
+    let base_url = match &raw.base_url {
+        None => {
+            l.problem(
+                &scope,
+                &format!("{prefix}.base_url"),
+                "missing key `base_url`",
+            );
+            None
+        }
+        Some(u) => url(l, &scope, &format!("{prefix}.base_url"), u),
+    };
+    let timeout = duration(
+        l,
+        &scope,
+        &format!("{prefix}.timeout"),
+        raw.timeout.as_ref(),
+        Duration::from_secs(30),
+    );
+    let connect_timeout = duration(
+        l,
+        &scope,
+        &format!("{prefix}.connect_timeout"),
+        raw.connect_timeout.as_ref(),
+        Duration::from_secs(10),
+    );
+    let rate_limit = raw.rate_limit.as_ref().and_then(|r| {
+        let calls = match r.calls {
+            Some(0) | None => {
+                l.problem(
+                    &scope,
+                    &format!("{prefix}.rate_limit.calls"),
+                    "`calls` must be a whole number above 0",
+                );
+                return None;
+            }
+            Some(c) => c,
+        };
+        let per = duration(
+            l,
+            &scope,
+            &format!("{prefix}.rate_limit.per"),
+            r.per.as_ref(),
+            Duration::from_secs(60),
+        );
+        Some(RateLimit { calls, per })
+    });
+    // Keys that belong to vendor kinds not in use here.
+    if kind == Some(ConnectionKind::Crm) {
+        for (key, set) in [
+            ("tenant", raw.tenant.is_some()),
+            ("client_id", raw.client_id.is_some()),
+            ("client_secret", raw.client_secret.is_some()),
+            ("client_secret_file", raw.client_secret_file.is_some()),
+            ("client_secret_env", raw.client_secret_env.is_some()),
+        ] {
+            if set {
+                l.problem(
+                    &scope,
+                    &format!("{prefix}.{key}"),
+                    format!("`{key}` does not apply to a connection of kind crm (put credentials under `auth`)"),
+                );
+            }
+        }
+    }
+    let auth = match &raw.auth {
+        None => Auth::None,
+        Some(a) => build_auth(
+            l,
+            &scope,
+            &format!("{prefix}.auth"),
+            a,
+            config_dir,
+            warnings,
+        )
+        .unwrap_or(Auth::None),
+    };
+    if l.problems.len() != before {
+        return None;
+    }
+    Some(Connection {
+        name: name.to_string(),
+        kind: kind?,
+        base_url: base_url?,
+        timeout,
+        connect_timeout,
+        max_retries: raw.max_retries.unwrap_or(5),
+        rate_limit,
+        auth,
+    })
+}
+
+fn build_auth(
+    l: &mut Layers,
+    scope: &str,
+    prefix: &str,
+    a: &RawAuth,
+    config_dir: &Path,
+    warnings: &mut Vec<Problem>,
+) -> Option<Auth> {
+    let kind = a.kind.as_deref().unwrap_or("none");
+    let allowed: &[&str] = match kind {
+        "none" => &[],
+        "basic" => &["username", "password"],
+        "bearer" => &["token"],
+        "api_key" => &["header", "key"],
+        "oauth2" => &["token_url", "client_id", "client_secret", "scope"],
+        other => {
+            l.problem(
+                scope,
+                &format!("{prefix}.type"),
+                format!("unknown auth type {other:?} (none, basic, bearer, api_key or oauth2)"),
+            );
+            return None;
+        }
+    };
+    let present = [
+        ("username", a.username.is_some()),
+        (
+            "password",
+            a.password.is_some() || a.password_file.is_some() || a.password_env.is_some(),
+        ),
+        (
+            "token",
+            a.token.is_some() || a.token_file.is_some() || a.token_env.is_some(),
+        ),
+        ("header", a.header.is_some()),
+        (
+            "key",
+            a.key.is_some() || a.key_file.is_some() || a.key_env.is_some(),
+        ),
+        ("token_url", a.token_url.is_some()),
+        ("client_id", a.client_id.is_some()),
+        (
+            "client_secret",
+            a.client_secret.is_some()
+                || a.client_secret_file.is_some()
+                || a.client_secret_env.is_some(),
+        ),
+        ("scope", a.scope.is_some()),
+    ];
+    for (key, set) in present {
+        if set && !allowed.contains(&key) {
+            l.problem(
+                scope,
+                &format!("{prefix}.{key}"),
+                format!("`{key}` does not apply to auth type {kind:?}"),
+            );
+        }
+    }
+    let required = |l: &mut Layers, key: &str, v: &Option<String>| -> Option<String> {
+        if v.is_none() {
+            l.problem(
+                scope,
+                &format!("{prefix}.{key}"),
+                format!("auth type {kind:?} needs `{key}`"),
+            );
+        }
+        v.clone()
+    };
+    Some(match kind {
+        "none" => Auth::None,
+        "basic" => {
+            let username = required(l, "username", &a.username);
+            let password = secret(
+                l,
+                scope,
+                prefix,
+                "password",
+                a.password.as_ref(),
+                a.password_file.as_ref(),
+                a.password_env.as_ref(),
+                config_dir,
+                warnings,
+            );
+            Auth::Basic {
+                username: username?,
+                password: password?,
+            }
+        }
+        "bearer" => Auth::Bearer {
+            token: secret(
+                l,
+                scope,
+                prefix,
+                "token",
+                a.token.as_ref(),
+                a.token_file.as_ref(),
+                a.token_env.as_ref(),
+                config_dir,
+                warnings,
+            )?,
+        },
+        "api_key" => {
+            let header = required(l, "header", &a.header);
+            let key = secret(
+                l,
+                scope,
+                prefix,
+                "key",
+                a.key.as_ref(),
+                a.key_file.as_ref(),
+                a.key_env.as_ref(),
+                config_dir,
+                warnings,
+            );
+            let header = header?;
+            if reqwest::header::HeaderName::from_bytes(header.as_bytes()).is_err() {
+                l.problem(
+                    scope,
+                    &format!("{prefix}.header"),
+                    format!("{header:?} is not a valid header name"),
+                );
+                return None;
+            }
+            Auth::ApiKey { header, key: key? }
+        }
+        _ => {
+            let token_url = required(l, "token_url", &a.token_url);
+            let client_id = required(l, "client_id", &a.client_id);
+            let client_secret = secret(
+                l,
+                scope,
+                prefix,
+                "client_secret",
+                a.client_secret.as_ref(),
+                a.client_secret_file.as_ref(),
+                a.client_secret_env.as_ref(),
+                config_dir,
+                warnings,
+            );
+            let token_url = url(l, scope, &format!("{prefix}.token_url"), &token_url?)?;
+            Auth::OAuth2 {
+                token_url,
+                client_id: client_id?,
+                client_secret: client_secret?,
+                scope: a.scope.clone(),
+            }
+        }
+    })
+}
+
+fn parse_oldest(text: &str) -> Option<DateTime<Utc>> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(text) {
+        return Some(t.with_timezone(&Utc));
+    }
+    NaiveDate::parse_from_str(text, "%Y-%m-%d")
+        .ok()
+        .and_then(|d| d.and_hms_opt(0, 0, 0))
+        .map(|t| t.and_utc())
+}
+
+fn build_stream(
+    l: &mut Layers,
+    name: &str,
+    connections: &BTreeMap<String, Arc<Connection>>,
+) -> Option<StreamSpec> {
+    let scope = format!("stream \"{name}\"");
+    let prefix = format!("streams.{name}");
+    let raw: RawStream = l.table(&scope, &prefix)?;
+    let before = l.problems.len();
+    let key = |k: &str| format!("{prefix}.{k}");
+
+    let connection = |l: &mut Layers, which: &str, v: &Option<String>| -> Option<Arc<Connection>> {
+        match v {
+            None => {
+                l.problem(
+                    &scope,
+                    &key(which),
+                    format!("missing key `{which}` (a connection name)"),
+                );
+                None
+            }
+            Some(c) => match connections.get(c) {
+                Some(conn) => Some(conn.clone()),
+                None => {
+                    // A connection that exists but failed validation was reported already.
+                    if l.figment.find_value(&format!("connections.{c}")).is_err() {
+                        let known: Vec<_> = connections.keys().map(String::as_str).collect();
+                        l.problem(
+                            &scope,
+                            &key(which),
+                            format!("unknown connection {c:?} (defined: {})", known.join(", ")),
+                        );
+                    } else {
+                        l.problem(
+                            &scope,
+                            &key(which),
+                            format!("connection {c:?} is not valid (see its problems)"),
+                        );
+                    }
+                    None
+                }
+            },
+        }
+    };
+    let source = connection(l, "source", &raw.source);
+    let target = connection(l, "target", &raw.target);
+
+    // Schedule.
+    let jitter = raw.jitter.as_ref().map(|j| match parse_duration(j) {
+        Ok(d) => d,
+        Err(e) => {
+            l.problem(&scope, &key("jitter"), e.to_string());
+            Duration::ZERO
+        }
+    });
+    let schedule = match (&raw.every, &raw.cron) {
+        (Some(_), Some(_)) => {
+            l.problem(
+                &scope,
+                &key("cron"),
+                "set either `every` or `cron`, not both",
+            );
+            None
+        }
+        (None, None) => {
+            l.problem(
+                &scope,
+                &key("every"),
+                "missing schedule: set `every = \"15m\"` or `cron = \"0 3 * * *\"`",
+            );
+            None
+        }
+        (Some(every), None) => {
+            if raw.timezone.is_some() {
+                l.problem(
+                    &scope,
+                    &key("timezone"),
+                    "`timezone` applies to `cron` schedules only",
+                );
+            }
+            let default_jitter = parse_duration(every)
+                .map(|p| (p / 10).min(Duration::from_secs(300)))
+                .unwrap_or_default();
+            match Schedule::every(every, jitter.unwrap_or(default_jitter), name) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    l.problem(&scope, &key("every"), e.to_string());
+                    None
+                }
+            }
+        }
+        (None, Some(cron)) => {
+            let tz = match raw.timezone.as_deref() {
+                None => Some(chrono_tz::Tz::UTC),
+                Some(t) => match parse_tz(t) {
+                    Ok(tz) => Some(tz),
+                    Err(e) => {
+                        l.problem(&scope, &key("timezone"), e.to_string());
+                        None
+                    }
+                },
+            };
+            match tz.map(|tz| Schedule::cron(cron, tz)) {
+                Some(Ok(s)) => Some(s),
+                Some(Err(e)) => {
+                    l.problem(&scope, &key("cron"), e.to_string());
+                    None
+                }
+                None => None,
+            }
+        }
+    };
+
+    let oldest = raw.oldest.as_ref().and_then(|o| {
+        let t = parse_oldest(o);
+        if t.is_none() {
+            l.problem(
+                &scope,
+                &key("oldest"),
+                format!("{o:?} is not a date (YYYY-MM-DD) or an RFC 3339 date-time"),
+            );
+        }
+        t
+    });
+    let on_bad_record = match raw.on_bad_record.as_deref() {
+        None | Some("dead_letter") => BadRecordPolicy::DeadLetter,
+        Some("stop") => BadRecordPolicy::Stop,
+        Some(other) => {
+            l.problem(
+                &scope,
+                &key("on_bad_record"),
+                format!("{other:?} is neither \"dead_letter\" nor \"stop\""),
+            );
+            BadRecordPolicy::DeadLetter
+        }
+    };
+    let limit = |l: &mut Layers, k: &str, v: Option<u32>, default: u32, max: u32| -> u32 {
+        match v {
+            None => default,
+            Some(n) if n >= 1 && n <= max => n,
+            Some(n) => {
+                l.problem(&scope, &key(k), format!("{n} is out of range (1 to {max})"));
+                default
+            }
+        }
+    };
+    let page_size = limit(l, "page_size", raw.page_size, 100, 1000);
+    let max_per_run = limit(l, "max_per_run", raw.max_per_run, 500, 1_000_000);
+    let max_per_payload = limit(l, "max_per_payload", raw.max_per_payload, 50, 10_000);
+
+    let mut mapping = Mapping::default();
+    for (target_field, expr) in raw.mapping.iter().flatten() {
+        match Mapping::parse_field(target_field, expr) {
+            Ok(f) => mapping.fields.push(f),
+            Err(e) => l.problem(&scope, &key(&format!("mapping.{target_field}")), e),
+        }
+    }
+    for (target_field, v) in raw.statics.iter().flatten() {
+        match serde_json::to_value(v) {
+            Ok(v) => mapping.statics.push((target_field.clone(), v)),
+            Err(e) => l.problem(
+                &scope,
+                &key(&format!("static.{target_field}")),
+                e.to_string(),
+            ),
+        }
+    }
+
+    let kind = match (&source, &target) {
+        (Some(s), Some(t)) => match (s.kind, t.kind) {
+            (ConnectionKind::Crm, ConnectionKind::Crm) => {
+                let f = raw.feed.as_ref();
+                let feed = FeedOptions {
+                    path: f
+                        .and_then(|f| f.path.clone())
+                        .unwrap_or_else(|| "/api/changes?entity={entity}".into()),
+                    cursor_param: f
+                        .and_then(|f| f.cursor_param.clone())
+                        .unwrap_or_else(|| "cursor".into()),
+                    limit_param: f
+                        .and_then(|f| f.limit_param.clone())
+                        .or_else(|| Some("limit".into())),
+                    items: f
+                        .and_then(|f| f.items.clone())
+                        .unwrap_or_else(|| "items".into()),
+                    next_cursor: f
+                        .and_then(|f| f.next_cursor.clone())
+                        .unwrap_or_else(|| "next".into()),
+                    has_more: f
+                        .and_then(|f| f.has_more.clone())
+                        .unwrap_or_else(|| "has_more".into()),
+                    id: f.and_then(|f| f.id.clone()).unwrap_or_else(|| "id".into()),
+                    changed_at: f
+                        .and_then(|f| f.changed_at.clone())
+                        .unwrap_or_else(|| "updated_at".into()),
+                };
+                let url = match raw.webhook.as_ref().and_then(|w| w.url.clone()) {
+                    Some(u) => u,
+                    None => {
+                        l.problem(
+                            &scope,
+                            &key("webhook.url"),
+                            "missing key `url` (the CRM's webhook URL or path)",
+                        );
+                        String::new()
+                    }
+                };
+                if !url.is_empty() {
+                    let expanded = expand(&url, name, raw.institution.as_deref(), &raw.entity);
+                    if expanded.contains('{') {
+                        l.problem(
+                            &scope,
+                            &key("webhook.url"),
+                            "unknown placeholder (known: {stream}, {institution}, {entity}); {institution} needs `institution`",
+                        );
+                    } else if t.base_url.join(&expanded).is_err() {
+                        l.problem(
+                            &scope,
+                            &key("webhook.url"),
+                            format!("{url:?} is not a URL or path"),
+                        );
+                    }
+                }
+                let accepted_statuses = raw
+                    .webhook
+                    .as_ref()
+                    .and_then(|w| w.accepted_statuses.clone())
+                    .unwrap_or_else(|| vec![200]);
+                if accepted_statuses.iter().any(|s| !(200..300).contains(s))
+                    || accepted_statuses.is_empty()
+                {
+                    l.problem(
+                        &scope,
+                        &key("webhook.accepted_statuses"),
+                        "accepted statuses must be 2xx codes",
+                    );
+                }
+                Some(StreamKind::FeedToWebhook {
+                    feed,
+                    webhook: WebhookOptions {
+                        url,
+                        accepted_statuses,
+                    },
+                })
+            }
+        },
+        _ => None,
+    };
+    if raw.entity.is_none() {
+        l.problem(
+            &scope,
+            &key("entity"),
+            "missing key `entity` (what the source reads, e.g. \"contact\")",
+        );
+    }
+    if l.problems.len() != before {
+        return None;
+    }
+    Some(StreamSpec {
+        name: name.to_string(),
+        enabled: raw.enabled.unwrap_or(true),
+        schedule: schedule?,
+        source: raw.source?,
+        entity: raw.entity?,
+        target: raw.target?,
+        oldest,
+        on_bad_record,
+        page_size,
+        max_per_run,
+        max_per_payload,
+        institution: raw.institution,
+        mapping,
+        matching: raw.matching.unwrap_or_default(),
+        kind: kind?,
+    })
+}
+
+/// Fills `{stream}`, `{institution}` and `{entity}` in a URL template.
+pub fn expand(
+    template: &str,
+    stream: &str,
+    institution: Option<&str>,
+    entity: &Option<String>,
+) -> String {
+    let mut s = template.replace("{stream}", stream);
+    if let Some(i) = institution {
+        s = s.replace("{institution}", i);
+    }
+    if let Some(e) = entity {
+        s = s.replace("{entity}", e);
+    }
+    s
+}

@@ -1,0 +1,195 @@
+//! The feed → webhook stream: pull a page of the feed, map it, cut it into payloads of at
+//! most `max_per_payload` records, store them in the outbox **in the same transaction as the
+//! new cursor**, then deliver the outbox in order. A refused payload ends the execution and
+//! is sent again, unchanged and first, at the next one. At most `max_per_run` records are
+//! delivered per execution; the outbox is drained before the feed is read further, so it
+//! never holds more than about a page.
+
+use chrono::{DateTime, Utc};
+
+use super::{Flow, RunCtx, RunError, SourceError, record_id};
+use crate::config::{BadRecordPolicy, FeedOptions, WebhookOptions, expand};
+use crate::connectors::feed::FeedSource;
+use crate::connectors::webhook::{Delivery, WebhookTarget};
+use crate::mapping::lookup;
+use crate::store::{Counts, DeadLetter, PageCommit};
+
+/// After this many empty pages that still say "has more", the run ends (a feed bug).
+const MAX_EMPTY_PAGES: u32 = 3;
+
+pub async fn run(
+    ctx: &RunCtx,
+    feed: &FeedOptions,
+    webhook: &WebhookOptions,
+    counts: &mut Counts,
+) -> Result<Flow, RunError> {
+    let spec = &ctx.spec;
+    let source_conn = ctx.connection(&spec.source)?;
+    let target_conn = ctx.connection(&spec.target)?;
+    let source = FeedSource::new(ctx.http.endpoint(&source_conn), feed.clone(), &spec.entity);
+    let endpoint = ctx.http.endpoint(&target_conn);
+    let url = endpoint.url(&expand(
+        &webhook.url,
+        &spec.name,
+        spec.institution.as_deref(),
+        &Some(spec.entity.clone()),
+    ));
+    let target = WebhookTarget {
+        endpoint,
+        url,
+        accepted: webhook.accepted_statuses.clone(),
+    };
+    let budget = spec.max_per_run as u64;
+    let mut sent = 0u64;
+
+    // What earlier executions left waiting goes first.
+    match deliver(ctx, &target, budget, &mut sent, counts).await? {
+        Flow::Done => {}
+        other => return Ok(other),
+    }
+
+    let mut cursor = ctx.store.cursor(&spec.name).await?;
+    let mut empty_pages = 0;
+    loop {
+        if sent >= budget {
+            return Ok(Flow::Done);
+        }
+        if ctx.should_stop() {
+            return Ok(Flow::Stopped);
+        }
+        let page = source
+            .pull(cursor.as_deref(), spec.page_size, &ctx.cancel)
+            .await?;
+        counts.pulled += page.records.len() as u64;
+        if page.has_more
+            && !page.records.is_empty()
+            && cursor.is_some()
+            && page.next_cursor == cursor
+        {
+            return Err(SourceError::Stuck {
+                conn: source_conn.name.clone(),
+                cursor,
+            }
+            .into());
+        }
+        let mut items = Vec::with_capacity(page.records.len());
+        let mut dead = Vec::new();
+        for rec in &page.records {
+            let id = record_id(rec, &feed.id);
+            if let (Some(oldest), Some(changed)) = (spec.oldest, changed_at(rec, &feed.changed_at))
+                && changed < oldest
+            {
+                counts.skipped += 1;
+                continue;
+            }
+            match spec.mapping.apply(rec) {
+                Ok(v) => items.push(v),
+                Err(e) => match spec.on_bad_record {
+                    BadRecordPolicy::DeadLetter => {
+                        tracing::warn!(stream = %spec.name, record = id.as_deref().unwrap_or("?"), reason = %e, "record set aside in dead letters");
+                        counts.failed += 1;
+                        dead.push(DeadLetter {
+                            source_id: id,
+                            record: rec.to_string(),
+                            reason: e.to_string(),
+                        });
+                    }
+                    BadRecordPolicy::Stop => {
+                        return Err(RunError::BadRecord {
+                            id: id.unwrap_or_else(|| "without an id".into()),
+                            reason: e.to_string(),
+                        });
+                    }
+                },
+            }
+        }
+        let mut outbox = Vec::new();
+        for chunk in items.chunks(spec.max_per_payload as usize) {
+            let body = serde_json::to_vec(chunk).expect("JSON values serialize");
+            outbox.push((body, chunk.len() as u64));
+        }
+        counts.queued += items.len() as u64;
+        let next = page.next_cursor.clone().or_else(|| cursor.clone());
+        ctx.store
+            .commit_page(PageCommit {
+                stream: spec.name.clone(),
+                cursor: Some(next.clone()),
+                outbox,
+                dead_letters: dead,
+                ..Default::default()
+            })
+            .await?;
+        cursor = next;
+        match deliver(ctx, &target, budget, &mut sent, counts).await? {
+            Flow::Done => {}
+            other => return Ok(other),
+        }
+        if !page.has_more {
+            return Ok(Flow::Done);
+        }
+        if page.records.is_empty() {
+            empty_pages += 1;
+            if empty_pages >= MAX_EMPTY_PAGES {
+                tracing::warn!(stream = %spec.name, "the feed keeps saying `has_more` on empty pages; ending this run");
+                return Ok(Flow::Done);
+            }
+        } else {
+            empty_pages = 0;
+        }
+    }
+}
+
+fn changed_at(rec: &serde_json::Value, path: &str) -> Option<DateTime<Utc>> {
+    let s = lookup(rec, path)?.as_str()?;
+    DateTime::parse_from_rfc3339(s)
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
+}
+
+/// Sends waiting payloads in order until the outbox is empty, the run's budget is spent, or
+/// one is refused.
+async fn deliver(
+    ctx: &RunCtx,
+    target: &WebhookTarget,
+    budget: u64,
+    sent: &mut u64,
+    counts: &mut Counts,
+) -> Result<Flow, RunError> {
+    let name = &ctx.spec.name;
+    loop {
+        let rows = ctx
+            .store
+            .outbox_pending(name, budget.saturating_sub(*sent), *sent == 0)
+            .await?;
+        if rows.is_empty() {
+            return Ok(Flow::Done);
+        }
+        for row in rows {
+            if ctx.cancel.is_cancelled() {
+                return Ok(Flow::Stopped);
+            }
+            match target
+                .deliver(name, row.id, &row.body, &ctx.cancel)
+                .await
+                .map_err(RunError::Target)?
+            {
+                Delivery::Accepted => {
+                    ctx.store.outbox_delivered(row.id).await?;
+                    *sent += row.records;
+                    counts.created += row.records;
+                }
+                Delivery::Refused { status, reason } => {
+                    tracing::warn!(stream = %name, payload = row.id, records = row.records, attempts = row.attempts + 1, reason = %reason,
+                        "payload refused; it is sent again first at the next execution");
+                    ctx.store
+                        .outbox_refused(row.id, status, reason.clone())
+                        .await?;
+                    return Ok(Flow::Refused(format!(
+                        "payload {} ({} records) refused: {reason}",
+                        row.id, row.records
+                    )));
+                }
+            }
+        }
+    }
+}

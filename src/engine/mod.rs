@@ -1,0 +1,187 @@
+//! Running streams: one run pulls a page, maps, matches, pushes, commits, and goes on to the
+//! next page ([`run_stream`]); the daemon ([`daemon`]) schedules runs, never two of one
+//! stream at once, and carries out signals and control files.
+//!
+//! **A run stops only at a page boundary** (after a commit, or before a page's commit when
+//! the page is abandoned): shutdown and operator actions are checked between pages, never
+//! in the middle of one. Whatever a page did not commit is pulled again by the next run.
+
+pub mod control;
+pub mod daemon;
+mod feed_webhook;
+pub mod lock;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, Connection, StreamKind, StreamSpec};
+use crate::http::{Http, HttpError};
+use crate::store::{Counts, Store, StoreError};
+
+/// One page of a source, as the source gave it.
+#[derive(Debug, Clone, Default)]
+pub struct Page {
+    pub records: Vec<Value>,
+    pub next_cursor: Option<String>,
+    pub has_more: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error(transparent)]
+    Http(#[from] HttpError),
+    #[error("connection \"{conn}\": {what}: malformed page: {reason}")]
+    Malformed {
+        conn: String,
+        what: String,
+        reason: String,
+    },
+    #[error(
+        "connection \"{conn}\": the source refused the stored cursor as invalid or expired; \
+         reset it with `usher cursor reset {stream}` (the re-import creates no duplicates)"
+    )]
+    InvalidCursor { conn: String, stream: String },
+    #[error(
+        "connection \"{conn}\": the feed answered cursor {cursor:?} with the same cursor and more records; stopping so as not to loop"
+    )]
+    Stuck {
+        conn: String,
+        cursor: Option<String>,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error("target: {0}")]
+    Target(HttpError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(
+        "record {id} cannot be mapped: {reason} (the stream is set to stop on bad records; its cursor stays before this page)"
+    )]
+    BadRecord { id: String, reason: String },
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// How a run ended when it did not fail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Flow {
+    /// Caught up, or the run's record limit reached.
+    Done,
+    /// Stopped at a safe point for shutdown or an operator action.
+    Stopped,
+    /// The target refused a payload; it waits in the outbox for the next execution.
+    Refused(String),
+}
+
+/// What a run needs. Built per run from the configuration current at its start, so a
+/// reload never changes a run in flight.
+#[derive(Clone)]
+pub struct RunCtx {
+    pub store: Store,
+    pub config: Arc<Config>,
+    pub spec: Arc<StreamSpec>,
+    pub http: Http,
+    /// Shutdown: stop at the next safe point.
+    pub cancel: CancellationToken,
+    /// An operator action (cursor reset) waits for this stream: stop at the next page boundary.
+    pub interrupt: Arc<AtomicBool>,
+}
+
+impl RunCtx {
+    pub fn should_stop(&self) -> bool {
+        self.cancel.is_cancelled() || self.interrupt.load(Ordering::SeqCst)
+    }
+
+    pub fn connection(&self, name: &str) -> Result<Arc<Connection>, RunError> {
+        self.config
+            .connections
+            .get(name)
+            .cloned()
+            .ok_or_else(|| RunError::Setup(format!("connection {name:?} is not configured")))
+    }
+}
+
+/// The record of one finished run.
+#[derive(Debug, Clone)]
+pub struct RunReport {
+    pub stream: String,
+    pub outcome: &'static str,
+    pub counts: Counts,
+    pub error: Option<String>,
+    pub seconds: f64,
+}
+
+/// Runs one stream once and records the run (start, end, outcome, counts, error).
+pub async fn run_stream(ctx: &RunCtx, trigger: &str) -> RunReport {
+    let started = Instant::now();
+    let name = ctx.spec.name.clone();
+    let run_id = match ctx.store.run_started(&name, trigger).await {
+        Ok(id) => Some(id),
+        Err(e) => {
+            tracing::error!(stream = %name, error = %e, "cannot record the run's start");
+            None
+        }
+    };
+    tracing::info!(stream = %name, trigger, "run started");
+    let mut counts = Counts::default();
+    let result = match &ctx.spec.kind {
+        StreamKind::FeedToWebhook { feed, webhook } => {
+            feed_webhook::run(ctx, feed, webhook, &mut counts).await
+        }
+    };
+    let (outcome, error) = match result {
+        Ok(Flow::Done) => ("ok", None),
+        Ok(Flow::Stopped) => ("stopped", None),
+        Ok(Flow::Refused(reason)) => ("refused", Some(reason)),
+        Err(RunError::Target(HttpError::Cancelled { .. }))
+        | Err(RunError::Source(SourceError::Http(HttpError::Cancelled { .. }))) => {
+            ("stopped", None)
+        }
+        Err(e) => ("failed", Some(e.to_string())),
+    };
+    if let Some(id) = run_id
+        && let Err(e) = ctx
+            .store
+            .run_finished(id, outcome, counts, error.clone())
+            .await
+    {
+        tracing::error!(stream = %name, error = %e, "cannot record the run's end");
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    match &error {
+        None => {
+            tracing::info!(stream = %name, outcome, pulled = counts.pulled, created = counts.created,
+            updated = counts.updated, skipped = counts.skipped, failed = counts.failed, queued = counts.queued,
+            seconds, "run finished")
+        }
+        Some(e) => {
+            tracing::error!(stream = %name, outcome, pulled = counts.pulled, created = counts.created,
+            updated = counts.updated, skipped = counts.skipped, failed = counts.failed, queued = counts.queued,
+            seconds, error = %e, "run finished with an error")
+        }
+    }
+    RunReport {
+        stream: name,
+        outcome,
+        counts,
+        error,
+        seconds,
+    }
+}
+
+/// A record's ID at `path`, as text (IDs are opaque: numbers and strings both work).
+pub fn record_id(record: &Value, path: &str) -> Option<String> {
+    match crate::mapping::lookup(record, path)? {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}

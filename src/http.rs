@@ -1,0 +1,756 @@
+//! The one HTTP client every connector uses, and the policy around it: timeouts, retries
+//! with capped exponential backoff and jitter, `Retry-After` (seconds or HTTP date), the
+//! per-connection rate budget shared by every stream that uses the connection, auth
+//! (Basic, bearer, API-key header, OAuth2 client credentials with a cached token), and
+//! error messages that name the connection and the call but never a secret or a query
+//! string (some vendors put tokens there).
+//!
+//! Connectors know URLs and JSON; they never loop, sleep or count attempts themselves.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::Rng;
+use reqwest::header::{HeaderMap, RETRY_AFTER};
+use reqwest::{Method, RequestBuilder, StatusCode};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{self, RateLimit};
+use crate::secret::Secret;
+
+/// Longest wait a `Retry-After` may impose inside one run; past it the run ends and the
+/// budget keeps the connection quiet until the time has passed.
+pub const MAX_RATE_WAIT: Duration = Duration::from_secs(300);
+const BACKOFF_BASE: Duration = Duration::from_millis(250);
+const BACKOFF_CAP: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    #[error("connection \"{conn}\": {what}: {kind} (after {attempts} attempt(s))")]
+    Transport {
+        conn: String,
+        what: String,
+        kind: TransportKind,
+        attempts: u32,
+    },
+    #[error(
+        "connection \"{conn}\": {what}: HTTP {status} (after {attempts} attempt(s)): {snippet}"
+    )]
+    Status {
+        conn: String,
+        what: String,
+        status: u16,
+        snippet: String,
+        attempts: u32,
+    },
+    #[error("connection \"{conn}\": credentials refused (HTTP 401) at {what}")]
+    CredentialsRefused { conn: String, what: String },
+    #[error(
+        "connection \"{conn}\": {what}: rate limited, asked to wait {wait_secs}s (more than usher waits within one run)"
+    )]
+    RateLimited {
+        conn: String,
+        what: String,
+        wait_secs: u64,
+    },
+    #[error("stopped by shutdown before {what} could be sent")]
+    Cancelled { what: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransportKind {
+    Timeout,
+    Connect,
+    /// Reset, closed early, or a broken response.
+    Broken,
+}
+
+impl std::fmt::Display for TransportKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TransportKind::Timeout => "timed out",
+            TransportKind::Connect => "could not connect",
+            TransportKind::Broken => "connection reset or response broken off",
+        })
+    }
+}
+
+impl HttpError {
+    /// True when the request may have reached the server: its effect is unknown.
+    pub fn outcome_unknown(&self) -> bool {
+        matches!(
+            self,
+            HttpError::Transport {
+                kind: TransportKind::Timeout | TransportKind::Broken,
+                ..
+            }
+        ) || matches!(self, HttpError::Status { status, .. } if *status >= 500)
+    }
+}
+
+/// Whether a call may be repeated on 5xx, timeouts and resets within one attempt at a page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    /// Reads and idempotent writes: retried with backoff up to the connection's `max_retries`.
+    Idempotent,
+    /// Sent once; any answer (and any transport error) goes back to the caller.
+    /// 429/509 are still waited for and repeated: they mean "not processed".
+    Once,
+}
+
+/// An answer, fully read.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: bytes::Bytes,
+    pub attempts: u32,
+}
+
+impl Reply {
+    pub fn is_success(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+
+    /// The start of the body as text, for error messages.
+    pub fn snippet(&self) -> String {
+        snippet(&self.body)
+    }
+}
+
+pub fn snippet(body: &[u8]) -> String {
+    let s = String::from_utf8_lossy(&body[..body.len().min(300)]).to_string();
+    s.replace(['\n', '\r'], " ")
+}
+
+/// The per-connection rate budget: a sliding window of calls, plus a "not before" instant
+/// set by `Retry-After`. Shared by every stream that uses the connection, kept across reloads.
+#[derive(Debug)]
+pub struct Budget {
+    limit: Mutex<Option<RateLimit>>,
+    state: Mutex<BudgetState>,
+}
+
+#[derive(Debug, Default)]
+struct BudgetState {
+    calls: VecDeque<Instant>,
+    not_before: Option<Instant>,
+}
+
+impl Budget {
+    pub fn new(limit: Option<RateLimit>) -> Self {
+        Budget {
+            limit: Mutex::new(limit),
+            state: Mutex::new(BudgetState::default()),
+        }
+    }
+
+    fn set_limit(&self, limit: Option<RateLimit>) {
+        *self.limit.lock().unwrap_or_else(|p| p.into_inner()) = limit;
+    }
+
+    /// Waits until a call is allowed, then counts it.
+    pub async fn acquire(&self, cancel: &CancellationToken) -> Result<(), ()> {
+        loop {
+            let wait = {
+                let limit = *self.limit.lock().unwrap_or_else(|p| p.into_inner());
+                let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                let now = Instant::now();
+                match st.not_before {
+                    Some(nb) if nb > now => Some(nb - now),
+                    _ => match limit {
+                        None => {
+                            st.calls.push_back(now);
+                            if st.calls.len() > 10_000 {
+                                st.calls.pop_front();
+                            }
+                            None
+                        }
+                        Some(l) => {
+                            while st
+                                .calls
+                                .front()
+                                .is_some_and(|t| now.duration_since(*t) >= l.per)
+                            {
+                                st.calls.pop_front();
+                            }
+                            if (st.calls.len() as u32) < l.calls {
+                                st.calls.push_back(now);
+                                None
+                            } else {
+                                let oldest = *st.calls.front().expect("non-empty at the limit");
+                                Some(l.per - now.duration_since(oldest) + Duration::from_millis(1))
+                            }
+                        }
+                    },
+                }
+            };
+            match wait {
+                None => return Ok(()),
+                Some(w) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep(w) => {}
+                        _ = cancel.cancelled() => return Err(()),
+                    }
+                }
+            }
+        }
+    }
+
+    /// No call on this connection before `d` from now (a 429/509's `Retry-After`).
+    pub fn block_for(&self, d: Duration) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let until = Instant::now() + d;
+        if st.not_before.is_none_or(|nb| nb < until) {
+            st.not_before = Some(until);
+        }
+    }
+
+    /// Calls left in the current window (None when unlimited).
+    pub fn remaining(&self) -> Option<u32> {
+        let limit = (*self.limit.lock().unwrap_or_else(|p| p.into_inner()))?;
+        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let used = st
+            .calls
+            .iter()
+            .filter(|t| now.duration_since(**t) < limit.per)
+            .count() as u32;
+        Some(limit.calls.saturating_sub(used))
+    }
+}
+
+/// Parses `Retry-After`: delta-seconds or an HTTP date.
+pub fn retry_after(headers: &HeaderMap, now: std::time::SystemTime) -> Option<Duration> {
+    let v = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    if let Ok(secs) = v.parse::<f64>()
+        && secs.is_finite()
+        && secs >= 0.0
+    {
+        return Some(Duration::from_secs_f64(secs));
+    }
+    let at = httpdate::parse_http_date(v).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+/// How a request proves who it is.
+#[derive(Debug, Clone)]
+pub enum HttpAuth {
+    None,
+    Basic {
+        username: String,
+        password: Secret,
+    },
+    Bearer(Secret),
+    ApiKey {
+        header: String,
+        key: Secret,
+    },
+    /// OAuth2 client credentials; the token is fetched once and reused until shortly before
+    /// it expires. `form` holds extra fields for the token request (e.g. Halo's scope).
+    OAuth2 {
+        token_url: url::Url,
+        client_id: String,
+        client_secret: Secret,
+        form: Vec<(String, String)>,
+    },
+}
+
+impl From<&config::Auth> for HttpAuth {
+    fn from(a: &config::Auth) -> Self {
+        match a {
+            config::Auth::None => HttpAuth::None,
+            config::Auth::Basic { username, password } => HttpAuth::Basic {
+                username: username.clone(),
+                password: password.clone(),
+            },
+            config::Auth::Bearer { token } => HttpAuth::Bearer(token.clone()),
+            config::Auth::ApiKey { header, key } => HttpAuth::ApiKey {
+                header: header.clone(),
+                key: key.clone(),
+            },
+            config::Auth::OAuth2 {
+                token_url,
+                client_id,
+                client_secret,
+                scope,
+            } => HttpAuth::OAuth2 {
+                token_url: token_url.clone(),
+                client_id: client_id.clone(),
+                client_secret: client_secret.clone(),
+                form: scope
+                    .iter()
+                    .map(|s| ("scope".to_string(), s.clone()))
+                    .collect(),
+            },
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct CachedToken {
+    token: Secret,
+    refresh_at: Instant,
+}
+
+/// Reuse a token until 60 s before it expires, or half its lifetime if that is shorter.
+pub fn token_refresh_after(expires_in: Duration) -> Duration {
+    let margin = Duration::from_secs(60).min(expires_in / 2);
+    expires_in - margin
+}
+
+/// Process-wide HTTP state: one reqwest client (connection pool) and the rate budgets,
+/// which outlive config reloads so that a reload cannot reset a vendor's limit.
+#[derive(Clone)]
+pub struct Http {
+    client: reqwest::Client,
+    budgets: Arc<Mutex<HashMap<String, Arc<Budget>>>>,
+}
+
+impl Default for Http {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Http {
+    pub fn new() -> Self {
+        let client = reqwest::Client::builder()
+            .user_agent(concat!("usher/", env!("CARGO_PKG_VERSION")))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build()
+            .expect("the HTTP client builds with static settings");
+        Http {
+            client,
+            budgets: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    fn budget(&self, conn: &str, limit: Option<RateLimit>) -> Arc<Budget> {
+        let mut b = self.budgets.lock().unwrap_or_else(|p| p.into_inner());
+        let budget = b
+            .entry(conn.to_string())
+            .or_insert_with(|| Arc::new(Budget::new(limit)))
+            .clone();
+        budget.set_limit(limit);
+        budget
+    }
+
+    /// A client for one configured connection.
+    pub fn endpoint(&self, conn: &config::Connection) -> Endpoint {
+        self.endpoint_with(conn, HttpAuth::from(&conn.auth))
+    }
+
+    /// A client for one connection with auth decided by its connector (vendor kinds).
+    pub fn endpoint_with(&self, conn: &config::Connection, auth: HttpAuth) -> Endpoint {
+        Endpoint {
+            name: conn.name.clone(),
+            base: conn.base_url.clone(),
+            timeout: conn.timeout,
+            connect_timeout: conn.connect_timeout,
+            max_retries: conn.max_retries,
+            client: self.client.clone(),
+            budget: self.budget(&conn.name, conn.rate_limit),
+            auth,
+            token: Arc::new(tokio::sync::Mutex::new(None)),
+        }
+    }
+}
+
+/// One connection's client: base URL, auth, budget, timeouts and retry policy.
+#[derive(Clone)]
+pub struct Endpoint {
+    pub name: String,
+    pub base: url::Url,
+    timeout: Duration,
+    #[allow(dead_code)] // kept for a per-endpoint client if a vendor ever needs one
+    connect_timeout: Duration,
+    max_retries: u32,
+    client: reqwest::Client,
+    pub budget: Arc<Budget>,
+    auth: HttpAuth,
+    token: Arc<tokio::sync::Mutex<Option<CachedToken>>>,
+}
+
+/// "GET /api/changes": what a message may say about a call (never the query string).
+pub fn describe(method: &Method, url: &url::Url) -> String {
+    format!("{method} {}", url.path())
+}
+
+fn classify(e: &reqwest::Error) -> TransportKind {
+    if e.is_timeout() {
+        TransportKind::Timeout
+    } else if e.is_connect() {
+        TransportKind::Connect
+    } else {
+        TransportKind::Broken
+    }
+}
+
+fn backoff(attempt: u32) -> Duration {
+    let exp = BACKOFF_BASE.saturating_mul(1u32 << attempt.min(16));
+    let cap = exp.min(BACKOFF_CAP);
+    // "Equal jitter": half fixed, half random, so retries never bunch up nor collapse to zero.
+    let half = cap / 2;
+    half + Duration::from_millis(rand::rng().random_range(0..=half.as_millis() as u64))
+}
+
+impl Endpoint {
+    /// `base` joined with a path (which may carry a query string).
+    pub fn url(&self, path: &str) -> url::Url {
+        if (path.starts_with("http://") || path.starts_with("https://"))
+            && let Ok(u) = url::Url::parse(path)
+        {
+            return u;
+        }
+        let mut base = self.base.clone();
+        if !base.path().ends_with('/') {
+            let p = format!("{}/", base.path());
+            base.set_path(&p);
+        }
+        base.join(path.trim_start_matches('/')).unwrap_or(base)
+    }
+
+    pub fn budget_remaining(&self) -> Option<u32> {
+        self.budget.remaining()
+    }
+
+    /// Sends a request built by `build` (called again for each attempt), applying the
+    /// policy described at the top of this module.
+    pub async fn send<F>(
+        &self,
+        method: Method,
+        url: url::Url,
+        retry: Retry,
+        cancel: &CancellationToken,
+        build: F,
+    ) -> Result<Reply, HttpError>
+    where
+        F: Fn(RequestBuilder) -> RequestBuilder,
+    {
+        let what = describe(&method, &url);
+        let mut attempts = 0u32;
+        let mut failures = 0u32;
+        let mut refreshed = false;
+        let mut rate_waited = Duration::ZERO;
+        loop {
+            if self.budget.acquire(cancel).await.is_err() {
+                return Err(HttpError::Cancelled { what });
+            }
+            attempts += 1;
+            let rb = self
+                .client
+                .request(method.clone(), url.clone())
+                .timeout(self.timeout);
+            let rb = self.authorize(build(rb), cancel, &what).await?;
+            let result = match rb.send().await {
+                Ok(resp) => {
+                    let status = resp.status();
+                    let headers = resp.headers().clone();
+                    match resp.bytes().await {
+                        Ok(body) => Ok((status, headers, body)),
+                        Err(e) => Err(classify(&e)),
+                    }
+                }
+                Err(e) => Err(classify(&e)),
+            };
+            match result {
+                Ok((status, headers, body)) => {
+                    let code = status.as_u16();
+                    if status == StatusCode::UNAUTHORIZED && self.has_token_auth() {
+                        if !refreshed {
+                            tracing::debug!(connection = %self.name, call = %what, "401 with a cached token; fetching a new one");
+                            *self.token.lock().await = None;
+                            refreshed = true;
+                            continue;
+                        }
+                        return Err(HttpError::CredentialsRefused {
+                            conn: self.name.clone(),
+                            what,
+                        });
+                    }
+                    if code == 429 || code == 509 {
+                        let wait = retry_after(&headers, std::time::SystemTime::now())
+                            .unwrap_or_else(|| {
+                                backoff(failures.min(6)).max(Duration::from_secs(1))
+                            });
+                        if rate_waited + wait > MAX_RATE_WAIT {
+                            self.budget.block_for(wait);
+                            return Err(HttpError::RateLimited {
+                                conn: self.name.clone(),
+                                what,
+                                wait_secs: wait.as_secs(),
+                            });
+                        }
+                        tracing::info!(connection = %self.name, call = %what, status = code, wait_ms = wait.as_millis() as u64, "rate limited; waiting as asked");
+                        rate_waited += wait;
+                        failures += 1;
+                        self.budget.block_for(wait);
+                        continue;
+                    }
+                    if status.is_server_error()
+                        && retry == Retry::Idempotent
+                        && failures < self.max_retries
+                    {
+                        let wait = backoff(failures);
+                        tracing::warn!(connection = %self.name, call = %what, status = code, attempt = attempts, wait_ms = wait.as_millis() as u64, "server error; retrying");
+                        failures += 1;
+                        if self.pause(wait, cancel).await.is_err() {
+                            return Err(HttpError::Cancelled { what });
+                        }
+                        continue;
+                    }
+                    return Ok(Reply {
+                        status: code,
+                        headers,
+                        body,
+                        attempts,
+                    });
+                }
+                Err(kind) => {
+                    if retry == Retry::Idempotent && failures < self.max_retries {
+                        let wait = backoff(failures);
+                        tracing::warn!(connection = %self.name, call = %what, error = %kind, attempt = attempts, wait_ms = wait.as_millis() as u64, "transport error; retrying");
+                        failures += 1;
+                        if self.pause(wait, cancel).await.is_err() {
+                            return Err(HttpError::Cancelled { what });
+                        }
+                        continue;
+                    }
+                    return Err(HttpError::Transport {
+                        conn: self.name.clone(),
+                        what,
+                        kind,
+                        attempts,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Like [`Endpoint::send`], and any status other than 2xx is an error.
+    pub async fn send_ok<F>(
+        &self,
+        method: Method,
+        url: url::Url,
+        retry: Retry,
+        cancel: &CancellationToken,
+        build: F,
+    ) -> Result<Reply, HttpError>
+    where
+        F: Fn(RequestBuilder) -> RequestBuilder,
+    {
+        let what = describe(&method, &url);
+        let reply = self.send(method, url, retry, cancel, build).await?;
+        if reply.is_success() {
+            Ok(reply)
+        } else {
+            Err(HttpError::Status {
+                conn: self.name.clone(),
+                what,
+                status: reply.status,
+                snippet: reply.snippet(),
+                attempts: reply.attempts,
+            })
+        }
+    }
+
+    async fn pause(&self, d: Duration, cancel: &CancellationToken) -> Result<(), ()> {
+        tokio::select! {
+            _ = tokio::time::sleep(d) => Ok(()),
+            _ = cancel.cancelled() => Err(()),
+        }
+    }
+
+    fn has_token_auth(&self) -> bool {
+        matches!(self.auth, HttpAuth::OAuth2 { .. })
+    }
+
+    async fn authorize(
+        &self,
+        rb: RequestBuilder,
+        cancel: &CancellationToken,
+        what: &str,
+    ) -> Result<RequestBuilder, HttpError> {
+        Ok(match &self.auth {
+            HttpAuth::None => rb,
+            HttpAuth::Basic { username, password } => {
+                rb.basic_auth(username, Some(password.expose()))
+            }
+            HttpAuth::Bearer(t) => rb.bearer_auth(t.expose()),
+            HttpAuth::ApiKey { header, key } => rb.header(header.as_str(), key.expose()),
+            HttpAuth::OAuth2 { .. } => {
+                let token = self.token(cancel, what).await?;
+                rb.bearer_auth(token.expose())
+            }
+        })
+    }
+
+    /// The cached OAuth2 token, fetched when missing or near expiry.
+    async fn token(&self, cancel: &CancellationToken, what: &str) -> Result<Secret, HttpError> {
+        let HttpAuth::OAuth2 {
+            token_url,
+            client_id,
+            client_secret,
+            form,
+        } = &self.auth
+        else {
+            unreachable!("only called for OAuth2");
+        };
+        let mut cached = self.token.lock().await;
+        if let Some(t) = cached.as_ref()
+            && Instant::now() < t.refresh_at
+        {
+            return Ok(t.token.clone());
+        }
+        let token_what = describe(&Method::POST, token_url);
+        let mut failures = 0;
+        let reply = loop {
+            if self.budget.acquire(cancel).await.is_err() {
+                return Err(HttpError::Cancelled {
+                    what: what.to_string(),
+                });
+            }
+            let mut fields: Vec<(&str, &str)> = vec![
+                ("grant_type", "client_credentials"),
+                ("client_id", client_id),
+                ("client_secret", client_secret.expose()),
+            ];
+            fields.extend(form.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+            let r = self
+                .client
+                .post(token_url.clone())
+                .timeout(self.timeout)
+                .form(&fields)
+                .send()
+                .await;
+            match r {
+                Ok(resp) => {
+                    let status = resp.status().as_u16();
+                    let body = resp.bytes().await.unwrap_or_default();
+                    if status >= 500 && failures < self.max_retries {
+                        failures += 1;
+                        if self.pause(backoff(failures), cancel).await.is_err() {
+                            return Err(HttpError::Cancelled {
+                                what: what.to_string(),
+                            });
+                        }
+                        continue;
+                    }
+                    break (status, body);
+                }
+                Err(e) => {
+                    if failures < self.max_retries {
+                        failures += 1;
+                        if self.pause(backoff(failures), cancel).await.is_err() {
+                            return Err(HttpError::Cancelled {
+                                what: what.to_string(),
+                            });
+                        }
+                        continue;
+                    }
+                    return Err(HttpError::Transport {
+                        conn: self.name.clone(),
+                        what: token_what,
+                        kind: classify(&e),
+                        attempts: failures + 1,
+                    });
+                }
+            }
+        };
+        let (status, body) = reply;
+        if status == 400 || status == 401 || status == 403 {
+            return Err(HttpError::CredentialsRefused {
+                conn: self.name.clone(),
+                what: token_what,
+            });
+        }
+        #[derive(serde::Deserialize)]
+        struct TokenReply {
+            access_token: String,
+            expires_in: Option<u64>,
+        }
+        let parsed: TokenReply = match serde_json::from_slice(&body) {
+            Ok(t) if (200..300).contains(&status) => t,
+            _ => {
+                return Err(HttpError::Status {
+                    conn: self.name.clone(),
+                    what: token_what,
+                    status,
+                    snippet: "the token answer is not the expected JSON".into(),
+                    attempts: failures + 1,
+                });
+            }
+        };
+        let lifetime = Duration::from_secs(parsed.expires_in.unwrap_or(3600));
+        let token = Secret::new(parsed.access_token);
+        *cached = Some(CachedToken {
+            token: token.clone(),
+            refresh_at: Instant::now() + token_refresh_after(lifetime),
+        });
+        Ok(token)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::header::HeaderValue;
+
+    #[test]
+    fn retry_after_reads_seconds_and_dates() {
+        let mut h = HeaderMap::new();
+        h.insert(RETRY_AFTER, HeaderValue::from_static("7"));
+        assert_eq!(
+            retry_after(&h, std::time::SystemTime::now()),
+            Some(Duration::from_secs(7))
+        );
+        let now = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let later = httpdate::fmt_http_date(now + Duration::from_secs(12));
+        h.insert(RETRY_AFTER, HeaderValue::from_str(&later).unwrap());
+        assert_eq!(retry_after(&h, now), Some(Duration::from_secs(12)));
+        h.insert(RETRY_AFTER, HeaderValue::from_static("soon"));
+        assert_eq!(retry_after(&h, now), None);
+    }
+
+    #[test]
+    fn tokens_are_refreshed_before_expiry() {
+        assert_eq!(
+            token_refresh_after(Duration::from_secs(3600)),
+            Duration::from_secs(3540)
+        );
+        assert_eq!(
+            token_refresh_after(Duration::from_secs(30)),
+            Duration::from_secs(15)
+        );
+    }
+
+    #[test]
+    fn backoff_is_capped() {
+        for a in 0..40 {
+            assert!(backoff(a) <= BACKOFF_CAP);
+        }
+        assert!(backoff(0) >= BACKOFF_BASE / 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_budget_never_exceeds_its_window() {
+        let b = Budget::new(Some(RateLimit {
+            calls: 3,
+            per: Duration::from_secs(60),
+        }));
+        let cancel = CancellationToken::new();
+        let start = Instant::now();
+        for _ in 0..3 {
+            b.acquire(&cancel).await.unwrap();
+        }
+        assert_eq!(Instant::now(), start);
+        b.acquire(&cancel).await.unwrap();
+        assert!(Instant::now() - start >= Duration::from_secs(60));
+    }
+}

@@ -1,0 +1,26 @@
+//! usher: an integration daemon for ticketing venues and the agencies that run them.
+//!
+//! - [`config`]: figment layers → raw structs → validated configuration, every problem at once.
+//! - [`schedule`]: intervals and timezone-aware cron, computed from a given "now".
+//! - [`mapping`]: field, static and transform mappings; pure.
+//! - [`store`]: the SQLite state (cursors, links, outbox, ledger, runs, dead letters, audit);
+//!   the only code that speaks SQL.
+//! - [`http`]: the shared HTTP client and its policy (retries, Retry-After, budgets, auth).
+//! - [`connectors`]: one module per vendor: URLs and JSON.
+//! - [`engine`]: runs a stream page by page; the daemon (schedules, signals, control files).
+//! - [`sandbox`]: fake vendor servers on loopback, for `usher demo` and the tests.
+//! - [`cli`]: the subcommands.
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod config;
+pub mod connectors;
+pub mod engine;
+pub mod http;
+pub mod logging;
+pub mod mapping;
+pub mod sandbox;
+pub mod schedule;
+pub mod secret;
+pub mod status;
+pub mod store;

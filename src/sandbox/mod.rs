@@ -1,0 +1,55 @@
+//! Fake vendor servers on loopback: real HTTP on 127.0.0.1, one port, one path prefix per
+//! vendor (`/crm/...`). Used by `usher demo`, `usher sandbox` and the integration tests,
+//! which drive them through their handles (add records, inject faults, read what arrived).
+
+pub mod crm;
+pub mod faults;
+
+use std::net::SocketAddr;
+
+use axum::Router;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use crm::CrmFake;
+pub use faults::{Fault, Faults};
+
+/// The running fakes.
+pub struct Sandbox {
+    pub addr: SocketAddr,
+    pub crm: CrmFake,
+    stop: CancellationToken,
+}
+
+impl Sandbox {
+    /// Binds `listen` (use `127.0.0.1:0` for a free port) and serves every fake.
+    pub async fn start(listen: SocketAddr) -> std::io::Result<Sandbox> {
+        let crm = CrmFake::new();
+        let app = Router::new().nest("/crm", crm.router());
+        let listener = TcpListener::bind(listen).await?;
+        let addr = listener.local_addr()?;
+        let stop = CancellationToken::new();
+        let s = stop.clone();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { s.cancelled().await })
+                .await;
+        });
+        Ok(Sandbox { addr, crm, stop })
+    }
+
+    /// The base URL of one fake, e.g. `url("crm")` → `http://127.0.0.1:PORT/crm`.
+    pub fn url(&self, vendor: &str) -> String {
+        format!("http://{}/{vendor}", self.addr)
+    }
+
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}

@@ -1,0 +1,79 @@
+//! Numbered schema migrations. Applied in order at start; never edited once landed.
+//! `PRAGMA user_version` holds the number of the last one applied.
+
+pub const MIGRATIONS: &[&str] = &[
+    // 1: the core tables.
+    r#"
+    CREATE TABLE cursors (
+        stream      TEXT PRIMARY KEY,
+        cursor      TEXT,
+        updated_at  TEXT NOT NULL
+    );
+    CREATE TABLE links (
+        stream      TEXT NOT NULL,
+        source_id   TEXT NOT NULL,
+        target_id   TEXT NOT NULL,
+        updated_at  TEXT NOT NULL,
+        PRIMARY KEY (stream, source_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE outbox (
+        id              INTEGER PRIMARY KEY AUTOINCREMENT,
+        stream          TEXT NOT NULL,
+        body            BLOB NOT NULL,
+        records         INTEGER NOT NULL,
+        created_at      TEXT NOT NULL,
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        first_refused_at TEXT,
+        last_attempt_at TEXT,
+        last_status     INTEGER,
+        last_error      TEXT
+    );
+    CREATE INDEX outbox_stream ON outbox (stream, id);
+    CREATE TABLE ledger (
+        stream       TEXT NOT NULL,
+        key          TEXT NOT NULL,
+        content_hash TEXT NOT NULL,
+        target_ids   TEXT,
+        status       TEXT,
+        updated_at   TEXT NOT NULL,
+        PRIMARY KEY (stream, key)
+    ) WITHOUT ROWID;
+    CREATE TABLE runs (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        stream      TEXT NOT NULL,
+        trigger     TEXT NOT NULL,
+        started_at  TEXT NOT NULL,
+        ended_at    TEXT,
+        outcome     TEXT NOT NULL DEFAULT 'running',
+        pulled      INTEGER NOT NULL DEFAULT 0,
+        created     INTEGER NOT NULL DEFAULT 0,
+        updated     INTEGER NOT NULL DEFAULT 0,
+        skipped     INTEGER NOT NULL DEFAULT 0,
+        failed      INTEGER NOT NULL DEFAULT 0,
+        queued      INTEGER NOT NULL DEFAULT 0,
+        error       TEXT
+    );
+    CREATE INDEX runs_stream ON runs (stream, id);
+    CREATE TABLE dead_letters (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        stream      TEXT NOT NULL,
+        source_id   TEXT,
+        record      TEXT NOT NULL,
+        reason      TEXT NOT NULL,
+        created_at  TEXT NOT NULL
+    );
+    CREATE INDEX dead_letters_stream ON dead_letters (stream, id);
+    CREATE TABLE audit (
+        id      INTEGER PRIMARY KEY AUTOINCREMENT,
+        at      TEXT NOT NULL,
+        actor   TEXT NOT NULL,
+        action  TEXT NOT NULL,
+        stream  TEXT,
+        detail  TEXT
+    );
+    CREATE TABLE schedule (
+        stream      TEXT PRIMARY KEY,
+        next_run_at TEXT
+    );
+    "#,
+];

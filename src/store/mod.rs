@@ -1,0 +1,882 @@
+//! The only code that speaks SQL: one SQLite file under the state directory.
+//!
+//! Tables: cursors, links, outbox, ledger, runs, dead_letters, audit, schedule (see
+//! `migrations.rs`). The file is created 0600, in WAL mode, migrated at open.
+//! **A cursor is only ever written by [`Store::commit_page`] (or a reset), in the same
+//! transaction as the links, outbox rows, ledger rows and dead letters of the records it
+//! covers.** rusqlite is blocking: every call runs on tokio's blocking pool through
+//! [`Store::call`], never on the async executor's threads.
+
+mod migrations;
+
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use serde::Serialize;
+
+pub use migrations::MIGRATIONS;
+
+pub const DB_FILE: &str = "usher.db";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("state database {path}: {source}")]
+    Sqlite {
+        path: String,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("state directory {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "state database {path} was written by a newer usher (schema {found}, this usher knows up to {known}); \
+         run the newer usher or restore a backup"
+    )]
+    TooNew {
+        path: String,
+        found: i64,
+        known: i64,
+    },
+    #[error("state database task failed: {0}")]
+    Task(String),
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// A handle to the state database. Cheap to clone; calls are serialized on one connection.
+#[derive(Clone)]
+pub struct Store {
+    path: Arc<PathBuf>,
+    conn: Arc<Mutex<Connection>>,
+}
+
+pub fn now_text() -> String {
+    ts(Utc::now())
+}
+
+pub fn ts(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+pub fn parse_ts(s: &str) -> Option<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(s)
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
+}
+
+/// Counts of one run. `queued` counts records put into the outbox for delivery;
+/// `created` and `updated` count records the target accepted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Counts {
+    pub pulled: u64,
+    pub created: u64,
+    pub updated: u64,
+    pub skipped: u64,
+    pub failed: u64,
+    pub queued: u64,
+}
+
+impl Counts {
+    pub fn add(&mut self, o: &Counts) {
+        self.pulled += o.pulled;
+        self.created += o.created;
+        self.updated += o.updated;
+        self.skipped += o.skipped;
+        self.failed += o.failed;
+        self.queued += o.queued;
+    }
+}
+
+/// Everything one page leaves behind, written in one transaction with the new cursor.
+#[derive(Debug, Default)]
+pub struct PageCommit {
+    pub stream: String,
+    /// `Some(c)`: the cursor becomes `c`. `None`: the cursor is not touched.
+    pub cursor: Option<Option<String>>,
+    pub links: Vec<(String, String)>,
+    pub outbox: Vec<(Vec<u8>, u64)>,
+    pub ledger: Vec<LedgerRow>,
+    pub dead_letters: Vec<DeadLetter>,
+}
+
+#[derive(Debug, Clone)]
+pub struct LedgerRow {
+    pub key: String,
+    pub content_hash: String,
+    pub target_ids: Option<String>,
+    pub status: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DeadLetter {
+    pub source_id: Option<String>,
+    pub record: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct OutboxRow {
+    pub id: i64,
+    pub body: Vec<u8>,
+    pub records: u64,
+    pub attempts: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunRow {
+    pub id: i64,
+    pub stream: String,
+    pub trigger: String,
+    pub started_at: String,
+    pub ended_at: Option<String>,
+    pub outcome: String,
+    pub counts: Counts,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditRow {
+    pub id: i64,
+    pub at: String,
+    pub actor: String,
+    pub action: String,
+    pub stream: Option<String>,
+    pub detail: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct OutboxSummary {
+    pub payloads: u64,
+    pub records: u64,
+    pub oldest_refused_at: Option<String>,
+    pub attempts: u64,
+    pub last_status: Option<i64>,
+    pub last_error: Option<String>,
+}
+
+fn sql_err(path: &Path) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
+    move |source| StoreError::Sqlite {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) `<state_dir>/usher.db`: mode 0600, WAL, migrations applied.
+    pub fn open(state_dir: &Path) -> Result<Store> {
+        let io = |source| StoreError::Io {
+            path: state_dir.display().to_string(),
+            source,
+        };
+        std::fs::create_dir_all(state_dir).map_err(io)?;
+        let path = state_dir.join(DB_FILE);
+        // Create the file ourselves so that it is 0600 from its first byte.
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io)?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+        let conn = Connection::open(&path).map_err(sql_err(&path))?;
+        Self::prepare(&conn, &path)?;
+        Ok(Store {
+            path: Arc::new(path),
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    /// Opens an existing database for reading and small CLI changes, without migrating it.
+    /// Used by `status` and `cursor show` while a daemon may be running.
+    pub fn open_existing(state_dir: &Path) -> Result<Option<Store>> {
+        let path = state_dir.join(DB_FILE);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let conn = Connection::open(&path).map_err(sql_err(&path))?;
+        conn.busy_timeout(Duration::from_secs(10))
+            .map_err(sql_err(&path))?;
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(sql_err(&path))?;
+        if version > MIGRATIONS.len() as i64 {
+            return Err(StoreError::TooNew {
+                path: path.display().to_string(),
+                found: version,
+                known: MIGRATIONS.len() as i64,
+            });
+        }
+        if version < MIGRATIONS.len() as i64 {
+            // Not migrated yet (or empty): treat as "nothing recorded".
+            return Ok(None);
+        }
+        Ok(Some(Store {
+            path: Arc::new(path),
+            conn: Arc::new(Mutex::new(conn)),
+        }))
+    }
+
+    fn prepare(conn: &Connection, path: &Path) -> Result<()> {
+        let e = sql_err(path);
+        conn.busy_timeout(Duration::from_secs(10)).map_err(&e)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(&e)?;
+        // FULL: a commit survives power loss; commits are per page, so the fsync is cheap.
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(&e)?;
+        conn.pragma_update(None, "foreign_keys", "ON").map_err(&e)?;
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(&e)?;
+        let known = MIGRATIONS.len() as i64;
+        if version > known {
+            return Err(StoreError::TooNew {
+                path: path.display().to_string(),
+                found: version,
+                known,
+            });
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            let n = i as i64 + 1;
+            conn.execute_batch(&format!(
+                "BEGIN IMMEDIATE; {sql}; PRAGMA user_version = {n}; COMMIT;"
+            ))
+            .map_err(|source| {
+                let _ = conn.execute_batch("ROLLBACK");
+                StoreError::Sqlite {
+                    path: format!("{} (migration {n})", path.display()),
+                    source,
+                }
+            })?;
+        }
+        // The -wal and -shm files are created by SQLite with the main file's mode; make sure.
+        for suffix in ["-wal", "-shm"] {
+            let p = PathBuf::from(format!("{}{suffix}", path.display()));
+            if p.exists() {
+                let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` on the blocking pool with the connection.
+    pub async fn call<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let conn = self.conn.clone();
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut c = conn.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut c).map_err(sql_err(&path))
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    /// The same as [`Store::call`], for code that is not async (the CLI).
+    pub fn call_sync<T, F>(&self, f: F) -> Result<T>
+    where
+        F: FnOnce(&mut Connection) -> rusqlite::Result<T>,
+    {
+        let mut c = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut c).map_err(sql_err(&self.path))
+    }
+
+    // ---- cursors ----
+
+    pub async fn cursor(&self, stream: &str) -> Result<Option<String>> {
+        let stream = stream.to_string();
+        self.call(move |c| q::cursor(c, &stream)).await
+    }
+
+    /// Commits one page: new cursor, links, outbox rows, ledger rows and dead letters, atomically.
+    pub async fn commit_page(&self, page: PageCommit) -> Result<()> {
+        self.call(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            q::commit_page(&tx, &page)?;
+            tx.commit()
+        })
+        .await
+    }
+
+    /// Resets a stream's cursor to the start (links, ledger and outbox are kept, so the
+    /// re-import that follows matches what it already wrote) and audits it, in one transaction.
+    pub async fn reset_cursor(
+        &self,
+        stream: &str,
+        actor: &str,
+        detail: &str,
+    ) -> Result<Option<String>> {
+        let (stream, actor, detail) = (stream.to_string(), actor.to_string(), detail.to_string());
+        self.call(move |c| q::reset_cursor(c, &stream, &actor, &detail))
+            .await
+    }
+
+    pub fn reset_cursor_sync(
+        &self,
+        stream: &str,
+        actor: &str,
+        detail: &str,
+    ) -> Result<Option<String>> {
+        self.call_sync(|c| q::reset_cursor(c, stream, actor, detail))
+    }
+
+    pub fn cursor_sync(&self, stream: &str) -> Result<Option<String>> {
+        self.call_sync(|c| q::cursor(c, stream))
+    }
+
+    // ---- links ----
+
+    pub async fn links(
+        &self,
+        stream: &str,
+        source_ids: Vec<String>,
+    ) -> Result<Vec<(String, String)>> {
+        let stream = stream.to_string();
+        self.call(move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT target_id FROM links WHERE stream = ?1 AND source_id = ?2",
+            )?;
+            let mut out = Vec::new();
+            for id in source_ids {
+                if let Some(t) = st
+                    .query_row(params![stream, id], |r| r.get::<_, String>(0))
+                    .optional()?
+                {
+                    out.push((id, t));
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    // ---- outbox ----
+
+    /// Pending payloads of a stream, oldest first, up to `max_records` records in all.
+    /// With `at_least_one`, the first payload comes even when it is larger (a reload that
+    /// lowered the limit must not block a stored payload forever).
+    pub async fn outbox_pending(
+        &self,
+        stream: &str,
+        max_records: u64,
+        at_least_one: bool,
+    ) -> Result<Vec<OutboxRow>> {
+        let stream = stream.to_string();
+        self.call(move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT id, body, records, attempts FROM outbox WHERE stream = ?1 ORDER BY id LIMIT 1000",
+            )?;
+            let rows = st.query_map(params![stream], |r| {
+                Ok(OutboxRow {
+                    id: r.get(0)?,
+                    body: r.get(1)?,
+                    records: r.get::<_, i64>(2)? as u64,
+                    attempts: r.get::<_, i64>(3)? as u64,
+                })
+            })?;
+            let mut out = Vec::new();
+            let mut total = 0;
+            for row in rows {
+                let row = row?;
+                if total + row.records > max_records && !(out.is_empty() && at_least_one) {
+                    break;
+                }
+                total += row.records;
+                out.push(row);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    pub async fn outbox_delivered(&self, id: i64) -> Result<()> {
+        self.call(move |c| {
+            c.execute("DELETE FROM outbox WHERE id = ?1", params![id])
+                .map(|_| ())
+        })
+        .await
+    }
+
+    pub async fn outbox_refused(&self, id: i64, status: Option<u16>, error: String) -> Result<()> {
+        self.call(move |c| {
+            let now = now_text();
+            c.execute(
+                "UPDATE outbox SET attempts = attempts + 1, last_attempt_at = ?2, last_status = ?3,
+                        last_error = ?4, first_refused_at = COALESCE(first_refused_at, ?2)
+                 WHERE id = ?1",
+                params![id, now, status.map(i64::from), error],
+            )
+            .map(|_| ())
+        })
+        .await
+    }
+
+    pub async fn outbox_summary(&self, stream: &str) -> Result<OutboxSummary> {
+        let stream = stream.to_string();
+        self.call(move |c| q::outbox_summary(c, &stream)).await
+    }
+
+    // ---- runs ----
+
+    pub async fn run_started(&self, stream: &str, trigger: &str) -> Result<i64> {
+        let (stream, trigger) = (stream.to_string(), trigger.to_string());
+        self.call(move |c| {
+            c.execute(
+                "INSERT INTO runs (stream, trigger, started_at) VALUES (?1, ?2, ?3)",
+                params![stream, trigger, now_text()],
+            )?;
+            Ok(c.last_insert_rowid())
+        })
+        .await
+    }
+
+    pub async fn run_finished(
+        &self,
+        id: i64,
+        outcome: &str,
+        counts: Counts,
+        error: Option<String>,
+    ) -> Result<()> {
+        let outcome = outcome.to_string();
+        self.call(move |c| {
+            c.execute(
+                "UPDATE runs SET ended_at = ?2, outcome = ?3, pulled = ?4, created = ?5, updated = ?6,
+                        skipped = ?7, failed = ?8, queued = ?9, error = ?10 WHERE id = ?1",
+                params![
+                    id,
+                    now_text(),
+                    outcome,
+                    counts.pulled as i64,
+                    counts.created as i64,
+                    counts.updated as i64,
+                    counts.skipped as i64,
+                    counts.failed as i64,
+                    counts.queued as i64,
+                    error
+                ],
+            )
+            .map(|_| ())
+        })
+        .await
+    }
+
+    /// Runs left `running` by a daemon that died are closed as `interrupted` at start.
+    pub async fn close_interrupted_runs(&self) -> Result<usize> {
+        self.call(|c| {
+            c.execute(
+                "UPDATE runs SET outcome = 'interrupted', ended_at = ?1,
+                        error = 'the daemon stopped before this run finished; nothing after its last commit was kept'
+                 WHERE outcome = 'running'",
+                params![now_text()],
+            )
+        })
+        .await
+    }
+
+    pub async fn last_run_start(&self, stream: &str) -> Result<Option<DateTime<Utc>>> {
+        let stream = stream.to_string();
+        self.call(move |c| {
+            let s: Option<String> = c
+                .query_row(
+                    "SELECT started_at FROM runs WHERE stream = ?1 AND trigger = 'schedule' ORDER BY id DESC LIMIT 1",
+                    params![stream],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            Ok(s.as_deref().and_then(parse_ts))
+        })
+        .await
+    }
+
+    pub fn last_run_sync(&self, stream: &str) -> Result<Option<RunRow>> {
+        self.call_sync(|c| q::last_run(c, stream))
+    }
+
+    pub fn runs_sync(&self, stream: &str, limit: u32) -> Result<Vec<RunRow>> {
+        self.call_sync(|c| q::runs(c, stream, limit))
+    }
+
+    // ---- schedule ----
+
+    pub async fn set_next_run(&self, stream: &str, at: Option<DateTime<Utc>>) -> Result<()> {
+        let stream = stream.to_string();
+        self.call(move |c| {
+            c.execute(
+                "INSERT INTO schedule (stream, next_run_at) VALUES (?1, ?2)
+                 ON CONFLICT (stream) DO UPDATE SET next_run_at = excluded.next_run_at",
+                params![stream, at.map(ts)],
+            )
+            .map(|_| ())
+        })
+        .await
+    }
+
+    // ---- audit ----
+
+    pub async fn audit(
+        &self,
+        actor: &str,
+        action: &str,
+        stream: Option<&str>,
+        detail: &str,
+    ) -> Result<()> {
+        let (actor, action, stream, detail) = (
+            actor.to_string(),
+            action.to_string(),
+            stream.map(str::to_string),
+            detail.to_string(),
+        );
+        self.call(move |c| q::audit(c, &actor, &action, stream.as_deref(), &detail))
+            .await
+    }
+
+    pub fn audit_sync(
+        &self,
+        actor: &str,
+        action: &str,
+        stream: Option<&str>,
+        detail: &str,
+    ) -> Result<()> {
+        self.call_sync(|c| q::audit(c, actor, action, stream, detail))
+    }
+
+    pub fn audit_rows_sync(&self, limit: u32) -> Result<Vec<AuditRow>> {
+        self.call_sync(|c| {
+            let mut st = c.prepare(
+                "SELECT id, at, actor, action, stream, detail FROM audit ORDER BY id DESC LIMIT ?1",
+            )?;
+            let rows = st.query_map(params![limit], |r| {
+                Ok(AuditRow {
+                    id: r.get(0)?,
+                    at: r.get(1)?,
+                    actor: r.get(2)?,
+                    action: r.get(3)?,
+                    stream: r.get(4)?,
+                    detail: r.get(5)?,
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
+    /// Everything `status` shows for one stream, in one read.
+    pub fn stream_status_sync(&self, stream: &str) -> Result<StreamState> {
+        self.call_sync(|c| {
+            Ok(StreamState {
+                cursor: q::cursor(c, stream)?,
+                last_run: q::last_run(c, stream)?,
+                last_error: c
+                    .query_row(
+                        "SELECT error FROM runs WHERE stream = ?1 AND error IS NOT NULL ORDER BY id DESC LIMIT 1",
+                        params![stream],
+                        |r| r.get(0),
+                    )
+                    .optional()?,
+                next_run_at: c
+                    .query_row("SELECT next_run_at FROM schedule WHERE stream = ?1", params![stream], |r| r.get(0))
+                    .optional()?
+                    .flatten(),
+                outbox: q::outbox_summary(c, stream)?,
+                dead_letters: c.query_row(
+                    "SELECT COUNT(*) FROM dead_letters WHERE stream = ?1",
+                    params![stream],
+                    |r| r.get::<_, i64>(0),
+                )? as u64,
+                links: c.query_row("SELECT COUNT(*) FROM links WHERE stream = ?1", params![stream], |r| {
+                    r.get::<_, i64>(0)
+                })? as u64,
+            })
+        })
+    }
+
+    pub fn dead_letters_sync(
+        &self,
+        stream: &str,
+        limit: u32,
+    ) -> Result<Vec<(i64, DeadLetter, String)>> {
+        self.call_sync(|c| {
+            let mut st = c.prepare(
+                "SELECT id, source_id, record, reason, created_at FROM dead_letters WHERE stream = ?1
+                 ORDER BY id LIMIT ?2",
+            )?;
+            let rows = st.query_map(params![stream, limit], |r| {
+                Ok((
+                    r.get(0)?,
+                    DeadLetter {
+                        source_id: r.get(1)?,
+                        record: r.get(2)?,
+                        reason: r.get(3)?,
+                    },
+                    r.get(4)?,
+                ))
+            })?;
+            rows.collect()
+        })
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StreamState {
+    pub cursor: Option<String>,
+    pub last_run: Option<RunRow>,
+    pub last_error: Option<String>,
+    pub next_run_at: Option<String>,
+    pub outbox: OutboxSummary,
+    pub dead_letters: u64,
+    pub links: u64,
+}
+
+/// The SQL itself, as plain functions over a connection or transaction.
+mod q {
+    use super::*;
+
+    pub fn cursor(c: &Connection, stream: &str) -> rusqlite::Result<Option<String>> {
+        Ok(c.query_row(
+            "SELECT cursor FROM cursors WHERE stream = ?1",
+            params![stream],
+            |r| r.get::<_, Option<String>>(0),
+        )
+        .optional()?
+        .flatten())
+    }
+
+    pub fn set_cursor(c: &Connection, stream: &str, cursor: Option<&str>) -> rusqlite::Result<()> {
+        c.execute(
+            "INSERT INTO cursors (stream, cursor, updated_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (stream) DO UPDATE SET cursor = excluded.cursor, updated_at = excluded.updated_at",
+            params![stream, cursor, now_text()],
+        )
+        .map(|_| ())
+    }
+
+    pub fn commit_page(tx: &Connection, p: &PageCommit) -> rusqlite::Result<()> {
+        let now = now_text();
+        {
+            let mut st = tx.prepare_cached(
+                "INSERT INTO links (stream, source_id, target_id, updated_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (stream, source_id) DO UPDATE SET target_id = excluded.target_id,
+                     updated_at = excluded.updated_at",
+            )?;
+            for (s, t) in &p.links {
+                st.execute(params![p.stream, s, t, now])?;
+            }
+        }
+        {
+            let mut st = tx.prepare_cached(
+                "INSERT INTO outbox (stream, body, records, created_at) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for (body, records) in &p.outbox {
+                st.execute(params![p.stream, body, *records as i64, now])?;
+            }
+        }
+        {
+            let mut st = tx.prepare_cached(
+                "INSERT INTO ledger (stream, key, content_hash, target_ids, status, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (stream, key) DO UPDATE SET content_hash = excluded.content_hash,
+                     target_ids = COALESCE(excluded.target_ids, ledger.target_ids),
+                     status = excluded.status, updated_at = excluded.updated_at",
+            )?;
+            for l in &p.ledger {
+                st.execute(params![
+                    p.stream,
+                    l.key,
+                    l.content_hash,
+                    l.target_ids,
+                    l.status,
+                    now
+                ])?;
+            }
+        }
+        {
+            let mut st = tx.prepare_cached(
+                "INSERT INTO dead_letters (stream, source_id, record, reason, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+            for d in &p.dead_letters {
+                st.execute(params![p.stream, d.source_id, d.record, d.reason, now])?;
+            }
+        }
+        if let Some(cur) = &p.cursor {
+            set_cursor(tx, &p.stream, cur.as_deref())?;
+        }
+        Ok(())
+    }
+
+    pub fn reset_cursor(
+        c: &mut Connection,
+        stream: &str,
+        actor: &str,
+        detail: &str,
+    ) -> rusqlite::Result<Option<String>> {
+        let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let old = cursor(&tx, stream)?;
+        tx.execute("DELETE FROM cursors WHERE stream = ?1", params![stream])?;
+        let detail = format!(
+            "{detail}; cursor was {}",
+            old.as_deref()
+                .map(|c| format!("{c:?}"))
+                .unwrap_or_else(|| "at the start".into())
+        );
+        audit(&tx, actor, "cursor-reset", Some(stream), &detail)?;
+        tx.commit()?;
+        Ok(old)
+    }
+
+    pub fn audit(
+        c: &Connection,
+        actor: &str,
+        action: &str,
+        stream: Option<&str>,
+        detail: &str,
+    ) -> rusqlite::Result<()> {
+        c.execute(
+            "INSERT INTO audit (at, actor, action, stream, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![now_text(), actor, action, stream, detail],
+        )
+        .map(|_| ())
+    }
+
+    fn run_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunRow> {
+        Ok(RunRow {
+            id: r.get(0)?,
+            stream: r.get(1)?,
+            trigger: r.get(2)?,
+            started_at: r.get(3)?,
+            ended_at: r.get(4)?,
+            outcome: r.get(5)?,
+            counts: Counts {
+                pulled: r.get::<_, i64>(6)? as u64,
+                created: r.get::<_, i64>(7)? as u64,
+                updated: r.get::<_, i64>(8)? as u64,
+                skipped: r.get::<_, i64>(9)? as u64,
+                failed: r.get::<_, i64>(10)? as u64,
+                queued: r.get::<_, i64>(11)? as u64,
+            },
+            error: r.get(12)?,
+        })
+    }
+
+    const RUN_COLS: &str = "id, stream, trigger, started_at, ended_at, outcome, pulled, created, updated, skipped, failed, queued, error";
+
+    pub fn last_run(c: &Connection, stream: &str) -> rusqlite::Result<Option<RunRow>> {
+        c.query_row(
+            &format!("SELECT {RUN_COLS} FROM runs WHERE stream = ?1 ORDER BY id DESC LIMIT 1"),
+            params![stream],
+            run_row,
+        )
+        .optional()
+    }
+
+    pub fn runs(c: &Connection, stream: &str, limit: u32) -> rusqlite::Result<Vec<RunRow>> {
+        let mut st = c.prepare(&format!(
+            "SELECT {RUN_COLS} FROM runs WHERE stream = ?1 ORDER BY id DESC LIMIT ?2"
+        ))?;
+        let rows = st.query_map(params![stream, limit], run_row)?;
+        rows.collect()
+    }
+
+    pub fn outbox_summary(c: &Connection, stream: &str) -> rusqlite::Result<OutboxSummary> {
+        let (payloads, records): (i64, i64) = c.query_row(
+            "SELECT COUNT(*), COALESCE(SUM(records), 0) FROM outbox WHERE stream = ?1",
+            params![stream],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        let head = c
+            .query_row(
+                "SELECT first_refused_at, attempts, last_status, last_error FROM outbox WHERE stream = ?1
+                 ORDER BY id LIMIT 1",
+                params![stream],
+                |r| {
+                    Ok((
+                        r.get::<_, Option<String>>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, Option<i64>>(2)?,
+                        r.get::<_, Option<String>>(3)?,
+                    ))
+                },
+            )
+            .optional()?;
+        let mut s = OutboxSummary {
+            payloads: payloads as u64,
+            records: records as u64,
+            ..Default::default()
+        };
+        if let Some((refused, attempts, status, error)) = head {
+            s.oldest_refused_at = refused;
+            s.attempts = attempts as u64;
+            s.last_status = status;
+            s.last_error = error;
+        }
+        Ok(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn cursor_moves_only_with_its_page() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mode = std::fs::metadata(store.path())
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(store.cursor("s").await.unwrap(), None);
+        store
+            .commit_page(PageCommit {
+                stream: "s".into(),
+                cursor: Some(Some("c1".into())),
+                links: vec![("a".into(), "1".into())],
+                outbox: vec![(b"[1]".to_vec(), 1)],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(store.cursor("s").await.unwrap().as_deref(), Some("c1"));
+        assert_eq!(
+            store
+                .links("s", vec!["a".into(), "b".into()])
+                .await
+                .unwrap(),
+            vec![("a".into(), "1".into())]
+        );
+        let old = store.reset_cursor("s", "test", "because").await.unwrap();
+        assert_eq!(old.as_deref(), Some("c1"));
+        assert_eq!(store.cursor("s").await.unwrap(), None);
+        // The reset keeps links and outbox.
+        assert_eq!(store.links("s", vec!["a".into()]).await.unwrap().len(), 1);
+        assert_eq!(store.outbox_pending("s", 10, false).await.unwrap().len(), 1);
+        let audit = store.audit_rows_sync(10).unwrap();
+        assert_eq!(audit[0].action, "cursor-reset");
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused_with_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Store::open(dir.path()).unwrap());
+        let c = Connection::open(dir.path().join(DB_FILE)).unwrap();
+        c.pragma_update(None, "user_version", 99).unwrap();
+        drop(c);
+        let err = Store::open(dir.path()).err().expect("refused");
+        assert!(err.to_string().contains("newer usher"), "{err}");
+    }
+}
