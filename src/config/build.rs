@@ -316,8 +316,8 @@ fn build_connection(
 ) -> Option<Connection> {
     let scope = format!("connection \"{name}\"");
     let prefix = format!("connections.{name}");
-    let raw: RawConnection = l.table(&scope, &prefix)?;
     let before = l.problems.len();
+    let raw: RawConnection = l.table(&scope, &prefix)?;
     let kind = match raw.kind.as_deref() {
         None => {
             l.problem(
@@ -603,8 +603,8 @@ fn build_stream(
 ) -> Option<StreamSpec> {
     let scope = format!("stream \"{name}\"");
     let prefix = format!("streams.{name}");
-    let raw: RawStream = l.table(&scope, &prefix)?;
     let before = l.problems.len();
+    let raw: RawStream = l.table(&scope, &prefix)?;
     let key = |k: &str| format!("{prefix}.{k}");
 
     let connection = |l: &mut Layers, which: &str, v: &Option<String>| -> Option<Arc<Connection>> {
@@ -622,12 +622,15 @@ fn build_stream(
                 None => {
                     // A connection that exists but failed validation was reported already.
                     if l.figment.find_value(&format!("connections.{c}")).is_err() {
-                        let known: Vec<_> = connections.keys().map(String::as_str).collect();
-                        l.problem(
-                            &scope,
-                            &key(which),
-                            format!("unknown connection {c:?} (defined: {})", known.join(", ")),
-                        );
+                        let known: Vec<String> = l
+                            .figment
+                            .find_value("connections")
+                            .ok()
+                            .and_then(|v| v.into_dict())
+                            .map(|d| d.keys().cloned().collect())
+                            .unwrap_or_default();
+                        let known = if known.is_empty() { "none".to_string() } else { known.join(", ") };
+                        l.problem(&scope, &key(which), format!("unknown connection {c:?} (defined: {known})"));
                     } else {
                         l.problem(
                             &scope,
@@ -764,84 +767,83 @@ fn build_stream(
         }
     }
 
-    let kind = match (&source, &target) {
-        (Some(s), Some(t)) => match (s.kind, t.kind) {
-            (ConnectionKind::Crm, ConnectionKind::Crm) => {
-                let f = raw.feed.as_ref();
-                let feed = FeedOptions {
-                    path: f
-                        .and_then(|f| f.path.clone())
-                        .unwrap_or_else(|| "/api/changes?entity={entity}".into()),
-                    cursor_param: f
-                        .and_then(|f| f.cursor_param.clone())
-                        .unwrap_or_else(|| "cursor".into()),
-                    limit_param: f
-                        .and_then(|f| f.limit_param.clone())
-                        .or_else(|| Some("limit".into())),
-                    items: f
-                        .and_then(|f| f.items.clone())
-                        .unwrap_or_else(|| "items".into()),
-                    next_cursor: f
-                        .and_then(|f| f.next_cursor.clone())
-                        .unwrap_or_else(|| "next".into()),
-                    has_more: f
-                        .and_then(|f| f.has_more.clone())
-                        .unwrap_or_else(|| "has_more".into()),
-                    id: f.and_then(|f| f.id.clone()).unwrap_or_else(|| "id".into()),
-                    changed_at: f
-                        .and_then(|f| f.changed_at.clone())
-                        .unwrap_or_else(|| "updated_at".into()),
-                };
-                let url = match raw.webhook.as_ref().and_then(|w| w.url.clone()) {
-                    Some(u) => u,
-                    None => {
-                        l.problem(
-                            &scope,
-                            &key("webhook.url"),
-                            "missing key `url` (the CRM's webhook URL or path)",
-                        );
-                        String::new()
-                    }
-                };
-                if !url.is_empty() {
-                    let expanded = expand(&url, name, raw.institution.as_deref(), &raw.entity);
-                    if expanded.contains('{') {
-                        l.problem(
-                            &scope,
-                            &key("webhook.url"),
-                            "unknown placeholder (known: {stream}, {institution}, {entity}); {institution} needs `institution`",
-                        );
-                    } else if t.base_url.join(&expanded).is_err() {
-                        l.problem(
-                            &scope,
-                            &key("webhook.url"),
-                            format!("{url:?} is not a URL or path"),
-                        );
-                    }
-                }
-                let accepted_statuses = raw
-                    .webhook
-                    .as_ref()
-                    .and_then(|w| w.accepted_statuses.clone())
-                    .unwrap_or_else(|| vec![200]);
-                if accepted_statuses.iter().any(|s| !(200..300).contains(s))
-                    || accepted_statuses.is_empty()
-                {
-                    l.problem(
-                        &scope,
-                        &key("webhook.accepted_statuses"),
-                        "accepted statuses must be 2xx codes",
-                    );
-                }
-                Some(StreamKind::FeedToWebhook {
-                    feed,
-                    webhook: WebhookOptions {
-                        url,
-                        accepted_statuses,
-                    },
-                })
+    // What the source reads and the target writes, each checked on its own so that a bad
+    // source does not hide the target's problems.
+    let feed = match source.as_ref().map(|s| s.kind) {
+        Some(ConnectionKind::Crm) => {
+            let f = raw.feed.as_ref();
+            Some(FeedOptions {
+                path: f
+                    .and_then(|f| f.path.clone())
+                    .unwrap_or_else(|| "/api/changes?entity={entity}".into()),
+                cursor_param: f.and_then(|f| f.cursor_param.clone()).unwrap_or_else(|| "cursor".into()),
+                limit_param: f.and_then(|f| f.limit_param.clone()).or_else(|| Some("limit".into())),
+                items: f.and_then(|f| f.items.clone()).unwrap_or_else(|| "items".into()),
+                next_cursor: f.and_then(|f| f.next_cursor.clone()).unwrap_or_else(|| "next".into()),
+                has_more: f.and_then(|f| f.has_more.clone()).unwrap_or_else(|| "has_more".into()),
+                id: f.and_then(|f| f.id.clone()).unwrap_or_else(|| "id".into()),
+                changed_at: f.and_then(|f| f.changed_at.clone()).unwrap_or_else(|| "updated_at".into()),
+            })
+        }
+        None => None,
+    };
+    let target_is_webhook = target.as_ref().map(|t| t.kind == ConnectionKind::Crm).unwrap_or_else(|| {
+        // Unknown target: still check the webhook table when the target's kind is written down.
+        raw.target
+            .as_ref()
+            .and_then(|t| l.figment.find_value(&format!("connections.{t}.kind")).ok())
+            .and_then(|v| v.into_string())
+            .is_some_and(|k| k == "crm")
+    });
+    let webhook = if target_is_webhook {
+        let url = match raw.webhook.as_ref().and_then(|w| w.url.clone()) {
+            Some(u) => u,
+            None => {
+                l.problem(&scope, &key("webhook.url"), "missing key `url` (the CRM's webhook URL or path)");
+                String::new()
             }
-        },
+        };
+        if !url.is_empty() {
+            let expanded = expand(&url, name, raw.institution.as_deref(), &raw.entity);
+            if expanded.contains('{') {
+                l.problem(
+                    &scope,
+                    &key("webhook.url"),
+                    "unknown placeholder (known: {stream}, {institution}, {entity}); {institution} needs `institution`",
+                );
+            } else if let Some(t) = &target
+                && t.base_url.join(&expanded).is_err()
+            {
+                l.problem(&scope, &key("webhook.url"), format!("{url:?} is not a URL or path"));
+            }
+        }
+        let accepted_statuses = raw
+            .webhook
+            .as_ref()
+            .and_then(|w| w.accepted_statuses.clone())
+            .unwrap_or_else(|| vec![200]);
+        if accepted_statuses.iter().any(|s| !(200..300).contains(s)) || accepted_statuses.is_empty() {
+            l.problem(&scope, &key("webhook.accepted_statuses"), "accepted statuses must be 2xx codes");
+        }
+        Some(WebhookOptions { url, accepted_statuses })
+    } else {
+        if raw.webhook.is_some() && target.is_some() {
+            l.problem(&scope, &key("webhook"), "`webhook` applies only to a target of kind crm");
+        }
+        None
+    };
+    if raw.feed.is_some() && source.as_ref().is_some_and(|s| s.kind != ConnectionKind::Crm) {
+        l.problem(&scope, &key("feed"), "`feed` applies only to a source of kind crm");
+    }
+    if max_per_payload > max_per_run {
+        l.problem(
+            &scope,
+            &key("max_per_payload"),
+            format!("max_per_payload ({max_per_payload}) is larger than max_per_run ({max_per_run})"),
+        );
+    }
+    let kind = match (feed, webhook) {
+        (Some(feed), Some(webhook)) => Some(StreamKind::FeedToWebhook { feed, webhook }),
         _ => None,
     };
     if raw.entity.is_none() {

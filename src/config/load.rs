@@ -153,7 +153,8 @@ impl Layers {
     }
 
     /// Deserializes the table at `path` into `T`. On failure, each key is tried on its own so
-    /// that every bad key is reported, not only the first. `T`'s fields must all be optional.
+    /// that every bad key is reported, not only the first, and `T` is built from the good
+    /// keys so that the caller's checks go on. `T`'s fields must all be optional.
     pub fn table<T: DeserializeOwned + Default>(&mut self, scope: &str, path: &str) -> Option<T> {
         let value = self.value(path)?;
         self.table_from(scope, path, &value)
@@ -174,24 +175,30 @@ impl Layers {
                     return None;
                 };
                 let before = self.problems.len();
+                let mut good = Dict::new();
                 for (k, v) in dict {
                     let mut single = Dict::new();
                     single.insert(k.clone(), v.clone());
-                    if let Err(err) = Value::Dict(Tag::Default, single).deserialize::<T>() {
-                        for e in err {
-                            let mut key = format!("{path}.{k}");
-                            // serde's path includes the key itself first; keep what is below it.
-                            for part in e.path.iter().skip(1) {
-                                key.push('.');
-                                key.push_str(part);
+                    match Value::Dict(Tag::Default, single).deserialize::<T>() {
+                        Ok(_) => {
+                            good.insert(k.clone(), v.clone());
+                        }
+                        Err(err) => {
+                            for e in err {
+                                let mut key = format!("{path}.{k}");
+                                // serde's path includes the key itself first; keep what is below it.
+                                for part in e.path.iter().skip(1) {
+                                    key.push('.');
+                                    key.push_str(part);
+                                }
+                                if let figment::error::Kind::UnknownField(name, _) = &e.kind
+                                    && !key.ends_with(name.as_str())
+                                {
+                                    key = format!("{key}.{name}");
+                                }
+                                let msg = kind_message(&e);
+                                self.problem(scope, &key, msg);
                             }
-                            if let figment::error::Kind::UnknownField(name, _) = &e.kind
-                                && !key.ends_with(name.as_str())
-                            {
-                                key = format!("{key}.{name}");
-                            }
-                            let msg = kind_message(&e);
-                            self.problem(scope, &key, msg);
                         }
                     }
                 }
@@ -199,7 +206,9 @@ impl Layers {
                     let msg = kind_message(&first);
                     self.problem(scope, path, msg);
                 }
-                None
+                // Go on with the keys that were fine, so that later checks report their
+                // problems too; the problems above already make the load fail.
+                Value::Dict(Tag::Default, good).deserialize::<T>().ok()
             }
         }
     }

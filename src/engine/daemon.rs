@@ -195,8 +195,13 @@ impl Daemon {
                 continue;
             }
             let next = if at_start {
-                let last = self.store.last_run_start(&spec.name).await.ok().flatten();
-                spec.schedule.first_after_start(now, last)
+                let (last, cut_short) = self.store.last_run_start(&spec.name).await.unwrap_or((None, false));
+                if cut_short {
+                    // The last run was stopped or killed before it finished: finish the job now.
+                    now
+                } else {
+                    spec.schedule.first_after_start(now, last)
+                }
             } else {
                 spec.schedule.next_after(now)
             };

@@ -488,7 +488,9 @@ impl Store {
         .await
     }
 
-    pub async fn last_run_start(&self, stream: &str) -> Result<Option<DateTime<Utc>>> {
+    /// The start of the last scheduled run, and whether the last run of any kind was cut
+    /// short (stopped by shutdown or interrupted by a crash), for the catch-up at start.
+    pub async fn last_run_start(&self, stream: &str) -> Result<(Option<DateTime<Utc>>, bool)> {
         let stream = stream.to_string();
         self.call(move |c| {
             let s: Option<String> = c
@@ -498,7 +500,15 @@ impl Store {
                     |r| r.get(0),
                 )
                 .optional()?;
-            Ok(s.as_deref().and_then(parse_ts))
+            let outcome: Option<String> = c
+                .query_row(
+                    "SELECT outcome FROM runs WHERE stream = ?1 ORDER BY id DESC LIMIT 1",
+                    params![stream],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let cut_short = matches!(outcome.as_deref(), Some("stopped") | Some("interrupted"));
+            Ok((s.as_deref().and_then(parse_ts), cut_short))
         })
         .await
     }

@@ -1,0 +1,260 @@
+//! Test harness: temporary config and state folders, the real `usher` binary as a child
+//! process (with a NOTIFY_SOCKET the test owns, so READY=1 is observed as systemd would),
+//! signals, and polling helpers. The fakes run in the test process (usher::sandbox).
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::io::Read;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_usher")
+}
+
+/// A config folder (with `usher.toml`, `usher.d/`, secrets) and a state folder.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+}
+
+impl Env {
+    pub fn new() -> Env {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::create_dir_all(dir.path().join("etc/usher.d")).unwrap();
+        std::fs::create_dir_all(dir.path().join("state")).unwrap();
+        Env { dir }
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("etc/usher.toml")
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.state_dir().join("usher.db")
+    }
+
+    /// Writes the main config; `[daemon] state_dir` is added when the text has no
+    /// `[daemon]` table.
+    pub fn write_config(&self, toml: &str) {
+        let mut text = toml.to_string();
+        if !text.contains("[daemon]") {
+            text = format!(
+                "[daemon]\nstate_dir = {:?}\ncontrol_poll = \"500ms\"\nshutdown_timeout = \"20s\"\n\n{text}",
+                self.state_dir().display().to_string()
+            );
+        }
+        std::fs::write(self.config_path(), text).unwrap();
+    }
+
+    pub fn write_dropin(&self, name: &str, toml: &str) {
+        std::fs::write(self.dir.path().join("etc/usher.d").join(name), toml).unwrap();
+    }
+
+    /// Writes a secret file beside the config and returns its path.
+    pub fn write_secret(&self, name: &str, value: &str) -> PathBuf {
+        let p = self.dir.path().join("etc").join(name);
+        std::fs::write(&p, format!("{value}\n")).unwrap();
+        p
+    }
+
+    /// Runs a CLI command to completion.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        let out = Command::new(bin())
+            .arg("--config")
+            .arg(self.config_path())
+            .args(args)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run usher");
+        out
+    }
+
+    pub fn spawn_daemon(&self) -> Daemon {
+        self.spawn_daemon_with(&[], &[])
+    }
+
+    pub fn spawn_daemon_with(&self, extra_args: &[&str], env: &[(&str, &str)]) -> Daemon {
+        let sock_path = self.dir.path().join(format!("notify-{}.sock", rand_suffix()));
+        let notify = UnixDatagram::bind(&sock_path).expect("bind notify socket");
+        notify.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        let log_path = self.dir.path().join(format!("daemon-{}.log", rand_suffix()));
+        let log = std::fs::File::create(&log_path).unwrap();
+        let mut cmd = Command::new(bin());
+        cmd.arg("--config")
+            .arg(self.config_path())
+            .arg("--log-format")
+            .arg("json")
+            .args(extra_args)
+            .arg("run")
+            .env("NOTIFY_SOCKET", &sock_path)
+            .env("RUST_LOG", "usher=debug,info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn usher run");
+        Daemon {
+            child,
+            notify,
+            log_path,
+            started: Instant::now(),
+        }
+    }
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::SeqCst) * 1000 + std::process::id() as u64 % 1000
+}
+
+pub struct Daemon {
+    pub child: Child,
+    notify: UnixDatagram,
+    pub log_path: PathBuf,
+    pub started: Instant,
+}
+
+impl Daemon {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for a notify message containing `what` (e.g. "READY=1").
+    pub fn wait_notify(&self, what: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut buf = [0u8; 4096];
+        while Instant::now() < deadline {
+            if let Ok(n) = self.notify.recv(&mut buf) {
+                if String::from_utf8_lossy(&buf[..n]).contains(what) {
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
+    /// Waits for READY=1 and returns the time from spawn to it.
+    pub fn wait_ready(&self) -> Duration {
+        assert!(
+            self.wait_notify("READY=1", Duration::from_secs(30)),
+            "the daemon did not become ready; log:\n{}",
+            self.log()
+        );
+        self.started.elapsed()
+    }
+
+    pub fn signal(&self, sig: rustix::process::Signal) {
+        let pid = rustix::process::Pid::from_raw(self.pid() as i32).unwrap();
+        let _ = rustix::process::kill_process(pid, sig);
+    }
+
+    pub fn kill9(&mut self) {
+        self.signal(rustix::process::Signal::KILL);
+        let _ = self.child.wait();
+    }
+
+    /// Waits for the process to exit; returns its exit code (None = killed by a signal).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<Option<i32>> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status.code());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    pub fn log(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.log_path) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    /// Waits until the log contains `needle`.
+    pub fn wait_log(&self, needle: &str, timeout: Duration) -> bool {
+        wait_until(timeout, || self.log().contains(needle))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Polls `cond` every 20 ms until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Opens the state database read-only for assertions.
+pub fn db(path: &Path) -> rusqlite::Connection {
+    let c = rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+    c.busy_timeout(Duration::from_secs(10)).unwrap();
+    c
+}
+
+pub fn query_i64(path: &Path, sql: &str) -> i64 {
+    db(path).query_row(sql, [], |r| r.get(0)).unwrap()
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+/// The common config of the CRM feed → webhook stream against a sandbox at `base`.
+pub fn crm_stream_config(base: &str, every: &str, max_per_run: u32, max_per_payload: u32) -> String {
+    format!(
+        r#"
+[connections.crm]
+kind = "crm"
+base_url = "{base}/crm"
+max_retries = 3
+
+[connections.hub]
+kind = "crm"
+base_url = "{base}/crm"
+
+[streams.contacts]
+source = "crm"
+entity = "contact"
+target = "hub"
+every = "{every}"
+jitter = "0s"
+page_size = 50
+max_per_run = {max_per_run}
+max_per_payload = {max_per_payload}
+
+[streams.contacts.webhook]
+url = "/hooks/contacts"
+"#
+    )
+}
