@@ -331,6 +331,12 @@ impl Http {
         }
     }
 
+    /// Calls left in each connection's rate window (None: no limit).
+    pub fn budgets_remaining(&self) -> std::collections::BTreeMap<String, Option<u32>> {
+        let b = self.budgets.lock().unwrap_or_else(|p| p.into_inner());
+        b.iter().map(|(k, v)| (k.clone(), v.remaining())).collect()
+    }
+
     fn budget(&self, conn: &str, limit: Option<RateLimit>) -> Arc<Budget> {
         let mut b = self.budgets.lock().unwrap_or_else(|p| p.into_inner());
         let budget = b
@@ -490,6 +496,7 @@ impl Endpoint {
                         tracing::info!(connection = %self.name, call = %what, status = code, wait_ms = wait.as_millis() as u64, "rate limited; waiting as asked");
                         rate_waited += wait;
                         failures += 1;
+                        crate::metrics::METRICS.retried(&self.name);
                         self.budget.block_for(wait);
                         continue;
                     }
@@ -500,6 +507,7 @@ impl Endpoint {
                         let wait = backoff(failures);
                         tracing::warn!(connection = %self.name, call = %what, status = code, attempt = attempts, wait_ms = wait.as_millis() as u64, "server error; retrying");
                         failures += 1;
+                        crate::metrics::METRICS.retried(&self.name);
                         if self.pause(wait, cancel).await.is_err() {
                             return Err(HttpError::Cancelled { what });
                         }
@@ -517,6 +525,7 @@ impl Endpoint {
                         let wait = backoff(failures);
                         tracing::warn!(connection = %self.name, call = %what, error = %kind, attempt = attempts, wait_ms = wait.as_millis() as u64, "transport error; retrying");
                         failures += 1;
+                        crate::metrics::METRICS.retried(&self.name);
                         if self.pause(wait, cancel).await.is_err() {
                             return Err(HttpError::Cancelled { what });
                         }

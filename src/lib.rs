@@ -19,6 +19,7 @@ pub mod engine;
 pub mod http;
 pub mod logging;
 pub mod mapping;
+pub mod metrics;
 pub mod sandbox;
 pub mod schedule;
 pub mod secret;

@@ -53,90 +53,167 @@ pub fn collect(
     })
 }
 
-pub fn print_text(s: &Status, out: &mut impl Write) -> std::io::Result<()> {
+/// A compact time for the table: "2026-12-01 17:05:03" (UTC).
+fn short_time(ts: &str) -> String {
+    crate::store::parse_ts(ts)
+        .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+        .unwrap_or_else(|| ts.to_string())
+}
+
+fn clip(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        let mut t: String = s.chars().take(n.saturating_sub(1)).collect();
+        t.push('…');
+        t
+    }
+}
+
+/// The table a person reads at a glance; colour only when `colour` (a terminal).
+pub fn print_text(s: &Status, out: &mut impl Write, colour: bool) -> std::io::Result<()> {
+    let paint = |text: String, code: &str| -> String {
+        if colour {
+            format!("\x1b[{code}m{text}\x1b[0m")
+        } else {
+            text
+        }
+    };
     match s.daemon_pid {
         Some(pid) => writeln!(
             out,
-            "daemon      running (pid {pid}), state in {}",
+            "daemon: {} (pid {pid}), state in {}",
+            paint("running".into(), "32"),
             s.state_dir
         )?,
-        None => writeln!(out, "daemon      not running, state in {}", s.state_dir)?,
+        None => writeln!(
+            out,
+            "daemon: {}, state in {}",
+            paint("not running".into(), "33"),
+            s.state_dir
+        )?,
     }
+    let header = [
+        "STREAM",
+        "STATE",
+        "SCHEDULE",
+        "LAST RUN (UTC)",
+        "OUTCOME",
+        "PULLED",
+        "WRITTEN",
+        "SKIPPED",
+        "DEAD",
+        "OUTBOX",
+        "NEXT RUN (UTC)",
+        "CURSOR",
+    ];
+    let mut rows: Vec<Vec<String>> = Vec::new();
+    let mut notes: Vec<String> = Vec::new();
     for st in &s.streams {
-        writeln!(out)?;
-        writeln!(
-            out,
-            "{}  {}  {}  {} -> {}",
-            st.stream,
-            if st.enabled { "enabled" } else { "disabled" },
-            st.schedule,
-            st.source,
-            st.target
-        )?;
-        let Some(state) = &st.state else {
-            writeln!(out, "  no state yet")?;
-            continue;
-        };
-        match &state.last_run {
-            Some(r) => {
-                let c = r.counts;
-                writeln!(
-                    out,
-                    "  last run    {} {} ({}): pulled {}, created {}, updated {}, skipped {}, failed {}, queued {}",
-                    r.started_at,
-                    r.outcome,
-                    r.trigger,
-                    c.pulled,
-                    c.created,
-                    c.updated,
-                    c.skipped,
-                    c.failed,
-                    c.queued
-                )?;
-            }
-            None => writeln!(out, "  last run    never")?,
-        }
-        writeln!(
-            out,
-            "  next run    {}",
-            state.next_run_at.as_deref().unwrap_or(if st.enabled {
-                "when the daemon runs"
+        let state = st.state.as_ref();
+        let last = state.and_then(|x| x.last_run.as_ref());
+        let outbox = state.map(|x| &x.outbox);
+        rows.push(vec![
+            st.stream.clone(),
+            if st.enabled {
+                "enabled".into()
             } else {
-                "-"
-            })
-        )?;
-        writeln!(
-            out,
-            "  cursor      {}",
+                "disabled".into()
+            },
+            clip(&st.schedule, 28),
+            last.map(|r| short_time(&r.started_at))
+                .unwrap_or_else(|| "never".into()),
+            last.map(|r| r.outcome.clone())
+                .unwrap_or_else(|| "-".into()),
+            last.map(|r| r.counts.pulled.to_string())
+                .unwrap_or_else(|| "-".into()),
+            last.map(|r| (r.counts.created + r.counts.updated).to_string())
+                .unwrap_or_else(|| "-".into()),
+            last.map(|r| r.counts.skipped.to_string())
+                .unwrap_or_else(|| "-".into()),
             state
-                .cursor
-                .as_deref()
-                .map(|c| format!("{c:?}"))
-                .unwrap_or_else(|| "at the start".into())
-        )?;
-        let o = &state.outbox;
-        if o.payloads == 0 {
-            writeln!(out, "  outbox      empty")?;
-        } else {
-            write!(
-                out,
-                "  outbox      {} payloads, {} records",
-                o.payloads, o.records
-            )?;
-            if let Some(since) = &o.oldest_refused_at {
-                write!(
-                    out,
-                    "; the first refused {} times since {since} (last: {})",
-                    o.attempts,
-                    o.last_error.as_deref().unwrap_or("-")
-                )?;
-            }
-            writeln!(out)?;
+                .map(|x| x.dead_letters.to_string())
+                .unwrap_or_else(|| "0".into()),
+            outbox
+                .map(|o| {
+                    if o.payloads == 0 {
+                        "0".to_string()
+                    } else {
+                        format!("{} ({} rec)", o.payloads, o.records)
+                    }
+                })
+                .unwrap_or_else(|| "0".into()),
+            state
+                .and_then(|x| x.next_run_at.as_deref())
+                .map(short_time)
+                .unwrap_or_else(|| "-".into()),
+            state
+                .and_then(|x| x.cursor.as_deref())
+                .map(|c| clip(c, 24))
+                .unwrap_or_else(|| "(start)".into()),
+        ]);
+        if let Some(o) = outbox
+            && let Some(since) = &o.oldest_refused_at
+        {
+            notes.push(format!(
+                "{}: the first outbox payload was refused {} times since {} (last: {}); it is sent again first at each execution",
+                st.stream,
+                o.attempts,
+                short_time(since),
+                o.last_error.as_deref().unwrap_or("-")
+            ));
         }
-        writeln!(out, "  links       {}", state.links)?;
-        writeln!(out, "  dead        {}", state.dead_letters)?;
-        if let Some(e) = &state.last_error {
-            writeln!(out, "  last error  {e}")?;
+        if let Some(r) = last
+            && r.outcome != "ok"
+            && let Some(e) = &r.error
+        {
+            notes.push(format!("{}: {}", st.stream, e));
+        }
+    }
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| -> String {
+        cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c}{}", " ".repeat(widths[i] - c.chars().count())))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    writeln!(out)?;
+    writeln!(
+        out,
+        "{}",
+        paint(line(header.iter().map(|h| h.to_string()).collect()), "1")
+    )?;
+    for r in rows {
+        let outcome = r[4].clone();
+        let mut text = line(r);
+        if colour {
+            let code = match outcome.as_str() {
+                "ok" => "32",
+                "failed" | "interrupted" => "31",
+                "refused" | "stopped" => "33",
+                _ => "0",
+            };
+            text = text.replacen(
+                &format!(" {outcome} "),
+                &format!(" \x1b[{code}m{outcome}\x1b[0m "),
+                1,
+            );
+        }
+        writeln!(out, "{text}")?;
+    }
+    if !notes.is_empty() {
+        writeln!(out)?;
+        for n in notes {
+            writeln!(out, "{} {n}", paint("!".into(), "31"))?;
         }
     }
     Ok(())

@@ -74,6 +74,11 @@ pub enum Command {
     },
     /// Run a stream now (through the daemon when one runs, else in this process).
     Trigger { stream: String },
+    /// List, retry or drop the records a stream set aside.
+    DeadLetters {
+        #[command(subcommand)]
+        action: DeadLetterAction,
+    },
     /// Run every stream of config/demo.toml once against the bundled fakes.
     Demo {
         /// The demo configuration.
@@ -89,6 +94,32 @@ pub enum Command {
         listen: std::net::SocketAddr,
         #[arg(long, default_value_t = 1000)]
         contacts: u64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DeadLetterAction {
+    /// Show the stream's dead letters with their reasons.
+    List {
+        stream: String,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put dead letters through the stream again at its next run (all, or one by --id).
+    Retry {
+        stream: String,
+        #[arg(long)]
+        id: Option<i64>,
+    },
+    /// Delete dead letters for good (all, with --all, or one by --id).
+    Drop {
+        stream: String,
+        #[arg(long, conflicts_with = "all", required_unless_present = "all")]
+        id: Option<i64>,
+        #[arg(long)]
+        all: bool,
     },
 }
 
@@ -128,6 +159,7 @@ pub fn main() -> i32 {
             CursorAction::Show { stream } => ops::cursor_show(source, &stream),
             CursorAction::Reset { stream } => ops::cursor_reset(source, &stream),
         },
+        Command::DeadLetters { action } => ops::dead_letters(source, action),
         Command::Trigger { stream } => runtime.block_on(ops::trigger(source, &stream)),
         Command::Demo {
             demo_config,

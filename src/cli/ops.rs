@@ -117,7 +117,11 @@ pub fn status(source: config::Source, json: bool) -> i32 {
             .map_err(std::io::Error::other)
             .and_then(|_| std::io::Write::write_all(&mut out, b"\n"))
     } else {
-        crate::status::print_text(&status, &mut out)
+        crate::status::print_text(
+            &status,
+            &mut out,
+            std::io::IsTerminal::is_terminal(&std::io::stdout()),
+        )
     };
     if r.is_err() { EX_FAIL } else { EX_OK }
 }
@@ -309,5 +313,88 @@ pub async fn trigger(source: config::Source, stream: &str) -> i32 {
         EX_OK
     } else {
         EX_FAIL
+    }
+}
+
+pub fn dead_letters(source: config::Source, action: super::DeadLetterAction) -> i32 {
+    use super::DeadLetterAction as A;
+    let config = match load(&source) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let stream = match &action {
+        A::List { stream, .. } | A::Retry { stream, .. } | A::Drop { stream, .. } => stream.clone(),
+    };
+    if let Err(code) = known_stream(&config, &stream) {
+        return code;
+    }
+    let store = match Store::open_existing(&config.daemon.state_dir) {
+        Ok(Some(s)) => s,
+        Ok(None) => {
+            println!("{stream}: no dead letters (nothing recorded yet)");
+            return EX_OK;
+        }
+        Err(e) => return store_error(&e),
+    };
+    match action {
+        A::List { limit, json, .. } => {
+            let rows = match store.dead_letters_sync(&stream, limit) {
+                Ok(r) => r,
+                Err(e) => return store_error(&e),
+            };
+            if json {
+                let v: Vec<_> = rows
+                    .iter()
+                    .map(|(id, d, at)| {
+                        serde_json::json!({"id": id, "source_id": d.source_id, "reason": d.reason, "created_at": at,
+                            "record": serde_json::from_str::<serde_json::Value>(&d.record).unwrap_or_default()})
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            } else if rows.is_empty() {
+                println!("{stream}: no dead letters");
+            } else {
+                for (id, d, at) in rows {
+                    println!(
+                        "{id}\t{at}\t{}\t{}",
+                        d.source_id.as_deref().unwrap_or("-"),
+                        d.reason
+                    );
+                }
+            }
+            EX_OK
+        }
+        A::Retry { id, .. } => {
+            if !config.streams[&stream].kind.retries_dead_letters() {
+                eprintln!(
+                    "usher: stream {stream:?} cannot put dead letters through again; fix the cause and reset its cursor to re-import (no duplicates)"
+                );
+                return EX_FAIL;
+            }
+            match store.dead_letters_retry_sync(
+                &stream,
+                id,
+                &control::cli_actor("dead-letters retry"),
+            ) {
+                Ok(n) => {
+                    println!(
+                        "{stream}: {n} dead letter(s) go through again at the next run (`usher trigger {stream}` to run now)"
+                    );
+                    EX_OK
+                }
+                Err(e) => store_error(&e),
+            }
+        }
+        A::Drop { id, .. } => match store.dead_letters_drop_sync(
+            &stream,
+            id,
+            &control::cli_actor("dead-letters drop"),
+        ) {
+            Ok(n) => {
+                println!("{stream}: {n} dead letter(s) dropped");
+                EX_OK
+            }
+            Err(e) => store_error(&e),
+        },
     }
 }

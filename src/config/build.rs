@@ -16,7 +16,7 @@ use crate::mapping::Mapping;
 use crate::schedule::{Schedule, parse_duration, parse_tz};
 use crate::secret::Secret;
 
-const TOP_LEVEL: &[&str] = &["daemon", "log", "connections", "streams"];
+const TOP_LEVEL: &[&str] = &["daemon", "log", "metrics", "connections", "streams"];
 
 pub(super) fn build(source: &Source, extra: Option<Figment>) -> Result<Config, Vec<Problem>> {
     let mut l = layers(&source.main_file, source.env_overrides);
@@ -43,6 +43,7 @@ pub(super) fn build(source: &Source, extra: Option<Figment>) -> Result<Config, V
 
     let daemon = build_daemon(&mut l, source);
     let log = build_log(&mut l);
+    let metrics_listen = build_metrics(&mut l);
 
     let mut connections = BTreeMap::new();
     for name in names(&mut l, "connections") {
@@ -62,6 +63,7 @@ pub(super) fn build(source: &Source, extra: Option<Figment>) -> Result<Config, V
     if l.problems.is_empty() {
         Ok(Config {
             daemon,
+            metrics_listen,
             log,
             connections,
             streams,
@@ -151,10 +153,56 @@ fn build_daemon(l: &mut Layers, source: &Source) -> DaemonSettings {
         raw.shutdown_timeout.as_ref(),
         Duration::from_secs(60),
     );
+    let max_concurrent_runs = match raw.max_concurrent_runs {
+        None => 16,
+        Some(n) if (1..=1024).contains(&n) => n,
+        Some(n) => {
+            l.problem(
+                "daemon",
+                "daemon.max_concurrent_runs",
+                format!("{n} is out of range (1 to 1024)"),
+            );
+            16
+        }
+    };
+    let health_failures = match raw.health_failures {
+        None => 3,
+        Some(0) => {
+            l.problem("daemon", "daemon.health_failures", "must be at least 1");
+            3
+        }
+        Some(n) => n,
+    };
     DaemonSettings {
         state_dir,
         control_poll,
         shutdown_timeout,
+        max_concurrent_runs,
+        health_failures,
+    }
+}
+
+fn build_metrics(l: &mut Layers) -> Option<std::net::SocketAddr> {
+    let raw: RawMetrics = l.table("metrics", "metrics").unwrap_or_default();
+    let text = raw.listen?;
+    match text.parse::<std::net::SocketAddr>() {
+        Ok(a) if a.ip().is_loopback() => Some(a),
+        Ok(_) => {
+            l.problem(
+                "metrics",
+                "metrics.listen",
+                format!("{text:?} is not a loopback address (metrics are served on 127.0.0.1 or [::1] only)"),
+            );
+            None
+        }
+        Err(_) => {
+            l.problem(
+                "metrics",
+                "metrics.listen",
+                format!("{text:?} is not an address such as \"127.0.0.1:9187\""),
+            );
+            None
+        }
     }
 }
 
@@ -629,8 +677,16 @@ fn build_stream(
                             .and_then(|v| v.into_dict())
                             .map(|d| d.keys().cloned().collect())
                             .unwrap_or_default();
-                        let known = if known.is_empty() { "none".to_string() } else { known.join(", ") };
-                        l.problem(&scope, &key(which), format!("unknown connection {c:?} (defined: {known})"));
+                        let known = if known.is_empty() {
+                            "none".to_string()
+                        } else {
+                            known.join(", ")
+                        };
+                        l.problem(
+                            &scope,
+                            &key(which),
+                            format!("unknown connection {c:?} (defined: {known})"),
+                        );
                     } else {
                         l.problem(
                             &scope,
@@ -776,30 +832,49 @@ fn build_stream(
                 path: f
                     .and_then(|f| f.path.clone())
                     .unwrap_or_else(|| "/api/changes?entity={entity}".into()),
-                cursor_param: f.and_then(|f| f.cursor_param.clone()).unwrap_or_else(|| "cursor".into()),
-                limit_param: f.and_then(|f| f.limit_param.clone()).or_else(|| Some("limit".into())),
-                items: f.and_then(|f| f.items.clone()).unwrap_or_else(|| "items".into()),
-                next_cursor: f.and_then(|f| f.next_cursor.clone()).unwrap_or_else(|| "next".into()),
-                has_more: f.and_then(|f| f.has_more.clone()).unwrap_or_else(|| "has_more".into()),
+                cursor_param: f
+                    .and_then(|f| f.cursor_param.clone())
+                    .unwrap_or_else(|| "cursor".into()),
+                limit_param: f
+                    .and_then(|f| f.limit_param.clone())
+                    .or_else(|| Some("limit".into())),
+                items: f
+                    .and_then(|f| f.items.clone())
+                    .unwrap_or_else(|| "items".into()),
+                next_cursor: f
+                    .and_then(|f| f.next_cursor.clone())
+                    .unwrap_or_else(|| "next".into()),
+                has_more: f
+                    .and_then(|f| f.has_more.clone())
+                    .unwrap_or_else(|| "has_more".into()),
                 id: f.and_then(|f| f.id.clone()).unwrap_or_else(|| "id".into()),
-                changed_at: f.and_then(|f| f.changed_at.clone()).unwrap_or_else(|| "updated_at".into()),
+                changed_at: f
+                    .and_then(|f| f.changed_at.clone())
+                    .unwrap_or_else(|| "updated_at".into()),
             })
         }
         None => None,
     };
-    let target_is_webhook = target.as_ref().map(|t| t.kind == ConnectionKind::Crm).unwrap_or_else(|| {
-        // Unknown target: still check the webhook table when the target's kind is written down.
-        raw.target
-            .as_ref()
-            .and_then(|t| l.figment.find_value(&format!("connections.{t}.kind")).ok())
-            .and_then(|v| v.into_string())
-            .is_some_and(|k| k == "crm")
-    });
+    let target_is_webhook = target
+        .as_ref()
+        .map(|t| t.kind == ConnectionKind::Crm)
+        .unwrap_or_else(|| {
+            // Unknown target: still check the webhook table when the target's kind is written down.
+            raw.target
+                .as_ref()
+                .and_then(|t| l.figment.find_value(&format!("connections.{t}.kind")).ok())
+                .and_then(|v| v.into_string())
+                .is_some_and(|k| k == "crm")
+        });
     let webhook = if target_is_webhook {
         let url = match raw.webhook.as_ref().and_then(|w| w.url.clone()) {
             Some(u) => u,
             None => {
-                l.problem(&scope, &key("webhook.url"), "missing key `url` (the CRM's webhook URL or path)");
+                l.problem(
+                    &scope,
+                    &key("webhook.url"),
+                    "missing key `url` (the CRM's webhook URL or path)",
+                );
                 String::new()
             }
         };
@@ -814,7 +889,11 @@ fn build_stream(
             } else if let Some(t) = &target
                 && t.base_url.join(&expanded).is_err()
             {
-                l.problem(&scope, &key("webhook.url"), format!("{url:?} is not a URL or path"));
+                l.problem(
+                    &scope,
+                    &key("webhook.url"),
+                    format!("{url:?} is not a URL or path"),
+                );
             }
         }
         let accepted_statuses = raw
@@ -822,24 +901,46 @@ fn build_stream(
             .as_ref()
             .and_then(|w| w.accepted_statuses.clone())
             .unwrap_or_else(|| vec![200]);
-        if accepted_statuses.iter().any(|s| !(200..300).contains(s)) || accepted_statuses.is_empty() {
-            l.problem(&scope, &key("webhook.accepted_statuses"), "accepted statuses must be 2xx codes");
+        if accepted_statuses.iter().any(|s| !(200..300).contains(s)) || accepted_statuses.is_empty()
+        {
+            l.problem(
+                &scope,
+                &key("webhook.accepted_statuses"),
+                "accepted statuses must be 2xx codes",
+            );
         }
-        Some(WebhookOptions { url, accepted_statuses })
+        Some(WebhookOptions {
+            url,
+            accepted_statuses,
+        })
     } else {
         if raw.webhook.is_some() && target.is_some() {
-            l.problem(&scope, &key("webhook"), "`webhook` applies only to a target of kind crm");
+            l.problem(
+                &scope,
+                &key("webhook"),
+                "`webhook` applies only to a target of kind crm",
+            );
         }
         None
     };
-    if raw.feed.is_some() && source.as_ref().is_some_and(|s| s.kind != ConnectionKind::Crm) {
-        l.problem(&scope, &key("feed"), "`feed` applies only to a source of kind crm");
+    if raw.feed.is_some()
+        && source
+            .as_ref()
+            .is_some_and(|s| s.kind != ConnectionKind::Crm)
+    {
+        l.problem(
+            &scope,
+            &key("feed"),
+            "`feed` applies only to a source of kind crm",
+        );
     }
     if max_per_payload > max_per_run {
         l.problem(
             &scope,
             &key("max_per_payload"),
-            format!("max_per_payload ({max_per_payload}) is larger than max_per_run ({max_per_run})"),
+            format!(
+                "max_per_payload ({max_per_payload}) is larger than max_per_run ({max_per_run})"
+            ),
         );
     }
     let kind = match (feed, webhook) {

@@ -29,6 +29,8 @@ pub const DEFAULT_CONFIG: &str = "/etc/usher/usher.toml";
 #[derive(Debug, Clone)]
 pub struct Config {
     pub daemon: DaemonSettings,
+    /// Where /metrics and /healthz listen (loopback only); None = off.
+    pub metrics_listen: Option<std::net::SocketAddr>,
     pub log: LogSettings,
     pub connections: BTreeMap<String, Arc<Connection>>,
     pub streams: BTreeMap<String, Arc<StreamSpec>>,
@@ -43,6 +45,8 @@ pub struct DaemonSettings {
     pub state_dir: PathBuf,
     pub control_poll: Duration,
     pub shutdown_timeout: Duration,
+    pub max_concurrent_runs: u32,
+    pub health_failures: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,6 +161,13 @@ pub enum StreamKind {
         feed: FeedOptions,
         webhook: WebhookOptions,
     },
+}
+
+impl StreamKind {
+    /// Whether `usher dead-letters retry` can put this stream's dead letters through again.
+    pub fn retries_dead_letters(&self) -> bool {
+        matches!(self, StreamKind::FeedToWebhook { .. })
+    }
 }
 
 #[derive(Debug, Clone)]

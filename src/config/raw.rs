@@ -18,6 +18,17 @@ pub struct RawDaemon {
     pub control_poll: Option<String>,
     /// How long SIGTERM waits for runs to reach a committed point.
     pub shutdown_timeout: Option<String>,
+    /// How many runs may go at once (the rest wait their turn).
+    pub max_concurrent_runs: Option<u32>,
+    /// Consecutive failed runs of a stream before /healthz says unhealthy.
+    pub health_failures: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMetrics {
+    /// Loopback address for /metrics and /healthz; absent = off.
+    pub listen: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

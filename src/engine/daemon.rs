@@ -63,6 +63,10 @@ pub struct Daemon {
     tracker: TaskTracker,
     /// Control files being acted on (so that a poll does not pick them up twice).
     in_progress: HashSet<PathBuf>,
+    /// Caps how many runs go at once; the others wait for a permit.
+    permits: Arc<tokio::sync::Semaphore>,
+    /// The configuration as /metrics and /healthz see it (updated on reload).
+    shared: Arc<std::sync::RwLock<Arc<Config>>>,
     _lock: StateLock,
 }
 
@@ -80,9 +84,15 @@ pub async fn run(
     let mut signals = signal_hook_tokio::Signals::new([SIGHUP, SIGTERM, SIGINT, SIGUSR1])?;
     let state_dir = config.daemon.state_dir.clone();
     control::ensure_dir(&state_dir)?;
+    let permits = Arc::new(tokio::sync::Semaphore::new(
+        config.daemon.max_concurrent_runs as usize,
+    ));
+    let config = Arc::new(config);
     let mut d = Daemon {
         source,
-        config: Arc::new(config),
+        permits,
+        shared: Arc::new(std::sync::RwLock::new(config.clone())),
+        config,
         store,
         http: Http::new(),
         slots: HashMap::new(),
@@ -102,6 +112,20 @@ pub async fn run(
             "closed runs left unfinished by a previous daemon"
         );
     }
+    crate::metrics::METRICS.beat();
+    if let Some(addr) = d.config.metrics_listen {
+        let state = super::health::HealthState {
+            store: d.store.clone(),
+            http: d.http.clone(),
+            config: d.shared.clone(),
+        };
+        match super::health::serve(addr, state, d.shutdown.clone()).await {
+            Ok(bound) => {
+                tracing::info!(address = %bound, "metrics and health on /metrics and /healthz")
+            }
+            Err(e) => anyhow::bail!("cannot listen for metrics on {addr}: {e}"),
+        }
+    }
     d.arm_all(true).await;
     d.process_control();
 
@@ -118,6 +142,7 @@ pub async fn run(
     let mut watchdog_tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
     let mut control_tick = tokio::time::interval(d.config.daemon.control_poll);
     control_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
 
     loop {
         tokio::select! {
@@ -144,6 +169,7 @@ pub async fn run(
                 }
             },
             _ = control_tick.tick() => d.process_control(),
+            _ = heartbeat.tick() => crate::metrics::METRICS.beat(),
             _ = watchdog_tick.tick() => {
                 if watchdog.is_some() {
                     let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
@@ -180,42 +206,63 @@ impl Daemon {
     }
 
     /// (Re-)arms every enabled stream's next firing. At start, a firing missed while the
-    /// daemon was down runs now, once.
+    /// daemon was down runs now, once. One read and one write of the database for all
+    /// streams, so that start and reload stay fast with thousands of streams.
     async fn arm_all(&mut self, at_start: bool) {
         self.generation += 1;
         for (_, id) in self.jobs.drain() {
             let _ = self.sched.remove(&id).await;
         }
         let now = Utc::now();
+        let inputs = if at_start {
+            match self.store.schedule_inputs().await {
+                Ok(i) => i,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the last runs; scheduling from now");
+                    Default::default()
+                }
+            }
+        } else {
+            Default::default()
+        };
         let streams: Vec<_> = self.config.streams.values().cloned().collect();
+        let mut next_runs = Vec::with_capacity(streams.len());
         for spec in streams {
             self.slot(&spec.name);
             if !spec.enabled {
-                let _ = self.store.set_next_run(&spec.name, None).await;
+                next_runs.push((spec.name.clone(), None));
                 continue;
             }
-            let next = if at_start {
-                let (last, cut_short) = self.store.last_run_start(&spec.name).await.unwrap_or((None, false));
-                if cut_short {
+            let mut next = if at_start {
+                match inputs.get(&spec.name) {
                     // The last run was stopped or killed before it finished: finish the job now.
-                    now
-                } else {
-                    spec.schedule.first_after_start(now, last)
+                    Some((_, true)) => now,
+                    Some((last, false)) => spec.schedule.first_after_start(now, *last),
+                    None => spec.schedule.first_after_start(now, None),
                 }
             } else {
                 spec.schedule.next_after(now)
             };
             if next <= now {
                 self.start_run(&spec.name, "schedule");
-                let after = spec.schedule.next_after(now);
-                self.arm(&spec.name, after).await;
-            } else {
-                self.arm(&spec.name, next).await;
+                next = spec.schedule.next_after(now);
             }
+            self.arm_job(&spec.name, next).await;
+            next_runs.push((spec.name.clone(), Some(next)));
+        }
+        if let Err(e) = self.store.set_next_runs(next_runs).await {
+            tracing::warn!(error = %e, "cannot record the next run times");
         }
     }
 
     async fn arm(&mut self, stream: &str, at: chrono::DateTime<Utc>) {
+        self.arm_job(stream, at).await;
+        if let Err(e) = self.store.set_next_run(stream, Some(at)).await {
+            tracing::warn!(stream, error = %e, "cannot record the next run time");
+        }
+    }
+
+    async fn arm_job(&mut self, stream: &str, at: chrono::DateTime<Utc>) {
         let delay = (at - Utc::now()).to_std().unwrap_or(Duration::ZERO);
         let tx = self.events.clone();
         let name = stream.to_string();
@@ -235,9 +282,6 @@ impl Daemon {
                 Err(e) => tracing::error!(stream, error = %e, "cannot arm the schedule"),
             },
             Err(e) => tracing::error!(stream, error = %e, "cannot arm the schedule"),
-        }
-        if let Err(e) = self.store.set_next_run(stream, Some(at)).await {
-            tracing::warn!(stream, error = %e, "cannot record the next run time");
         }
     }
 
@@ -285,8 +329,16 @@ impl Daemon {
         };
         let tx = self.events.clone();
         let name = stream.to_string();
+        let permits = self.permits.clone();
         self.tracker.spawn(async move {
-            run_stream(&ctx, trigger).await;
+            let permit = tokio::select! {
+                p = permits.acquire_owned() => p.ok(),
+                _ = ctx.cancel.cancelled() => None,
+            };
+            if permit.is_some() {
+                run_stream(&ctx, trigger).await;
+            }
+            drop(permit);
             drop(guard);
             let _ = tx.send(Event::RunDone(name));
         });
@@ -320,7 +372,11 @@ impl Daemon {
                 for w in &new.warnings {
                     tracing::warn!(warning = %w, "configuration warning");
                 }
+                if new.metrics_listen != self.config.metrics_listen {
+                    tracing::warn!("metrics.listen changed; that takes a restart");
+                }
                 self.config = Arc::new(new);
+                *self.shared.write().unwrap_or_else(|p| p.into_inner()) = self.config.clone();
                 self.arm_all(false).await;
                 tracing::info!(
                     streams = self.config.streams.len(),

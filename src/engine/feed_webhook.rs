@@ -48,6 +48,41 @@ pub async fn run(
         other => return Ok(other),
     }
 
+    // Dead letters an operator asked to try again (`usher dead-letters retry`), mapped anew.
+    let retries = ctx.store.dead_letters_to_retry(&spec.name).await?;
+    if !retries.is_empty() {
+        let mut items = Vec::new();
+        let mut commit = PageCommit {
+            stream: spec.name.clone(),
+            ..Default::default()
+        };
+        for (id, text) in retries {
+            let mapped = serde_json::from_str::<serde_json::Value>(&text)
+                .map_err(|e| e.to_string())
+                .and_then(|rec| spec.mapping.apply(&rec).map_err(|e| e.to_string()));
+            match mapped {
+                Ok(v) => {
+                    items.push(v);
+                    commit.resolved_dead_letters.push(id);
+                }
+                Err(reason) => commit.failed_again.push((id, reason)),
+            }
+        }
+        tracing::info!(stream = %spec.name, resolved = items.len(), failed_again = commit.failed_again.len(), "dead letters tried again");
+        counts.queued += items.len() as u64;
+        for chunk in items.chunks(spec.max_per_payload as usize) {
+            commit.outbox.push((
+                serde_json::to_vec(chunk).expect("JSON values serialize"),
+                chunk.len() as u64,
+            ));
+        }
+        ctx.store.commit_page(commit).await?;
+        match deliver(ctx, &target, budget, &mut sent, counts).await? {
+            Flow::Done => {}
+            other => return Ok(other),
+        }
+    }
+
     let mut cursor = ctx.store.cursor(&spec.name).await?;
     let mut empty_pages = 0;
     loop {
@@ -76,7 +111,11 @@ pub async fn run(
         let mut dead = Vec::new();
         for rec in &page.records {
             let id = record_id(rec, &feed.id);
-            if let (Some(oldest), Some(changed)) = (spec.oldest, changed_at(rec, &feed.changed_at))
+            let changed = changed_at(rec, &feed.changed_at);
+            if let Some(changed) = changed {
+                crate::metrics::METRICS.saw_record(&spec.name, changed);
+            }
+            if let (Some(oldest), Some(changed)) = (spec.oldest, changed)
                 && changed < oldest
             {
                 counts.skipped += 1;
@@ -110,15 +149,18 @@ pub async fn run(
         }
         counts.queued += items.len() as u64;
         let next = page.next_cursor.clone().or_else(|| cursor.clone());
-        ctx.store
-            .commit_page(PageCommit {
-                stream: spec.name.clone(),
-                cursor: Some(next.clone()),
-                outbox,
-                dead_letters: dead,
-                ..Default::default()
-            })
-            .await?;
+        // Caught up with nothing new: no write at all (the common tick of a quiet stream).
+        if next != cursor || !outbox.is_empty() || !dead.is_empty() {
+            ctx.store
+                .commit_page(PageCommit {
+                    stream: spec.name.clone(),
+                    cursor: Some(next.clone()),
+                    outbox,
+                    dead_letters: dead,
+                    ..Default::default()
+                })
+                .await?;
+        }
         cursor = next;
         match deliver(ctx, &target, budget, &mut sent, counts).await? {
             Flow::Done => {}

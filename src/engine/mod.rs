@@ -9,6 +9,7 @@
 pub mod control;
 pub mod daemon;
 mod feed_webhook;
+pub mod health;
 pub mod lock;
 
 use std::sync::Arc;
@@ -156,6 +157,7 @@ pub async fn run_stream(ctx: &RunCtx, trigger: &str) -> RunReport {
         tracing::error!(stream = %name, error = %e, "cannot record the run's end");
     }
     let seconds = started.elapsed().as_secs_f64();
+    crate::metrics::METRICS.run_finished(&name, &counts, error.is_none(), seconds);
     match &error {
         None => {
             tracing::info!(stream = %name, outcome, pulled = counts.pulled, created = counts.created,

@@ -76,4 +76,8 @@ pub const MIGRATIONS: &[&str] = &[
         next_run_at TEXT
     );
     "#,
+    // 2: operators can ask for dead letters to be tried again.
+    r#"
+    ALTER TABLE dead_letters ADD COLUMN retry_requested INTEGER NOT NULL DEFAULT 0;
+    "#,
 ];

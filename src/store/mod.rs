@@ -105,6 +105,10 @@ pub struct PageCommit {
     pub outbox: Vec<(Vec<u8>, u64)>,
     pub ledger: Vec<LedgerRow>,
     pub dead_letters: Vec<DeadLetter>,
+    /// Dead letters (by id) that were tried again and went through: removed.
+    pub resolved_dead_letters: Vec<i64>,
+    /// Dead letters (by id) that were tried again and failed again: the new reason.
+    pub failed_again: Vec<(i64, String)>,
 }
 
 #[derive(Debug, Clone)]
@@ -488,27 +492,90 @@ impl Store {
         .await
     }
 
-    /// The start of the last scheduled run, and whether the last run of any kind was cut
-    /// short (stopped by shutdown or interrupted by a crash), for the catch-up at start.
-    pub async fn last_run_start(&self, stream: &str) -> Result<(Option<DateTime<Utc>>, bool)> {
-        let stream = stream.to_string();
+    /// For every stream at once (start-up with thousands of streams): the start of its last
+    /// scheduled run, and whether its last run of any kind was cut short.
+    pub async fn schedule_inputs(
+        &self,
+    ) -> Result<std::collections::HashMap<String, (Option<DateTime<Utc>>, bool)>> {
+        self.call(|c| {
+            let mut out: std::collections::HashMap<String, (Option<DateTime<Utc>>, bool)> = Default::default();
+            let mut st = c.prepare(
+                "SELECT stream, MAX(started_at) FROM runs WHERE trigger = 'schedule' GROUP BY stream",
+            )?;
+            for row in st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?)))? {
+                let (stream, started) = row?;
+                out.entry(stream).or_default().0 = started.as_deref().and_then(parse_ts);
+            }
+            let mut st = c.prepare(
+                "SELECT stream, outcome FROM runs WHERE id IN (SELECT MAX(id) FROM runs GROUP BY stream)",
+            )?;
+            for row in st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))? {
+                let (stream, outcome) = row?;
+                out.entry(stream).or_default().1 = outcome == "stopped" || outcome == "interrupted";
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Records many next-run times in one transaction.
+    pub async fn set_next_runs(&self, rows: Vec<(String, Option<DateTime<Utc>>)>) -> Result<()> {
         self.call(move |c| {
-            let s: Option<String> = c
-                .query_row(
-                    "SELECT started_at FROM runs WHERE stream = ?1 AND trigger = 'schedule' ORDER BY id DESC LIMIT 1",
-                    params![stream],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            let outcome: Option<String> = c
-                .query_row(
-                    "SELECT outcome FROM runs WHERE stream = ?1 ORDER BY id DESC LIMIT 1",
-                    params![stream],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            let cut_short = matches!(outcome.as_deref(), Some("stopped") | Some("interrupted"));
-            Ok((s.as_deref().and_then(parse_ts), cut_short))
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            {
+                let mut st = tx.prepare_cached(
+                    "INSERT INTO schedule (stream, next_run_at) VALUES (?1, ?2)
+                     ON CONFLICT (stream) DO UPDATE SET next_run_at = excluded.next_run_at",
+                )?;
+                for (stream, at) in rows {
+                    st.execute(params![stream, at.map(ts)])?;
+                }
+            }
+            tx.commit()
+        })
+        .await
+    }
+
+    /// Per stream: payloads in the outbox and records in dead letters (for /metrics).
+    pub async fn gauges(&self) -> Result<std::collections::BTreeMap<String, (u64, u64)>> {
+        self.call(|c| {
+            let mut out: std::collections::BTreeMap<String, (u64, u64)> = Default::default();
+            let mut st = c.prepare_cached("SELECT stream, COUNT(*) FROM outbox GROUP BY stream")?;
+            for row in st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
+                let (s, n) = row?;
+                out.entry(s).or_default().0 = n as u64;
+            }
+            let mut st =
+                c.prepare_cached("SELECT stream, COUNT(*) FROM dead_letters GROUP BY stream")?;
+            for row in st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
+                let (s, n) = row?;
+                out.entry(s).or_default().1 = n as u64;
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Per stream, the outcomes and errors of its last `n` runs, newest first (for /healthz).
+    pub async fn recent_outcomes(
+        &self,
+        n: u32,
+    ) -> Result<std::collections::HashMap<String, Vec<(String, Option<String>)>>> {
+        self.call(move |c| {
+            let mut out: std::collections::HashMap<String, Vec<(String, Option<String>)>> = Default::default();
+            let mut st = c.prepare_cached(
+                "SELECT stream, outcome, error FROM (
+                     SELECT stream, outcome, error, ROW_NUMBER() OVER (PARTITION BY stream ORDER BY id DESC) AS rn
+                     FROM runs WHERE outcome != 'running')
+                 WHERE rn <= ?1 ORDER BY stream, rn",
+            )?;
+            for row in st.query_map(params![n], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, Option<String>>(2)?))
+            })? {
+                let (s, o, e) = row?;
+                out.entry(s).or_default().push((o, e));
+            }
+            Ok(out)
         })
         .await
     }
@@ -611,6 +678,65 @@ impl Store {
                     r.get::<_, i64>(0)
                 })? as u64,
             })
+        })
+    }
+
+    /// Dead letters an operator asked to try again: (id, record JSON).
+    pub async fn dead_letters_to_retry(&self, stream: &str) -> Result<Vec<(i64, String)>> {
+        let stream = stream.to_string();
+        self.call(move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT id, record FROM dead_letters WHERE stream = ?1 AND retry_requested = 1 ORDER BY id LIMIT 1000",
+            )?;
+            let rows = st.query_map(params![stream], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect()
+        })
+        .await
+    }
+
+    /// Marks dead letters for another try (all of the stream's, or one) and audits it.
+    pub fn dead_letters_retry_sync(
+        &self,
+        stream: &str,
+        id: Option<i64>,
+        actor: &str,
+    ) -> Result<usize> {
+        self.call_sync(|c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let n = tx.execute(
+                "UPDATE dead_letters SET retry_requested = 1 WHERE stream = ?1 AND (?2 IS NULL OR id = ?2)",
+                params![stream, id],
+            )?;
+            let detail = match id {
+                Some(i) => format!("dead letter {i} marked for retry"),
+                None => format!("{n} dead letters marked for retry"),
+            };
+            q::audit(&tx, actor, "dead-letters-retry", Some(stream), &detail)?;
+            tx.commit()?;
+            Ok(n)
+        })
+    }
+
+    /// Drops dead letters (all of the stream's, or one) and audits it.
+    pub fn dead_letters_drop_sync(
+        &self,
+        stream: &str,
+        id: Option<i64>,
+        actor: &str,
+    ) -> Result<usize> {
+        self.call_sync(|c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let n = tx.execute(
+                "DELETE FROM dead_letters WHERE stream = ?1 AND (?2 IS NULL OR id = ?2)",
+                params![stream, id],
+            )?;
+            let detail = match id {
+                Some(i) => format!("dead letter {i} dropped"),
+                None => format!("{n} dead letters dropped"),
+            };
+            q::audit(&tx, actor, "dead-letters-drop", Some(stream), &detail)?;
+            tx.commit()?;
+            Ok(n)
         })
     }
 
@@ -720,6 +846,18 @@ mod q {
             for d in &p.dead_letters {
                 st.execute(params![p.stream, d.source_id, d.record, d.reason, now])?;
             }
+        }
+        for id in &p.resolved_dead_letters {
+            tx.execute(
+                "DELETE FROM dead_letters WHERE id = ?1 AND stream = ?2",
+                params![id, p.stream],
+            )?;
+        }
+        for (id, reason) in &p.failed_again {
+            tx.execute(
+                "UPDATE dead_letters SET reason = ?3, retry_requested = 0 WHERE id = ?1 AND stream = ?2",
+                params![id, p.stream, reason],
+            )?;
         }
         if let Some(cur) = &p.cursor {
             set_cursor(tx, &p.stream, cur.as_deref())?;

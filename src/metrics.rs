@@ -1,0 +1,362 @@
+//! Metrics and health: process-wide counters that the engine and `http` bump, served with
+//! the database's gauges in the Prometheus text format on a loopback port
+//! (`[metrics] listen`), plus `/healthz`.
+//!
+//! The counters are global (like a Prometheus default registry) so that recording a number
+//! never needs a handle threaded through every call.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{LazyLock, Mutex};
+
+use chrono::{DateTime, Utc};
+
+#[derive(Debug, Default, Clone)]
+pub struct StreamMetrics {
+    pub pulled: u64,
+    pub created: u64,
+    pub updated: u64,
+    pub skipped: u64,
+    pub failed: u64,
+    pub runs_ok: u64,
+    pub runs_failed: u64,
+    pub last_run_seconds: f64,
+    pub last_success: Option<i64>,
+    /// The newest change time of any record seen (for cursor lag).
+    pub newest_record: Option<i64>,
+}
+
+#[derive(Default)]
+pub struct Registry {
+    streams: Mutex<BTreeMap<String, StreamMetrics>>,
+    retries: Mutex<BTreeMap<String, u64>>,
+    /// Unix seconds of the daemon main loop's last turn (for /healthz).
+    pub heartbeat: AtomicU64,
+}
+
+pub static METRICS: LazyLock<Registry> = LazyLock::new(Registry::default);
+
+impl Registry {
+    pub fn run_finished(&self, stream: &str, c: &crate::store::Counts, ok: bool, seconds: f64) {
+        let mut m = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+        let s = m.entry(stream.to_string()).or_default();
+        s.pulled += c.pulled;
+        s.created += c.created;
+        s.updated += c.updated;
+        s.skipped += c.skipped;
+        s.failed += c.failed;
+        s.last_run_seconds = seconds;
+        if ok {
+            s.runs_ok += 1;
+            s.last_success = Some(Utc::now().timestamp());
+        } else {
+            s.runs_failed += 1;
+        }
+    }
+
+    pub fn saw_record(&self, stream: &str, changed: DateTime<Utc>) {
+        let mut m = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+        let s = m.entry(stream.to_string()).or_default();
+        let t = changed.timestamp();
+        if s.newest_record.is_none_or(|n| n < t) {
+            s.newest_record = Some(t);
+        }
+    }
+
+    pub fn retried(&self, connection: &str) {
+        *self
+            .retries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(connection.to_string())
+            .or_default() += 1;
+    }
+
+    pub fn beat(&self) {
+        self.heartbeat
+            .store(Utc::now().timestamp() as u64, Ordering::Relaxed);
+    }
+
+    pub fn stream(&self, stream: &str) -> StreamMetrics {
+        self.streams
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(stream)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// The Prometheus text exposition. `gauges` are read from the database and the budgets
+    /// by the caller: per stream (outbox payloads, dead letters), per connection (budget left).
+    pub fn render(
+        &self,
+        streams: &[String],
+        outbox: &BTreeMap<String, (u64, u64)>,
+        budgets: &BTreeMap<String, Option<u32>>,
+    ) -> String {
+        let mut out = String::with_capacity(4096 + streams.len() * 1200);
+        let m = self
+            .streams
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let now = Utc::now().timestamp();
+        let series: &[(&str, &str, &str, fn(&StreamMetrics) -> f64)] = &[
+            (
+                "usher_records_pulled_total",
+                "counter",
+                "Records pulled from the source.",
+                |s| s.pulled as f64,
+            ),
+            (
+                "usher_records_written_total",
+                "counter",
+                "Records created or updated in the target.",
+                |s| (s.created + s.updated) as f64,
+            ),
+            (
+                "usher_records_skipped_total",
+                "counter",
+                "Records skipped (older than the oldest date, unchanged, not final).",
+                |s| s.skipped as f64,
+            ),
+            (
+                "usher_records_dead_lettered_total",
+                "counter",
+                "Records set aside in dead letters.",
+                |s| s.failed as f64,
+            ),
+            (
+                "usher_runs_ok_total",
+                "counter",
+                "Runs that ended well.",
+                |s| s.runs_ok as f64,
+            ),
+            (
+                "usher_runs_failed_total",
+                "counter",
+                "Runs that ended with an error or a refusal.",
+                |s| s.runs_failed as f64,
+            ),
+            (
+                "usher_run_duration_seconds",
+                "gauge",
+                "Duration of the last run.",
+                |s| s.last_run_seconds,
+            ),
+        ];
+        for (name, kind, help, f) in series {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for stream in streams {
+                let s = m.get(stream).cloned().unwrap_or_default();
+                let _ = writeln!(out, "{name}{{stream=\"{}\"}} {}", esc(stream), f(&s));
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP usher_last_success_timestamp_seconds When the last run that ended well ended.\n# TYPE usher_last_success_timestamp_seconds gauge"
+        );
+        for stream in streams {
+            if let Some(t) = m.get(stream).and_then(|s| s.last_success) {
+                let _ = writeln!(
+                    out,
+                    "usher_last_success_timestamp_seconds{{stream=\"{}\"}} {t}",
+                    esc(stream)
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP usher_cursor_lag_seconds Age of the newest record seen.\n# TYPE usher_cursor_lag_seconds gauge"
+        );
+        for stream in streams {
+            if let Some(t) = m.get(stream).and_then(|s| s.newest_record) {
+                let _ = writeln!(
+                    out,
+                    "usher_cursor_lag_seconds{{stream=\"{}\"}} {}",
+                    esc(stream),
+                    (now - t).max(0)
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP usher_outbox_payloads Payloads waiting in the outbox.\n# TYPE usher_outbox_payloads gauge"
+        );
+        for stream in streams {
+            let (p, _) = outbox.get(stream).copied().unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "usher_outbox_payloads{{stream=\"{}\"}} {p}",
+                esc(stream)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP usher_dead_letters Records waiting in dead letters.\n# TYPE usher_dead_letters gauge"
+        );
+        for stream in streams {
+            let (_, d) = outbox.get(stream).copied().unwrap_or_default();
+            let _ = writeln!(out, "usher_dead_letters{{stream=\"{}\"}} {d}", esc(stream));
+        }
+        let retries = self
+            .retries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let _ = writeln!(
+            out,
+            "# HELP usher_http_retries_total Requests repeated after a 5xx, reset, timeout or rate limit.\n# TYPE usher_http_retries_total counter"
+        );
+        for conn in budgets.keys() {
+            let _ = writeln!(
+                out,
+                "usher_http_retries_total{{connection=\"{}\"}} {}",
+                esc(conn),
+                retries.get(conn).copied().unwrap_or(0)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP usher_rate_budget_remaining Calls left in the connection's rate window.\n# TYPE usher_rate_budget_remaining gauge"
+        );
+        for (conn, left) in budgets {
+            if let Some(left) = left {
+                let _ = writeln!(
+                    out,
+                    "usher_rate_budget_remaining{{connection=\"{}\"}} {left}",
+                    esc(conn)
+                );
+            }
+        }
+        process_metrics(&mut out);
+        out
+    }
+}
+
+fn esc(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// CPU, memory, open files and start time of this process, from /proc.
+fn process_metrics(out: &mut String) {
+    let ticks = rustix::param::clock_ticks_per_second() as f64;
+    if let Some(p) = ProcStat::read_self() {
+        let _ = writeln!(
+            out,
+            "# HELP process_cpu_seconds_total User and system CPU time.\n# TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total {}",
+            (p.utime + p.stime) as f64 / ticks
+        );
+        let _ = writeln!(
+            out,
+            "# HELP process_resident_memory_bytes Resident memory.\n# TYPE process_resident_memory_bytes gauge\nprocess_resident_memory_bytes {}",
+            p.rss_bytes
+        );
+    }
+    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+        let _ = writeln!(
+            out,
+            "# HELP process_open_fds Open file descriptors.\n# TYPE process_open_fds gauge\nprocess_open_fds {}",
+            fds.count()
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP process_start_time_seconds Start time of the process.\n# TYPE process_start_time_seconds gauge\nprocess_start_time_seconds {}",
+        START.timestamp()
+    );
+}
+
+pub static START: LazyLock<DateTime<Utc>> = LazyLock::new(Utc::now);
+
+/// The few fields of /proc/PID/stat and status that matter here.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProcStat {
+    pub utime: u64,
+    pub stime: u64,
+    pub rss_bytes: u64,
+    pub peak_rss_bytes: u64,
+}
+
+impl ProcStat {
+    pub fn read_self() -> Option<Self> {
+        Self::read("self")
+    }
+
+    pub fn read_pid(pid: u32) -> Option<Self> {
+        Self::read(&pid.to_string())
+    }
+
+    fn read(pid: &str) -> Option<Self> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // Fields after the command name, which is in parentheses and may hold spaces.
+        let rest = &stat[stat.rfind(')')? + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let utime = f.get(11)?.parse().ok()?;
+        let stime = f.get(12)?.parse().ok()?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let kb = |key: &str| -> u64 {
+            status
+                .lines()
+                .find(|l| l.starts_with(key))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+                * 1024
+        };
+        Some(ProcStat {
+            utime,
+            stime,
+            rss_bytes: kb("VmRSS:"),
+            peak_rss_bytes: kb("VmHWM:"),
+        })
+    }
+
+    pub fn cpu_seconds(&self) -> f64 {
+        (self.utime + self.stime) as f64 / rustix::param::clock_ticks_per_second() as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text() {
+        let r = Registry::default();
+        let c = crate::store::Counts {
+            pulled: 5,
+            created: 3,
+            updated: 1,
+            skipped: 1,
+            ..Default::default()
+        };
+        r.run_finished("a", &c, true, 1.5);
+        r.retried("crm");
+        let mut outbox = BTreeMap::new();
+        outbox.insert("a".to_string(), (2, 7));
+        let mut budgets = BTreeMap::new();
+        budgets.insert("crm".to_string(), Some(17));
+        let text = r.render(&["a".into()], &outbox, &budgets);
+        assert!(
+            text.contains("usher_records_pulled_total{stream=\"a\"} 5"),
+            "{text}"
+        );
+        assert!(text.contains("usher_records_written_total{stream=\"a\"} 4"));
+        assert!(text.contains("usher_outbox_payloads{stream=\"a\"} 2"));
+        assert!(text.contains("usher_dead_letters{stream=\"a\"} 7"));
+        assert!(text.contains("usher_http_retries_total{connection=\"crm\"} 1"));
+        assert!(text.contains("usher_rate_budget_remaining{connection=\"crm\"} 17"));
+        assert!(text.contains("process_resident_memory_bytes "));
+        assert!(text.contains("usher_last_success_timestamp_seconds{stream=\"a\"}"));
+    }
+
+    #[test]
+    fn reads_proc_stat() {
+        let p = ProcStat::read_self().unwrap();
+        assert!(p.rss_bytes > 0);
+    }
+}
