@@ -102,7 +102,7 @@ impl Registry {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         let now = Utc::now().timestamp();
-        let series: &[(&str, &str, &str, fn(&StreamMetrics) -> f64)] = &[
+        let series: &[Series] = &[
             (
                 "usher_records_pulled_total",
                 "counter",
@@ -234,6 +234,14 @@ impl Registry {
         out
     }
 }
+
+/// One per-stream series: name, type, help, and how to read it.
+type Series = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&StreamMetrics) -> f64,
+);
 
 fn esc(s: &str) -> String {
     s.replace('\\', "\\\\")
