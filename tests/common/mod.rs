@@ -64,15 +64,14 @@ impl Env {
 
     /// Runs a CLI command to completion.
     pub fn cli(&self, args: &[&str]) -> Output {
-        let out = Command::new(bin())
+        Command::new(bin())
             .arg("--config")
             .arg(self.config_path())
             .args(args)
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .output()
-            .expect("run usher");
-        out
+            .expect("run usher")
     }
 
     pub fn spawn_daemon(&self) -> Daemon {
@@ -141,10 +140,10 @@ impl Daemon {
         let deadline = Instant::now() + timeout;
         let mut buf = [0u8; 4096];
         while Instant::now() < deadline {
-            if let Ok(n) = self.notify.recv(&mut buf) {
-                if String::from_utf8_lossy(&buf[..n]).contains(what) {
-                    return true;
-                }
+            if let Ok(n) = self.notify.recv(&mut buf)
+                && String::from_utf8_lossy(&buf[..n]).contains(what)
+            {
+                return true;
             }
         }
         false
