@@ -1,6 +1,7 @@
 //! The subcommands. Each returns an exit code: 0 fine, 1 failed, 65 the state database is
 //! unusable, 78 (EX_CONFIG) the configuration is invalid.
 
+mod bench;
 mod demo;
 mod ops;
 
@@ -88,6 +89,16 @@ pub enum Command {
         #[arg(long, default_value_t = 240)]
         contacts: u64,
     },
+    /// Measure start, reload, memory and CPU with many streams (prints figures).
+    #[command(hide = true)]
+    BenchScale {
+        #[arg(long, default_value_t = 1000)]
+        streams: u32,
+        #[arg(long, default_value_t = 50)]
+        connections: u32,
+        #[arg(long, default_value_t = 20)]
+        idle_secs: u64,
+    },
     /// Serve the fake vendors on loopback until interrupted (for trying usher by hand).
     Sandbox {
         #[arg(long, default_value = "127.0.0.1:0")]
@@ -165,6 +176,11 @@ pub fn main() -> i32 {
             demo_config,
             contacts,
         } => runtime.block_on(demo::demo(demo_config, contacts, cli.state_dir.clone())),
+        Command::BenchScale {
+            streams,
+            connections,
+            idle_secs,
+        } => runtime.block_on(bench::scale(streams, connections, idle_secs)),
         Command::Sandbox { listen, contacts } => runtime.block_on(demo::sandbox(listen, contacts)),
     }
 }

@@ -30,8 +30,8 @@ pub(super) fn build(source: &Source, extra: Option<Figment>) -> Result<Config, V
         .unwrap_or_else(|| PathBuf::from("."));
     let mut warnings = Vec::new();
 
-    let root = l.root();
-    for key in root.keys() {
+    let top: Vec<String> = l.root().keys().cloned().collect();
+    for key in &top {
         if !TOP_LEVEL.contains(&key.as_str()) {
             l.problem(
                 "config",

@@ -37,6 +37,9 @@ pub struct Layers {
     pub main_file: PathBuf,
     pub files: Vec<PathBuf>,
     pub problems: Vec<Problem>,
+    /// The merged tree, computed once: figment merges every provider on each lookup, which
+    /// made a config of a thousand streams take a second to load.
+    merged: Option<Dict>,
 }
 
 /// Builds the figment: main file, then `usher.d/*.toml` beside it in name order, then the
@@ -90,6 +93,7 @@ pub fn layers(main_file: &Path, env_overrides: bool) -> Layers {
         main_file,
         files,
         problems,
+        merged: None,
     }
 }
 
@@ -129,27 +133,30 @@ impl Layers {
         });
     }
 
-    /// The raw value at `path`, if present. A file that does not parse is reported here.
+    /// The raw value at `path` (dotted), if present.
     pub fn value(&mut self, path: &str) -> Option<Value> {
-        match self.figment.find_value(path) {
-            Ok(v) => Some(v),
-            Err(err) if err.missing() => None,
-            Err(err) => {
-                self.push_figment_errors("config", path, err);
-                None
-            }
+        let root = self.root();
+        let mut parts = path.split('.');
+        let mut cur = root.get(parts.next()?)?;
+        for part in parts {
+            cur = cur.as_dict()?.get(part)?;
         }
+        Some(cur.clone())
     }
 
-    /// The top-level table, with syntax errors of any file reported.
-    pub fn root(&mut self) -> Dict {
-        match self.figment.extract::<Dict>() {
-            Ok(d) => d,
-            Err(err) => {
-                self.push_figment_errors("config", "", err);
-                Dict::new()
-            }
+    /// The top-level table, with syntax errors of any file reported (once).
+    pub fn root(&mut self) -> &Dict {
+        if self.merged.is_none() {
+            let merged = match self.figment.extract::<Dict>() {
+                Ok(d) => d,
+                Err(err) => {
+                    self.push_figment_errors("config", "", err);
+                    Dict::new()
+                }
+            };
+            self.merged = Some(merged);
         }
+        self.merged.as_ref().expect("set above")
     }
 
     /// Deserializes the table at `path` into `T`. On failure, each key is tried on its own so
