@@ -56,7 +56,9 @@ pub struct Daemon {
     http: Http,
     slots: HashMap<String, Arc<Slot>>,
     sched: JobScheduler,
-    jobs: HashMap<String, Uuid>,
+    /// Each stream's armed one-shot job and its generation (a fired job whose generation is
+    /// no longer the stream's is stale: it was replaced by a reload).
+    jobs: HashMap<String, (Uuid, u64)>,
     generation: u64,
     events: mpsc::UnboundedSender<Event>,
     shutdown: CancellationToken,
@@ -126,7 +128,7 @@ pub async fn run(
             Err(e) => anyhow::bail!("cannot listen for metrics on {addr}: {e}"),
         }
     }
-    d.arm_all(true).await;
+    d.arm_all(true, None).await;
     d.process_control();
 
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
@@ -154,7 +156,7 @@ pub async fn run(
             },
             Some(ev) = rx.recv() => match ev {
                 Event::Tick(stream, generation) => {
-                    if generation == d.generation {
+                    if d.jobs.get(&stream).map(|(_, g)| *g) == Some(generation) {
                         d.on_tick(&stream).await;
                     }
                 }
@@ -208,10 +210,29 @@ impl Daemon {
     /// (Re-)arms every enabled stream's next firing. At start, a firing missed while the
     /// daemon was down runs now, once. One read and one write of the database for all
     /// streams, so that start and reload stay fast with thousands of streams.
-    async fn arm_all(&mut self, at_start: bool) {
-        self.generation += 1;
-        for (_, id) in self.jobs.drain() {
-            let _ = self.sched.remove(&id).await;
+    /// On reload (`previous` set), a stream whose schedule did not change keeps its armed job.
+    async fn arm_all(&mut self, at_start: bool, previous: Option<&Config>) {
+        let keep = |spec: &crate::config::StreamSpec| -> bool {
+            previous
+                .and_then(|p| p.streams.get(&spec.name))
+                .is_some_and(|old| {
+                    old.enabled == spec.enabled
+                        && format!("{:?}", old.schedule) == format!("{:?}", spec.schedule)
+                })
+        };
+        let stale: Vec<String> = self
+            .jobs
+            .keys()
+            .filter(|name| match self.config.streams.get(*name) {
+                None => true,
+                Some(spec) => !keep(spec),
+            })
+            .cloned()
+            .collect();
+        for name in stale {
+            if let Some((id, _)) = self.jobs.remove(&name) {
+                let _ = self.sched.remove(&id).await;
+            }
         }
         let now = Utc::now();
         let inputs = if at_start {
@@ -229,6 +250,9 @@ impl Daemon {
         let mut next_runs = Vec::with_capacity(streams.len());
         for spec in streams {
             self.slot(&spec.name);
+            if self.jobs.contains_key(&spec.name) {
+                continue;
+            }
             if !spec.enabled {
                 next_runs.push((spec.name.clone(), None));
                 continue;
@@ -266,6 +290,7 @@ impl Daemon {
         let delay = (at - Utc::now()).to_std().unwrap_or(Duration::ZERO);
         let tx = self.events.clone();
         let name = stream.to_string();
+        self.generation += 1;
         let generation = self.generation;
         let job = Job::new_one_shot_async(delay, move |_, _| {
             let tx = tx.clone();
@@ -277,7 +302,7 @@ impl Daemon {
         match job {
             Ok(job) => match self.sched.add(job).await {
                 Ok(id) => {
-                    self.jobs.insert(stream.to_string(), id);
+                    self.jobs.insert(stream.to_string(), (id, generation));
                 }
                 Err(e) => tracing::error!(stream, error = %e, "cannot arm the schedule"),
             },
@@ -375,9 +400,9 @@ impl Daemon {
                 if new.metrics_listen != self.config.metrics_listen {
                     tracing::warn!("metrics.listen changed; that takes a restart");
                 }
-                self.config = Arc::new(new);
+                let previous = std::mem::replace(&mut self.config, Arc::new(new));
                 *self.shared.write().unwrap_or_else(|p| p.into_inner()) = self.config.clone();
-                self.arm_all(false).await;
+                self.arm_all(false, Some(&previous)).await;
                 tracing::info!(
                     streams = self.config.streams.len(),
                     "configuration reloaded"
