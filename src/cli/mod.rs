@@ -99,6 +99,9 @@ pub enum Command {
         #[arg(long, default_value_t = 20)]
         idle_secs: u64,
     },
+    /// Write the man pages and shell completions into DIR (used by packaging).
+    #[command(hide = true)]
+    GenerateAssets { dir: PathBuf },
     /// Serve the fake vendors on loopback until interrupted (for trying usher by hand).
     Sandbox {
         #[arg(long, default_value = "127.0.0.1:0")]
@@ -181,6 +184,7 @@ pub fn main() -> i32 {
             connections,
             idle_secs,
         } => runtime.block_on(bench::scale(streams, connections, idle_secs)),
+        Command::GenerateAssets { dir } => generate_assets(&dir),
         Command::Sandbox { listen, contacts } => runtime.block_on(demo::sandbox(listen, contacts)),
     }
 }
@@ -196,4 +200,35 @@ pub fn report_problems(problems: &[Problem]) -> i32 {
         if problems.len() == 1 { "" } else { "s" }
     );
     EX_CONFIG
+}
+
+/// Man pages (one per subcommand) and bash/zsh/fish completions, from the CLI definition.
+fn generate_assets(dir: &std::path::Path) -> i32 {
+    use clap::CommandFactory;
+    let result = (|| -> std::io::Result<()> {
+        let man = dir.join("man");
+        let comp = dir.join("completions");
+        std::fs::create_dir_all(&man)?;
+        std::fs::create_dir_all(&comp)?;
+        let cmd = Cli::command();
+        clap_mangen::generate_to(cmd.clone(), &man)?;
+        for shell in [
+            clap_complete::Shell::Bash,
+            clap_complete::Shell::Zsh,
+            clap_complete::Shell::Fish,
+        ] {
+            clap_complete::generate_to(shell, &mut cmd.clone(), "usher", &comp)?;
+        }
+        Ok(())
+    })();
+    match result {
+        Ok(()) => {
+            println!("man pages and completions written to {}", dir.display());
+            EX_OK
+        }
+        Err(e) => {
+            eprintln!("usher: cannot write assets to {}: {e}", dir.display());
+            EX_FAIL
+        }
+    }
 }
