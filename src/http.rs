@@ -169,10 +169,13 @@ impl Budget {
                             None
                         }
                         Some(l) => {
+                            // A margin on the window: the vendor counts arrivals, and two
+                            // requests do not take exactly the same time to get there.
+                            let per = l.per + window_margin(l.per);
                             while st
                                 .calls
                                 .front()
-                                .is_some_and(|t| now.duration_since(*t) >= l.per)
+                                .is_some_and(|t| now.duration_since(*t) >= per)
                             {
                                 st.calls.pop_front();
                             }
@@ -181,7 +184,7 @@ impl Budget {
                                 None
                             } else {
                                 let oldest = *st.calls.front().expect("non-empty at the limit");
-                                Some(l.per - now.duration_since(oldest) + Duration::from_millis(1))
+                                Some(per - now.duration_since(oldest) + Duration::from_millis(1))
                             }
                         }
                     },
@@ -220,6 +223,11 @@ impl Budget {
             .count() as u32;
         Some(limit.calls.saturating_sub(used))
     }
+}
+
+/// 2% of a rate window, at least 50 ms: slack for network jitter between us and the vendor.
+fn window_margin(per: Duration) -> Duration {
+    (per / 50).max(Duration::from_millis(50))
 }
 
 /// Parses `Retry-After`: delta-seconds or an HTTP date.

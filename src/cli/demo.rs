@@ -61,6 +61,7 @@ pub async fn demo(demo_config: PathBuf, contacts: u64, state_override: Option<Pa
         main_file: demo_config.clone(),
         env_overrides: false,
         state_dir_override: state_override,
+        read_secrets: true,
     };
     let extra = figment::Figment::from(Serialized::defaults(json!({ "connections": overrides })));
     let config = match config::load_with(&source, extra) {

@@ -164,16 +164,22 @@ pub fn main() -> i32 {
         main_file: cli.config.clone(),
         env_overrides: true,
         state_dir_override: cli.state_dir.clone(),
+        read_secrets: true,
+    };
+    // Commands that only read or mark the state work without the service's secrets.
+    let state_only = config::Source {
+        read_secrets: false,
+        ..source.clone()
     };
     match cli.command {
         Command::Run => runtime.block_on(ops::run(source, cli.log_format.into())),
         Command::Validate { online } => runtime.block_on(ops::validate(source, online)),
-        Command::Status { json } => ops::status(source, json),
+        Command::Status { json } => ops::status(state_only, json),
         Command::Cursor { action } => match action {
-            CursorAction::Show { stream } => ops::cursor_show(source, &stream),
-            CursorAction::Reset { stream } => ops::cursor_reset(source, &stream),
+            CursorAction::Show { stream } => ops::cursor_show(state_only, &stream),
+            CursorAction::Reset { stream } => ops::cursor_reset(state_only, &stream),
         },
-        Command::DeadLetters { action } => ops::dead_letters(source, action),
+        Command::DeadLetters { action } => ops::dead_letters(state_only, action),
         Command::Trigger { stream } => runtime.block_on(ops::trigger(source, &stream)),
         Command::Demo {
             demo_config,

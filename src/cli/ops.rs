@@ -244,7 +244,11 @@ pub fn cursor_reset(source: config::Source, stream: &str) -> i32 {
 }
 
 pub async fn trigger(source: config::Source, stream: &str) -> i32 {
-    let config = match load(&source) {
+    // Through a running daemon no secret is needed here; in this process they are.
+    let config = match load(&config::Source {
+        read_secrets: false,
+        ..source.clone()
+    }) {
         Ok(c) => c,
         Err(code) => return code,
     };
@@ -263,6 +267,10 @@ pub async fn trigger(source: config::Source, stream: &str) -> i32 {
             eprintln!("usher: {e}");
             return EX_FAIL;
         }
+    };
+    let config = match load(&source) {
+        Ok(c) => c,
+        Err(code) => return code,
     };
     crate::logging::init_cli();
     let store = match Store::open(&state_dir) {

@@ -20,6 +20,7 @@ const TOP_LEVEL: &[&str] = &["daemon", "log", "metrics", "connections", "streams
 
 pub(super) fn build(source: &Source, extra: Option<Figment>) -> Result<Config, Vec<Problem>> {
     let mut l = layers(&source.main_file, source.env_overrides);
+    l.read_secrets = source.read_secrets;
     if let Some(extra) = extra {
         l.figment = l.figment.merge(extra);
     }
@@ -222,7 +223,15 @@ fn build_log(l: &mut Layers) -> LogSettings {
         }
     };
     let level = raw.level.unwrap_or_else(|| "info".into());
-    if tracing_subscriber::EnvFilter::try_new(&level).is_err() {
+    let is_level = |t: &str| {
+        ["off", "error", "warn", "info", "debug", "trace"]
+            .contains(&t.trim().to_ascii_lowercase().as_str())
+    };
+    let directives_ok = level.split(',').all(|d| match d.split_once('=') {
+        Some((target, lvl)) => !target.trim().is_empty() && is_level(lvl),
+        None => is_level(d),
+    });
+    if !directives_ok || tracing_subscriber::EnvFilter::try_new(&level).is_err() {
         l.problem(
             "log",
             "log.level",
@@ -252,6 +261,9 @@ fn secret(
     warnings: &mut Vec<Problem>,
 ) -> Option<Secret> {
     let key = format!("{prefix}.{name}");
+    if !l.read_secrets {
+        return Some(Secret::new(String::new()));
+    }
     let given = [inline.is_some(), file.is_some(), env.is_some()]
         .iter()
         .filter(|b| **b)

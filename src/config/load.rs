@@ -37,6 +37,8 @@ pub struct Layers {
     pub main_file: PathBuf,
     pub files: Vec<PathBuf>,
     pub problems: Vec<Problem>,
+    /// Whether secrets are read and checked (see `Source::read_secrets`).
+    pub read_secrets: bool,
     /// The merged tree, computed once: figment merges every provider on each lookup, which
     /// made a config of a thousand streams take a second to load.
     merged: Option<Dict>,
@@ -93,6 +95,7 @@ pub fn layers(main_file: &Path, env_overrides: bool) -> Layers {
         main_file,
         files,
         problems,
+        read_secrets: true,
         merged: None,
     }
 }

@@ -195,6 +195,10 @@ pub struct Source {
     pub env_overrides: bool,
     /// `--state-dir` on the command line wins over the file.
     pub state_dir_override: Option<PathBuf>,
+    /// False for commands that only read the state (status, cursor, dead-letters): secrets
+    /// are then neither read nor checked, so that a sysadmin's shell, which does not have the
+    /// service's credentials, can still run them. `run`, `validate` and in-process runs read them.
+    pub read_secrets: bool,
 }
 
 impl Source {
@@ -203,6 +207,7 @@ impl Source {
             main_file: main_file.as_ref().to_path_buf(),
             env_overrides: true,
             state_dir_override: None,
+            read_secrets: true,
         }
     }
 }

@@ -28,8 +28,11 @@ impl FeedSource {
         }
     }
 
+    /// One page from `cursor` (None: the start). A 400 that says `invalid_cursor` is
+    /// [`SourceError::InvalidCursor`], which tells the operator to reset `stream`.
     pub async fn pull(
         &self,
+        stream: &str,
         cursor: Option<&str>,
         limit: u32,
         cancel: &CancellationToken,
@@ -46,9 +49,24 @@ impl FeedSource {
         }
         let reply = self
             .endpoint
-            .send_ok(Method::GET, url.clone(), Retry::Idempotent, cancel, |rb| rb)
+            .send(Method::GET, url.clone(), Retry::Idempotent, cancel, |rb| rb)
             .await?;
         let what = crate::http::describe(&Method::GET, &url);
+        if reply.status == 400 && cursor.is_some() && reply.snippet().contains("invalid_cursor") {
+            return Err(SourceError::InvalidCursor {
+                conn: self.endpoint.name.clone(),
+                stream: stream.to_string(),
+            });
+        }
+        if !reply.is_success() {
+            return Err(SourceError::Http(crate::http::HttpError::Status {
+                conn: self.endpoint.name.clone(),
+                what,
+                status: reply.status,
+                snippet: reply.snippet(),
+                attempts: reply.attempts,
+            }));
+        }
         let body: Value =
             serde_json::from_slice(&reply.body).map_err(|e| SourceError::Malformed {
                 conn: self.endpoint.name.clone(),

@@ -93,7 +93,7 @@ pub async fn run(
             return Ok(Flow::Stopped);
         }
         let page = source
-            .pull(cursor.as_deref(), spec.page_size, &ctx.cancel)
+            .pull(&spec.name, cursor.as_deref(), spec.page_size, &ctx.cancel)
             .await?;
         counts.pulled += page.records.len() as u64;
         if page.has_more

@@ -36,6 +36,10 @@ struct Inner {
     refuse: std::collections::VecDeque<u16>,
     /// When set, every request must carry this header with this value.
     auth: Option<(String, String)>,
+    /// Fault mode: every answer is the first page, whatever the cursor.
+    repeat_first_page: bool,
+    /// Fault mode: past the end, `has_more` stays true on empty pages.
+    endless_has_more: bool,
 }
 
 #[derive(Clone, Default)]
@@ -87,6 +91,16 @@ impl CrmFake {
     /// Every request must carry `header: value` (e.g. `authorization: Bearer x`), else 401.
     pub fn require_header(&self, header: &str, value: &str) {
         self.inner.lock().unwrap().auth = Some((header.to_ascii_lowercase(), value.to_string()));
+    }
+
+    /// Fault mode: the feed answers its first page whatever the cursor.
+    pub fn repeat_first_page(&self, on: bool) {
+        self.inner.lock().unwrap().repeat_first_page = on;
+    }
+
+    /// Fault mode: past the end, the feed keeps saying `has_more` on empty pages.
+    pub fn endless_has_more(&self, on: bool) {
+        self.inner.lock().unwrap().endless_has_more = on;
     }
 
     /// The next `k` webhook POSTs are refused with `status`.
@@ -186,13 +200,17 @@ async fn changes(
     };
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
     let i = crm.inner.lock().unwrap();
-    let pos = pos.min(i.contacts.len());
+    let pos = if i.repeat_first_page {
+        0
+    } else {
+        pos.min(i.contacts.len())
+    };
     let end = (pos + limit).min(i.contacts.len());
     let items: Vec<Value> = i.contacts[pos..end].to_vec();
     axum::Json(json!({
         "items": items,
         "next": format!("c{end}"),
-        "has_more": end < i.contacts.len(),
+        "has_more": end < i.contacts.len() || i.endless_has_more,
     }))
     .into_response()
 }

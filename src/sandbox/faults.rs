@@ -71,10 +71,10 @@ impl Faults {
         self.0.lock().unwrap().queues.get_mut(route)?.pop_front()
     }
 
-    fn log(&self, route: &str, status: u16) {
+    fn log(&self, route: &str, at: SystemTime, status: u16) {
         self.0.lock().unwrap().calls.push(Call {
             route: route.to_string(),
-            at: SystemTime::now(),
+            at,
             status,
         });
     }
@@ -111,6 +111,8 @@ pub async fn layer(
     req: Request,
     next: Next,
 ) -> Response {
+    // Calls are timestamped on arrival, which is what a rate limit counts.
+    let arrived = SystemTime::now();
     let fault = faults.take(route);
     let resp = match fault {
         None => next.run(req).await,
@@ -173,6 +175,6 @@ pub async fn layer(
             r
         }
     };
-    faults.log(route, resp.status().as_u16());
+    faults.log(route, arrived, resp.status().as_u16());
     resp
 }
