@@ -185,11 +185,18 @@ async fn kill_9_mid_run_then_restart_loses_nothing_and_doubles_nothing() {
     let s = sandbox(2000).await;
     let env = Env::new();
     env.write_config(&crm_stream_config(&base(&s), "1h", 100_000, 20));
-    // A few hard kills at different points of the import, then a run to the end.
-    let seed = 0x5eed_u64;
-    eprintln!("kill -9 seed {seed}");
+    // A few hard kills at different points of the import, then a run to the end. CI runs
+    // four rounds with a fixed seed; SOAK_ROUNDS=N runs N rounds with a random seed
+    // (or SOAK_SEED), printed so that a failure can be replayed.
+    let rounds: u32 = std::env::var("SOAK_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(4);
+    let seed = std::env::var("SOAK_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(if rounds > 4 {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+    } else {
+        0x5eed
+    });
+    eprintln!("kill -9: {rounds} rounds, seed {seed}");
     let mut rng = seed;
-    for round in 0..4 {
+    for round in 0..rounds {
         s.crm
             .faults
             .push("crm.hook", Fault::Slow(Duration::from_millis(40)), 1000);
@@ -198,7 +205,7 @@ async fn kill_9_mid_run_then_restart_loses_nothing_and_doubles_nothing() {
         rng = rng
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
-        let wait_ms = 100 + (rng >> 33) % 400;
+        let wait_ms = (rng >> 33) % 500;
         std::thread::sleep(Duration::from_millis(wait_ms));
         d.kill9();
         eprintln!(
