@@ -188,12 +188,21 @@ async fn kill_9_mid_run_then_restart_loses_nothing_and_doubles_nothing() {
     // A few hard kills at different points of the import, then a run to the end. CI runs
     // four rounds with a fixed seed; SOAK_ROUNDS=N runs N rounds with a random seed
     // (or SOAK_SEED), printed so that a failure can be replayed.
-    let rounds: u32 = std::env::var("SOAK_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(4);
-    let seed = std::env::var("SOAK_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(if rounds > 4 {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
-    } else {
-        0x5eed
-    });
+    let rounds: u32 = std::env::var("SOAK_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4);
+    let seed = std::env::var("SOAK_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if rounds > 4 {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        } else {
+            0x5eed
+        });
     eprintln!("kill -9: {rounds} rounds, seed {seed}");
     let mut rng = seed;
     for round in 0..rounds {

@@ -109,7 +109,9 @@ pub async fn run(
         }
         let mut items = Vec::with_capacity(page.records.len());
         let mut dead = Vec::new();
-        for rec in &page.records {
+        let (records, superseded) = newest_per_key(&page.records, &spec.matching);
+        counts.skipped += superseded;
+        for rec in records {
             let id = record_id(rec, &feed.id);
             let changed = changed_at(rec, &feed.changed_at);
             if let Some(changed) = changed {
@@ -181,6 +183,37 @@ pub async fn run(
     }
 }
 
+/// With matching keys (`matching = ["id"]`), a record that appears several times in one
+/// page goes once, as its newest (last) version, at the place of that version. Pure.
+/// Returns the records to send and how many earlier versions were dropped.
+pub fn newest_per_key<'a>(
+    records: &'a [serde_json::Value],
+    keys: &[String],
+) -> (Vec<&'a serde_json::Value>, u64) {
+    if keys.is_empty() {
+        return (records.iter().collect(), 0);
+    }
+    let key_of = |r: &serde_json::Value| -> Option<Vec<String>> {
+        keys.iter()
+            .map(|k| lookup(r, k).map(|v| v.to_string()))
+            .collect()
+    };
+    let mut last = std::collections::HashMap::new();
+    for (i, r) in records.iter().enumerate() {
+        if let Some(k) = key_of(r) {
+            last.insert(k, i);
+        }
+    }
+    let kept: Vec<&serde_json::Value> = records
+        .iter()
+        .enumerate()
+        .filter(|(i, r)| key_of(r).is_none_or(|k| last.get(&k) == Some(i)))
+        .map(|(_, r)| r)
+        .collect();
+    let dropped = (records.len() - kept.len()) as u64;
+    (kept, dropped)
+}
+
 fn changed_at(rec: &serde_json::Value, path: &str) -> Option<DateTime<Utc>> {
     let s = lookup(rec, path)?.as_str()?;
     DateTime::parse_from_rfc3339(s)
@@ -233,5 +266,27 @@ async fn deliver(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn the_newest_version_of_a_record_wins_within_a_page() {
+        let page = vec![
+            json!({"id": 1, "v": "a"}),
+            json!({"id": 2, "v": "b"}),
+            json!({"id": 1, "v": "c"}),
+            json!({"v": "no id"}),
+        ];
+        let (kept, dropped) = newest_per_key(&page, &["id".to_string()]);
+        assert_eq!(dropped, 1);
+        let vs: Vec<_> = kept.iter().map(|r| r["v"].as_str().unwrap()).collect();
+        assert_eq!(vs, ["b", "c", "no id"]);
+        let (all, none) = newest_per_key(&page, &[]);
+        assert_eq!((all.len(), none), (4, 0));
     }
 }
