@@ -63,6 +63,8 @@ pub struct Daemon {
     tracker: TaskTracker,
     /// Control files being acted on (so that a poll does not pick them up twice).
     in_progress: HashSet<PathBuf>,
+    // S-360: the webhook receiver (when `[receiver]` is configured).
+    receiver: Option<crate::receiver::Receiver>,
     _lock: StateLock,
 }
 
@@ -93,8 +95,12 @@ pub async fn run(
         shutdown: CancellationToken::new(),
         tracker: TaskTracker::new(),
         in_progress: HashSet::new(),
+        receiver: None,
         _lock: lock,
     };
+    // S-360: start receiving before READY=1; a bind failure is a start-up error.
+    d.receiver =
+        crate::receiver::start(&d.config, d.store.clone(), d.shutdown.clone(), &d.tracker).await?;
     let closed = d.store.close_interrupted_runs().await?;
     if closed > 0 {
         tracing::warn!(
@@ -321,6 +327,10 @@ impl Daemon {
                     tracing::warn!(warning = %w, "configuration warning");
                 }
                 self.config = Arc::new(new);
+                // S-360
+                if let Some(r) = &self.receiver {
+                    r.update(&self.config);
+                }
                 self.arm_all(false).await;
                 tracing::info!(
                     streams = self.config.streams.len(),
