@@ -80,7 +80,8 @@ pub enum JwtError {
 /// Checks signature, algorithm and times (with `skew_ms` of tolerance); returns the claims.
 pub fn verify(token: &str, key: &str, now_ms: i64, skew_ms: i64) -> Result<Claims, JwtError> {
     let mut parts = token.split('.');
-    let (Some(h), Some(p), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    let (Some(h), Some(p), Some(s), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
     else {
         return Err(JwtError::Malformed);
     };
@@ -132,7 +133,10 @@ mod tests {
         let now = 1_780_000_000_000;
         let t = minter().mint(now);
         let c = verify(&t, "s3cret", now, 2000).unwrap();
-        assert_eq!((c.sub.as_str(), c.aud.as_str(), c.iss.as_str()), ("myvenue", "VO1", "usher"));
+        assert_eq!(
+            (c.sub.as_str(), c.aud.as_str(), c.iss.as_str()),
+            ("myvenue", "VO1", "usher")
+        );
         assert_eq!(c.iat, now);
         assert_eq!(c.exp, now + 20_000);
     }
@@ -142,9 +146,18 @@ mod tests {
         let now = 1_780_000_000_000;
         let t = minter().mint(now);
         assert_eq!(verify(&t, "other", now, 2000), Err(JwtError::Signature));
-        assert_eq!(verify(&t, "s3cret", now + 23_000, 2000), Err(JwtError::Expired));
-        assert!(verify(&t, "s3cret", now + 21_500, 2000).is_ok(), "skew tolerated");
-        assert_eq!(verify(&t, "s3cret", now - 3000, 2000), Err(JwtError::Future));
+        assert_eq!(
+            verify(&t, "s3cret", now + 23_000, 2000),
+            Err(JwtError::Expired)
+        );
+        assert!(
+            verify(&t, "s3cret", now + 21_500, 2000).is_ok(),
+            "skew tolerated"
+        );
+        assert_eq!(
+            verify(&t, "s3cret", now - 3000, 2000),
+            Err(JwtError::Future)
+        );
         assert!(verify(&t, "s3cret", now - 1500, 2000).is_ok());
     }
 

@@ -17,9 +17,7 @@ use url::Url;
 use super::build::{build_auth, secret};
 use super::load::{Layers, Problem};
 use super::raw::{RawAuth, RawConnection, RawStream};
-use super::{
-    Auth, Connection, ConnectionKind, FeedOptions, RateLimit, StreamKind, WebhookOptions,
-};
+use super::{Auth, Connection, ConnectionKind, FeedOptions, RateLimit, StreamKind, WebhookOptions};
 use crate::mapping::Mapping;
 use crate::secret::Secret;
 
@@ -221,7 +219,11 @@ pub(super) fn connection_fields(
         match v {
             Some(s) if !s.trim().is_empty() => Some(s.clone()),
             _ => {
-                l.problem(scope, &format!("{prefix}.{key}"), format!("missing key `{key}`"));
+                l.problem(
+                    scope,
+                    &format!("{prefix}.{key}"),
+                    format!("missing key `{key}`"),
+                );
                 None
             }
         }
@@ -310,7 +312,9 @@ pub(super) fn stream_kind(
                 l.problem(
                     scope,
                     &key("entity"),
-                    format!("{other:?}: an S-360 webhook stream carries \"contacts\" or \"orders\""),
+                    format!(
+                        "{other:?}: an S-360 webhook stream carries \"contacts\" or \"orders\""
+                    ),
                 );
                 return None;
             }
@@ -482,7 +486,10 @@ pub(super) fn check_receiver(
             l.problem(
                 &scope,
                 &format!("streams.{name}.s360.path"),
-                format!("receiver path {:?} is also used by stream {other:?}", relay.path),
+                format!(
+                    "receiver path {:?} is also used by stream {other:?}",
+                    relay.path
+                ),
             );
         }
     }

@@ -94,7 +94,11 @@ impl S360Client {
         S360Error::Status {
             conn: self.endpoint.name.clone(),
             what: describe(&Method::POST, &url),
-            code: if code.is_empty() { "no statusCode".into() } else { code },
+            code: if code.is_empty() {
+                "no statusCode".into()
+            } else {
+                code
+            },
             detail: match v.get("statusDetail") {
                 Some(Value::String(s)) => s.clone(),
                 Some(other) => other.to_string(),
@@ -136,7 +140,11 @@ impl S360Client {
             .await?;
         Ok(v.get("contacts")
             .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(|c| id_text(c.get("contactNumber"))).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|c| id_text(c.get("contactNumber")))
+                    .collect()
+            })
             .unwrap_or_default())
     }
 
@@ -147,9 +155,19 @@ impl S360Client {
         cancel: &CancellationToken,
     ) -> Result<String, S360Error> {
         let update = id_text(body.get("contactNumber")).is_some();
-        let retry = if update { Retry::Idempotent } else { Retry::Once };
+        let retry = if update {
+            Retry::Idempotent
+        } else {
+            Retry::Once
+        };
         let v = self
-            .success(CONTACT_SERVICE, "saveIndividualContactData", body, retry, cancel)
+            .success(
+                CONTACT_SERVICE,
+                "saveIndividualContactData",
+                body,
+                retry,
+                cancel,
+            )
             .await?;
         id_text(v.get("contactNumber"))
             .or_else(|| id_text(body.get("contactNumber")))
@@ -167,7 +185,13 @@ impl S360Client {
         cancel: &CancellationToken,
     ) -> Result<String, S360Error> {
         let v = self
-            .success(ORDER_SERVICE, "createOrUpdateOrder", body, Retry::Once, cancel)
+            .success(
+                ORDER_SERVICE,
+                "createOrUpdateOrder",
+                body,
+                Retry::Once,
+                cancel,
+            )
             .await?;
         id_text(v.get("orderUpdateData").and_then(|o| o.get("orderId"))).ok_or_else(|| {
             S360Error::Malformed {

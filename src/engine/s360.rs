@@ -136,7 +136,14 @@ pub async fn relay(
                 Ok(v) => v,
                 Err(e) => {
                     // The receiver stored valid JSON; a damaged row is set aside, not forwarded.
-                    bad_record(ctx, Some(format!("inbox {}", row.id)), &Value::String(row.body.clone()), format!("stored record is not JSON: {e}"), counts, &mut dead)?;
+                    bad_record(
+                        ctx,
+                        Some(format!("inbox {}", row.id)),
+                        &Value::String(row.body.clone()),
+                        format!("stored record is not JSON: {e}"),
+                        counts,
+                        &mut dead,
+                    )?;
                     continue;
                 }
             };
@@ -149,7 +156,8 @@ pub async fn relay(
                     continue;
                 }
             }
-            if let (Some(oldest), Some(changed)) = (spec.oldest, s360_changed_at(relay.entity, &rec))
+            if let (Some(oldest), Some(changed)) =
+                (spec.oldest, s360_changed_at(relay.entity, &rec))
                 && changed < oldest
             {
                 counts.skipped += 1;
@@ -169,7 +177,12 @@ pub async fn relay(
         }
         let outbox: Vec<(Vec<u8>, u64)> = items
             .chunks(spec.max_per_payload as usize)
-            .map(|c| (serde_json::to_vec(c).expect("JSON serializes"), c.len() as u64))
+            .map(|c| {
+                (
+                    serde_json::to_vec(c).expect("JSON serializes"),
+                    c.len() as u64,
+                )
+            })
             .collect();
         counts.queued += items.len() as u64;
         ctx.store
@@ -232,7 +245,11 @@ pub async fn contacts(
             .pull(cursor.as_deref(), spec.page_size, &ctx.cancel)
             .await?;
         counts.pulled += page.records.len() as u64;
-        if page.has_more && !page.records.is_empty() && cursor.is_some() && page.next_cursor == cursor {
+        if page.has_more
+            && !page.records.is_empty()
+            && cursor.is_some()
+            && page.next_cursor == cursor
+        {
             return Err(SourceError::Stuck {
                 conn: spec.source.clone(),
                 cursor,
@@ -244,16 +261,28 @@ pub async fn contacts(
             .iter()
             .filter_map(|r| record_id(r, &feed.id))
             .collect();
-        let mut known: HashMap<String, String> =
-            ctx.store.links(&spec.name, ids).await?.into_iter().collect();
+        let mut known: HashMap<String, String> = ctx
+            .store
+            .links(&spec.name, ids)
+            .await?
+            .into_iter()
+            .collect();
         let mut links = Vec::new();
         let mut dead = Vec::new();
         for rec in &page.records {
             let Some(id) = record_id(rec, &feed.id) else {
-                bad_record(ctx, None, rec, format!("no id at `{}`", feed.id), counts, &mut dead)?;
+                bad_record(
+                    ctx,
+                    None,
+                    rec,
+                    format!("no id at `{}`", feed.id),
+                    counts,
+                    &mut dead,
+                )?;
                 continue;
             };
-            if let (Some(oldest), Some(changed)) = (spec.oldest, parse_time(lookup(rec, &feed.changed_at)))
+            if let (Some(oldest), Some(changed)) =
+                (spec.oldest, parse_time(lookup(rec, &feed.changed_at)))
                 && changed < oldest
             {
                 counts.skipped += 1;
@@ -276,17 +305,42 @@ pub async fn contacts(
                             .map(|e| e.trim().to_lowercase())
                             .filter(|e| !e.is_empty());
                         let Some(email) = email else {
-                            bad_record(ctx, Some(id), rec, "no link, no S-360 contact number and no e-mail to match on".into(), counts, &mut dead)?;
+                            bad_record(
+                                ctx,
+                                Some(id),
+                                rec,
+                                "no link, no S-360 contact number and no e-mail to match on".into(),
+                                counts,
+                                &mut dead,
+                            )?;
                             continue;
                         };
                         match s360.search_contact(&email, &ctx.cancel).await {
                             Ok(found) if found.len() > 1 => {
-                                refused_record(ctx, Some(id), rec, format!("ambiguous: {} S-360 contacts have this e-mail ({})", found.len(), found.join(", ")), counts, &mut dead);
+                                refused_record(
+                                    ctx,
+                                    Some(id),
+                                    rec,
+                                    format!(
+                                        "ambiguous: {} S-360 contacts have this e-mail ({})",
+                                        found.len(),
+                                        found.join(", ")
+                                    ),
+                                    counts,
+                                    &mut dead,
+                                );
                                 continue;
                             }
                             Ok(found) => found.into_iter().next(),
                             Err(e @ S360Error::Status { .. }) => {
-                                refused_record(ctx, Some(id), rec, e.to_string(), counts, &mut dead);
+                                refused_record(
+                                    ctx,
+                                    Some(id),
+                                    rec,
+                                    e.to_string(),
+                                    counts,
+                                    &mut dead,
+                                );
                                 continue;
                             }
                             Err(e) => {
@@ -416,7 +470,11 @@ pub async fn offers(
             .pull(cursor.as_deref(), spec.page_size, &ctx.cancel)
             .await?;
         counts.pulled += page.records.len() as u64;
-        if page.has_more && !page.records.is_empty() && cursor.is_some() && page.next_cursor == cursor {
+        if page.has_more
+            && !page.records.is_empty()
+            && cursor.is_some()
+            && page.next_cursor == cursor
+        {
             return Err(SourceError::Stuck {
                 conn: spec.source.clone(),
                 cursor,
@@ -428,10 +486,18 @@ pub async fn offers(
         let mut dead = Vec::new();
         for rec in &page.records {
             let Some(id) = record_id(rec, &feed.id) else {
-                bad_record(ctx, None, rec, format!("no id at `{}`", feed.id), counts, &mut dead)?;
+                bad_record(
+                    ctx,
+                    None,
+                    rec,
+                    format!("no id at `{}`", feed.id),
+                    counts,
+                    &mut dead,
+                )?;
                 continue;
             };
-            if let (Some(oldest), Some(changed)) = (spec.oldest, parse_time(lookup(rec, &feed.changed_at)))
+            if let (Some(oldest), Some(changed)) =
+                (spec.oldest, parse_time(lookup(rec, &feed.changed_at)))
                 && changed < oldest
             {
                 counts.skipped += 1;
@@ -446,10 +512,13 @@ pub async fn offers(
             let body = if spec.mapping.is_passthrough() {
                 order_body(rec, &id, opts.point_of_sales_id)
             } else {
-                spec.mapping.apply(rec).map_err(|e| e.to_string()).map(|mut v| {
-                    v["externalReference"] = Value::String(id.clone());
-                    v
-                })
+                spec.mapping
+                    .apply(rec)
+                    .map_err(|e| e.to_string())
+                    .map(|mut v| {
+                        v["externalReference"] = Value::String(id.clone());
+                        v
+                    })
             };
             let body = match body {
                 Ok(b) => b,
@@ -494,8 +563,16 @@ pub async fn offers(
                             order = Some(o);
                             break;
                         }
-                        Err(e @ S360Error::Status { .. }) | Err(e @ S360Error::Malformed { .. }) => {
-                            refused_record(ctx, Some(id.clone()), rec, e.to_string(), counts, &mut dead);
+                        Err(e @ S360Error::Status { .. })
+                        | Err(e @ S360Error::Malformed { .. }) => {
+                            refused_record(
+                                ctx,
+                                Some(id.clone()),
+                                rec,
+                                e.to_string(),
+                                counts,
+                                &mut dead,
+                            );
                             ledger.push(LedgerRow {
                                 key: id.clone(),
                                 content_hash: hash.clone(),
@@ -506,7 +583,11 @@ pub async fn offers(
                         }
                         Err(e) if e.outcome_unknown() => {
                             tracing::warn!(stream = %spec.name, offer = %id, error = %e, "order outcome unknown; asking S-360 before any retry");
-                            match s360.order_by_reference(&id, &ctx.cancel).await.map_err(fatal)? {
+                            match s360
+                                .order_by_reference(&id, &ctx.cancel)
+                                .await
+                                .map_err(fatal)?
+                            {
                                 Some(o) => {
                                     counts.created += 1;
                                     order = Some(o);
@@ -563,15 +644,29 @@ mod tests {
             json!({"pointOfSalesId":1,"orderType":"RESERVATION","externalReference":"OFF-9",
                    "purchaserContactNumber":"3346662","operations":[{"performanceId":7,"quantity":2,"tariffId":3}]})
         );
-        assert!(order_body(&json!({"kind":"OPTION"}), "x", 1).unwrap_err().contains("OPTION"));
+        assert!(
+            order_body(&json!({"kind":"OPTION"}), "x", 1)
+                .unwrap_err()
+                .contains("OPTION")
+        );
     }
 
     #[test]
     fn oldest_date_fields() {
         let c = json!({"creationDate":"2026-01-01T00:00:00.000+00:00","lastModificationDate":"2026-05-01T10:00:00.000+00:00"});
-        assert_eq!(s360_changed_at(S360Entity::Contacts, &c).unwrap().to_rfc3339(), "2026-05-01T10:00:00+00:00");
+        assert_eq!(
+            s360_changed_at(S360Entity::Contacts, &c)
+                .unwrap()
+                .to_rfc3339(),
+            "2026-05-01T10:00:00+00:00"
+        );
         let c = json!({"creationDate":"2026-01-01T00:00:00.000+00:00"});
-        assert_eq!(s360_changed_at(S360Entity::Contacts, &c).unwrap().to_rfc3339(), "2026-01-01T00:00:00+00:00");
+        assert_eq!(
+            s360_changed_at(S360Entity::Contacts, &c)
+                .unwrap()
+                .to_rfc3339(),
+            "2026-01-01T00:00:00+00:00"
+        );
         let o = json!({"orderDetailsData":{"creationDateTime":"2026-05-01T10:09:27.503+00:00"}});
         assert!(s360_changed_at(S360Entity::Orders, &o).is_some());
     }

@@ -175,7 +175,10 @@ fn answer(status: StatusCode, body: Value) -> Response {
 }
 
 fn refuse(status: StatusCode, reason: impl Into<String>) -> Response {
-    answer(status, json!({"status": "refused", "reason": reason.into()}))
+    answer(
+        status,
+        json!({"status": "refused", "reason": reason.into()}),
+    )
 }
 
 /// Constant-time comparison, so that a wrong credential's timing says nothing.
@@ -198,9 +201,10 @@ fn authorized(auth: &Auth, headers: &HeaderMap) -> bool {
             );
             same(get("authorization"), expected.as_bytes())
         }
-        Auth::Bearer { token } => {
-            same(get("authorization"), format!("Bearer {}", token.expose()).as_bytes())
-        }
+        Auth::Bearer { token } => same(
+            get("authorization"),
+            format!("Bearer {}", token.expose()).as_bytes(),
+        ),
         Auth::ApiKey { header, key } => same(get(header.as_str()), key.expose().as_bytes()),
         Auth::OAuth2 { .. } => false,
     }
@@ -249,10 +253,37 @@ pub fn parse_body(entity: S360Entity, body: &[u8]) -> Result<Vec<InboxRecord>, S
     Ok(out)
 }
 
+/// Reads the body up to `max`. Past it, the rest is read and dropped (up to a bound) so
+/// that the sender gets a clean 413 rather than a reset while it is still writing.
+async fn read_body(body: Body, max: usize) -> Result<bytes::Bytes, Option<StatusCode>> {
+    use futures::StreamExt;
+    let drain_cap = max.saturating_mul(16).max(64 * 1024 * 1024);
+    let mut stream = body.into_data_stream();
+    let mut buf = bytes::BytesMut::new();
+    let mut seen = 0usize;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|_| None)?;
+        seen += chunk.len();
+        if seen <= max {
+            buf.extend_from_slice(&chunk);
+        } else if seen > drain_cap {
+            return Err(Some(StatusCode::PAYLOAD_TOO_LARGE));
+        }
+    }
+    if seen > max {
+        return Err(Some(StatusCode::PAYLOAD_TOO_LARGE));
+    }
+    Ok(buf.freeze())
+}
+
 async fn handle(State(shared): State<Shared>, req: Request) -> Response {
     let path = req.uri().path().to_string();
     let route = {
-        let routes = shared.routes.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let routes = shared
+            .routes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         routes.get(&path).cloned()
     };
     let Some(route) = route else {
@@ -265,26 +296,16 @@ async fn handle(State(shared): State<Shared>, req: Request) -> Response {
         tracing::warn!(stream = %route.stream, path = %path, "receiver: credentials refused");
         return refuse(StatusCode::UNAUTHORIZED, "credentials refused");
     }
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > shared.max_body) {
-        return refuse(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("the body is over {} bytes", shared.max_body),
-        );
-    }
-    let body: Body = req.into_body();
-    let bytes = match axum::body::to_bytes(body, shared.max_body).await {
+    let bytes = match read_body(req.into_body(), shared.max_body).await {
         Ok(b) => b,
-        Err(_) => {
+        Err(Some(status)) => {
             return refuse(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("the body is over {} bytes (or broken off)", shared.max_body),
+                status,
+                format!("the body is over {} bytes", shared.max_body),
             );
         }
+        // Broken off: S-360 sees no answer and sends the payload again.
+        Err(None) => return refuse(StatusCode::BAD_REQUEST, "the body was broken off"),
     };
     let records = match parse_body(route.entity, &bytes) {
         Ok(r) => r,
@@ -294,7 +315,10 @@ async fn handle(State(shared): State<Shared>, req: Request) -> Response {
         }
     };
     if records.is_empty() {
-        return answer(StatusCode::OK, json!({"status": "stored", "stored": 0, "duplicates": 0}));
+        return answer(
+            StatusCode::OK,
+            json!({"status": "stored", "stored": 0, "duplicates": 0}),
+        );
     }
     let received = records.len();
     let (tx, rx) = oneshot::channel();
@@ -329,8 +353,16 @@ mod tests {
 
     #[test]
     fn bodies_are_checked() {
-        assert!(parse_body(S360Entity::Contacts, b"{").unwrap_err().contains("not JSON"));
-        assert!(parse_body(S360Entity::Contacts, b"{}").unwrap_err().contains("array"));
+        assert!(
+            parse_body(S360Entity::Contacts, b"{")
+                .unwrap_err()
+                .contains("not JSON")
+        );
+        assert!(
+            parse_body(S360Entity::Contacts, b"{}")
+                .unwrap_err()
+                .contains("array")
+        );
         assert!(
             parse_body(S360Entity::Contacts, br#"[{"x":1}]"#)
                 .unwrap_err()
