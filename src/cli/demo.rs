@@ -62,7 +62,12 @@ pub async fn demo(demo_config: PathBuf, contacts: u64, state_override: Option<Pa
         env_overrides: false,
         state_dir_override: state_override,
     };
-    let extra = figment::Figment::from(Serialized::defaults(json!({ "connections": overrides })));
+    let mut layer = json!({ "connections": overrides });
+    // S-360: the receiver listens on a free port in the demo.
+    if table.contains_key("receiver") {
+        layer["receiver"] = super::demo_s360::listen_override();
+    }
+    let extra = figment::Figment::from(Serialized::defaults(layer));
     let config = match config::load_with(&source, extra) {
         Ok(c) => c,
         Err(p) => return report_problems(&p),
@@ -97,6 +102,10 @@ pub async fn demo(demo_config: PathBuf, contacts: u64, state_override: Option<Pa
         sandbox.crm.contact_count(),
         2
     );
+    // S-360: S-360's webhooks into the receiver, offers and known contacts into the fakes.
+    for line in super::demo_s360::seed(&config, &store, &sandbox).await {
+        println!("  {line}");
+    }
     let config = Arc::new(config);
     let http = Http::new();
     let cancel = CancellationToken::new();

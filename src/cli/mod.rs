@@ -2,6 +2,8 @@
 //! unusable, 78 (EX_CONFIG) the configuration is invalid.
 
 mod demo;
+// S-360
+mod demo_s360;
 mod ops;
 
 use std::path::PathBuf;
