@@ -21,11 +21,17 @@ use crate::config;
 use crate::engine::{RunCtx, run_stream};
 use crate::http::Http;
 use crate::sandbox::Sandbox;
-use crate::sandbox::s360::webhook_contact;
 use crate::store::{InboxBatch, InboxRecord, Store};
 
+/// The same record as [`webhook_contact`], written with `format!` so that the senders, which
+/// share the machine's cores with the receiver, spend little CPU making their bodies.
 fn contact_json(seq: u64) -> String {
-    webhook_contact(seq).to_string()
+    format!(
+        r#"{{"contactNumber":"{n}","type":"INDIVIDUAL","role":"PUBLIC","seq":{seq},"creationDate":"2026-05-01T10:00:00.000+00:00","lastModificationDate":"2026-05-02T10:{m:02}:{s:02}.000+00:00","individualContact":{{"firstName":"Ada{seq}","lastName":"Example","email":"ada{seq}@example.org","cellPhoneNumber":"+4712345678","languageCode":"en"}},"addresses":[{{"isMain":true,"line1":"Main st 1","zipCode":"0150","town":"Oslo","countryCode":"NO"}}],"authorizations":[{{"code":"NEWSLETTER","value":true}}],"contactCriteria":[{{"code":"EXTCRM_ID","value":"CRM-{seq}"}}]}}"#,
+        n = 3_100_000 + seq,
+        m = seq / 60 % 60,
+        s = seq % 60
+    )
 }
 
 pub async fn bench(clients: usize, seconds: u64, relay: u64) -> i32 {
@@ -247,4 +253,15 @@ url = "/hooks/relay"
         report.counts.created as f64 / secs
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::sandbox::s360::webhook_contact;
+
+    #[test]
+    fn the_bench_body_is_the_fake_senders_record() {
+        let a: serde_json::Value = serde_json::from_str(&super::contact_json(77)).unwrap();
+        assert_eq!(a, webhook_contact(77));
+    }
 }

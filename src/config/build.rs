@@ -68,7 +68,7 @@ pub(super) fn build(source: &Source, extra: Option<Figment>) -> Result<Config, V
         }
     }
     // S-360
-    super::s360::check_receiver(&mut l, receiver.as_ref(), &streams);
+    super::s360::check_receiver(&mut l, receiver.as_ref(), &connections, &streams);
 
     if l.problems.is_empty() {
         Ok(Config {

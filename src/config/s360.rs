@@ -463,12 +463,33 @@ pub fn default_contact_mapping() -> Mapping {
     m
 }
 
-/// Every relay stream needs the receiver, and two streams cannot share a path.
+/// Every relay stream needs the receiver, two streams cannot share a path, and the S-360
+/// connections of one institution (which share one rate budget) must agree on its limit.
 pub(super) fn check_receiver(
     l: &mut Layers,
     receiver: Option<&ReceiverSettings>,
+    connections: &std::collections::BTreeMap<String, Arc<Connection>>,
     streams: &std::collections::BTreeMap<String, Arc<super::StreamSpec>>,
 ) {
+    let mut limits: std::collections::BTreeMap<&str, (&str, Option<RateLimit>)> =
+        Default::default();
+    for (name, c) in connections {
+        let Some(a) = &c.s360 else { continue };
+        match limits.get(a.institution.as_str()) {
+            Some((other, limit)) if *limit != c.rate_limit => l.problem(
+                &format!("connection \"{name}\""),
+                &format!("connections.{name}.rate_limit"),
+                format!(
+                    "connection {other:?} reaches institution {:?} too and both share one budget: set the same `rate_limit` on both",
+                    a.institution
+                ),
+            ),
+            Some(_) => {}
+            None => {
+                limits.insert(&a.institution, (name, c.rate_limit));
+            }
+        }
+    }
     let mut paths: std::collections::BTreeMap<String, String> = Default::default();
     for (name, spec) in streams {
         let StreamKind::S360Relay { relay, .. } = &spec.kind else {
