@@ -181,7 +181,10 @@ impl Budget {
                                 None
                             } else {
                                 let oldest = *st.calls.front().expect("non-empty at the limit");
-                                Some(l.per - now.duration_since(oldest) + Duration::from_millis(1))
+                                // S-360: 1% of the window as slack, so that network jitter
+                                // cannot squeeze one call too many into the vendor's window.
+                                let slack = (l.per / 100).max(Duration::from_millis(1));
+                                Some(l.per - now.duration_since(oldest) + slack)
                             }
                         }
                     },

@@ -29,7 +29,7 @@ pub const DEMO_PARTNER_SECRET: &str = "demo-partner-secret";
 pub const DEMO_PARTNER: &str = "usher";
 pub const DEMO_OPERATOR: &str = "VO-DEMO";
 
-/// One call the API got, as the rate limiter saw it.
+/// One call the API got, as the rate limiter saw it (`at` = time of receipt).
 #[derive(Debug, Clone)]
 pub struct ApiCall {
     pub institution: String,
@@ -229,6 +229,7 @@ async fn api(
     body: axum::body::Bytes,
 ) -> Response {
     let now = std::time::Instant::now();
+    let received = SystemTime::now();
     // Rate limit first: every call counts, refused ones included.
     let limited = {
         let mut i = fake.inner.lock().unwrap();
@@ -261,7 +262,7 @@ async fn api(
     fake.inner.lock().unwrap().calls.push(ApiCall {
         institution,
         method,
-        at: SystemTime::now(),
+        at: received,
         status: resp.status().as_u16(),
     });
     resp
