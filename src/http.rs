@@ -267,6 +267,9 @@ pub enum HttpAuth {
         client_secret: Secret,
         form: Vec<(String, String)>,
     },
+    // S-360
+    /// A fresh HS256 JWT minted for every call (S-360: lifetime ≤ 30 s, claims in ms).
+    Jwt(crate::jwt::Hs256),
 }
 
 impl From<&config::Auth> for HttpAuth {
@@ -357,6 +360,19 @@ impl Http {
 
     /// A client for one configured connection.
     pub fn endpoint(&self, conn: &config::Connection) -> Endpoint {
+        // S-360: its account signs a JWT per call instead of a configured `auth`.
+        if let Some(a) = &conn.s360 {
+            return self.endpoint_with(
+                conn,
+                HttpAuth::Jwt(crate::jwt::Hs256 {
+                    sub: a.institution.clone(),
+                    aud: a.virtual_operator.clone(),
+                    iss: a.partner_name.clone(),
+                    secret: a.partner_secret.clone(),
+                    lifetime_ms: 20_000,
+                }),
+            );
+        }
         self.endpoint_with(conn, HttpAuth::from(&conn.auth))
     }
 
@@ -369,7 +385,8 @@ impl Http {
             connect_timeout: conn.connect_timeout,
             max_retries: conn.max_retries,
             client: self.client.clone(),
-            budget: self.budget(&conn.name, conn.rate_limit),
+            budget: self.budget(&conn.budget_key(), conn.rate_limit),
+            rate_window: conn.rate_window(),
             auth,
             token: Arc::new(tokio::sync::Mutex::new(None)),
         }
@@ -387,6 +404,8 @@ pub struct Endpoint {
     max_retries: u32,
     client: reqwest::Client,
     pub budget: Arc<Budget>,
+    /// The vendor's documented wait after a 429/509 without `Retry-After` (S-360: 20 s).
+    rate_window: Option<Duration>,
     auth: HttpAuth,
     token: Arc<tokio::sync::Mutex<Option<CachedToken>>>,
 }
@@ -490,6 +509,7 @@ impl Endpoint {
                     }
                     if code == 429 || code == 509 {
                         let wait = retry_after(&headers, std::time::SystemTime::now())
+                            .or(self.rate_window)
                             .unwrap_or_else(|| {
                                 backoff(failures.min(6)).max(Duration::from_secs(1))
                             });
@@ -585,7 +605,7 @@ impl Endpoint {
     }
 
     fn has_token_auth(&self) -> bool {
-        matches!(self.auth, HttpAuth::OAuth2 { .. })
+        matches!(self.auth, HttpAuth::OAuth2 { .. } | HttpAuth::Jwt(_))
     }
 
     async fn authorize(
@@ -605,6 +625,7 @@ impl Endpoint {
                 let token = self.token(cancel, what).await?;
                 rb.bearer_auth(token.expose())
             }
+            HttpAuth::Jwt(minter) => rb.bearer_auth(minter.mint(crate::jwt::now_ms())),
         })
     }
 

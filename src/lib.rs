@@ -17,9 +17,13 @@ pub mod config;
 pub mod connectors;
 pub mod engine;
 pub mod http;
+// S-360
+pub mod jwt;
 pub mod logging;
 pub mod mapping;
 pub mod metrics;
+// S-360
+pub mod receiver;
 pub mod sandbox;
 pub mod schedule;
 pub mod secret;

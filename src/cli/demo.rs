@@ -63,7 +63,12 @@ pub async fn demo(demo_config: PathBuf, contacts: u64, state_override: Option<Pa
         state_dir_override: state_override,
         read_secrets: true,
     };
-    let extra = figment::Figment::from(Serialized::defaults(json!({ "connections": overrides })));
+    let mut layer = json!({ "connections": overrides });
+    // S-360: the receiver listens on a free port in the demo.
+    if table.contains_key("receiver") {
+        layer["receiver"] = super::demo_s360::listen_override();
+    }
+    let extra = figment::Figment::from(Serialized::defaults(layer));
     let config = match config::load_with(&source, extra) {
         Ok(c) => c,
         Err(p) => return report_problems(&p),
@@ -98,6 +103,10 @@ pub async fn demo(demo_config: PathBuf, contacts: u64, state_override: Option<Pa
         sandbox.crm.contact_count(),
         2
     );
+    // S-360: S-360's webhooks into the receiver, offers and known contacts into the fakes.
+    for line in super::demo_s360::seed(&config, &store, &sandbox).await {
+        println!("  {line}");
+    }
     let config = Arc::new(config);
     let http = Http::new();
     let cancel = CancellationToken::new();
@@ -133,9 +142,17 @@ pub async fn demo(demo_config: PathBuf, contacts: u64, state_override: Option<Pa
             spec.name, spec.source, spec.target, r.outcome
         );
         println!(
-            "  pulled {} from {}, queued {}, delivered {}, dead-lettered {}, skipped {} in {:.2}s",
-            c.pulled, spec.source, c.queued, c.created, c.failed, c.skipped, r.seconds
+            "  pulled {} from {}, queued {}, created {}, updated {}, dead-lettered {}, skipped {} in {:.2}s",
+            c.pulled, spec.source, c.queued, c.created, c.updated, c.failed, c.skipped, r.seconds
         );
+        if got.is_empty() {
+            // Not a webhook target: what it holds is in its own fake (see `created`/`updated`).
+            if let Some(e) = &r.error {
+                println!("  error: {e}");
+                failed = true;
+            }
+            continue;
+        }
         let paths: std::collections::BTreeSet<_> =
             got.iter().map(|p| format!("/hooks/{}", p.path)).collect();
         println!(

@@ -3,6 +3,9 @@
 
 mod bench;
 mod demo;
+// S-360
+mod bench_s360;
+mod demo_s360;
 mod ops;
 
 use std::path::PathBuf;
@@ -109,6 +112,17 @@ pub enum Command {
         #[arg(long, default_value_t = 1000)]
         contacts: u64,
     },
+    // S-360
+    /// Measure the S-360 receiver (records/s accepted durably, latency) and relay.
+    #[command(hide = true)]
+    BenchS360 {
+        #[arg(long, default_value_t = 8)]
+        clients: usize,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        #[arg(long, default_value_t = 100_000)]
+        relay: u64,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -192,6 +206,12 @@ pub fn main() -> i32 {
         } => runtime.block_on(bench::scale(streams, connections, idle_secs)),
         Command::GenerateAssets { dir } => generate_assets(&dir),
         Command::Sandbox { listen, contacts } => runtime.block_on(demo::sandbox(listen, contacts)),
+        // S-360
+        Command::BenchS360 {
+            clients,
+            seconds,
+            relay,
+        } => runtime.block_on(bench_s360::bench(clients, seconds, relay)),
     }
 }
 

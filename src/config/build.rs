@@ -16,7 +16,15 @@ use crate::mapping::Mapping;
 use crate::schedule::{Schedule, parse_duration, parse_tz};
 use crate::secret::Secret;
 
-const TOP_LEVEL: &[&str] = &["daemon", "log", "metrics", "connections", "streams"];
+const TOP_LEVEL: &[&str] = &[
+    "daemon",
+    "log",
+    "metrics",
+    "connections",
+    "streams",
+    // S-360
+    "receiver",
+];
 
 pub(super) fn build(source: &Source, extra: Option<Figment>) -> Result<Config, Vec<Problem>> {
     let mut l = layers(&source.main_file, source.env_overrides);
@@ -45,6 +53,8 @@ pub(super) fn build(source: &Source, extra: Option<Figment>) -> Result<Config, V
     let daemon = build_daemon(&mut l, source);
     let log = build_log(&mut l);
     let metrics_listen = build_metrics(&mut l);
+    // S-360
+    let receiver = super::s360::build_receiver(&mut l);
 
     let mut connections = BTreeMap::new();
     for name in names(&mut l, "connections") {
@@ -56,10 +66,12 @@ pub(super) fn build(source: &Source, extra: Option<Figment>) -> Result<Config, V
     let mut all_stream_names = Vec::new();
     for name in names(&mut l, "streams") {
         all_stream_names.push(name.clone());
-        if let Some(s) = build_stream(&mut l, &name, &connections) {
+        if let Some(s) = build_stream(&mut l, &name, &connections, &config_dir, &mut warnings) {
             streams.insert(name, Arc::new(s));
         }
     }
+    // S-360
+    super::s360::check_receiver(&mut l, receiver.as_ref(), &connections, &streams);
 
     if l.problems.is_empty() {
         Ok(Config {
@@ -68,6 +80,7 @@ pub(super) fn build(source: &Source, extra: Option<Figment>) -> Result<Config, V
             log,
             connections,
             streams,
+            receiver,
             files: l.files,
             warnings,
         })
@@ -249,7 +262,7 @@ fn build_log(l: &mut Layers) -> LogSettings {
 /// Reads a secret from exactly one of `KEY`, `KEY_file`, `KEY_env`. A relative file name is
 /// looked up in `$CREDENTIALS_DIRECTORY` (systemd `LoadCredential`), else beside the main file.
 #[allow(clippy::too_many_arguments)] // one argument per way of giving a secret reads best here
-fn secret(
+pub(super) fn secret(
     l: &mut Layers,
     scope: &str,
     prefix: &str,
@@ -406,6 +419,11 @@ fn build_connection(
         },
     };
     let base_url = match &raw.base_url {
+        // S-360: the instance's documented host (checked with the account below).
+        None if kind == Some(ConnectionKind::S360) => raw
+            .institution
+            .as_deref()
+            .and_then(super::s360::default_base_url),
         None => {
             l.problem(
                 &scope,
@@ -430,7 +448,12 @@ fn build_connection(
         raw.connect_timeout.as_ref(),
         Duration::from_secs(10),
     );
-    let rate_limit = raw.rate_limit.as_ref().and_then(|r| {
+    let default_rate_limit = match kind {
+        // S-360
+        Some(ConnectionKind::S360) => Some(super::s360::S360_RATE_LIMIT),
+        _ => None,
+    };
+    let rate_limit = raw.rate_limit.as_ref().map_or(default_rate_limit, |r| {
         let calls = match r.calls {
             Some(0) | None => {
                 l.problem(
@@ -481,6 +504,8 @@ fn build_connection(
         )
         .unwrap_or(Auth::None),
     };
+    // S-360
+    let s360 = super::s360::connection_fields(l, &scope, &prefix, kind, &raw, config_dir, warnings);
     if l.problems.len() != before {
         return None;
     }
@@ -493,10 +518,11 @@ fn build_connection(
         max_retries: raw.max_retries.unwrap_or(5),
         rate_limit,
         auth,
+        s360,
     })
 }
 
-fn build_auth(
+pub(super) fn build_auth(
     l: &mut Layers,
     scope: &str,
     prefix: &str,
@@ -660,6 +686,8 @@ fn build_stream(
     l: &mut Layers,
     name: &str,
     connections: &BTreeMap<String, Arc<Connection>>,
+    config_dir: &Path,
+    warnings: &mut Vec<Problem>,
 ) -> Option<StreamSpec> {
     let scope = format!("stream \"{name}\"");
     let prefix = format!("streams.{name}");
@@ -865,8 +893,16 @@ fn build_stream(
                     .unwrap_or_else(|| "updated_at".into()),
             })
         }
-        None => None,
+        // S-360
+        Some(ConnectionKind::S360) | None => None,
     };
+    // S-360: a stream from S-360 takes its institution from the connection by default.
+    let institution = raw.institution.clone().or_else(|| {
+        source
+            .as_ref()
+            .and_then(|s| s.s360.as_ref())
+            .map(|a| a.institution.clone())
+    });
     let target_is_webhook = target
         .as_ref()
         .map(|t| t.kind == ConnectionKind::Crm)
@@ -891,7 +927,7 @@ fn build_stream(
             }
         };
         if !url.is_empty() {
-            let expanded = expand(&url, name, raw.institution.as_deref(), &raw.entity);
+            let expanded = expand(&url, name, institution.as_deref(), &raw.entity);
             if expanded.contains('{') {
                 l.problem(
                     &scope,
@@ -956,8 +992,30 @@ fn build_stream(
         );
     }
     let kind = match (feed, webhook) {
-        (Some(feed), Some(webhook)) => Some(StreamKind::FeedToWebhook { feed, webhook }),
-        _ => None,
+        (Some(feed), Some(webhook))
+            if source
+                .as_ref()
+                .is_some_and(|s| s.kind == ConnectionKind::Crm)
+                && target
+                    .as_ref()
+                    .is_some_and(|t| t.kind == ConnectionKind::Crm) =>
+        {
+            Some(StreamKind::FeedToWebhook { feed, webhook })
+        }
+        // S-360
+        (feed, webhook) => super::s360::stream_kind(
+            l,
+            &scope,
+            &prefix,
+            &raw,
+            source.as_ref(),
+            target.as_ref(),
+            feed,
+            webhook,
+            &mut mapping,
+            config_dir,
+            warnings,
+        ),
     };
     if raw.entity.is_none() {
         l.problem(
@@ -981,7 +1039,7 @@ fn build_stream(
         page_size,
         max_per_run,
         max_per_payload,
-        institution: raw.institution,
+        institution,
         mapping,
         matching: raw.matching.unwrap_or_default(),
         kind: kind?,

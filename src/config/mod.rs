@@ -7,6 +7,8 @@
 mod build;
 mod load;
 mod raw;
+// S-360
+mod s360;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -18,6 +20,11 @@ use url::Url;
 
 pub use build::expand;
 pub use load::Problem;
+// S-360
+pub use s360::{
+    ReceiverSettings, RelayOptions, S360_RATE_LIMIT, S360_RATE_WINDOW, S360Account,
+    S360ContactOptions, S360Entity, S360OfferOptions, default_base_url, parse_size,
+};
 
 use crate::mapping::Mapping;
 use crate::schedule::Schedule;
@@ -34,6 +41,8 @@ pub struct Config {
     pub log: LogSettings,
     pub connections: BTreeMap<String, Arc<Connection>>,
     pub streams: BTreeMap<String, Arc<StreamSpec>>,
+    // S-360: where S-360's webhooks are received (absent: no receiver).
+    pub receiver: Option<ReceiverSettings>,
     /// The files that were read, in merge order (for `validate` and the reload log line).
     pub files: Vec<PathBuf>,
     /// Things that are allowed but worth a look (e.g. a secret written inline).
@@ -75,20 +84,45 @@ pub struct Connection {
     pub max_retries: u32,
     pub rate_limit: Option<RateLimit>,
     pub auth: Auth,
+    // S-360: the instance's account (kind s360 only).
+    pub s360: Option<S360Account>,
+}
+
+impl Connection {
+    /// The key of the rate budget this connection draws from. S-360 limits calls per
+    /// instance, so every S-360 connection to one institution shares one budget.
+    pub fn budget_key(&self) -> String {
+        match &self.s360 {
+            Some(a) => format!("s360:{}", a.institution),
+            None => self.name.clone(),
+        }
+    }
+
+    /// How long a 429/509 without `Retry-After` means to wait, when the vendor documents it.
+    pub fn rate_window(&self) -> Option<Duration> {
+        match self.kind {
+            ConnectionKind::S360 => Some(S360_RATE_WINDOW),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConnectionKind {
     /// A generic HTTP CRM: cursor feed source and webhook target (vendor-apis "ExtCRM").
     Crm,
+    // S-360
+    /// An S-360 instance: REST-RPC API with an HS256 JWT (vendor-apis "S-360").
+    S360,
 }
 
 impl ConnectionKind {
-    pub const NAMES: &'static [&'static str] = &["crm"];
+    pub const NAMES: &'static [&'static str] = &["crm", "s360"];
 
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "crm" => Some(ConnectionKind::Crm),
+            "s360" => Some(ConnectionKind::S360),
             _ => None,
         }
     }
@@ -96,6 +130,7 @@ impl ConnectionKind {
     pub fn as_str(self) -> &'static str {
         match self {
             ConnectionKind::Crm => "crm",
+            ConnectionKind::S360 => "s360",
         }
     }
 }
@@ -160,6 +195,22 @@ pub enum StreamKind {
     FeedToWebhook {
         feed: FeedOptions,
         webhook: WebhookOptions,
+    },
+    // S-360
+    /// S-360's webhooks, stored by the receiver, relayed from the inbox to a CRM webhook.
+    S360Relay {
+        relay: RelayOptions,
+        webhook: WebhookOptions,
+    },
+    /// CRM contact changes → `saveIndividualContactData`.
+    CrmToS360Contacts {
+        feed: FeedOptions,
+        contacts: S360ContactOptions,
+    },
+    /// CRM offer requests → one order each through `createOrUpdateOrder`.
+    CrmOffersToS360 {
+        feed: FeedOptions,
+        offers: S360OfferOptions,
     },
 }
 

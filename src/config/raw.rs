@@ -57,6 +57,13 @@ pub struct RawConnection {
     pub client_secret: Option<String>,
     pub client_secret_file: Option<String>,
     pub client_secret_env: Option<String>,
+    // S-360: the instance and the JWT's claims and key (see config/s360.rs).
+    pub institution: Option<String>,
+    pub virtual_operator: Option<String>,
+    pub partner_name: Option<String>,
+    pub partner_secret: Option<String>,
+    pub partner_secret_file: Option<String>,
+    pub partner_secret_env: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -113,6 +120,8 @@ pub struct RawStream {
     pub matching: Option<Vec<String>>,
     pub feed: Option<RawFeed>,
     pub webhook: Option<RawWebhook>,
+    // S-360: receiver path and auth, matching and order options (see config/s360.rs).
+    pub s360: Option<super::s360::RawS360Stream>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -2,6 +2,8 @@
 //! commits) lives in `http` and `engine`.
 
 pub mod feed;
+// S-360
+pub mod s360;
 pub mod webhook;
 
 use std::fmt;
@@ -60,6 +62,27 @@ pub async fn check_online(http: &Http, conn: &Connection, cancel: &CancellationT
                 )),
                 Ok(r) => Verdict::Valid(format!("HTTP {} from {}", r.status, conn.base_url.path())),
                 Err(HttpError::CredentialsRefused { what, .. }) => Verdict::WrongCredentials(what),
+                Err(e) => Verdict::Unreachable(e.to_string()),
+            }
+        }
+        // S-360
+        ConnectionKind::S360 => {
+            let client = s360::S360Client {
+                endpoint: http.endpoint(conn),
+            };
+            match client.check(cancel).await {
+                Ok(()) => Verdict::Valid("searchContact answered SUCCESS with the JWT".into()),
+                Err(s360::S360Error::Http(HttpError::CredentialsRefused { what, .. })) => {
+                    Verdict::WrongCredentials(format!("JWT refused at {what}"))
+                }
+                Err(s360::S360Error::Http(HttpError::Status {
+                    status: 401 | 403,
+                    what,
+                    ..
+                })) => Verdict::WrongCredentials(format!("JWT refused at {what}")),
+                Err(s360::S360Error::Status { code, detail, .. }) => {
+                    Verdict::WrongCredentials(format!("S-360 answered {code}: {detail}"))
+                }
                 Err(e) => Verdict::Unreachable(e.to_string()),
             }
         }

@@ -69,6 +69,8 @@ pub struct Daemon {
     permits: Arc<tokio::sync::Semaphore>,
     /// The configuration as /metrics and /healthz see it (updated on reload).
     shared: Arc<std::sync::RwLock<Arc<Config>>>,
+    // S-360: the webhook receiver (when `[receiver]` is configured).
+    receiver: Option<crate::receiver::Receiver>,
     _lock: StateLock,
 }
 
@@ -105,8 +107,12 @@ pub async fn run(
         shutdown: CancellationToken::new(),
         tracker: TaskTracker::new(),
         in_progress: HashSet::new(),
+        receiver: None,
         _lock: lock,
     };
+    // S-360: start receiving before READY=1; a bind failure is a start-up error.
+    d.receiver =
+        crate::receiver::start(&d.config, d.store.clone(), d.shutdown.clone(), &d.tracker).await?;
     let closed = d.store.close_interrupted_runs().await?;
     if closed > 0 {
         tracing::warn!(
@@ -402,6 +408,10 @@ impl Daemon {
                 }
                 let previous = std::mem::replace(&mut self.config, Arc::new(new));
                 *self.shared.write().unwrap_or_else(|p| p.into_inner()) = self.config.clone();
+                // S-360
+                if let Some(r) = &self.receiver {
+                    r.update(&self.config);
+                }
                 self.arm_all(false, Some(&previous)).await;
                 tracing::info!(
                     streams = self.config.streams.len(),

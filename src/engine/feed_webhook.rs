@@ -27,18 +27,7 @@ pub async fn run(
     let source_conn = ctx.connection(&spec.source)?;
     let target_conn = ctx.connection(&spec.target)?;
     let source = FeedSource::new(ctx.http.endpoint(&source_conn), feed.clone(), &spec.entity);
-    let endpoint = ctx.http.endpoint(&target_conn);
-    let url = endpoint.url(&expand(
-        &webhook.url,
-        &spec.name,
-        spec.institution.as_deref(),
-        &Some(spec.entity.clone()),
-    ));
-    let target = WebhookTarget {
-        endpoint,
-        url,
-        accepted: webhook.accepted_statuses.clone(),
-    };
+    let target = webhook_target(ctx, &target_conn, webhook, spec.institution.as_deref());
     let budget = spec.max_per_run as u64;
     let mut sent = 0u64;
 
@@ -214,6 +203,28 @@ pub fn newest_per_key<'a>(
     (kept, dropped)
 }
 
+/// The stream's webhook target, its URL template filled in (shared with the S-360 relay).
+pub(super) fn webhook_target(
+    ctx: &RunCtx,
+    target_conn: &crate::config::Connection,
+    webhook: &WebhookOptions,
+    institution: Option<&str>,
+) -> WebhookTarget {
+    let spec = &ctx.spec;
+    let endpoint = ctx.http.endpoint(target_conn);
+    let url = endpoint.url(&expand(
+        &webhook.url,
+        &spec.name,
+        institution,
+        &Some(spec.entity.clone()),
+    ));
+    WebhookTarget {
+        endpoint,
+        url,
+        accepted: webhook.accepted_statuses.clone(),
+    }
+}
+
 fn changed_at(rec: &serde_json::Value, path: &str) -> Option<DateTime<Utc>> {
     let s = lookup(rec, path)?.as_str()?;
     DateTime::parse_from_rfc3339(s)
@@ -223,7 +234,7 @@ fn changed_at(rec: &serde_json::Value, path: &str) -> Option<DateTime<Utc>> {
 
 /// Sends waiting payloads in order until the outbox is empty, the run's budget is spent, or
 /// one is refused.
-async fn deliver(
+pub(super) async fn deliver(
     ctx: &RunCtx,
     target: &WebhookTarget,
     budget: u64,

@@ -11,6 +11,8 @@ pub mod daemon;
 mod feed_webhook;
 pub mod health;
 pub mod lock;
+// S-360
+mod s360;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -136,6 +138,16 @@ pub async fn run_stream(ctx: &RunCtx, trigger: &str) -> RunReport {
     let result = match &ctx.spec.kind {
         StreamKind::FeedToWebhook { feed, webhook } => {
             feed_webhook::run(ctx, feed, webhook, &mut counts).await
+        }
+        // S-360
+        StreamKind::S360Relay { relay, webhook } => {
+            s360::relay(ctx, relay, webhook, &mut counts).await
+        }
+        StreamKind::CrmToS360Contacts { feed, contacts } => {
+            s360::contacts(ctx, feed, contacts, &mut counts).await
+        }
+        StreamKind::CrmOffersToS360 { feed, offers } => {
+            s360::offers(ctx, feed, offers, &mut counts).await
         }
     };
     let (outcome, error) = match result {

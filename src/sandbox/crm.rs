@@ -40,6 +40,12 @@ struct Inner {
     repeat_first_page: bool,
     /// Fault mode: past the end, `has_more` stays true on empty pages.
     endless_has_more: bool,
+    // S-360 streams: offer requests (a second feed) and OAuth2 client credentials.
+    offers: Vec<Value>,
+    /// When set, `/oauth/token` issues tokens to this client and requests need one.
+    oauth: Option<(String, String)>,
+    issued: HashSet<String>,
+    tokens_issued: u64,
 }
 
 #[derive(Clone, Default)]
@@ -125,9 +131,45 @@ impl CrmFake {
             .collect()
     }
 
+    // S-360 streams ------------------------------------------------------------------
+
+    /// Appends `n` generated offer requests (`OFF-1`…), alternating SALE and RESERVATION.
+    pub fn add_offers(&self, n: u64) {
+        let mut i = self.inner.lock().unwrap();
+        let start = i.offers.len() as u64;
+        for seq in start + 1..=start + n {
+            i.offers.push(json!({
+                "id": format!("OFF-{seq}"),
+                "seq": seq,
+                "kind": if seq % 2 == 0 { "RESERVATION" } else { "SALE" },
+                "contact_number": format!("{}", 3_200_000 + seq),
+                "performance_id": 7,
+                "quantity": 1 + seq % 4,
+                "tariff_id": 3,
+                "created_at": "2026-05-01T10:00:00Z",
+            }));
+        }
+    }
+
+    pub fn push_offer(&self, v: Value) {
+        self.inner.lock().unwrap().offers.push(v);
+    }
+
+    /// Requests must carry a bearer token from `/oauth/token`, which answers only this client.
+    pub fn require_oauth(&self, client_id: &str, client_secret: &str) {
+        self.inner.lock().unwrap().oauth = Some((client_id.into(), client_secret.into()));
+    }
+
+    pub fn tokens_issued(&self) -> u64 {
+        self.inner.lock().unwrap().tokens_issued
+    }
+
     pub fn router(&self) -> Router {
         let feed = Router::new()
             .route("/api/changes", get(changes))
+            // S-360 streams
+            .route("/api/offer-requests", get(offer_requests))
+            .route("/oauth/token", post(token))
             .layer(axum::middleware::from_fn_with_state(
                 (self.faults.clone(), "crm.feed"),
                 faults::layer,
@@ -145,6 +187,13 @@ impl CrmFake {
 
     fn authorized(&self, headers: &HeaderMap) -> bool {
         let i = self.inner.lock().unwrap();
+        if i.oauth.is_some() {
+            let bearer = headers
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "));
+            return bearer.is_some_and(|t| i.issued.contains(t));
+        }
         match &i.auth {
             None => true,
             Some((h, v)) => {
@@ -250,5 +299,67 @@ async fn hook(
         StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
         axum::Json(json!({"status": if status == 200 { "accepted" } else { "refused" }})),
     )
+        .into_response()
+}
+
+// S-360 streams ----------------------------------------------------------------------
+
+async fn offer_requests(
+    State(crm): State<CrmFake>,
+    headers: HeaderMap,
+    Query(q): Query<FeedQuery>,
+) -> Response {
+    if !crm.authorized(&headers) {
+        return unauthorized();
+    }
+    let pos = match q.cursor.as_deref() {
+        None | Some("") => 0,
+        Some(c) => match c.strip_prefix('o').and_then(|n| n.parse::<usize>().ok()) {
+            Some(n) => n,
+            None => {
+                return (
+                    StatusCode::BAD_REQUEST,
+                    axum::Json(json!({"error": "invalid_cursor"})),
+                )
+                    .into_response();
+            }
+        },
+    };
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let i = crm.inner.lock().unwrap();
+    let pos = pos.min(i.offers.len());
+    let end = (pos + limit).min(i.offers.len());
+    axum::Json(json!({
+        "items": i.offers[pos..end].to_vec(),
+        "next": format!("o{end}"),
+        "has_more": end < i.offers.len(),
+    }))
+    .into_response()
+}
+
+/// OAuth2 client credentials, from the form or from HTTP Basic.
+async fn token(State(crm): State<CrmFake>, body: Bytes) -> Response {
+    let form: std::collections::HashMap<String, String> =
+        url::form_urlencoded::parse(&body).into_owned().collect();
+    let mut i = crm.inner.lock().unwrap();
+    let ok = match &i.oauth {
+        Some((id, secret)) => {
+            form.get("grant_type").map(String::as_str) == Some("client_credentials")
+                && form.get("client_id") == Some(id)
+                && form.get("client_secret") == Some(secret)
+        }
+        None => false,
+    };
+    if !ok {
+        return (
+            StatusCode::UNAUTHORIZED,
+            axum::Json(json!({"error": "invalid_client"})),
+        )
+            .into_response();
+    }
+    i.tokens_issued += 1;
+    let t = format!("crm-token-{}", i.tokens_issued);
+    i.issued.insert(t.clone());
+    axum::Json(json!({"access_token": t, "token_type": "Bearer", "expires_in": 3600}))
         .into_response()
 }

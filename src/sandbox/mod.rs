@@ -4,6 +4,8 @@
 
 pub mod crm;
 pub mod faults;
+// S-360
+pub mod s360;
 
 use std::net::SocketAddr;
 
@@ -13,11 +15,15 @@ use tokio_util::sync::CancellationToken;
 
 pub use crm::CrmFake;
 pub use faults::{Fault, Faults};
+// S-360
+pub use s360::{S360Fake, S360Sender};
 
 /// The running fakes.
 pub struct Sandbox {
     pub addr: SocketAddr,
     pub crm: CrmFake,
+    // S-360: the API under `/s360/{institution}`.
+    pub s360: S360Fake,
     stop: CancellationToken,
 }
 
@@ -25,7 +31,11 @@ impl Sandbox {
     /// Binds `listen` (use `127.0.0.1:0` for a free port) and serves every fake.
     pub async fn start(listen: SocketAddr) -> std::io::Result<Sandbox> {
         let crm = CrmFake::new();
-        let app = Router::new().nest("/crm", crm.router());
+        let s360 = S360Fake::new();
+        let app = Router::new()
+            .nest("/crm", crm.router())
+            // S-360
+            .nest("/s360", s360.router());
         let listener = TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
         let stop = CancellationToken::new();
@@ -35,7 +45,12 @@ impl Sandbox {
                 .with_graceful_shutdown(async move { s.cancelled().await })
                 .await;
         });
-        Ok(Sandbox { addr, crm, stop })
+        Ok(Sandbox {
+            addr,
+            crm,
+            s360,
+            stop,
+        })
     }
 
     /// The base URL of one fake, e.g. `url("crm")` → `http://127.0.0.1:PORT/crm`.

@@ -80,4 +80,19 @@ pub const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE dead_letters ADD COLUMN retry_requested INTEGER NOT NULL DEFAULT 0;
     "#,
+    // 3 (S-360): the inbox of S-360's webhooks. A row is one record as received, in order of
+    // receipt; `content_hash` (SHA-256 of the record's JSON) lets a resent payload be stored
+    // once. The relay's cursor is the last inbox `id` it has put into the outbox.
+    r#"
+    CREATE TABLE s360_inbox (
+        id           INTEGER PRIMARY KEY AUTOINCREMENT,
+        stream       TEXT NOT NULL,
+        record_id    TEXT NOT NULL,
+        content_hash BLOB NOT NULL,
+        body         TEXT NOT NULL,
+        received_at  TEXT NOT NULL
+    );
+    CREATE INDEX s360_inbox_stream ON s360_inbox (stream, id);
+    CREATE INDEX s360_inbox_record ON s360_inbox (stream, record_id, id);
+    "#,
 ];

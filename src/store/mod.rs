@@ -8,6 +8,8 @@
 //! [`Store::call`], never on the async executor's threads.
 
 mod migrations;
+// S-360
+mod s360;
 
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -19,6 +21,8 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde::Serialize;
 
 pub use migrations::MIGRATIONS;
+// S-360
+pub use s360::{InboxBatch, InboxOutcome, InboxRecord, InboxRow};
 
 pub const DB_FILE: &str = "usher.db";
 

@@ -1,0 +1,517 @@
+//! S-360 configuration: the `s360` connection kind (institution, virtual operator, partner
+//! name and secret for the HS256 JWT, a default base URL and rate limit), the `[receiver]`
+//! section (where usher listens for S-360's webhooks), and the three S-360 stream kinds:
+//!
+//! - source `s360`, target `crm`, entity `contacts`|`orders`: the webhook relay (inbox → CRM);
+//! - source `crm`, target `s360`, entity `contact`: CRM contacts → `saveIndividualContactData`;
+//! - source `crm`, target `s360`, entity `offer`: CRM offer requests → `createOrUpdateOrder`.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+use url::Url;
+
+use super::build::{build_auth, secret};
+use super::load::{Layers, Problem};
+use super::raw::{RawAuth, RawConnection, RawStream};
+use super::{Auth, Connection, ConnectionKind, FeedOptions, RateLimit, StreamKind, WebhookOptions};
+use crate::mapping::Mapping;
+use crate::secret::Secret;
+
+/// S-360's documented limit: 180 calls per minute per instance, all endpoints together.
+pub const S360_RATE_LIMIT: RateLimit = RateLimit {
+    calls: 180,
+    per: Duration::from_secs(60),
+};
+/// S-360's documented window: what a 509/429 without `Retry-After` means.
+pub const S360_RATE_WINDOW: Duration = Duration::from_secs(20);
+/// Default body limit of the receiver (S-360 sends at most `bs` records per POST).
+pub const DEFAULT_MAX_BODY: usize = 10 * 1024 * 1024;
+
+/// One S-360 instance's API account.
+#[derive(Debug, Clone)]
+pub struct S360Account {
+    /// The institution code: the JWT's `sub`, the default host, the budget's key.
+    pub institution: String,
+    /// The JWT's `aud`.
+    pub virtual_operator: String,
+    /// The JWT's `iss`.
+    pub partner_name: String,
+    /// The HS256 key.
+    pub partner_secret: Secret,
+}
+
+/// `[receiver]`: the HTTP listener for S-360's webhooks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceiverSettings {
+    pub listen: SocketAddr,
+    pub max_body: usize,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawReceiver {
+    pub listen: Option<String>,
+    pub max_body: Option<String>,
+}
+
+/// `[streams.X.s360]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawS360Stream {
+    /// Relay: the receiver path (default `/s360/{institution}/{entity}`).
+    pub path: Option<String>,
+    /// Relay: how S-360 authenticates its POSTs (none, basic, bearer, api_key).
+    pub auth: Option<RawAuth>,
+    /// Relay of orders: states that are forwarded (default CLOSED, ABANDONED).
+    pub forward_states: Option<Vec<String>>,
+    /// Contacts: where the CRM record carries the S-360 contact number.
+    pub contact_number: Option<String>,
+    /// Offers: the point of sales of created orders.
+    pub point_of_sales_id: Option<i64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum S360Entity {
+    Contacts,
+    Orders,
+}
+
+impl S360Entity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            S360Entity::Contacts => "contacts",
+            S360Entity::Orders => "orders",
+        }
+    }
+}
+
+/// The webhook relay S-360 → inbox → CRM.
+#[derive(Debug, Clone)]
+pub struct RelayOptions {
+    pub entity: S360Entity,
+    pub institution: String,
+    /// The receiver path, e.g. `/s360/myvenue/contacts`.
+    pub path: String,
+    /// How the POSTs from S-360 authenticate (never OAuth2).
+    pub auth: Auth,
+    pub forward_states: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct S360ContactOptions {
+    /// Path in the CRM record of the S-360 contact number.
+    pub contact_number: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct S360OfferOptions {
+    pub point_of_sales_id: i64,
+}
+
+pub(super) fn build_receiver(l: &mut Layers) -> Option<ReceiverSettings> {
+    let raw: RawReceiver = l.table("receiver", "receiver")?;
+    let listen = match raw.listen.as_deref() {
+        None => {
+            l.problem(
+                "receiver",
+                "receiver.listen",
+                "missing key `listen` (e.g. \"127.0.0.1:8360\")",
+            );
+            None
+        }
+        Some(a) => match a.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                l.problem(
+                    "receiver",
+                    "receiver.listen",
+                    format!("{a:?} is not an address and port (e.g. \"127.0.0.1:8360\")"),
+                );
+                None
+            }
+        },
+    };
+    let max_body = match raw.max_body.as_deref() {
+        None => DEFAULT_MAX_BODY,
+        Some(s) => match parse_size(s) {
+            Some(n) if n >= 1024 => n,
+            _ => {
+                l.problem(
+                    "receiver",
+                    "receiver.max_body",
+                    format!("{s:?} is not a size of at least 1KB (e.g. \"10MB\", \"512KB\")"),
+                );
+                DEFAULT_MAX_BODY
+            }
+        },
+    };
+    Some(ReceiverSettings {
+        listen: listen?,
+        max_body,
+    })
+}
+
+/// "10MB", "512KB", "1048576".
+pub fn parse_size(s: &str) -> Option<usize> {
+    let s = s.trim();
+    let (num, mult) = if let Some(n) = s.strip_suffix("MB") {
+        (n, 1024 * 1024)
+    } else if let Some(n) = s.strip_suffix("KB") {
+        (n, 1024)
+    } else if let Some(n) = s.strip_suffix('B') {
+        (n, 1)
+    } else {
+        (s, 1)
+    };
+    num.trim().parse::<usize>().ok().map(|n| n * mult)
+}
+
+/// The S-360 account fields of a connection; refuses them on other kinds.
+pub(super) fn connection_fields(
+    l: &mut Layers,
+    scope: &str,
+    prefix: &str,
+    kind: Option<ConnectionKind>,
+    raw: &RawConnection,
+    config_dir: &Path,
+    warnings: &mut Vec<Problem>,
+) -> Option<S360Account> {
+    if kind != Some(ConnectionKind::S360) {
+        for (key, set) in [
+            ("institution", raw.institution.is_some()),
+            ("virtual_operator", raw.virtual_operator.is_some()),
+            ("partner_name", raw.partner_name.is_some()),
+            ("partner_secret", raw.partner_secret.is_some()),
+            ("partner_secret_file", raw.partner_secret_file.is_some()),
+            ("partner_secret_env", raw.partner_secret_env.is_some()),
+        ] {
+            if set {
+                l.problem(
+                    scope,
+                    &format!("{prefix}.{key}"),
+                    format!("`{key}` applies only to a connection of kind s360"),
+                );
+            }
+        }
+        return None;
+    }
+    for (key, set) in [
+        ("tenant", raw.tenant.is_some()),
+        ("client_id", raw.client_id.is_some()),
+        ("client_secret", raw.client_secret.is_some()),
+        ("client_secret_file", raw.client_secret_file.is_some()),
+        ("client_secret_env", raw.client_secret_env.is_some()),
+        ("auth", raw.auth.is_some()),
+    ] {
+        if set {
+            l.problem(
+                scope,
+                &format!("{prefix}.{key}"),
+                format!("`{key}` does not apply to a connection of kind s360 (it signs a JWT with `partner_secret`)"),
+            );
+        }
+    }
+    let required = |l: &mut Layers, key: &str, v: &Option<String>| -> Option<String> {
+        match v {
+            Some(s) if !s.trim().is_empty() => Some(s.clone()),
+            _ => {
+                l.problem(
+                    scope,
+                    &format!("{prefix}.{key}"),
+                    format!("missing key `{key}`"),
+                );
+                None
+            }
+        }
+    };
+    let institution = required(l, "institution", &raw.institution);
+    let virtual_operator = required(l, "virtual_operator", &raw.virtual_operator);
+    let partner_name = required(l, "partner_name", &raw.partner_name);
+    if let Some(i) = &institution
+        && !i
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        l.problem(
+            scope,
+            &format!("{prefix}.institution"),
+            format!("{i:?} is not an institution code (letters, digits, `-`, `_`)"),
+        );
+    }
+    let partner_secret = secret(
+        l,
+        scope,
+        prefix,
+        "partner_secret",
+        raw.partner_secret.as_ref(),
+        raw.partner_secret_file.as_ref(),
+        raw.partner_secret_env.as_ref(),
+        config_dir,
+        warnings,
+    );
+    Some(S360Account {
+        institution: institution?,
+        virtual_operator: virtual_operator?,
+        partner_name: partner_name?,
+        partner_secret: partner_secret?,
+    })
+}
+
+/// `https://{institution}.ws.secutix.com`, S-360's documented host.
+pub fn default_base_url(institution: &str) -> Option<Url> {
+    Url::parse(&format!("https://{institution}.ws.secutix.com")).ok()
+}
+
+/// What kind of S-360 stream (if any) a stream is, from its source and target kinds.
+#[allow(clippy::too_many_arguments)] // the pieces build_stream has already checked
+pub(super) fn stream_kind(
+    l: &mut Layers,
+    scope: &str,
+    prefix: &str,
+    raw: &RawStream,
+    source: Option<&Arc<Connection>>,
+    target: Option<&Arc<Connection>>,
+    feed: Option<FeedOptions>,
+    webhook: Option<WebhookOptions>,
+    mapping: &mut Mapping,
+    config_dir: &Path,
+    warnings: &mut Vec<Problem>,
+) -> Option<StreamKind> {
+    let key = |k: &str| format!("{prefix}.{k}");
+    let s = raw.s360.as_ref();
+    let (source, target) = (source?, target?);
+    let is_s360 = |c: &Connection| c.kind == ConnectionKind::S360;
+    if !is_s360(source) && !is_s360(target) {
+        if s.is_some() {
+            l.problem(
+                scope,
+                &key("s360"),
+                "`s360` applies only to a stream whose source or target is of kind s360",
+            );
+        }
+        return None;
+    }
+    let entity = raw.entity.as_deref().unwrap_or("");
+    if is_s360(source) {
+        let Some(webhook) = webhook else {
+            l.problem(
+                scope,
+                &key("target"),
+                "an S-360 webhook stream needs a target of kind crm",
+            );
+            return None;
+        };
+        let entity = match entity {
+            "contacts" | "contact" => S360Entity::Contacts,
+            "orders" | "order" => S360Entity::Orders,
+            other => {
+                l.problem(
+                    scope,
+                    &key("entity"),
+                    format!(
+                        "{other:?}: an S-360 webhook stream carries \"contacts\" or \"orders\""
+                    ),
+                );
+                return None;
+            }
+        };
+        let account = source.s360.as_ref()?;
+        let institution = raw
+            .institution
+            .clone()
+            .unwrap_or_else(|| account.institution.clone());
+        let path = s
+            .and_then(|s| s.path.clone())
+            .unwrap_or_else(|| "/s360/{institution}/{entity}".into())
+            .replace("{institution}", &institution)
+            .replace("{entity}", entity.as_str());
+        if !path.starts_with('/') || path.contains(['{', '?', '#']) {
+            l.problem(
+                scope,
+                &key("s360.path"),
+                format!("{path:?} is not a receiver path (like \"/s360/myvenue/contacts\")"),
+            );
+        }
+        let auth = match s.and_then(|s| s.auth.as_ref()) {
+            None => {
+                warnings.push(Problem {
+                    origin: l.origin_of(prefix),
+                    scope: scope.into(),
+                    key: key("s360.auth"),
+                    message: "the receiver accepts unauthenticated POSTs on this path; \
+                              set `auth` unless a proxy in front authenticates S-360"
+                        .into(),
+                });
+                Auth::None
+            }
+            Some(a) => {
+                let auth = build_auth(l, scope, &key("s360.auth"), a, config_dir, warnings)?;
+                match auth {
+                    Auth::OAuth2 { .. } => {
+                        l.problem(
+                            scope,
+                            &key("s360.auth.type"),
+                            "the receiver checks basic, bearer, api_key or none",
+                        );
+                        return None;
+                    }
+                    Auth::None => warnings.push(Problem {
+                        origin: l.origin_of(prefix),
+                        scope: scope.into(),
+                        key: key("s360.auth"),
+                        message: "the receiver accepts unauthenticated POSTs on this path".into(),
+                    }),
+                    _ => {}
+                }
+                auth
+            }
+        };
+        if s.is_some_and(|s| s.contact_number.is_some() || s.point_of_sales_id.is_some()) {
+            l.problem(
+                scope,
+                &key("s360"),
+                "`contact_number` and `point_of_sales_id` apply to CRM → S-360 streams",
+            );
+        }
+        let forward_states = s
+            .and_then(|s| s.forward_states.clone())
+            .unwrap_or_else(|| vec!["CLOSED".into(), "ABANDONED".into()]);
+        return Some(StreamKind::S360Relay {
+            relay: RelayOptions {
+                entity,
+                institution,
+                path,
+                auth,
+                forward_states,
+            },
+            webhook,
+        });
+    }
+    // CRM → S-360.
+    let Some(mut feed) = feed else {
+        l.problem(
+            scope,
+            &key("source"),
+            "a stream into S-360 reads a source of kind crm",
+        );
+        return None;
+    };
+    if s.is_some_and(|s| s.path.is_some() || s.auth.is_some() || s.forward_states.is_some()) {
+        l.problem(
+            scope,
+            &key("s360"),
+            "`path`, `auth` and `forward_states` apply to S-360 webhook streams",
+        );
+    }
+    let feed_path_set = raw.feed.as_ref().is_some_and(|f| f.path.is_some());
+    let changed_set = raw.feed.as_ref().is_some_and(|f| f.changed_at.is_some());
+    match entity {
+        "contact" | "contacts" => {
+            if mapping.is_passthrough() {
+                *mapping = default_contact_mapping();
+            }
+            Some(StreamKind::CrmToS360Contacts {
+                feed,
+                contacts: S360ContactOptions {
+                    contact_number: s
+                        .and_then(|s| s.contact_number.clone())
+                        .unwrap_or_else(|| "s360_contact_number".into()),
+                },
+            })
+        }
+        "offer" | "offers" | "offer-request" | "offer-requests" => {
+            if !feed_path_set {
+                feed.path = "/api/offer-requests".into();
+            }
+            if !changed_set {
+                feed.changed_at = "created_at".into();
+            }
+            Some(StreamKind::CrmOffersToS360 {
+                feed,
+                offers: S360OfferOptions {
+                    point_of_sales_id: s.and_then(|s| s.point_of_sales_id).unwrap_or(1),
+                },
+            })
+        }
+        other => {
+            l.problem(
+                scope,
+                &key("entity"),
+                format!("{other:?}: a stream into S-360 carries \"contact\" or \"offer\""),
+            );
+            None
+        }
+    }
+}
+
+/// CRM contact → `saveIndividualContactData` body, when the stream maps nothing itself.
+pub fn default_contact_mapping() -> Mapping {
+    let mut m = Mapping::default();
+    for (t, e) in [
+        ("individualContact.firstName", "first_name | trim"),
+        ("individualContact.lastName", "last_name | trim"),
+        ("individualContact.email", "email | trim | lowercase"),
+        ("individualContact.cellPhoneNumber", "phone | trim"),
+    ] {
+        m.fields
+            .push(Mapping::parse_field(t, e).expect("static mapping parses"));
+    }
+    m
+}
+
+/// Every relay stream needs the receiver, two streams cannot share a path, and the S-360
+/// connections of one institution (which share one rate budget) must agree on its limit.
+pub(super) fn check_receiver(
+    l: &mut Layers,
+    receiver: Option<&ReceiverSettings>,
+    connections: &std::collections::BTreeMap<String, Arc<Connection>>,
+    streams: &std::collections::BTreeMap<String, Arc<super::StreamSpec>>,
+) {
+    let mut limits: std::collections::BTreeMap<&str, (&str, Option<RateLimit>)> =
+        Default::default();
+    for (name, c) in connections {
+        let Some(a) = &c.s360 else { continue };
+        match limits.get(a.institution.as_str()) {
+            Some((other, limit)) if *limit != c.rate_limit => l.problem(
+                &format!("connection \"{name}\""),
+                &format!("connections.{name}.rate_limit"),
+                format!(
+                    "connection {other:?} reaches institution {:?} too and both share one budget: set the same `rate_limit` on both",
+                    a.institution
+                ),
+            ),
+            Some(_) => {}
+            None => {
+                limits.insert(&a.institution, (name, c.rate_limit));
+            }
+        }
+    }
+    let mut paths: std::collections::BTreeMap<String, String> = Default::default();
+    for (name, spec) in streams {
+        let StreamKind::S360Relay { relay, .. } = &spec.kind else {
+            continue;
+        };
+        let scope = format!("stream \"{name}\"");
+        if receiver.is_none() {
+            l.problem(
+                &scope,
+                &format!("streams.{name}.source"),
+                "an S-360 webhook stream needs the `[receiver]` section (`listen = \"127.0.0.1:8360\"`)",
+            );
+        }
+        if let Some(other) = paths.insert(relay.path.clone(), name.clone()) {
+            l.problem(
+                &scope,
+                &format!("streams.{name}.s360.path"),
+                format!(
+                    "receiver path {:?} is also used by stream {other:?}",
+                    relay.path
+                ),
+            );
+        }
+    }
+}

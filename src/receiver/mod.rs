@@ -1,0 +1,379 @@
+//! The webhook receiver for S-360: one HTTP listener (`[receiver] listen`), one path per
+//! relay stream (e.g. `/s360/myvenue/contacts`), auth per stream (Basic, bearer, API-key
+//! header, or none). A POST's body must be a JSON array of records, each with its own ID
+//! (`contactNumber`, or `orderDetailsData.orderId`).
+//!
+//! **200 only after the records are committed to SQLite** (`s360_inbox`): the handler hands
+//! its records to one writer task, which commits whatever POSTs are waiting in one
+//! transaction (group commit: one fsync for many POSTs) and then answers each. Otherwise:
+//! 400 with a reason and nothing stored (malformed JSON, not an array, an element without
+//! its ID), 401 bad credentials, 404 unknown path, 405 not a POST, 413 over `max_body`,
+//! 503 when the database cannot be written. A record whose latest stored version has the
+//! same content is a resend: stored once, still 200. An empty array: 200, nothing stored.
+//!
+//! Routes follow reloads ([`Receiver::update`]); a disabled stream keeps receiving (only its
+//! relay pauses). On shutdown the listener stops taking connections and finishes the POSTs
+//! in flight (each either committed and answered, or not answered at all, so S-360 resends).
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Auth, Config, ReceiverSettings, S360Entity, StreamKind};
+use crate::store::{InboxBatch, InboxOutcome, InboxRecord, Store};
+
+/// Most POSTs committed together in one transaction.
+const MAX_GROUP: usize = 256;
+
+/// One path's stream.
+#[derive(Debug, Clone)]
+struct Route {
+    stream: String,
+    entity: S360Entity,
+    auth: Auth,
+}
+
+type Routes = HashMap<String, Route>;
+
+type Job = (InboxBatch, oneshot::Sender<Result<InboxOutcome, String>>);
+
+#[derive(Clone)]
+struct Shared {
+    routes: Arc<RwLock<Arc<Routes>>>,
+    max_body: usize,
+    writer: mpsc::Sender<Job>,
+}
+
+/// The running receiver: a handle to change its routes on reload.
+pub struct Receiver {
+    pub addr: std::net::SocketAddr,
+    pub settings: ReceiverSettings,
+    routes: Arc<RwLock<Arc<Routes>>>,
+}
+
+fn routes_of(config: &Config) -> Routes {
+    let mut r = Routes::new();
+    for spec in config.streams.values() {
+        if let StreamKind::S360Relay { relay, .. } = &spec.kind {
+            r.insert(
+                relay.path.clone(),
+                Route {
+                    stream: spec.name.clone(),
+                    entity: relay.entity,
+                    auth: relay.auth.clone(),
+                },
+            );
+        }
+    }
+    r
+}
+
+/// Starts the receiver when the configuration has a `[receiver]` section. The server and its
+/// writer run on `tracker`, so the daemon's shutdown waits for POSTs in flight.
+pub async fn start(
+    config: &Config,
+    store: Store,
+    shutdown: CancellationToken,
+    tracker: &TaskTracker,
+) -> std::io::Result<Option<Receiver>> {
+    let Some(settings) = config.receiver.clone() else {
+        return Ok(None);
+    };
+    let listener = TcpListener::bind(settings.listen).await.map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("receiver: cannot listen on {}: {e}", settings.listen),
+        )
+    })?;
+    let addr = listener.local_addr()?;
+    let routes = Arc::new(RwLock::new(Arc::new(routes_of(config))));
+    let (tx, rx) = mpsc::channel::<Job>(4096);
+    tracker.spawn(writer(store, rx));
+    let shared = Shared {
+        routes: routes.clone(),
+        max_body: settings.max_body,
+        writer: tx,
+    };
+    let app = Router::new().fallback(handle).with_state(shared);
+    tracker.spawn(async move {
+        let r = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "receiver stopped with an error");
+        }
+    });
+    tracing::info!(listen = %addr, paths = routes.read().map(|r| r.len()).unwrap_or(0), "S-360 receiver listening");
+    Ok(Some(Receiver {
+        addr,
+        settings,
+        routes,
+    }))
+}
+
+impl Receiver {
+    /// Takes the routes of a reloaded configuration (the address needs a restart).
+    pub fn update(&self, config: &Config) {
+        if config.receiver.as_ref() != Some(&self.settings) {
+            tracing::warn!(
+                "the [receiver] settings changed; that takes a restart (still listening on {})",
+                self.addr
+            );
+        }
+        let new = Arc::new(routes_of(config));
+        *self.routes.write().unwrap_or_else(|p| p.into_inner()) = new;
+    }
+}
+
+/// Commits waiting POSTs together, then answers each.
+async fn writer(store: Store, mut rx: mpsc::Receiver<Job>) {
+    while let Some(first) = rx.recv().await {
+        let mut jobs = vec![first];
+        while jobs.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(j) => jobs.push(j),
+                Err(_) => break,
+            }
+        }
+        let (batches, replies): (Vec<_>, Vec<_>) = jobs.into_iter().unzip();
+        match store.inbox_insert(batches).await {
+            Ok(outcomes) => {
+                for (reply, o) in replies.into_iter().zip(outcomes) {
+                    let _ = reply.send(Ok(o));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "receiver: cannot store received records; answering 503");
+                for reply in replies {
+                    let _ = reply.send(Err(e.to_string()));
+                }
+            }
+        }
+    }
+}
+
+fn answer(status: StatusCode, body: Value) -> Response {
+    let mut r = (status, body.to_string()).into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn refuse(status: StatusCode, reason: impl Into<String>) -> Response {
+    answer(
+        status,
+        json!({"status": "refused", "reason": reason.into()}),
+    )
+}
+
+/// Constant-time comparison, so that a wrong credential's timing says nothing.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn authorized(auth: &Auth, headers: &HeaderMap) -> bool {
+    let get = |h: &str| headers.get(h).map(|v| v.as_bytes()).unwrap_or_default();
+    match auth {
+        Auth::None => true,
+        Auth::Basic { username, password } => {
+            let expected = format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD
+                    .encode(format!("{username}:{}", password.expose()))
+            );
+            same(get("authorization"), expected.as_bytes())
+        }
+        Auth::Bearer { token } => same(
+            get("authorization"),
+            format!("Bearer {}", token.expose()).as_bytes(),
+        ),
+        Auth::ApiKey { header, key } => same(get(header.as_str()), key.expose().as_bytes()),
+        Auth::OAuth2 { .. } => false,
+    }
+}
+
+/// The ID a record must carry.
+pub fn record_id(entity: S360Entity, v: &Value) -> Option<String> {
+    let id = match entity {
+        S360Entity::Contacts => v.get("contactNumber"),
+        S360Entity::Orders => v.get("orderDetailsData").and_then(|o| o.get("orderId")),
+    }?;
+    match id {
+        Value::String(s) if !s.trim().is_empty() => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// Checks a body and turns it into inbox records; `Err` is the reason for a 400.
+pub fn parse_body(entity: S360Entity, body: &[u8]) -> Result<Vec<InboxRecord>, String> {
+    let v: Value =
+        serde_json::from_slice(body).map_err(|e| format!("the body is not JSON: {e}"))?;
+    let Value::Array(items) = v else {
+        return Err("the body must be a JSON array of records".into());
+    };
+    let mut out = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        if !item.is_object() {
+            return Err(format!("element {i} is not an object"));
+        }
+        let Some(record_id) = record_id(entity, item) else {
+            let field = match entity {
+                S360Entity::Contacts => "contactNumber",
+                S360Entity::Orders => "orderDetailsData.orderId",
+            };
+            return Err(format!("element {i} has no `{field}`"));
+        };
+        let body = item.to_string();
+        let content_hash: [u8; 32] = Sha256::digest(body.as_bytes()).into();
+        out.push(InboxRecord {
+            record_id,
+            content_hash,
+            body,
+        });
+    }
+    Ok(out)
+}
+
+/// Reads the body up to `max`. Past it, the rest is read and dropped (up to a bound) so
+/// that the sender gets a clean 413 rather than a reset while it is still writing.
+async fn read_body(body: Body, max: usize) -> Result<bytes::Bytes, Option<StatusCode>> {
+    use futures::StreamExt;
+    let drain_cap = max.saturating_mul(16).max(64 * 1024 * 1024);
+    let mut stream = body.into_data_stream();
+    let mut buf = bytes::BytesMut::new();
+    let mut seen = 0usize;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|_| None)?;
+        seen += chunk.len();
+        if seen <= max {
+            buf.extend_from_slice(&chunk);
+        } else if seen > drain_cap {
+            return Err(Some(StatusCode::PAYLOAD_TOO_LARGE));
+        }
+    }
+    if seen > max {
+        return Err(Some(StatusCode::PAYLOAD_TOO_LARGE));
+    }
+    Ok(buf.freeze())
+}
+
+async fn handle(State(shared): State<Shared>, req: Request) -> Response {
+    let path = req.uri().path().to_string();
+    let route = {
+        let routes = shared
+            .routes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        routes.get(&path).cloned()
+    };
+    let Some(route) = route else {
+        return refuse(StatusCode::NOT_FOUND, "no stream receives on this path");
+    };
+    if req.method() != Method::POST {
+        return refuse(StatusCode::METHOD_NOT_ALLOWED, "only POST");
+    }
+    if !authorized(&route.auth, req.headers()) {
+        tracing::warn!(stream = %route.stream, path = %path, "receiver: credentials refused");
+        return refuse(StatusCode::UNAUTHORIZED, "credentials refused");
+    }
+    let bytes = match read_body(req.into_body(), shared.max_body).await {
+        Ok(b) => b,
+        Err(Some(status)) => {
+            return refuse(
+                status,
+                format!("the body is over {} bytes", shared.max_body),
+            );
+        }
+        // Broken off: S-360 sees no answer and sends the payload again.
+        Err(None) => return refuse(StatusCode::BAD_REQUEST, "the body was broken off"),
+    };
+    let records = match parse_body(route.entity, &bytes) {
+        Ok(r) => r,
+        Err(reason) => {
+            tracing::warn!(stream = %route.stream, reason = %reason, "receiver: payload refused (400)");
+            return refuse(StatusCode::BAD_REQUEST, reason);
+        }
+    };
+    if records.is_empty() {
+        return answer(
+            StatusCode::OK,
+            json!({"status": "stored", "stored": 0, "duplicates": 0}),
+        );
+    }
+    let received = records.len();
+    let (tx, rx) = oneshot::channel();
+    let job = (
+        InboxBatch {
+            stream: route.stream.clone(),
+            records,
+        },
+        tx,
+    );
+    if shared.writer.send(job).await.is_err() {
+        return refuse(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
+    }
+    match tokio::time::timeout(Duration::from_secs(60), rx).await {
+        Ok(Ok(Ok(o))) => {
+            tracing::debug!(stream = %route.stream, received, stored = o.stored, duplicates = o.duplicates, "receiver: payload stored");
+            answer(
+                StatusCode::OK,
+                json!({"status": "stored", "stored": o.stored, "duplicates": o.duplicates}),
+            )
+        }
+        _ => refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the payload could not be stored; send it again",
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bodies_are_checked() {
+        assert!(
+            parse_body(S360Entity::Contacts, b"{")
+                .unwrap_err()
+                .contains("not JSON")
+        );
+        assert!(
+            parse_body(S360Entity::Contacts, b"{}")
+                .unwrap_err()
+                .contains("array")
+        );
+        assert!(
+            parse_body(S360Entity::Contacts, br#"[{"x":1}]"#)
+                .unwrap_err()
+                .contains("element 0 has no `contactNumber`")
+        );
+        let r = parse_body(
+            S360Entity::Orders,
+            br#"[{"orderDetailsData":{"orderId":17,"orderState":"CLOSED"}}]"#,
+        )
+        .unwrap();
+        assert_eq!(r[0].record_id, "17");
+        assert!(parse_body(S360Entity::Orders, b"[]").unwrap().is_empty());
+    }
+}

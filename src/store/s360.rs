@@ -1,0 +1,134 @@
+//! S-360's tables: the webhook inbox (`s360_inbox`) and the ledger reads of the offer stream.
+//!
+//! The receiver writes the inbox in batches ([`Store::inbox_insert`]: several POSTs in one
+//! transaction, one fsync, each POST answered only after that commit). The relay reads it in
+//! order of `id` after its cursor; the cursor moves with the outbox rows through
+//! `commit_page`, like every other cursor.
+
+use rusqlite::{OptionalExtension, TransactionBehavior, params};
+
+use super::{Result, Store, now_text};
+
+/// One received record, ready to store.
+#[derive(Debug, Clone)]
+pub struct InboxRecord {
+    pub record_id: String,
+    pub content_hash: [u8; 32],
+    pub body: String,
+}
+
+/// One POST's records, for one stream.
+#[derive(Debug, Clone)]
+pub struct InboxBatch {
+    pub stream: String,
+    pub records: Vec<InboxRecord>,
+}
+
+/// What became of one POST: records stored, records dropped as already stored.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InboxOutcome {
+    pub stored: u64,
+    pub duplicates: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct InboxRow {
+    pub id: i64,
+    pub body: String,
+}
+
+impl Store {
+    /// Stores several POSTs in one transaction. A record whose latest stored version (same
+    /// stream, same record id) has the same content is a resend and is not stored again.
+    pub async fn inbox_insert(&self, batches: Vec<InboxBatch>) -> Result<Vec<InboxOutcome>> {
+        self.call(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let mut out = Vec::with_capacity(batches.len());
+            {
+                let mut latest = tx.prepare_cached(
+                    "SELECT content_hash FROM s360_inbox WHERE stream = ?1 AND record_id = ?2
+                     ORDER BY id DESC LIMIT 1",
+                )?;
+                let mut insert = tx.prepare_cached(
+                    "INSERT INTO s360_inbox (stream, record_id, content_hash, body, received_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?;
+                let now = now_text();
+                for b in &batches {
+                    let mut o = InboxOutcome::default();
+                    for r in &b.records {
+                        let prev: Option<Vec<u8>> = latest
+                            .query_row(params![b.stream, r.record_id], |row| row.get(0))
+                            .optional()?;
+                        if prev.as_deref() == Some(&r.content_hash[..]) {
+                            o.duplicates += 1;
+                            continue;
+                        }
+                        insert.execute(params![
+                            b.stream,
+                            r.record_id,
+                            &r.content_hash[..],
+                            r.body,
+                            now
+                        ])?;
+                        o.stored += 1;
+                    }
+                    out.push(o);
+                }
+            }
+            tx.commit()?;
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Inbox records of a stream after `after` (an inbox id), oldest first.
+    pub async fn inbox_after(&self, stream: &str, after: i64, limit: u32) -> Result<Vec<InboxRow>> {
+        let stream = stream.to_string();
+        self.call(move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT id, body FROM s360_inbox WHERE stream = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
+            )?;
+            let rows = st.query_map(params![stream, after, limit], |r| {
+                Ok(InboxRow {
+                    id: r.get(0)?,
+                    body: r.get(1)?,
+                })
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+
+    /// Records of a stream in the inbox (for tests and status).
+    pub async fn inbox_count(&self, stream: &str) -> Result<u64> {
+        let stream = stream.to_string();
+        self.call(move |c| {
+            c.query_row(
+                "SELECT COUNT(*) FROM s360_inbox WHERE stream = ?1",
+                params![stream],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n as u64)
+        })
+        .await
+    }
+
+    /// A ledger row's (status, target ids), if any.
+    pub async fn ledger_get(
+        &self,
+        stream: &str,
+        key: &str,
+    ) -> Result<Option<(Option<String>, Option<String>)>> {
+        let (stream, key) = (stream.to_string(), key.to_string());
+        self.call(move |c| {
+            c.query_row(
+                "SELECT status, target_ids FROM ledger WHERE stream = ?1 AND key = ?2",
+                params![stream, key],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+        })
+        .await
+    }
+}
