@@ -3,6 +3,8 @@
 
 mod demo;
 mod ops;
+// Ticket Co x Airship
+mod backfill;
 
 use std::path::PathBuf;
 
@@ -31,6 +33,10 @@ pub struct Cli {
     /// Log format on stdout.
     #[arg(long, global = true, value_enum, default_value_t = LogFormatArg::Auto)]
     pub log_format: LogFormatArg,
+    /// Ticket Co x Airship: "now" for runs (RFC 3339), for tests and replaying a day; the
+    /// clock starts there and advances in real time. Default: the system clock.
+    #[arg(long, global = true, hide = true, value_parser = parse_now)]
+    pub now: Option<chrono::DateTime<chrono::Utc>>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -74,6 +80,14 @@ pub enum Command {
     },
     /// Run a stream now (through the daemon when one runs, else in this process).
     Trigger { stream: String },
+    // Ticket Co x Airship
+    /// Run a stream once from an older date (attendance date), e.g. a historic import.
+    Backfill {
+        stream: String,
+        /// The first date to import (YYYY-MM-DD).
+        #[arg(long)]
+        from: chrono::NaiveDate,
+    },
     /// Run every stream of config/demo.toml once against the bundled fakes.
     Demo {
         /// The demo configuration.
@@ -89,6 +103,9 @@ pub enum Command {
         listen: std::net::SocketAddr,
         #[arg(long, default_value_t = 1000)]
         contacts: u64,
+        // Ticket Co x Airship
+        #[command(flatten)]
+        ticketco: demo::TicketCoSeed,
     },
 }
 
@@ -105,6 +122,10 @@ pub enum CursorAction {
 
 pub fn main() -> i32 {
     let cli = Cli::parse();
+    // Ticket Co x Airship (generic): `--now` sets the clock every run reads.
+    if let Some(now) = cli.now {
+        crate::clock::Clock::set_process(crate::clock::Clock::starting_at(now));
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -133,8 +154,22 @@ pub fn main() -> i32 {
             demo_config,
             contacts,
         } => runtime.block_on(demo::demo(demo_config, contacts, cli.state_dir.clone())),
-        Command::Sandbox { listen, contacts } => runtime.block_on(demo::sandbox(listen, contacts)),
+        Command::Sandbox {
+            listen,
+            contacts,
+            ticketco,
+        } => runtime.block_on(demo::sandbox(listen, contacts, ticketco)),
+        // Ticket Co x Airship
+        Command::Backfill { stream, from } => {
+            runtime.block_on(backfill::backfill(source, &stream, from))
+        }
     }
+}
+
+fn parse_now(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .map(|t| t.to_utc())
+        .map_err(|e| format!("{s:?} is not an RFC 3339 date-time: {e}"))
 }
 
 /// Prints every problem, one a line, and a count; returns EX_CONFIG.

@@ -13,11 +13,11 @@ use crate::engine::{RunCtx, daemon, run_stream};
 use crate::http::Http;
 use crate::store::{Store, StoreError};
 
-fn load(source: &config::Source) -> Result<Config, i32> {
+pub(super) fn load(source: &config::Source) -> Result<Config, i32> {
     config::load(source).map_err(|p| report_problems(&p))
 }
 
-fn store_error(e: &StoreError) -> i32 {
+pub(super) fn store_error(e: &StoreError) -> i32 {
     eprintln!("usher: {e}");
     EX_DATAERR
 }
@@ -122,7 +122,7 @@ pub fn status(source: config::Source, json: bool) -> i32 {
     if r.is_err() { EX_FAIL } else { EX_OK }
 }
 
-fn known_stream(config: &Config, stream: &str) -> Result<(), i32> {
+pub(super) fn known_stream(config: &Config, stream: &str) -> Result<(), i32> {
     if config.streams.contains_key(stream) {
         Ok(())
     } else {
@@ -287,6 +287,8 @@ pub async fn trigger(source: config::Source, stream: &str) -> i32 {
         http: Http::new(),
         cancel,
         interrupt: Default::default(),
+        clock: crate::clock::Clock::process(),
+        backfill: None,
     };
     let report = run_stream(&ctx, "trigger").await;
     let c = report.counts;

@@ -7,6 +7,8 @@
 mod build;
 mod load;
 mod raw;
+// Ticket Co x Airship
+mod ticketco_airship;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -71,20 +73,37 @@ pub struct Connection {
     pub max_retries: u32,
     pub rate_limit: Option<RateLimit>,
     pub auth: Auth,
+    // Ticket Co x Airship
+    /// Ticket Co: the API token (sent as `?token=`, never in a message). Airship's personal
+    /// access token is `auth` (bearer).
+    pub api_token: Option<Secret>,
+    /// Airship: the account every contact is written to.
+    pub account_id: Option<i64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConnectionKind {
     /// A generic HTTP CRM: cursor feed source and webhook target (vendor-apis "ExtCRM").
     Crm,
+    // Ticket Co x Airship
+    /// Ticket Co bookings (source); API token in the query string.
+    TicketCo,
+    /// Airship hospitality CRM (target); personal access token and account ID.
+    Airship,
 }
 
 impl ConnectionKind {
-    pub const NAMES: &'static [&'static str] = &["crm"];
+    pub const NAMES: &'static [&'static str] = &[
+        "crm", // Ticket Co x Airship
+        "ticketco", "airship",
+    ];
 
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "crm" => Some(ConnectionKind::Crm),
+            // Ticket Co x Airship
+            "ticketco" => Some(ConnectionKind::TicketCo),
+            "airship" => Some(ConnectionKind::Airship),
             _ => None,
         }
     }
@@ -92,6 +111,9 @@ impl ConnectionKind {
     pub fn as_str(self) -> &'static str {
         match self {
             ConnectionKind::Crm => "crm",
+            // Ticket Co x Airship
+            ConnectionKind::TicketCo => "ticketco",
+            ConnectionKind::Airship => "airship",
         }
     }
 }
@@ -157,6 +179,38 @@ pub enum StreamKind {
         feed: FeedOptions,
         webhook: WebhookOptions,
     },
+    // Ticket Co x Airship
+    TicketCoToAirship(TicketCoAirshipOptions),
+}
+
+// Ticket Co x Airship
+/// `[streams.X.airship]`: the daily Ticket Co bookings → Airship run.
+#[derive(Debug, Clone)]
+pub struct TicketCoAirshipOptions {
+    /// "today" and the venues' local time (the stream's `timezone`, default UTC).
+    pub timezone: chrono_tz::Tz,
+    /// Attendance dates from yesterday through today + `days_ahead`.
+    pub days_ahead: u32,
+    /// Ticket Co venue names (`location_name`) to send; others are left out.
+    pub venues: Vec<String>,
+    /// Venue name → Airship unit ID, for venues whose unit is not found by name.
+    pub unit_ids: BTreeMap<String, i64>,
+    /// Ticket Co status → Airship `stage_value`; a status not listed sends no stage.
+    pub stages: BTreeMap<String, i64>,
+    /// Ticket Co `source` → Airship `source_id`.
+    pub sources: BTreeMap<String, i64>,
+    /// Ticket Co `booking_type` → Airship `type_id`.
+    pub types: BTreeMap<String, i64>,
+    /// Event tags that put the contact in a group of the same name on the venue's unit.
+    pub event_tags: Vec<String>,
+    /// The folder those tag groups go in, if any.
+    pub tag_folder: Option<String>,
+    /// The group every contact joins on the booked venue's unit.
+    pub booking_group: String,
+    /// The first run imports from this date (attendance date), not from yesterday.
+    pub backfill_from: Option<chrono::NaiveDate>,
+    /// `source_name` on contacts written.
+    pub source_name: String,
 }
 
 #[derive(Debug, Clone)]

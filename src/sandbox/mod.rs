@@ -4,6 +4,9 @@
 
 pub mod crm;
 pub mod faults;
+// Ticket Co x Airship
+pub mod airship;
+pub mod ticketco;
 
 use std::net::SocketAddr;
 
@@ -13,11 +16,17 @@ use tokio_util::sync::CancellationToken;
 
 pub use crm::CrmFake;
 pub use faults::{Fault, Faults};
+// Ticket Co x Airship
+pub use airship::AirshipFake;
+pub use ticketco::TicketCoFake;
 
 /// The running fakes.
 pub struct Sandbox {
     pub addr: SocketAddr,
     pub crm: CrmFake,
+    // Ticket Co x Airship
+    pub ticketco: TicketCoFake,
+    pub airship: AirshipFake,
     stop: CancellationToken,
 }
 
@@ -25,7 +34,14 @@ impl Sandbox {
     /// Binds `listen` (use `127.0.0.1:0` for a free port) and serves every fake.
     pub async fn start(listen: SocketAddr) -> std::io::Result<Sandbox> {
         let crm = CrmFake::new();
-        let app = Router::new().nest("/crm", crm.router());
+        // Ticket Co x Airship
+        let ticketco = TicketCoFake::new();
+        let airship = AirshipFake::new();
+        let app = Router::new()
+            .nest("/crm", crm.router())
+            // Ticket Co x Airship
+            .nest("/ticketco", ticketco.router())
+            .nest("/airship", airship.router());
         let listener = TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
         let stop = CancellationToken::new();
@@ -35,7 +51,13 @@ impl Sandbox {
                 .with_graceful_shutdown(async move { s.cancelled().await })
                 .await;
         });
-        Ok(Sandbox { addr, crm, stop })
+        Ok(Sandbox {
+            addr,
+            crm,
+            ticketco,
+            airship,
+            stop,
+        })
     }
 
     /// The base URL of one fake, e.g. `url("crm")` → `http://127.0.0.1:PORT/crm`.
