@@ -93,6 +93,23 @@ pub async fn validate(source: config::Source, online: bool) -> i32 {
             conn.kind.as_str()
         );
     }
+    // Ticket Co x Airship: every configured venue must map to an Airship unit.
+    for spec in config.streams.values() {
+        if let config::StreamKind::TicketCoToAirship(o) = &spec.kind {
+            for line in
+                crate::engine::ticketco_airship::check_venues(&http, &config, spec, o, &cancel)
+                    .await
+            {
+                match line {
+                    Ok(l) => println!("{l}"),
+                    Err(l) => {
+                        bad += 1;
+                        println!("problem: {l}");
+                    }
+                }
+            }
+        }
+    }
     if bad > 0 { EX_CONFIG } else { EX_OK }
 }
 

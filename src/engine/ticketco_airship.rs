@@ -236,6 +236,42 @@ pub fn decide(
     Action::New { contact: c, hash }
 }
 
+/// `usher validate --online`: each configured venue of the stream and its Airship unit.
+/// `Err` lines are problems (a venue with no unit, or the units cannot be listed).
+pub async fn check_venues(
+    http: &crate::http::Http,
+    config: &crate::config::Config,
+    spec: &crate::config::StreamSpec,
+    o: &TicketCoAirshipOptions,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> Vec<Result<String, String>> {
+    let Some(conn) = config.connections.get(&spec.target) else {
+        return vec![Err(format!(
+            "stream {:?}: target {:?} is not configured",
+            spec.name, spec.target
+        ))];
+    };
+    let units = match Airship::new(http, conn).units(cancel).await {
+        Ok(u) => u,
+        Err(e) => {
+            return vec![Err(format!(
+                "stream {:?}: cannot list the Airship units: {e}",
+                spec.name
+            ))];
+        }
+    };
+    o.venues
+        .iter()
+        .map(|v| match unit_for(v, o.unit_ids.get(v).copied(), &units) {
+            Some(id) => Ok(format!("stream {:?}: venue {v:?} → Airship unit {id}", spec.name)),
+            None => Err(format!(
+                "stream {:?}: venue {v:?} has no Airship unit (no unit of that name in /account/units; set `unit_ids.\"{v}\"`)",
+                spec.name
+            )),
+        })
+        .collect()
+}
+
 /// Why some bookings were not sent this run (they are tried again next run).
 #[derive(Default)]
 struct Problems {
