@@ -272,6 +272,24 @@ pub async fn check_venues(
         .collect()
 }
 
+/// The contact a `POST /contact` body is upserted as: e-mail (trimmed, lowercase), else
+/// mobile digits.
+fn contact_key(contact: &Value) -> Option<String> {
+    if let Some(e) = contact["email"]
+        .as_str()
+        .map(|e| e.trim().to_lowercase())
+        .filter(|e| !e.is_empty())
+    {
+        return Some(format!("email:{e}"));
+    }
+    let m: String = contact["mobile_number"]
+        .as_str()?
+        .chars()
+        .filter(char::is_ascii_digit)
+        .collect();
+    (!m.is_empty()).then(|| format!("mobile:{m}"))
+}
+
 /// Why some bookings were not sent this run (they are tried again next run).
 #[derive(Default)]
 struct Problems {
@@ -523,16 +541,43 @@ async fn batch(
             action => writes.push((r.clone(), action)),
         }
     }
+    // Writes for one contact (same e-mail, else same mobile) go one after another, so that
+    // two new bookings of one buyer never race to create the contact twice; different
+    // contacts' writes run side by side.
+    let mut groups: Vec<Vec<(String, Action)>> = Vec::new();
+    let mut group_of: HashMap<String, usize> = HashMap::new();
+    for (r, action) in writes {
+        let key = match &action {
+            Action::New { contact, .. } => {
+                contact_key(contact).unwrap_or_else(|| format!("ref:{r}"))
+            }
+            _ => format!("ref:{r}"),
+        };
+        match group_of.get(&key) {
+            Some(g) => groups[*g].push((r, action)),
+            None => {
+                group_of.insert(key, groups.len());
+                groups.push(vec![(r, action)]);
+            }
+        }
+    }
     let results: Vec<(String, Action, Result<String, WriteError>)> =
-        futures::stream::iter(writes.into_iter().map(|(r, action)| async move {
-            let res = match &action {
-                Action::New { contact, .. } => air.write_contact(contact, &ctx.cancel).await,
-                Action::Update { booking, .. } => air.update_booking(booking, &ctx.cancel).await,
-                _ => unreachable!("only writes are queued"),
-            };
-            (r, action, res)
+        futures::stream::iter(groups.into_iter().map(|group| async move {
+            let mut out = Vec::with_capacity(group.len());
+            for (r, action) in group {
+                let res = match &action {
+                    Action::New { contact, .. } => air.write_contact(contact, &ctx.cancel).await,
+                    Action::Update { booking, .. } => {
+                        air.update_booking(booking, &ctx.cancel).await
+                    }
+                    _ => unreachable!("only writes are queued"),
+                };
+                out.push((r, action, res));
+            }
+            out
         }))
         .buffer_unordered(CONCURRENT_WRITES)
+        .flat_map(futures::stream::iter)
         .collect()
         .await;
     let mut fatal = None;

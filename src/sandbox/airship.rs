@@ -39,6 +39,9 @@ struct Inner {
     account_id: Option<i64>,
     units: Vec<(i64, String)>,
     contacts: Vec<Map<String, Value>>,
+    /// Indexes into `contacts`: normalised e-mail and mobile digits.
+    by_email: HashMap<String, usize>,
+    by_mobile: HashMap<String, usize>,
     /// booking reference → (booking id, contact id, fields as last written)
     bookings: HashMap<String, (i64, i64, Value)>,
     /// How many times each reference was created (must stay 1).
@@ -331,23 +334,10 @@ fn write_contact(a: &AirshipFake, body: &Value) -> (u16, Value) {
         }
     }
     // Upsert the contact: by e-mail, else by mobile digits.
-    let pos = i
-        .contacts
-        .iter()
-        .position(|c| {
-            email.is_some() && c.get("email").and_then(Value::as_str).map(norm_email) == email
-        })
-        .or_else(|| {
-            mobile.as_ref().and_then(|m| {
-                i.contacts.iter().position(|c| {
-                    c.get("mobile_number")
-                        .and_then(Value::as_str)
-                        .map(digits)
-                        .as_ref()
-                        == Some(m)
-                })
-            })
-        });
+    let pos = email
+        .as_ref()
+        .and_then(|e| i.by_email.get(e).copied())
+        .or_else(|| mobile.as_ref().and_then(|m| i.by_mobile.get(m).copied()));
     let pos = match pos {
         Some(p) => p,
         None => {
@@ -373,6 +363,12 @@ fn write_contact(a: &AirshipFake, body: &Value) -> (u16, Value) {
         if let Some(v) = body.get(k).filter(|v| !v.is_null()) {
             i.contacts[pos].insert(k.into(), v.clone());
         }
+    }
+    if let Some(e) = &email {
+        i.by_email.insert(e.clone(), pos);
+    }
+    if let Some(m) = &mobile {
+        i.by_mobile.insert(m.clone(), pos);
     }
     for u in &units {
         let unit = u["id"].as_i64().unwrap_or_default();
