@@ -40,6 +40,8 @@ use crate::store::{Counts, DeadLetter, LedgerRow, PageCommit};
 
 /// Writes to Airship in flight at once within a batch.
 const CONCURRENT_WRITES: usize = 8;
+/// Events whose booking pages are read ahead while earlier ones are written.
+const PREFETCH_EVENTS: usize = 4;
 /// Safety stop for a source that never ends its pages.
 const MAX_PAGES: u32 = 100_000;
 
@@ -390,46 +392,64 @@ pub async fn run(
     }
 
     let mut unitless: HashMap<String, u64> = HashMap::new();
-    for event in &events {
+    let mut with_unit = Vec::with_capacity(events.len());
+    for event in events {
         let venue = event.location_name.as_deref().unwrap_or_default().trim();
-        let Some(unit) = venue_unit.get(venue).copied().flatten() else {
-            *unitless.entry(venue.to_string()).or_default() += 1;
-            problems.incomplete = true;
-            continue;
-        };
-        let mut page = 1;
-        loop {
+        match venue_unit.get(venue).copied().flatten() {
+            Some(unit) => with_unit.push((event, unit)),
+            None => {
+                *unitless.entry(venue.to_string()).or_default() += 1;
+                problems.incomplete = true;
+            }
+        }
+    }
+    // The next few events' pages are read while a batch is written (reads only: a run
+    // stopped here has committed everything before it and loses nothing).
+    let tc = &tc;
+    let cancel = &ctx.cancel;
+    let mut fetched =
+        futures::stream::iter(with_unit.into_iter().map(|(event, unit)| async move {
+            let mut pages = Vec::new();
+            let mut page = 1;
+            let err = loop {
+                match tc.item_grosses(&event.id, page, cancel).await {
+                    Ok(items) if items.is_empty() => break None,
+                    Ok(items) => pages.push(items),
+                    Err(e) => break Some(e),
+                }
+                page += 1;
+                if page > MAX_PAGES {
+                    break None;
+                }
+            };
+            (event, unit, pages, err)
+        }))
+        .buffered(PREFETCH_EVENTS);
+    while let Some((event, unit, pages, err)) = fetched.next().await {
+        for items in pages {
             if ctx.should_stop() {
                 return Ok(Flow::Stopped);
             }
-            let items = match tc.item_grosses(&event.id, page, &ctx.cancel).await {
-                Ok(items) => items,
-                Err(e) => {
-                    fatal_source(&e)?;
-                    problems.incomplete = true;
-                    problems.add(
-                        name,
-                        format!(
-                            "event {} ({}): {e}",
-                            event.id,
-                            event.title.as_deref().unwrap_or("?")
-                        ),
-                    );
-                    break;
-                }
-            };
-            if items.is_empty() {
-                break;
-            }
             counts.pulled += items.len() as u64;
-            batch(ctx, &air, o, event, unit, items, counts, &mut problems).await?;
-            page += 1;
-            if page > MAX_PAGES {
-                break;
-            }
+            batch(ctx, &air, o, &event, unit, items, counts, &mut problems).await?;
+        }
+        if let Some(e) = err {
+            fatal_source(&e)?;
+            problems.incomplete = true;
+            problems.add(
+                name,
+                format!(
+                    "event {} ({}): {e}",
+                    event.id,
+                    event.title.as_deref().unwrap_or("?")
+                ),
+            );
         }
         if let Some(p) = ctx.backfill.as_ref().and_then(|b| b.progress.as_ref()) {
             p.inc(1);
+        }
+        if ctx.should_stop() {
+            return Ok(Flow::Stopped);
         }
     }
     for (venue, n) in unitless {
