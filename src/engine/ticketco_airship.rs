@@ -76,14 +76,28 @@ pub fn window(
 pub fn local_time(text: &str, tz: Tz) -> Option<String> {
     let t = text.trim();
     if let Ok(d) = DateTime::parse_from_rfc3339(t) {
-        return Some(d.with_timezone(&tz).format("%Y-%m-%d %H:%M:%S").to_string());
+        return Some(wall(&d.with_timezone(&tz).naive_local()));
     }
     for f in ["%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S"] {
         if let Ok(n) = NaiveDateTime::parse_from_str(t, f) {
-            return Some(n.format("%Y-%m-%d %H:%M:%S").to_string());
+            return Some(wall(&n));
         }
     }
     None
+}
+
+/// "YYYY-MM-DD HH:MM:SS" (written out directly: this runs for every booking of every run).
+fn wall(t: &NaiveDateTime) -> String {
+    use chrono::{Datelike, Timelike};
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
+        t.year(),
+        t.month(),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    )
 }
 
 /// The local attendance date of an event start.

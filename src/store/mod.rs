@@ -371,7 +371,10 @@ impl Store {
     pub async fn ledger_get(&self, stream: &str, keys: Vec<String>) -> Result<Vec<LedgerRow>> {
         let stream = stream.to_string();
         self.call(move |c| {
-            let mut st = c.prepare_cached(
+            // One read transaction for the whole batch: one lock and one WAL check, not one
+            // per key (most of a no-change run's database time otherwise).
+            let tx = c.transaction()?;
+            let mut st = tx.prepare_cached(
                 "SELECT content_hash, target_ids, status FROM ledger WHERE stream = ?1 AND key = ?2",
             )?;
             let mut out = Vec::new();
@@ -390,6 +393,8 @@ impl Store {
                     });
                 }
             }
+            drop(st);
+            tx.commit()?;
             Ok(out)
         })
         .await
