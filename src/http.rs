@@ -259,6 +259,13 @@ pub enum HttpAuth {
         header: String,
         key: Secret,
     },
+    /// A token sent as a query parameter (Ticket Co: `?token=T`). It is added to the request
+    /// only when it is built, never to the `Url` a caller holds, so no message can show it
+    /// (`describe` drops the query anyway, and reqwest's own errors are never formatted).
+    Query {
+        param: String,
+        token: Secret,
+    },
     /// OAuth2 client credentials; the token is fetched once and reused until shortly before
     /// it expires. `form` holds extra fields for the token request (e.g. Halo's scope).
     OAuth2 {
@@ -621,6 +628,7 @@ impl Endpoint {
             }
             HttpAuth::Bearer(t) => rb.bearer_auth(t.expose()),
             HttpAuth::ApiKey { header, key } => rb.header(header.as_str(), key.expose()),
+            HttpAuth::Query { param, token } => rb.query(&[(param.as_str(), token.expose())]),
             HttpAuth::OAuth2 { .. } => {
                 let token = self.token(cancel, what).await?;
                 rb.bearer_auth(token.expose())

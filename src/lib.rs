@@ -9,10 +9,12 @@
 //! - [`connectors`]: one module per vendor: URLs and JSON.
 //! - [`engine`]: runs a stream page by page; the daemon (schedules, signals, control files).
 //! - [`sandbox`]: fake vendor servers on loopback, for `usher demo` and the tests.
+//! - [`clock`]: the "now" runs read (settable with `--now` for tests).
 //! - [`cli`]: the subcommands.
 #![forbid(unsafe_code)]
 
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod connectors;
 pub mod engine;

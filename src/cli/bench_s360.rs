@@ -235,6 +235,8 @@ url = "/hooks/relay"
         http: Http::new(),
         cancel: CancellationToken::new(),
         interrupt: Default::default(),
+        clock: crate::clock::Clock::process(),
+        backfill: None,
     };
     let t = Instant::now();
     let report = run_stream(&ctx, "bench").await;

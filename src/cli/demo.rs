@@ -15,6 +15,12 @@ use crate::http::Http;
 use crate::sandbox::Sandbox;
 use crate::store::Store;
 
+// Ticket Co x Airship
+fn secret_file(config_file: &std::path::Path, name: &str) -> Option<String> {
+    let p = config_file.parent()?.join("demo-secrets").join(name);
+    Some(std::fs::read_to_string(p).ok()?.trim().to_string())
+}
+
 /// The bearer token the demo's fake CRM expects: the content of config/demo-secrets/crm-token.
 fn demo_token(config_file: &std::path::Path) -> Option<String> {
     let p = config_file.parent()?.join("demo-secrets/crm-token");
@@ -33,6 +39,25 @@ pub async fn demo(demo_config: PathBuf, contacts: u64, state_override: Option<Pa
     // Two records the mapping refuses (no e-mail): they go to dead letters, the rest goes on.
     sandbox.crm.push_contact(json!({"id": "CRM-NOEMAIL-1", "first_name": "No", "last_name": "Email", "email": null, "updated_at": "2026-06-01T10:00:00Z"}));
     sandbox.crm.push_contact(json!({"id": "CRM-NOEMAIL-2", "first_name": "Blank", "last_name": "Email", "email": "   ", "updated_at": "2026-06-01T10:00:01Z"}));
+    // Ticket Co x Airship: 40 events around today at two venues, 400 bookings, and one
+    // booking with neither e-mail nor mobile (it goes to dead letters).
+    TicketCoSeed {
+        ticketco_events: 40,
+        ticketco_bookings: 400,
+        ticketco_first_day: Some(
+            crate::clock::Clock::process().now().date_naive() - chrono::Days::new(1),
+        ),
+        ticketco_days: 30,
+        ticketco_venues: "Oslo Golf,Bergen Bowling".into(),
+        ticketco_token: secret_file(&demo_config, "ticketco-token"),
+        airship_token: secret_file(&demo_config, "airship-token"),
+        airship_account: 1,
+    }
+    .apply(&sandbox);
+    sandbox
+        .ticketco
+        .add_item(json!({"ref_number": "TC-NOCONTACT", "event_id": 100000,
+        "status": "paid", "quantity": 1, "buyer_first_name": "No", "buyer_last_name": "Contact"}));
     if let Some(token) = demo_token(&demo_config) {
         sandbox
             .crm
@@ -123,6 +148,8 @@ pub async fn demo(demo_config: PathBuf, contacts: u64, state_override: Option<Pa
             http: http.clone(),
             cancel: cancel.clone(),
             interrupt: Default::default(),
+            clock: crate::clock::Clock::process(),
+            backfill: None,
         };
         let before = sandbox.crm.received().len();
         let r = run_stream(&ctx, "demo").await;
@@ -168,6 +195,15 @@ pub async fn demo(demo_config: PathBuf, contacts: u64, state_override: Option<Pa
         {
             println!("  first record as delivered: {rec}");
         }
+        // Ticket Co x Airship
+        if matches!(spec.kind, crate::config::StreamKind::TicketCoToAirship(_)) {
+            println!(
+                "  airship now holds {} contacts and {} bookings ({} writes)",
+                sandbox.airship.contacts().len(),
+                sandbox.airship.booking_count(),
+                sandbox.airship.writes()
+            );
+        }
         if let Some(e) = &r.error {
             println!("  error: {e}");
             failed = true;
@@ -183,7 +219,69 @@ pub async fn demo(demo_config: PathBuf, contacts: u64, state_override: Option<Pa
     if failed { EX_FAIL } else { EX_OK }
 }
 
-pub async fn sandbox(listen: SocketAddr, contacts: u64) -> i32 {
+// Ticket Co x Airship
+/// `usher sandbox` flags that seed the fake Ticket Co and Airship (the benchmark uses them).
+#[derive(clap::Args, Debug, Clone)]
+pub struct TicketCoSeed {
+    /// Ticket Co events to generate (spread over `--ticketco-days` days).
+    #[arg(long, default_value_t = 0)]
+    pub ticketco_events: u64,
+    /// Ticket Co booking lines to generate, spread evenly over the events.
+    #[arg(long, default_value_t = 0)]
+    pub ticketco_bookings: u64,
+    /// The first event day (YYYY-MM-DD); default yesterday (UTC).
+    #[arg(long)]
+    pub ticketco_first_day: Option<chrono::NaiveDate>,
+    #[arg(long, default_value_t = 30)]
+    pub ticketco_days: u64,
+    /// Venue names, comma-separated; each is also an Airship unit (IDs 1, 2, …).
+    #[arg(long, default_value = "Oslo Golf,Bergen Bowling")]
+    pub ticketco_venues: String,
+    /// Token the fake Ticket Co requires (`?token=`).
+    #[arg(long)]
+    pub ticketco_token: Option<String>,
+    /// Bearer token the fake Airship requires.
+    #[arg(long)]
+    pub airship_token: Option<String>,
+    #[arg(long, default_value_t = 1)]
+    pub airship_account: i64,
+}
+
+impl TicketCoSeed {
+    fn apply(&self, s: &Sandbox) {
+        let venues: Vec<&str> = self
+            .ticketco_venues
+            .split(',')
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .collect();
+        for (i, v) in venues.iter().enumerate() {
+            s.airship.add_unit(i as i64 + 1, v);
+        }
+        if let Some(t) = &self.ticketco_token {
+            s.ticketco.require_token(t);
+        }
+        if let Some(t) = &self.airship_token {
+            s.airship.require_token(t, self.airship_account);
+        }
+        if self.ticketco_bookings > 10_000 {
+            s.airship.record_bodies(false);
+        }
+        let first = self
+            .ticketco_first_day
+            .unwrap_or_else(|| chrono::Utc::now().date_naive() - chrono::Days::new(1));
+        s.ticketco.generate(
+            self.ticketco_events,
+            self.ticketco_bookings,
+            first,
+            self.ticketco_days,
+            &venues,
+            "+00:00",
+        );
+    }
+}
+
+pub async fn sandbox(listen: SocketAddr, contacts: u64, seed: TicketCoSeed) -> i32 {
     crate::logging::init_cli();
     let sandbox = match Sandbox::start(listen).await {
         Ok(s) => s,
@@ -193,7 +291,12 @@ pub async fn sandbox(listen: SocketAddr, contacts: u64) -> i32 {
         }
     };
     sandbox.crm.add_contacts(contacts);
+    // Ticket Co x Airship
+    seed.apply(&sandbox);
     println!("crm {}", sandbox.url("crm"));
+    println!("ticketco {}", sandbox.url("ticketco"));
+    println!("airship {}", sandbox.url("airship"));
+    println!("airship-stats {}/_stats", sandbox.url("airship"));
     let _ = tokio::signal::ctrl_c().await;
     EX_OK
 }

@@ -7,6 +7,8 @@ mod demo;
 mod bench_s360;
 mod demo_s360;
 mod ops;
+// Ticket Co x Airship
+mod backfill;
 
 use std::path::PathBuf;
 
@@ -35,6 +37,10 @@ pub struct Cli {
     /// Log format on stdout.
     #[arg(long, global = true, value_enum, default_value_t = LogFormatArg::Auto)]
     pub log_format: LogFormatArg,
+    /// Ticket Co x Airship: "now" for runs (RFC 3339), for tests and replaying a day; the
+    /// clock starts there and advances in real time. Default: the system clock.
+    #[arg(long, global = true, hide = true, value_parser = parse_now)]
+    pub now: Option<chrono::DateTime<chrono::Utc>>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -83,6 +89,14 @@ pub enum Command {
         #[command(subcommand)]
         action: DeadLetterAction,
     },
+    // Ticket Co x Airship
+    /// Run a stream once from an older date (attendance date), e.g. a historic import.
+    Backfill {
+        stream: String,
+        /// The first date to import (YYYY-MM-DD).
+        #[arg(long)]
+        from: chrono::NaiveDate,
+    },
     /// Run every stream of config/demo.toml once against the bundled fakes.
     Demo {
         /// The demo configuration.
@@ -111,6 +125,9 @@ pub enum Command {
         listen: std::net::SocketAddr,
         #[arg(long, default_value_t = 1000)]
         contacts: u64,
+        // Ticket Co x Airship
+        #[command(flatten)]
+        ticketco: demo::TicketCoSeed,
     },
     // S-360
     /// Measure the S-360 receiver (records/s accepted durably, latency) and relay.
@@ -164,6 +181,10 @@ pub enum CursorAction {
 
 pub fn main() -> i32 {
     let cli = Cli::parse();
+    // Ticket Co x Airship (generic): `--now` sets the clock every run reads.
+    if let Some(now) = cli.now {
+        crate::clock::Clock::set_process(crate::clock::Clock::starting_at(now));
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -205,14 +226,28 @@ pub fn main() -> i32 {
             idle_secs,
         } => runtime.block_on(bench::scale(streams, connections, idle_secs)),
         Command::GenerateAssets { dir } => generate_assets(&dir),
-        Command::Sandbox { listen, contacts } => runtime.block_on(demo::sandbox(listen, contacts)),
         // S-360
         Command::BenchS360 {
             clients,
             seconds,
             relay,
         } => runtime.block_on(bench_s360::bench(clients, seconds, relay)),
+        Command::Sandbox {
+            listen,
+            contacts,
+            ticketco,
+        } => runtime.block_on(demo::sandbox(listen, contacts, ticketco)),
+        // Ticket Co x Airship
+        Command::Backfill { stream, from } => {
+            runtime.block_on(backfill::backfill(source, &stream, from))
+        }
     }
+}
+
+fn parse_now(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .map(|t| t.to_utc())
+        .map_err(|e| format!("{s:?} is not an RFC 3339 date-time: {e}"))
 }
 
 /// Prints every problem, one a line, and a count; returns EX_CONFIG.

@@ -13,11 +13,11 @@ use crate::engine::{RunCtx, daemon, run_stream};
 use crate::http::Http;
 use crate::store::{Store, StoreError};
 
-fn load(source: &config::Source) -> Result<Config, i32> {
+pub(super) fn load(source: &config::Source) -> Result<Config, i32> {
     config::load(source).map_err(|p| report_problems(&p))
 }
 
-fn store_error(e: &StoreError) -> i32 {
+pub(super) fn store_error(e: &StoreError) -> i32 {
     eprintln!("usher: {e}");
     EX_DATAERR
 }
@@ -93,6 +93,23 @@ pub async fn validate(source: config::Source, online: bool) -> i32 {
             conn.kind.as_str()
         );
     }
+    // Ticket Co x Airship: every configured venue must map to an Airship unit.
+    for spec in config.streams.values() {
+        if let config::StreamKind::TicketCoToAirship(o) = &spec.kind {
+            for line in
+                crate::engine::ticketco_airship::check_venues(&http, &config, spec, o, &cancel)
+                    .await
+            {
+                match line {
+                    Ok(l) => println!("{l}"),
+                    Err(l) => {
+                        bad += 1;
+                        println!("problem: {l}");
+                    }
+                }
+            }
+        }
+    }
     if bad > 0 { EX_CONFIG } else { EX_OK }
 }
 
@@ -126,7 +143,7 @@ pub fn status(source: config::Source, json: bool) -> i32 {
     if r.is_err() { EX_FAIL } else { EX_OK }
 }
 
-fn known_stream(config: &Config, stream: &str) -> Result<(), i32> {
+pub(super) fn known_stream(config: &Config, stream: &str) -> Result<(), i32> {
     if config.streams.contains_key(stream) {
         Ok(())
     } else {
@@ -299,6 +316,8 @@ pub async fn trigger(source: config::Source, stream: &str) -> i32 {
         http: Http::new(),
         cancel,
         interrupt: Default::default(),
+        clock: crate::clock::Clock::process(),
+        backfill: None,
     };
     let report = run_stream(&ctx, "trigger").await;
     let c = report.counts;

@@ -492,7 +492,12 @@ fn build_connection(
             }
         }
     }
+    // Ticket Co x Airship
+    let (api_token, account_id, vendor_auth) = super::ticketco_airship::connection_fields(
+        l, &scope, &prefix, kind, &raw, config_dir, warnings,
+    );
     let auth = match &raw.auth {
+        None if vendor_auth.is_some() => vendor_auth.unwrap_or(Auth::None),
         None => Auth::None,
         Some(a) => build_auth(
             l,
@@ -519,6 +524,9 @@ fn build_connection(
         rate_limit,
         auth,
         s360,
+        // Ticket Co x Airship
+        api_token,
+        account_id,
     })
 }
 
@@ -742,6 +750,14 @@ fn build_stream(
     let source = connection(l, "source", &raw.source);
     let target = connection(l, "target", &raw.target);
 
+    // Ticket Co x Airship
+    let is_ticketco_airship = source
+        .as_ref()
+        .is_some_and(|s| s.kind == ConnectionKind::TicketCo)
+        && target
+            .as_ref()
+            .is_some_and(|t| t.kind == ConnectionKind::Airship);
+
     // Schedule.
     let jitter = raw.jitter.as_ref().map(|j| match parse_duration(j) {
         Ok(d) => d,
@@ -758,6 +774,18 @@ fn build_stream(
                 "set either `every` or `cron`, not both",
             );
             None
+        }
+        // Ticket Co x Airship: daily at 03:00 in the stream's timezone unless told otherwise.
+        (None, None) if is_ticketco_airship => {
+            let tz = match raw.timezone.as_deref().map(parse_tz) {
+                None => Some(chrono_tz::Tz::UTC),
+                Some(Ok(tz)) => Some(tz),
+                Some(Err(e)) => {
+                    l.problem(&scope, &key("timezone"), e.to_string());
+                    None
+                }
+            };
+            tz.and_then(|tz| Schedule::cron("0 3 * * *", tz).ok())
         }
         (None, None) => {
             l.problem(
@@ -895,6 +923,7 @@ fn build_stream(
         }
         // S-360
         Some(ConnectionKind::S360) | None => None,
+        _ => None,
     };
     // S-360: a stream from S-360 takes its institution from the connection by default.
     let institution = raw.institution.clone().or_else(|| {
@@ -1017,6 +1046,26 @@ fn build_stream(
             warnings,
         ),
     };
+    // Ticket Co x Airship
+    let mut kind = kind;
+    let mut raw = raw;
+    if is_ticketco_airship {
+        let tz = raw
+            .timezone
+            .as_deref()
+            .and_then(|t| parse_tz(t).ok())
+            .unwrap_or(chrono_tz::Tz::UTC);
+        kind =
+            super::ticketco_airship::stream_options(l, &scope, &prefix, raw.airship.as_ref(), tz)
+                .map(StreamKind::TicketCoToAirship);
+        raw.entity.get_or_insert_with(|| "booking".into());
+    } else if raw.airship.is_some() {
+        l.problem(
+            &scope,
+            &key("airship"),
+            "`airship` applies only to a stream from a ticketco source to an airship target",
+        );
+    }
     if raw.entity.is_none() {
         l.problem(
             &scope,

@@ -9,6 +9,8 @@ mod load;
 mod raw;
 // S-360
 mod s360;
+// Ticket Co x Airship
+mod ticketco_airship;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -86,6 +88,12 @@ pub struct Connection {
     pub auth: Auth,
     // S-360: the instance's account (kind s360 only).
     pub s360: Option<S360Account>,
+    // Ticket Co x Airship
+    /// Ticket Co: the API token (sent as `?token=`, never in a message). Airship's personal
+    /// access token is `auth` (bearer).
+    pub api_token: Option<Secret>,
+    /// Airship: the account every contact is written to.
+    pub account_id: Option<i64>,
 }
 
 impl Connection {
@@ -114,15 +122,23 @@ pub enum ConnectionKind {
     // S-360
     /// An S-360 instance: REST-RPC API with an HS256 JWT (vendor-apis "S-360").
     S360,
+    // Ticket Co x Airship
+    /// Ticket Co bookings (source); API token in the query string.
+    TicketCo,
+    /// Airship hospitality CRM (target); personal access token and account ID.
+    Airship,
 }
 
 impl ConnectionKind {
-    pub const NAMES: &'static [&'static str] = &["crm", "s360"];
+    pub const NAMES: &'static [&'static str] = &["crm", "s360", "ticketco", "airship"];
 
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "crm" => Some(ConnectionKind::Crm),
             "s360" => Some(ConnectionKind::S360),
+            // Ticket Co x Airship
+            "ticketco" => Some(ConnectionKind::TicketCo),
+            "airship" => Some(ConnectionKind::Airship),
             _ => None,
         }
     }
@@ -131,6 +147,9 @@ impl ConnectionKind {
         match self {
             ConnectionKind::Crm => "crm",
             ConnectionKind::S360 => "s360",
+            // Ticket Co x Airship
+            ConnectionKind::TicketCo => "ticketco",
+            ConnectionKind::Airship => "airship",
         }
     }
 }
@@ -212,6 +231,8 @@ pub enum StreamKind {
         feed: FeedOptions,
         offers: S360OfferOptions,
     },
+    // Ticket Co x Airship
+    TicketCoToAirship(TicketCoAirshipOptions),
 }
 
 impl StreamKind {
@@ -219,6 +240,36 @@ impl StreamKind {
     pub fn retries_dead_letters(&self) -> bool {
         matches!(self, StreamKind::FeedToWebhook { .. })
     }
+}
+
+// Ticket Co x Airship
+/// `[streams.X.airship]`: the daily Ticket Co bookings → Airship run.
+#[derive(Debug, Clone)]
+pub struct TicketCoAirshipOptions {
+    /// "today" and the venues' local time (the stream's `timezone`, default UTC).
+    pub timezone: chrono_tz::Tz,
+    /// Attendance dates from yesterday through today + `days_ahead`.
+    pub days_ahead: u32,
+    /// Ticket Co venue names (`location_name`) to send; others are left out.
+    pub venues: Vec<String>,
+    /// Venue name → Airship unit ID, for venues whose unit is not found by name.
+    pub unit_ids: BTreeMap<String, i64>,
+    /// Ticket Co status → Airship `stage_value`; a status not listed sends no stage.
+    pub stages: BTreeMap<String, i64>,
+    /// Ticket Co `source` → Airship `source_id`.
+    pub sources: BTreeMap<String, i64>,
+    /// Ticket Co `booking_type` → Airship `type_id`.
+    pub types: BTreeMap<String, i64>,
+    /// Event tags that put the contact in a group of the same name on the venue's unit.
+    pub event_tags: Vec<String>,
+    /// The folder those tag groups go in, if any.
+    pub tag_folder: Option<String>,
+    /// The group every contact joins on the booked venue's unit.
+    pub booking_group: String,
+    /// The first run imports from this date (attendance date), not from yesterday.
+    pub backfill_from: Option<chrono::NaiveDate>,
+    /// `source_name` on contacts written.
+    pub source_name: String,
 }
 
 #[derive(Debug, Clone)]

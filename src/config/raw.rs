@@ -64,6 +64,14 @@ pub struct RawConnection {
     pub partner_secret: Option<String>,
     pub partner_secret_file: Option<String>,
     pub partner_secret_env: Option<String>,
+    // Ticket Co x Airship
+    pub api_token: Option<String>,
+    pub api_token_file: Option<String>,
+    pub api_token_env: Option<String>,
+    pub access_token: Option<String>,
+    pub access_token_file: Option<String>,
+    pub access_token_env: Option<String>,
+    pub account_id: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -122,6 +130,25 @@ pub struct RawStream {
     pub webhook: Option<RawWebhook>,
     // S-360: receiver path and auth, matching and order options (see config/s360.rs).
     pub s360: Option<super::s360::RawS360Stream>,
+    // Ticket Co x Airship
+    pub airship: Option<RawAirship>,
+}
+
+// Ticket Co x Airship
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAirship {
+    pub days_ahead: Option<u32>,
+    pub venues: Option<Vec<String>>,
+    pub unit_ids: Option<BTreeMap<String, i64>>,
+    pub stages: Option<BTreeMap<String, i64>>,
+    pub sources: Option<BTreeMap<String, i64>>,
+    pub types: Option<BTreeMap<String, i64>>,
+    pub event_tags: Option<Vec<String>>,
+    pub tag_folder: Option<String>,
+    pub booking_group: Option<String>,
+    pub backfill_from: Option<String>,
+    pub source_name: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

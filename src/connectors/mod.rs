@@ -5,6 +5,9 @@ pub mod feed;
 // S-360
 pub mod s360;
 pub mod webhook;
+// Ticket Co x Airship
+pub mod airship;
+pub mod ticketco;
 
 use std::fmt;
 
@@ -86,5 +89,8 @@ pub async fn check_online(http: &Http, conn: &Connection, cancel: &CancellationT
                 Err(e) => Verdict::Unreachable(e.to_string()),
             }
         }
+        // Ticket Co x Airship
+        ConnectionKind::TicketCo => ticketco::check(http, conn, cancel).await,
+        ConnectionKind::Airship => airship::check(http, conn, cancel).await,
     }
 }

@@ -357,6 +357,8 @@ impl Daemon {
             http: self.http.clone(),
             cancel: self.shutdown.clone(),
             interrupt: slot.interrupt.clone(),
+            clock: crate::clock::Clock::process(),
+            backfill: None,
         };
         let tx = self.events.clone();
         let name = stream.to_string();

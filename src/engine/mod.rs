@@ -13,6 +13,8 @@ pub mod health;
 pub mod lock;
 // S-360
 mod s360;
+// Ticket Co x Airship
+pub mod ticketco_airship;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -96,6 +98,19 @@ pub struct RunCtx {
     pub cancel: CancellationToken,
     /// An operator action (cursor reset) waits for this stream: stop at the next page boundary.
     pub interrupt: Arc<AtomicBool>,
+    /// "now" for this run (the system clock unless `--now` set it).
+    pub clock: crate::clock::Clock,
+    /// `usher backfill STREAM --from DATE`: a one-off run from this date (streams that
+    /// support it), with an optional progress bar. `None` for ordinary runs.
+    pub backfill: Option<Backfill>,
+}
+
+/// A one-off backfill asked for on the command line.
+#[derive(Clone)]
+pub struct Backfill {
+    pub from: chrono::NaiveDate,
+    /// Shown on a terminal; the stream sets its length and advances it.
+    pub progress: Option<indicatif::ProgressBar>,
 }
 
 impl RunCtx {
@@ -148,6 +163,10 @@ pub async fn run_stream(ctx: &RunCtx, trigger: &str) -> RunReport {
         }
         StreamKind::CrmOffersToS360 { feed, offers } => {
             s360::offers(ctx, feed, offers, &mut counts).await
+        }
+        // Ticket Co x Airship
+        StreamKind::TicketCoToAirship(options) => {
+            ticketco_airship::run(ctx, options, &mut counts).await
         }
     };
     let (outcome, error) = match result {

@@ -503,7 +503,7 @@ pub async fn offers(
                 counts.skipped += 1;
                 continue;
             }
-            let prior = ctx.store.ledger_get(&spec.name, &id).await?;
+            let prior = ctx.store.ledger_entry(&spec.name, &id).await?;
             let prior_status = prior.as_ref().and_then(|p| p.0.clone());
             if prior_status.as_deref() == Some(DONE) {
                 counts.skipped += 1;

@@ -6,6 +6,9 @@ pub mod crm;
 pub mod faults;
 // S-360
 pub mod s360;
+// Ticket Co x Airship
+pub mod airship;
+pub mod ticketco;
 
 use std::net::SocketAddr;
 
@@ -17,6 +20,9 @@ pub use crm::CrmFake;
 pub use faults::{Fault, Faults};
 // S-360
 pub use s360::{S360Fake, S360Sender};
+// Ticket Co x Airship
+pub use airship::AirshipFake;
+pub use ticketco::TicketCoFake;
 
 /// The running fakes.
 pub struct Sandbox {
@@ -24,6 +30,9 @@ pub struct Sandbox {
     pub crm: CrmFake,
     // S-360: the API under `/s360/{institution}`.
     pub s360: S360Fake,
+    // Ticket Co x Airship
+    pub ticketco: TicketCoFake,
+    pub airship: AirshipFake,
     stop: CancellationToken,
 }
 
@@ -32,10 +41,16 @@ impl Sandbox {
     pub async fn start(listen: SocketAddr) -> std::io::Result<Sandbox> {
         let crm = CrmFake::new();
         let s360 = S360Fake::new();
+        // Ticket Co x Airship
+        let ticketco = TicketCoFake::new();
+        let airship = AirshipFake::new();
         let app = Router::new()
             .nest("/crm", crm.router())
             // S-360
-            .nest("/s360", s360.router());
+            .nest("/s360", s360.router())
+            // Ticket Co x Airship
+            .nest("/ticketco", ticketco.router())
+            .nest("/airship", airship.router());
         let listener = TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
         let stop = CancellationToken::new();
@@ -49,6 +64,8 @@ impl Sandbox {
             addr,
             crm,
             s360,
+            ticketco,
+            airship,
             stop,
         })
     }

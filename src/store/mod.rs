@@ -373,6 +373,41 @@ impl Store {
         .await
     }
 
+    // ---- ledger (Ticket Co x Airship) ----
+
+    /// The ledger rows of `keys` (those that exist), for a daily run to tell new from known.
+    pub async fn ledger_get(&self, stream: &str, keys: Vec<String>) -> Result<Vec<LedgerRow>> {
+        let stream = stream.to_string();
+        self.call(move |c| {
+            // One read transaction for the whole batch: one lock and one WAL check, not one
+            // per key (most of a no-change run's database time otherwise).
+            let tx = c.transaction()?;
+            let mut st = tx.prepare_cached(
+                "SELECT content_hash, target_ids, status FROM ledger WHERE stream = ?1 AND key = ?2",
+            )?;
+            let mut out = Vec::new();
+            for key in keys {
+                if let Some((content_hash, target_ids, status)) = st
+                    .query_row(params![stream, key], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                    })
+                    .optional()?
+                {
+                    out.push(LedgerRow {
+                        key,
+                        content_hash,
+                        target_ids,
+                        status,
+                    });
+                }
+            }
+            drop(st);
+            tx.commit()?;
+            Ok(out)
+        })
+        .await
+    }
+
     // ---- outbox ----
 
     /// Pending payloads of a stream, oldest first, up to `max_records` records in all.

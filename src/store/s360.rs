@@ -115,7 +115,7 @@ impl Store {
     }
 
     /// A ledger row's (status, target ids), if any.
-    pub async fn ledger_get(
+    pub async fn ledger_entry(
         &self,
         stream: &str,
         key: &str,
