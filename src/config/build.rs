@@ -16,13 +16,24 @@ use crate::mapping::Mapping;
 use crate::schedule::{Schedule, parse_duration, parse_tz};
 use crate::secret::Secret;
 
-const TOP_LEVEL: &[&str] = &["daemon", "log", "metrics", "connections", "streams"];
+const TOP_LEVEL: &[&str] = &[
+    "daemon",
+    "log",
+    "metrics",
+    "connections",
+    "streams",
+    // Integration settings (settings.rs).
+    "resellers",
+    "companies",
+];
 
 pub(super) fn build(source: &Source, extra: Option<Figment>) -> Result<Config, Vec<Problem>> {
     let mut l = layers(&source.main_file, source.env_overrides);
     if let Some(extra) = extra {
         l.figment = l.figment.merge(extra);
     }
+    // Integration settings: shared reseller credentials and vendor default URLs (settings.rs).
+    super::settings::prepare(&mut l);
     let config_dir = l
         .main_file
         .parent()
@@ -59,6 +70,14 @@ pub(super) fn build(source: &Source, extra: Option<Figment>) -> Result<Config, V
             streams.insert(name, Arc::new(s));
         }
     }
+    // Integration settings: resellers, companies, flags, conflicts, toggles (settings.rs).
+    let settings = super::settings::apply(
+        &mut l,
+        &mut connections,
+        &mut streams,
+        &config_dir,
+        &mut warnings,
+    );
 
     if l.problems.is_empty() {
         Ok(Config {
@@ -69,6 +88,7 @@ pub(super) fn build(source: &Source, extra: Option<Figment>) -> Result<Config, V
             streams,
             files: l.files,
             warnings,
+            settings,
         })
     } else {
         Err(l.problems)
@@ -240,7 +260,7 @@ fn build_log(l: &mut Layers) -> LogSettings {
 /// Reads a secret from exactly one of `KEY`, `KEY_file`, `KEY_env`. A relative file name is
 /// looked up in `$CREDENTIALS_DIRECTORY` (systemd `LoadCredential`), else beside the main file.
 #[allow(clippy::too_many_arguments)] // one argument per way of giving a secret reads best here
-fn secret(
+pub(super) fn secret(
     l: &mut Layers,
     scope: &str,
     prefix: &str,
@@ -853,8 +873,20 @@ fn build_stream(
                     .unwrap_or_else(|| "updated_at".into()),
             })
         }
+        // Integration settings branch: cdp and seatsio are not sources.
+        Some(k @ (ConnectionKind::Cdp | ConnectionKind::Seatsio)) => {
+            l.problem(
+                &scope,
+                &key("source"),
+                format!("a connection of kind {} cannot be a source", k.as_str()),
+            );
+            None
+        }
         None => None,
     };
+    // CM.com CDP target (settings.rs); also refuses seatsio as a target.
+    let cdp =
+        super::settings::cdp_target(l, &scope, &prefix, &raw, target.as_deref(), max_per_payload);
     let target_is_webhook = target
         .as_ref()
         .map(|t| t.kind == ConnectionKind::Crm)
@@ -945,6 +977,8 @@ fn build_stream(
     }
     let kind = match (feed, webhook) {
         (Some(feed), Some(webhook)) => Some(StreamKind::FeedToWebhook { feed, webhook }),
+        // CM.com CDP target (settings.rs).
+        (Some(feed), None) if cdp.is_some() => cdp.map(|cdp| StreamKind::FeedToCdp { feed, cdp }),
         _ => None,
     };
     if raw.entity.is_none() {

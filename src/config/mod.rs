@@ -7,6 +7,12 @@
 mod build;
 mod load;
 mod raw;
+// Integration settings, CM.com CDP and seats.io.
+mod settings;
+pub use settings::{
+    CONFLICTS, CdpAccount, INTEGRATIONS, IntegrationState, SeatsioAccount, Settings,
+    basic_user_only, is_guid,
+};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -38,6 +44,8 @@ pub struct Config {
     pub files: Vec<PathBuf>,
     /// Things that are allowed but worth a look (e.g. a secret written inline).
     pub warnings: Vec<Problem>,
+    /// Resellers, companies, integration states, and the CDP and seats.io accounts.
+    pub settings: Settings,
 }
 
 #[derive(Debug, Clone)]
@@ -81,14 +89,19 @@ pub struct Connection {
 pub enum ConnectionKind {
     /// A generic HTTP CRM: cursor feed source and webhook target (vendor-apis "ExtCRM").
     Crm,
+    // Integration settings branch: CM.com Customer Data Platform (target) and seats.io.
+    Cdp,
+    Seatsio,
 }
 
 impl ConnectionKind {
-    pub const NAMES: &'static [&'static str] = &["crm"];
+    pub const NAMES: &'static [&'static str] = &["crm", "cdp", "seatsio"];
 
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "crm" => Some(ConnectionKind::Crm),
+            "cdp" => Some(ConnectionKind::Cdp),
+            "seatsio" => Some(ConnectionKind::Seatsio),
             _ => None,
         }
     }
@@ -96,6 +109,8 @@ impl ConnectionKind {
     pub fn as_str(self) -> &'static str {
         match self {
             ConnectionKind::Crm => "crm",
+            ConnectionKind::Cdp => "cdp",
+            ConnectionKind::Seatsio => "seatsio",
         }
     }
 }
@@ -161,6 +176,8 @@ pub enum StreamKind {
         feed: FeedOptions,
         webhook: WebhookOptions,
     },
+    /// CM.com CDP target: contacts from the generic CRM feed as CDP events.
+    FeedToCdp { feed: FeedOptions, cdp: CdpOptions },
 }
 
 impl StreamKind {
@@ -180,6 +197,12 @@ pub struct FeedOptions {
     pub has_more: String,
     pub id: String,
     pub changed_at: String,
+}
+
+/// `[streams.X.cdp]`: the CDP event type; the mapping's target fields are its field labels.
+#[derive(Debug, Clone)]
+pub struct CdpOptions {
+    pub event_type_id: String,
 }
 
 #[derive(Debug, Clone)]

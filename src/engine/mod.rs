@@ -9,8 +9,11 @@
 pub mod control;
 pub mod daemon;
 mod feed_webhook;
+// Integration settings branch: CM.com CDP target.
+pub mod feed_cdp;
 pub mod health;
 pub mod lock;
+mod online_check;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -136,6 +139,9 @@ pub async fn run_stream(ctx: &RunCtx, trigger: &str) -> RunReport {
     let result = match &ctx.spec.kind {
         StreamKind::FeedToWebhook { feed, webhook } => {
             feed_webhook::run(ctx, feed, webhook, &mut counts).await
+        }
+        StreamKind::FeedToCdp { feed, cdp } => {
+            feed_cdp::run(ctx, trigger, feed, cdp, &mut counts).await
         }
     };
     let (outcome, error) = match result {

@@ -4,6 +4,9 @@
 
 pub mod crm;
 pub mod faults;
+// Integration settings branch: CM.com CDP and seats.io fakes.
+pub mod cdp;
+pub mod seatsio;
 
 use std::net::SocketAddr;
 
@@ -18,6 +21,9 @@ pub use faults::{Fault, Faults};
 pub struct Sandbox {
     pub addr: SocketAddr,
     pub crm: CrmFake,
+    // Integration settings branch.
+    pub cdp: cdp::CdpFake,
+    pub seatsio: seatsio::SeatsioFake,
     stop: CancellationToken,
 }
 
@@ -25,7 +31,13 @@ impl Sandbox {
     /// Binds `listen` (use `127.0.0.1:0` for a free port) and serves every fake.
     pub async fn start(listen: SocketAddr) -> std::io::Result<Sandbox> {
         let crm = CrmFake::new();
-        let app = Router::new().nest("/crm", crm.router());
+        // Integration settings branch: CDP and seats.io fakes.
+        let cdp = cdp::CdpFake::new();
+        let seatsio = seatsio::SeatsioFake::new();
+        let app = Router::new()
+            .nest("/crm", crm.router())
+            .nest("/cdp", cdp.router())
+            .nest("/seatsio", seatsio.router());
         let listener = TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
         let stop = CancellationToken::new();
@@ -35,7 +47,13 @@ impl Sandbox {
                 .with_graceful_shutdown(async move { s.cancelled().await })
                 .await;
         });
-        Ok(Sandbox { addr, crm, stop })
+        Ok(Sandbox {
+            addr,
+            crm,
+            cdp,
+            seatsio,
+            stop,
+        })
     }
 
     /// The base URL of one fake, e.g. `url("crm")` → `http://127.0.0.1:PORT/crm`.

@@ -80,4 +80,20 @@ pub const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE dead_letters ADD COLUMN retry_requested INTEGER NOT NULL DEFAULT 0;
     "#,
+    // 3 (integration settings branch): the last online check of each connection (seats.io,
+    // CDP), and streams paused by a configuration error of their target (CDP 400/401/403).
+    r#"
+    CREATE TABLE settings_online_checks (
+        connection  TEXT PRIMARY KEY,
+        kind        TEXT NOT NULL,
+        checked_at  TEXT NOT NULL,
+        valid       INTEGER NOT NULL,
+        message     TEXT NOT NULL
+    );
+    CREATE TABLE cdp_stream_pauses (
+        stream      TEXT PRIMARY KEY,
+        paused_at   TEXT NOT NULL,
+        reason      TEXT NOT NULL
+    );
+    "#,
 ];

@@ -8,6 +8,9 @@
 //! [`Store::call`], never on the async executor's threads.
 
 mod migrations;
+// Integration settings branch: online checks and CDP pauses.
+mod settings;
+pub use settings::{OnlineCheck, StreamPause};
 
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
