@@ -406,3 +406,37 @@ Email = "email | trim | lowercase | required"
         assert!(err.contains(needle), "{needle} in {err}");
     }
 }
+
+#[test]
+fn cdp_and_seatsio_default_their_base_url_from_the_vendor_and_region() {
+    let env = Env::new();
+    env.write_secret("sk", "sk-eu");
+    let (code, out, err) = validate(
+        &env,
+        r#"
+[connections.cdp]
+kind = "cdp"
+product_token_file = "cdp-token"
+tenant_guid = "11111111-2222-3333-4444-555555555555"
+
+[connections.seats]
+kind = "seatsio"
+region = "oc"
+secret_key_file = "sk"
+
+[connections.seats-bad]
+kind = "seatsio"
+region = "mars"
+secret_key_file = "sk"
+"#,
+    );
+    assert_eq!(code, Some(78), "{out}{err}");
+    assert!(
+        err.contains(
+            "key `connections.seats-bad.region`: unknown region \"mars\" (eu, na, sa or oc)"
+        ),
+        "{err}"
+    );
+    assert!(!err.contains("connections.cdp."), "{err}");
+    assert!(!err.contains("connections.seats."), "{err}");
+}

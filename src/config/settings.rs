@@ -234,29 +234,38 @@ fn dict_keys(v: Option<Value>) -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn find_str(l: &Layers, path: &str) -> Option<String> {
-    l.figment
-        .find_value(path)
-        .ok()
-        .and_then(|v| v.into_string())
-}
-
 /// Before anything is read: fills connections that say `credentials_from = "reseller"` from
 /// their reseller, and gives `cdp` and `seatsio` connections their default base URL.
 pub(super) fn prepare(l: &mut Layers) {
-    let conns = dict_keys(l.figment.find_value("connections").ok());
-    for name in conns {
-        let at = format!("connections.{name}");
-        let Ok(Value::Dict(_, conn)) = l.figment.find_value(&at) else {
+    // One merge of the layers for all connections (figment merges on every lookup).
+    let Ok(root) = l.figment.extract::<figment::value::Dict>() else {
+        return;
+    };
+    let get = |path: &str| -> Option<&Value> {
+        let mut parts = path.split('.');
+        let mut cur = root.get(parts.next()?)?;
+        for p in parts {
+            cur = cur.as_dict()?.get(p)?;
+        }
+        Some(cur)
+    };
+    let text = |path: &str| get(path).and_then(|v| v.as_str()).map(str::to_string);
+    let Some(conns) = get("connections").and_then(|v| v.as_dict()) else {
+        return;
+    };
+    let mut fills = figment::value::Dict::new();
+    for (name, conn) in conns {
+        let Some(conn) = conn.as_dict() else {
             continue;
         };
-        let kind = find_str(l, &format!("{at}.kind")).unwrap_or_default();
+        let at = format!("connections.{name}");
+        let kind = text(&format!("{at}.kind")).unwrap_or_default();
         let mut fill = figment::value::Dict::new();
         if !conn.contains_key("base_url") {
             if kind == "cdp" {
                 fill.insert("base_url".into(), CDP_DEFAULT_BASE.into());
             } else if kind == "seatsio"
-                && let Some(region) = find_str(l, &format!("{at}.region"))
+                && let Some(region) = text(&format!("{at}.region"))
                 && SEATSIO_REGIONS.contains(&region.as_str())
             {
                 fill.insert(
@@ -265,22 +274,27 @@ pub(super) fn prepare(l: &mut Layers) {
                 );
             }
         }
-        if find_str(l, &format!("{at}.credentials_from")).as_deref() == Some("reseller")
-            && let Some(company) = find_str(l, &format!("{at}.company"))
-            && let Some(reseller) = find_str(l, &format!("companies.{company}.reseller"))
-            && let Ok(Value::Dict(_, creds)) = l
-                .figment
-                .find_value(&format!("resellers.{reseller}.credentials.{kind}"))
+        if text(&format!("{at}.credentials_from")).as_deref() == Some("reseller")
+            && let Some(company) = text(&format!("{at}.company"))
+            && let Some(reseller) = text(&format!("companies.{company}.reseller"))
+            && let Some(creds) =
+                get(&format!("resellers.{reseller}.credentials.{kind}")).and_then(|v| v.as_dict())
         {
             for (k, v) in creds {
-                if !conn.contains_key(&k) {
-                    fill.insert(k, v);
+                if !conn.contains_key(k) {
+                    fill.insert(k.clone(), v.clone());
                 }
             }
         }
         if !fill.is_empty() {
-            l.figment = l.figment.clone().join(Serialized::default(&at, fill));
+            fills.insert(name.clone(), fill.into());
         }
+    }
+    if !fills.is_empty() {
+        l.figment = l
+            .figment
+            .clone()
+            .join(Serialized::default("connections", fills));
     }
 }
 
