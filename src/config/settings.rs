@@ -264,10 +264,12 @@ pub(super) fn prepare(l: &mut Layers) {
         if !conn.contains_key("base_url") {
             if kind == "cdp" {
                 fill.insert("base_url".into(), CDP_DEFAULT_BASE.into());
-            } else if kind == "seatsio"
-                && let Some(region) = text(&format!("{at}.region"))
-                && SEATSIO_REGIONS.contains(&region.as_str())
-            {
+            } else if kind == "seatsio" {
+                // A missing or unknown region is reported by `apply` (under `region`, not
+                // as a missing `base_url`); the URL then never serves.
+                let region = text(&format!("{at}.region"))
+                    .filter(|r| SEATSIO_REGIONS.contains(&r.as_str()))
+                    .unwrap_or_else(|| "eu".into());
                 fill.insert(
                     "base_url".into(),
                     format!("https://api-{region}.seatsio.net").into(),
