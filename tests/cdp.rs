@@ -232,6 +232,17 @@ async fn toggle_off_pauses_without_losing_state_and_on_resumes_across_reloads() 
     s.crm.add_contacts(10);
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(posts(), calls_off, "no call while off");
+    // Not even a trigger runs a stream whose integration is off.
+    let o = env.cli(&["trigger", "contacts-to-cdp"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        d.log().contains("not run: paused"),
+        "{}{}\n{}",
+        stdout(&o),
+        stderr(&o),
+        d.log()
+    );
+    assert_eq!(posts(), calls_off, "no call on a trigger while off");
     assert_eq!(cursor(&env), cursor_off, "cursor kept while off");
     let body_now: Vec<u8> = common::db(&env.db_path())
         .query_row("SELECT body FROM outbox", [], |r| r.get(0))

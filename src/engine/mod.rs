@@ -127,6 +127,18 @@ pub struct RunReport {
 pub async fn run_stream(ctx: &RunCtx, trigger: &str) -> RunReport {
     let started = Instant::now();
     let name = ctx.spec.name.clone();
+    // Integration settings: a stream whose integration is off does not run, not even on a
+    // trigger; nothing is recorded, so its state stays exactly as it was.
+    if let Some(why) = ctx.config.settings.paused.get(&name) {
+        tracing::warn!(stream = %name, trigger, reason = %why, "not run: paused");
+        return RunReport {
+            stream: name,
+            outcome: "paused",
+            counts: Counts::default(),
+            error: Some(format!("paused: {why}")),
+            seconds: 0.0,
+        };
+    }
     let run_id = match ctx.store.run_started(&name, trigger).await {
         Ok(id) => Some(id),
         Err(e) => {
