@@ -17,6 +17,10 @@ pub struct StreamStatus {
     pub target: String,
     #[serde(flatten)]
     pub state: Option<StreamState>,
+    /// Integration settings: why the stream does not run (its integration is off, or the
+    /// CDP refused its configuration).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub paused: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -24,6 +28,21 @@ pub struct Status {
     pub daemon_pid: Option<u32>,
     pub state_dir: String,
     pub streams: Vec<StreamStatus>,
+    /// Integration settings: each company's integration blocks, and each connection's last
+    /// online check.
+    pub integrations: Vec<crate::config::IntegrationState>,
+    pub connections: Vec<ConnectionStatus>,
+}
+
+/// A connection with its integration's state and its last online check (from the state).
+#[derive(Debug, Serialize)]
+pub struct ConnectionStatus {
+    pub connection: String,
+    pub kind: String,
+    pub company: Option<String>,
+    /// "enabled" or "off" (its company's integration block), "enabled" when it has none.
+    pub state: &'static str,
+    pub last_check: Option<crate::store::OnlineCheck>,
 }
 
 pub fn collect(
@@ -32,6 +51,14 @@ pub fn collect(
     daemon_pid: Option<u32>,
 ) -> crate::store::Result<Status> {
     let mut streams = Vec::new();
+    let pauses = match store {
+        Some(s) => s.pauses_sync()?,
+        None => Vec::new(),
+    };
+    let checks = match store {
+        Some(s) => s.online_checks_sync()?,
+        None => Vec::new(),
+    };
     for spec in config.streams.values() {
         let state = match store {
             Some(s) => Some(s.stream_status_sync(&spec.name)?),
@@ -44,13 +71,87 @@ pub fn collect(
             source: format!("{} ({})", spec.source, spec.entity),
             target: spec.target.clone(),
             state,
+            paused: config.settings.paused.get(&spec.name).cloned().or_else(|| {
+                pauses
+                    .iter()
+                    .find(|p| p.stream == spec.name)
+                    .map(|p| format!("since {}: {}", short_time(&p.paused_at), p.reason))
+            }),
         });
     }
     Ok(Status {
         daemon_pid,
         state_dir: config.daemon.state_dir.display().to_string(),
         streams,
+        integrations: config.settings.integrations.clone(),
+        connections: connection_statuses(config, checks),
     })
+}
+
+fn connection_statuses(
+    config: &Config,
+    checks: Vec<crate::store::OnlineCheck>,
+) -> Vec<ConnectionStatus> {
+    config
+        .connections
+        .values()
+        .map(|c| {
+            let block = config
+                .settings
+                .integrations
+                .iter()
+                .find(|i| i.connections.contains(&c.name));
+            ConnectionStatus {
+                connection: c.name.clone(),
+                kind: c.kind.as_str().to_string(),
+                company: block.map(|b| b.company.clone()),
+                state: block.map(|b| b.state).unwrap_or("enabled"),
+                last_check: checks.iter().find(|k| k.connection == c.name).cloned(),
+            }
+        })
+        .collect()
+}
+
+/// The integration settings part of the text status.
+fn print_settings(s: &Status, out: &mut impl Write) -> std::io::Result<()> {
+    if !s.integrations.is_empty() {
+        writeln!(out)?;
+        writeln!(out, "integrations:")?;
+        for i in &s.integrations {
+            let streams = if i.streams.is_empty() {
+                String::new()
+            } else {
+                format!(" [streams: {}]", i.streams.join(", "))
+            };
+            writeln!(
+                out,
+                "  {}/{} (reseller {}): {}{streams}",
+                i.company, i.integration, i.reseller, i.why
+            )?;
+        }
+    }
+    let checked: Vec<&ConnectionStatus> = s
+        .connections
+        .iter()
+        .filter(|c| c.last_check.is_some() || c.company.is_some())
+        .collect();
+    if !checked.is_empty() {
+        writeln!(out)?;
+        writeln!(out, "connections:")?;
+        for c in checked {
+            let check = match &c.last_check {
+                None => "not checked online (run `usher validate --online`)".to_string(),
+                Some(k) => format!(
+                    "{} ({}, checked {})",
+                    if k.valid { "valid" } else { "invalid" },
+                    k.message,
+                    short_time(&k.checked_at)
+                ),
+            };
+            writeln!(out, "  {} ({}): {}, {check}", c.connection, c.kind, c.state)?;
+        }
+    }
+    Ok(())
 }
 
 /// A compact time for the table: "2026-12-01 17:05:03" (UTC).
@@ -115,7 +216,9 @@ pub fn print_text(s: &Status, out: &mut impl Write, colour: bool) -> std::io::Re
         let outbox = state.map(|x| &x.outbox);
         rows.push(vec![
             st.stream.clone(),
-            if st.enabled {
+            if st.paused.is_some() {
+                "paused".into()
+            } else if st.enabled {
                 "enabled".into()
             } else {
                 "disabled".into()
@@ -152,6 +255,9 @@ pub fn print_text(s: &Status, out: &mut impl Write, colour: bool) -> std::io::Re
                 .map(|c| clip(c, 24))
                 .unwrap_or_else(|| "(start)".into()),
         ]);
+        if let Some(p) = &st.paused {
+            notes.push(format!("{}: paused: {p}", st.stream));
+        }
         if let Some(o) = outbox
             && let Some(since) = &o.oldest_refused_at
         {
@@ -216,5 +322,5 @@ pub fn print_text(s: &Status, out: &mut impl Write, colour: bool) -> std::io::Re
             writeln!(out, "{} {n}", paint("!".into(), "31"))?;
         }
     }
-    Ok(())
+    print_settings(s, out)
 }

@@ -64,6 +64,9 @@ pub async fn demo(demo_config: PathBuf, contacts: u64, state_override: Option<Pa
             .require_header("authorization", &format!("Bearer {token}"));
     }
 
+    // Integration settings branch: the CDP tenant and seats.io key the demo config uses.
+    seed_settings(&sandbox, &demo_config);
+
     // Point every connection of the demo config at the sandbox, keeping each one's path.
     let text = std::fs::read_to_string(&demo_config).unwrap_or_default();
     let table: toml::Table = toml::from_str(&text).unwrap_or_default();
@@ -172,23 +175,19 @@ pub async fn demo(demo_config: PathBuf, contacts: u64, state_override: Option<Pa
             "  pulled {} from {}, queued {}, created {}, updated {}, dead-lettered {}, skipped {} in {:.2}s",
             c.pulled, spec.source, c.queued, c.created, c.updated, c.failed, c.skipped, r.seconds
         );
-        if got.is_empty() {
-            // Not a webhook target: what it holds is in its own fake (see `created`/`updated`).
-            if let Some(e) = &r.error {
-                println!("  error: {e}");
-                failed = true;
-            }
-            continue;
-        }
         let paths: std::collections::BTreeSet<_> =
             got.iter().map(|p| format!("/hooks/{}", p.path)).collect();
-        println!(
-            "  {} received {} payloads ({} records) at {}",
-            spec.target,
-            got.len(),
-            records,
-            paths.into_iter().collect::<Vec<_>>().join(", ")
-        );
+        // Only webhook targets show what the fake CRM received; the others are reported from
+        // their own fakes below (or by their created/updated counts).
+        if !got.is_empty() {
+            println!(
+                "  {} received {} payloads ({} records) at {}",
+                spec.target,
+                got.len(),
+                records,
+                paths.into_iter().collect::<Vec<_>>().join(", ")
+            );
+        }
         if let Some(first) = got.first()
             && let Ok(v) = serde_json::from_slice::<Vec<serde_json::Value>>(&first.body)
             && let Some(rec) = v.first()
@@ -204,9 +203,47 @@ pub async fn demo(demo_config: PathBuf, contacts: u64, state_override: Option<Pa
                 sandbox.airship.writes()
             );
         }
+        if let crate::config::StreamKind::FeedToCdp { .. } = &spec.kind {
+            let batches = sandbox.cdp.batches();
+            println!(
+                "  the CDP holds {} events from {} POSTs (at most 100 each); first: {}",
+                batches.iter().map(Vec::len).sum::<usize>(),
+                batches.len(),
+                batches
+                    .first()
+                    .and_then(|b| b.first())
+                    .map(|e| e.to_string())
+                    .unwrap_or_else(|| "-".into())
+            );
+        }
         if let Some(e) = &r.error {
             println!("  error: {e}");
             failed = true;
+        }
+    }
+    // Integration settings: each company's integrations and the online checks.
+    for i in &config.settings.integrations {
+        println!(
+            "
+integration {} of company {}: {}",
+            i.integration, i.company, i.why
+        );
+    }
+    for conn in config.connections.values() {
+        if matches!(
+            conn.kind,
+            crate::config::ConnectionKind::Seatsio | crate::config::ConnectionKind::Cdp
+        ) {
+            let v =
+                crate::connectors::check_online_with(&http, conn, &config.settings, &cancel).await;
+            let message = match &v {
+                crate::connectors::Verdict::Valid(m) => m.clone(),
+                other => other.to_string(),
+            };
+            let _ = store
+                .record_online_check(&conn.name, conn.kind.as_str(), v.is_valid(), &message)
+                .await;
+            println!("connection {} ({}): {v}", conn.name, conn.kind.as_str());
         }
     }
     println!(
@@ -297,6 +334,30 @@ pub async fn sandbox(listen: SocketAddr, contacts: u64, seed: TicketCoSeed) -> i
     println!("ticketco {}", sandbox.url("ticketco"));
     println!("airship {}", sandbox.url("airship"));
     println!("airship-stats {}/_stats", sandbox.url("airship"));
+    println!("cdp {}", sandbox.url("cdp"));
+    println!("seatsio {}/eu", sandbox.url("seatsio"));
     let _ = tokio::signal::ctrl_c().await;
     EX_OK
+}
+
+/// Integration settings branch: the fake CDP knows the demo's tenant, token and event type,
+/// and the fake seats.io the demo's secret key (read from config/demo-secrets).
+fn seed_settings(sandbox: &Sandbox, config_file: &std::path::Path) {
+    let secret = |name: &str| {
+        config_file
+            .parent()
+            .and_then(|d| std::fs::read_to_string(d.join("demo-secrets").join(name)).ok())
+            .map(|s| s.trim().to_string())
+    };
+    if let Some(token) = secret("cdp-token") {
+        sandbox
+            .cdp
+            .add_tenant("0d1b2c3d-4e5f-4a7b-8c9d-0e1f2a3b4c5d", &token);
+    }
+    sandbox
+        .cdp
+        .add_event_type("6f0e4c4a-2b1d-4a8e-9c3f-5d7e8f9a0b1c");
+    if let Some(key) = secret("seatsio-secret-key") {
+        sandbox.seatsio.add_secret_key("eu", &key);
+    }
 }

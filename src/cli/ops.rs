@@ -76,16 +76,40 @@ pub async fn validate(source: config::Source, online: bool) -> i32 {
             .collect::<Vec<_>>()
             .join(", ")
     );
+    // Integration settings: each company's integration blocks.
+    for i in &config.settings.integrations {
+        println!(
+            "integration {} of company {:?}: {}",
+            i.integration, i.company, i.why
+        );
+    }
     if !online {
         return EX_OK;
     }
     let http = Http::new();
     let cancel = CancellationToken::new();
     let mut bad = 0;
+    // The result is kept in the state (when it exists) so that `status` can show it.
+    let store = Store::open_existing(&config.daemon.state_dir)
+        .ok()
+        .flatten();
     for conn in config.connections.values() {
-        let verdict = crate::connectors::check_online(&http, conn, &cancel).await;
+        let verdict =
+            crate::connectors::check_online_with(&http, conn, &config.settings, &cancel).await;
         if !verdict.is_valid() {
             bad += 1;
+        }
+        if let Some(store) = &store {
+            let message = match &verdict {
+                crate::connectors::Verdict::Valid(m) => m.clone(),
+                other => other.to_string(),
+            };
+            if let Err(e) = store
+                .record_online_check(&conn.name, conn.kind.as_str(), verdict.is_valid(), &message)
+                .await
+            {
+                eprintln!("usher: cannot record the check of {:?}: {e}", conn.name);
+            }
         }
         println!(
             "connection {:?} ({}): {verdict}",

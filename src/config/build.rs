@@ -24,6 +24,9 @@ const TOP_LEVEL: &[&str] = &[
     "streams",
     // S-360
     "receiver",
+    // Integration settings (settings.rs).
+    "resellers",
+    "companies",
 ];
 
 pub(super) fn build(source: &Source, extra: Option<Figment>) -> Result<Config, Vec<Problem>> {
@@ -32,6 +35,8 @@ pub(super) fn build(source: &Source, extra: Option<Figment>) -> Result<Config, V
     if let Some(extra) = extra {
         l.figment = l.figment.merge(extra);
     }
+    // Integration settings: shared reseller credentials and vendor default URLs (settings.rs).
+    super::settings::prepare(&mut l);
     let config_dir = l
         .main_file
         .parent()
@@ -72,6 +77,14 @@ pub(super) fn build(source: &Source, extra: Option<Figment>) -> Result<Config, V
     }
     // S-360
     super::s360::check_receiver(&mut l, receiver.as_ref(), &connections, &streams);
+    // Integration settings: resellers, companies, flags, conflicts, toggles (settings.rs).
+    let settings = super::settings::apply(
+        &mut l,
+        &mut connections,
+        &mut streams,
+        &config_dir,
+        &mut warnings,
+    );
 
     if l.problems.is_empty() {
         Ok(Config {
@@ -83,6 +96,7 @@ pub(super) fn build(source: &Source, extra: Option<Figment>) -> Result<Config, V
             receiver,
             files: l.files,
             warnings,
+            settings,
         })
     } else {
         Err(l.problems)
@@ -921,6 +935,15 @@ fn build_stream(
                     .unwrap_or_else(|| "updated_at".into()),
             })
         }
+        // Integration settings branch: cdp and seatsio are not sources.
+        Some(k @ (ConnectionKind::Cdp | ConnectionKind::Seatsio)) => {
+            l.problem(
+                &scope,
+                &key("source"),
+                format!("a connection of kind {} cannot be a source", k.as_str()),
+            );
+            None
+        }
         // S-360
         Some(ConnectionKind::S360) | None => None,
         _ => None,
@@ -932,6 +955,9 @@ fn build_stream(
             .and_then(|s| s.s360.as_ref())
             .map(|a| a.institution.clone())
     });
+    // CM.com CDP target (settings.rs); also refuses seatsio as a target.
+    let cdp =
+        super::settings::cdp_target(l, &scope, &prefix, &raw, target.as_deref(), max_per_payload);
     let target_is_webhook = target
         .as_ref()
         .map(|t| t.kind == ConnectionKind::Crm)
@@ -1031,6 +1057,8 @@ fn build_stream(
         {
             Some(StreamKind::FeedToWebhook { feed, webhook })
         }
+        // CM.com CDP target (settings.rs).
+        (Some(feed), None) if cdp.is_some() => cdp.map(|cdp| StreamKind::FeedToCdp { feed, cdp }),
         // S-360
         (feed, webhook) => super::s360::stream_kind(
             l,

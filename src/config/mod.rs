@@ -11,6 +11,12 @@ mod raw;
 mod s360;
 // Ticket Co x Airship
 mod ticketco_airship;
+// Integration settings, CM.com CDP and seats.io.
+mod settings;
+pub use settings::{
+    CONFLICTS, CdpAccount, INTEGRATIONS, IntegrationState, SeatsioAccount, Settings,
+    basic_user_only, is_guid,
+};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -49,6 +55,8 @@ pub struct Config {
     pub files: Vec<PathBuf>,
     /// Things that are allowed but worth a look (e.g. a secret written inline).
     pub warnings: Vec<Problem>,
+    /// Resellers, companies, integration states, and the CDP and seats.io accounts.
+    pub settings: Settings,
 }
 
 #[derive(Debug, Clone)]
@@ -127,10 +135,14 @@ pub enum ConnectionKind {
     TicketCo,
     /// Airship hospitality CRM (target); personal access token and account ID.
     Airship,
+    // Integration settings branch: CM.com Customer Data Platform (target) and seats.io.
+    Cdp,
+    Seatsio,
 }
 
 impl ConnectionKind {
-    pub const NAMES: &'static [&'static str] = &["crm", "s360", "ticketco", "airship"];
+    pub const NAMES: &'static [&'static str] =
+        &["crm", "s360", "ticketco", "airship", "cdp", "seatsio"];
 
     pub fn parse(s: &str) -> Option<Self> {
         match s {
@@ -139,6 +151,8 @@ impl ConnectionKind {
             // Ticket Co x Airship
             "ticketco" => Some(ConnectionKind::TicketCo),
             "airship" => Some(ConnectionKind::Airship),
+            "cdp" => Some(ConnectionKind::Cdp),
+            "seatsio" => Some(ConnectionKind::Seatsio),
             _ => None,
         }
     }
@@ -150,6 +164,8 @@ impl ConnectionKind {
             // Ticket Co x Airship
             ConnectionKind::TicketCo => "ticketco",
             ConnectionKind::Airship => "airship",
+            ConnectionKind::Cdp => "cdp",
+            ConnectionKind::Seatsio => "seatsio",
         }
     }
 }
@@ -233,6 +249,11 @@ pub enum StreamKind {
     },
     // Ticket Co x Airship
     TicketCoToAirship(TicketCoAirshipOptions),
+    /// CM.com CDP target: contacts from the generic CRM feed as CDP events.
+    FeedToCdp {
+        feed: FeedOptions,
+        cdp: CdpOptions,
+    },
 }
 
 impl StreamKind {
@@ -282,6 +303,12 @@ pub struct FeedOptions {
     pub has_more: String,
     pub id: String,
     pub changed_at: String,
+}
+
+/// `[streams.X.cdp]`: the CDP event type; the mapping's target fields are its field labels.
+#[derive(Debug, Clone)]
+pub struct CdpOptions {
+    pub event_type_id: String,
 }
 
 #[derive(Debug, Clone)]

@@ -72,6 +72,24 @@ pub struct RawConnection {
     pub access_token_file: Option<String>,
     pub access_token_env: Option<String>,
     pub account_id: Option<i64>,
+    // Integration settings, CM.com CDP and seats.io (config/settings.rs).
+    /// The company this connection belongs to (`[companies.NAME]`).
+    pub company: Option<String>,
+    /// "reseller": keys not written here come from `[resellers.R.credentials.<kind>]`.
+    pub credentials_from: Option<String>,
+    pub product_token: Option<String>,
+    pub product_token_file: Option<String>,
+    pub product_token_env: Option<String>,
+    pub tenant_guid: Option<String>,
+    pub region: Option<String>,
+    pub secret_key: Option<String>,
+    pub secret_key_file: Option<String>,
+    pub secret_key_env: Option<String>,
+    pub admin_key: Option<String>,
+    pub admin_key_file: Option<String>,
+    pub admin_key_env: Option<String>,
+    pub workspace_key: Option<String>,
+    // End of integration settings, CDP and seats.io.
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -132,6 +150,11 @@ pub struct RawStream {
     pub s360: Option<super::s360::RawS360Stream>,
     // Ticket Co x Airship
     pub airship: Option<RawAirship>,
+    // Integration settings and CM.com CDP (config/settings.rs).
+    /// The company this stream belongs to (default: its connections' company).
+    pub company: Option<String>,
+    pub cdp: Option<super::settings::RawCdpStream>,
+    // End of integration settings and CDP.
 }
 
 // Ticket Co x Airship

@@ -8,6 +8,9 @@ pub mod webhook;
 // Ticket Co x Airship
 pub mod airship;
 pub mod ticketco;
+// Integration settings branch: CM.com CDP and seats.io.
+pub mod cdp;
+pub mod seatsio;
 
 use std::fmt;
 
@@ -23,6 +26,9 @@ pub enum Verdict {
     Valid(String),
     WrongCredentials(String),
     Unreachable(String),
+    /// Reachable and answering, but the account is not usable as configured (e.g. a
+    /// seats.io workspace that is inactive or not found).
+    Invalid(String),
 }
 
 impl Verdict {
@@ -37,13 +43,59 @@ impl fmt::Display for Verdict {
             Verdict::Valid(m) => write!(f, "valid ({m})"),
             Verdict::WrongCredentials(m) => write!(f, "wrong credentials ({m})"),
             Verdict::Unreachable(m) => write!(f, "unreachable ({m})"),
+            Verdict::Invalid(m) => write!(f, "invalid ({m})"),
         }
     }
 }
 
 /// Checks one connection against its vendor without changing anything there.
 pub async fn check_online(http: &Http, conn: &Connection, cancel: &CancellationToken) -> Verdict {
+    check_online_with(http, conn, &crate::config::Settings::default(), cancel).await
+}
+
+/// [`check_online`] with the settings that hold vendor accounts (CDP tenant, seats.io keys).
+pub async fn check_online_with(
+    http: &Http,
+    conn: &Connection,
+    settings: &crate::config::Settings,
+    cancel: &CancellationToken,
+) -> Verdict {
     match conn.kind {
+        // Integration settings branch: CM.com CDP and seats.io.
+        ConnectionKind::Cdp => {
+            let Some(account) = settings.cdp.get(&conn.name) else {
+                return Verdict::WrongCredentials("no CDP account configured".into());
+            };
+            let target = cdp::CdpTarget::new(http, conn, account);
+            match target.check(cancel).await {
+                Ok(cdp::CdpDelivery::Accepted) => {
+                    Verdict::Valid("product token accepted for the tenant".into())
+                }
+                Ok(cdp::CdpDelivery::ConfigError { status, .. }) => {
+                    Verdict::WrongCredentials(format!("HTTP {status}: {}", cdp::explain(status)))
+                }
+                Ok(cdp::CdpDelivery::Refused {
+                    status: Some(s),
+                    reason,
+                }) => Verdict::Unreachable(format!("HTTP {s}: {reason}")),
+                Ok(cdp::CdpDelivery::Refused {
+                    status: None,
+                    reason,
+                }) => Verdict::Unreachable(reason),
+                Err(e) => Verdict::Unreachable(e.to_string()),
+            }
+        }
+        ConnectionKind::Seatsio => {
+            let Some(account) = settings.seatsio.get(&conn.name) else {
+                return Verdict::WrongCredentials("no seats.io account configured".into());
+            };
+            match seatsio::check(http, conn, account, cancel).await {
+                c @ seatsio::SeatsioCheck::Valid(_) => Verdict::Valid(c.message()),
+                seatsio::SeatsioCheck::Unreachable(detail) => Verdict::Unreachable(detail),
+                c @ seatsio::SeatsioCheck::KeyRefused => Verdict::WrongCredentials(c.message()),
+                c => Verdict::Invalid(c.message()),
+            }
+        }
         ConnectionKind::Crm => {
             // A generic CRM has no standard "who am I" call: ask its base URL and judge the
             // status. 401/403 mean the credentials are refused; any other answer, reachable.

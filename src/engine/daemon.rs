@@ -136,6 +136,14 @@ pub async fn run(
     }
     d.arm_all(true, None).await;
     d.process_control();
+    // Integration settings: seats.io and CDP connections checked online, result in the state.
+    super::online_check::spawn(
+        &d.tracker,
+        d.store.clone(),
+        d.http.clone(),
+        d.config.clone(),
+        d.shutdown.clone(),
+    );
 
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     tracing::info!(
@@ -408,6 +416,12 @@ impl Daemon {
                 if new.metrics_listen != self.config.metrics_listen {
                     tracing::warn!("metrics.listen changed; that takes a restart");
                 }
+                // Integration settings: a reload lifts the pauses of CDP configuration errors.
+                match self.store.lift_pauses(None).await {
+                    Ok(n) if n > 0 => tracing::info!(streams = n, "reload lifted paused streams"),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "cannot lift paused streams"),
+                }
                 let previous = std::mem::replace(&mut self.config, Arc::new(new));
                 *self.shared.write().unwrap_or_else(|p| p.into_inner()) = self.config.clone();
                 // S-360
@@ -415,6 +429,13 @@ impl Daemon {
                     r.update(&self.config);
                 }
                 self.arm_all(false, Some(&previous)).await;
+                super::online_check::spawn(
+                    &self.tracker,
+                    self.store.clone(),
+                    self.http.clone(),
+                    self.config.clone(),
+                    self.shutdown.clone(),
+                );
                 tracing::info!(
                     streams = self.config.streams.len(),
                     "configuration reloaded"

@@ -9,11 +9,14 @@
 pub mod control;
 pub mod daemon;
 mod feed_webhook;
+// Integration settings branch: CM.com CDP target.
+pub mod feed_cdp;
 pub mod health;
 pub mod lock;
 // S-360
 mod s360;
 // Ticket Co x Airship
+mod online_check;
 pub mod ticketco_airship;
 
 use std::sync::Arc;
@@ -141,6 +144,18 @@ pub struct RunReport {
 pub async fn run_stream(ctx: &RunCtx, trigger: &str) -> RunReport {
     let started = Instant::now();
     let name = ctx.spec.name.clone();
+    // Integration settings: a stream whose integration is off does not run, not even on a
+    // trigger; nothing is recorded, so its state stays exactly as it was.
+    if let Some(why) = ctx.config.settings.paused.get(&name) {
+        tracing::warn!(stream = %name, trigger, reason = %why, "not run: paused");
+        return RunReport {
+            stream: name,
+            outcome: "paused",
+            counts: Counts::default(),
+            error: Some(format!("paused: {why}")),
+            seconds: 0.0,
+        };
+    }
     let run_id = match ctx.store.run_started(&name, trigger).await {
         Ok(id) => Some(id),
         Err(e) => {
@@ -167,6 +182,9 @@ pub async fn run_stream(ctx: &RunCtx, trigger: &str) -> RunReport {
         // Ticket Co x Airship
         StreamKind::TicketCoToAirship(options) => {
             ticketco_airship::run(ctx, options, &mut counts).await
+        }
+        StreamKind::FeedToCdp { feed, cdp } => {
+            feed_cdp::run(ctx, trigger, feed, cdp, &mut counts).await
         }
     };
     let (outcome, error) = match result {

@@ -9,6 +9,9 @@ pub mod s360;
 // Ticket Co x Airship
 pub mod airship;
 pub mod ticketco;
+// Integration settings branch: CM.com CDP and seats.io fakes.
+pub mod cdp;
+pub mod seatsio;
 
 use std::net::SocketAddr;
 
@@ -33,6 +36,9 @@ pub struct Sandbox {
     // Ticket Co x Airship
     pub ticketco: TicketCoFake,
     pub airship: AirshipFake,
+    // Integration settings branch.
+    pub cdp: cdp::CdpFake,
+    pub seatsio: seatsio::SeatsioFake,
     stop: CancellationToken,
 }
 
@@ -44,13 +50,18 @@ impl Sandbox {
         // Ticket Co x Airship
         let ticketco = TicketCoFake::new();
         let airship = AirshipFake::new();
+        // Integration settings branch: CDP and seats.io fakes.
+        let cdp = cdp::CdpFake::new();
+        let seatsio = seatsio::SeatsioFake::new();
         let app = Router::new()
             .nest("/crm", crm.router())
             // S-360
             .nest("/s360", s360.router())
             // Ticket Co x Airship
             .nest("/ticketco", ticketco.router())
-            .nest("/airship", airship.router());
+            .nest("/airship", airship.router())
+            .nest("/cdp", cdp.router())
+            .nest("/seatsio", seatsio.router());
         let listener = TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
         let stop = CancellationToken::new();
@@ -66,6 +77,8 @@ impl Sandbox {
             s360,
             ticketco,
             airship,
+            cdp,
+            seatsio,
             stop,
         })
     }

@@ -95,4 +95,20 @@ pub const MIGRATIONS: &[&str] = &[
     CREATE INDEX s360_inbox_stream ON s360_inbox (stream, id);
     CREATE INDEX s360_inbox_record ON s360_inbox (stream, record_id, id);
     "#,
+    // 4 (integration settings): the last online check of each connection (seats.io,
+    // CDP), and streams paused by a configuration error of their target (CDP 400/401/403).
+    r#"
+    CREATE TABLE settings_online_checks (
+        connection  TEXT PRIMARY KEY,
+        kind        TEXT NOT NULL,
+        checked_at  TEXT NOT NULL,
+        valid       INTEGER NOT NULL,
+        message     TEXT NOT NULL
+    );
+    CREATE TABLE cdp_stream_pauses (
+        stream      TEXT PRIMARY KEY,
+        paused_at   TEXT NOT NULL,
+        reason      TEXT NOT NULL
+    );
+    "#,
 ];

@@ -10,6 +10,9 @@
 mod migrations;
 // S-360
 mod s360;
+// Integration settings branch: online checks and CDP pauses.
+mod settings;
+pub use settings::{OnlineCheck, StreamPause};
 
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
