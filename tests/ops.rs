@@ -220,3 +220,41 @@ async fn dead_letters_list_retry_and_drop() {
         3
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn log_files_rotate_daily_in_the_configured_directory() {
+    let s = Sandbox::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    s.crm.add_contacts(5);
+    let env = Env::new();
+    let logs = env.dir.path().join("logs");
+    env.write_config(&format!(
+        "[log]\ndirectory = {:?}\nfile_prefix = \"usher.log\"\n{}",
+        logs.display().to_string(),
+        crm_stream_config(&format!("http://{}", s.addr), "1h", 1000, 50)
+    ));
+    let d = env.spawn_daemon();
+    d.wait_ready();
+    assert!(wait_until(Duration::from_secs(10), || s
+        .crm
+        .accepted_records()
+        .len()
+        == 5));
+    d.signal(rustix::process::Signal::TERM);
+    let mut d = d;
+    assert_eq!(d.wait_exit(Duration::from_secs(10)), Some(Some(0)));
+    let files: Vec<_> = std::fs::read_dir(&logs).unwrap().flatten().collect();
+    assert_eq!(files.len(), 1, "one file for today");
+    let name = files[0].file_name().to_string_lossy().to_string();
+    let today = chrono::Utc::now().format("%Y-%m-%d").to_string();
+    assert_eq!(
+        name,
+        format!("usher.log.{today}"),
+        "daily rotation names the file by date"
+    );
+    let text = std::fs::read_to_string(files[0].path()).unwrap();
+    let first: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    assert!(first["level"].is_string(), "JSON lines: {first}");
+    assert!(text.contains("run finished"), "{text}");
+}
