@@ -196,10 +196,22 @@ fn run_scale(sandbox: &Sandbox, streams: u32, connections: u32, idle_secs: u64) 
     signal(pid, rustix::process::Signal::HUP);
     match wait_notify(&sock, "READY=1", Duration::from_secs(60)) {
         Some(r) => println!(
-            "SIGHUP to READY (reload):                 {:>8.1} ms",
+            "SIGHUP to READY, nothing changed:         {:>8.1} ms",
             (r - t).as_secs_f64() * 1000.0
         ),
         None => println!("SIGHUP to READY (reload):                 no READY=1"),
+    }
+    // A reload that changes every stream's schedule (all jobs re-armed).
+    let _ = std::fs::write(&config, cfg.replace("every = \"15m\"", "every = \"10m\""));
+    while wait_notify(&sock, "", Duration::from_millis(50)).is_some() {}
+    let t = Instant::now();
+    signal(pid, rustix::process::Signal::HUP);
+    match wait_notify(&sock, "READY=1", Duration::from_secs(60)) {
+        Some(r) => println!(
+            "SIGHUP to READY, every schedule changed:  {:>8.1} ms",
+            (r - t).as_secs_f64() * 1000.0
+        ),
+        None => println!("SIGHUP to READY (all changed): no READY=1"),
     }
     let m = ProcStat::read_pid(pid).unwrap_or_default();
     println!(
