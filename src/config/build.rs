@@ -192,7 +192,7 @@ fn build_log(l: &mut Layers) -> LogSettings {
 /// Reads a secret from exactly one of `KEY`, `KEY_file`, `KEY_env`. A relative file name is
 /// looked up in `$CREDENTIALS_DIRECTORY` (systemd `LoadCredential`), else beside the main file.
 #[allow(clippy::too_many_arguments)] // one argument per way of giving a secret reads best here
-fn secret(
+pub(super) fn secret(
     l: &mut Layers,
     scope: &str,
     prefix: &str,
@@ -409,7 +409,16 @@ fn build_connection(
             }
         }
     }
+    // SeatGeek / Halo: OAuth2 client credentials from `client_id` + `client_secret`.
+    let vendor_auth = match kind {
+        Some(k @ (ConnectionKind::SeatGeek | ConnectionKind::Halo)) => {
+            super::halo::vendor_auth(l, &scope, &prefix, k, &raw, base_url.as_ref(), config_dir, warnings)
+        }
+        _ => None,
+    };
+    // end SeatGeek / Halo
     let auth = match &raw.auth {
+        _ if vendor_auth.is_some() => vendor_auth.expect("checked"),
         None => Auth::None,
         Some(a) => build_auth(
             l,
@@ -433,6 +442,8 @@ fn build_connection(
         max_retries: raw.max_retries.unwrap_or(5),
         rate_limit,
         auth,
+        // SeatGeek / Halo
+        tenant: raw.tenant.clone().filter(|_| kind == Some(ConnectionKind::Halo)),
     })
 }
 
@@ -785,7 +796,7 @@ fn build_stream(
                 changed_at: f.and_then(|f| f.changed_at.clone()).unwrap_or_else(|| "updated_at".into()),
             })
         }
-        None => None,
+        _ => None,
     };
     let target_is_webhook = target.as_ref().map(|t| t.kind == ConnectionKind::Crm).unwrap_or_else(|| {
         // Unknown target: still check the webhook table when the target's kind is written down.
@@ -842,8 +853,21 @@ fn build_stream(
             format!("max_per_payload ({max_per_payload}) is larger than max_per_run ({max_per_run})"),
         );
     }
-    let kind = match (feed, webhook) {
-        (Some(feed), Some(webhook)) => Some(StreamKind::FeedToWebhook { feed, webhook }),
+    // SeatGeek / Halo
+    let halo = super::halo::build_stream_kind(
+        l,
+        &scope,
+        &prefix,
+        &raw,
+        source.as_deref(),
+        target.as_deref(),
+        &mut mapping,
+    );
+    // end SeatGeek / Halo
+    let kind = match (feed, webhook, halo) {
+        (Some(feed), Some(webhook), _) => Some(StreamKind::FeedToWebhook { feed, webhook }),
+        // SeatGeek / Halo
+        (_, _, Some(h)) => Some(StreamKind::SeatGeekToHalo(h)),
         _ => None,
     };
     if raw.entity.is_none() {

@@ -5,6 +5,8 @@
 //! it returns all of them, each naming the file, the stream or connection, and the key.
 
 mod build;
+// SeatGeek / Halo
+pub mod halo;
 mod load;
 mod raw;
 
@@ -71,20 +73,31 @@ pub struct Connection {
     pub max_retries: u32,
     pub rate_limit: Option<RateLimit>,
     pub auth: Auth,
+    // SeatGeek / Halo: the Halo tenant (the token call's `tenant`); None for other kinds.
+    pub tenant: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConnectionKind {
     /// A generic HTTP CRM: cursor feed source and webhook target (vendor-apis "ExtCRM").
     Crm,
+    // SeatGeek / Halo
+    /// SeatGeek's partner feed of user change events (source).
+    SeatGeek,
+    /// Halo PSA/ITSM users (target).
+    Halo,
+    // end SeatGeek / Halo
 }
 
 impl ConnectionKind {
-    pub const NAMES: &'static [&'static str] = &["crm"];
+    pub const NAMES: &'static [&'static str] = &["crm", "seatgeek", "halo"];
 
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "crm" => Some(ConnectionKind::Crm),
+            // SeatGeek / Halo
+            "seatgeek" => Some(ConnectionKind::SeatGeek),
+            "halo" => Some(ConnectionKind::Halo),
             _ => None,
         }
     }
@@ -92,6 +105,9 @@ impl ConnectionKind {
     pub fn as_str(self) -> &'static str {
         match self {
             ConnectionKind::Crm => "crm",
+            // SeatGeek / Halo
+            ConnectionKind::SeatGeek => "seatgeek",
+            ConnectionKind::Halo => "halo",
         }
     }
 }
@@ -157,6 +173,9 @@ pub enum StreamKind {
         feed: FeedOptions,
         webhook: WebhookOptions,
     },
+    // SeatGeek / Halo
+    /// SeatGeek user change events → Halo users (`engine::seatgeek_halo`).
+    SeatGeekToHalo(crate::config::halo::HaloOptions),
 }
 
 #[derive(Debug, Clone)]

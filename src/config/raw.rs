@@ -102,6 +102,8 @@ pub struct RawStream {
     pub matching: Option<Vec<String>>,
     pub feed: Option<RawFeed>,
     pub webhook: Option<RawWebhook>,
+    // SeatGeek / Halo: `[streams.X.halo]`, see config/halo.rs.
+    pub halo: Option<super::halo::RawHalo>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -3,6 +3,9 @@
 
 pub mod feed;
 pub mod webhook;
+// SeatGeek / Halo
+pub mod halo;
+pub mod seatgeek;
 
 use std::fmt;
 
@@ -39,6 +42,9 @@ impl fmt::Display for Verdict {
 /// Checks one connection against its vendor without changing anything there.
 pub async fn check_online(http: &Http, conn: &Connection, cancel: &CancellationToken) -> Verdict {
     match conn.kind {
+        // SeatGeek / Halo
+        ConnectionKind::SeatGeek => seatgeek::check(http, conn, cancel).await,
+        ConnectionKind::Halo => halo::check(http, conn, cancel).await,
         ConnectionKind::Crm => {
             // A generic CRM has no standard "who am I" call: ask its base URL and judge the
             // status. 401/403 mean the credentials are refused; any other answer, reachable.

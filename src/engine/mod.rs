@@ -10,6 +10,8 @@ pub mod control;
 pub mod daemon;
 mod feed_webhook;
 pub mod lock;
+// SeatGeek / Halo
+pub mod seatgeek_halo;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -135,6 +137,10 @@ pub async fn run_stream(ctx: &RunCtx, trigger: &str) -> RunReport {
     let result = match &ctx.spec.kind {
         StreamKind::FeedToWebhook { feed, webhook } => {
             feed_webhook::run(ctx, feed, webhook, &mut counts).await
+        }
+        // SeatGeek / Halo
+        StreamKind::SeatGeekToHalo(opts) => {
+            seatgeek_halo::run(ctx, opts, &mut counts, Default::default()).await
         }
     };
     let (outcome, error) = match result {
