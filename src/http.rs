@@ -347,7 +347,11 @@ impl Http {
         budget
     }
 
-    fn token_slot(&self, conn: &str, auth: &HttpAuth) -> Arc<tokio::sync::Mutex<Option<CachedToken>>> {
+    fn token_slot(
+        &self,
+        conn: &str,
+        auth: &HttpAuth,
+    ) -> Arc<tokio::sync::Mutex<Option<CachedToken>>> {
         let HttpAuth::OAuth2 {
             token_url,
             client_id,

@@ -33,6 +33,8 @@ pub async fn demo(demo_config: PathBuf, contacts: u64, state_override: Option<Pa
     // Two records the mapping refuses (no e-mail): they go to dead letters, the rest goes on.
     sandbox.crm.push_contact(json!({"id": "CRM-NOEMAIL-1", "first_name": "No", "last_name": "Email", "email": null, "updated_at": "2026-06-01T10:00:00Z"}));
     sandbox.crm.push_contact(json!({"id": "CRM-NOEMAIL-2", "first_name": "Blank", "last_name": "Email", "email": "   ", "updated_at": "2026-06-01T10:00:01Z"}));
+    // SeatGeek / Halo
+    super::seatgeek_halo_demo::seed_demo(&sandbox);
     if let Some(token) = demo_token(&demo_config) {
         sandbox
             .crm
@@ -114,6 +116,12 @@ pub async fn demo(demo_config: PathBuf, contacts: u64, state_override: Option<Pa
             cancel: cancel.clone(),
             interrupt: Default::default(),
         };
+        // SeatGeek / Halo
+        if let crate::config::StreamKind::SeatGeekToHalo(_) = &spec.kind {
+            let r = run_stream(&ctx, "demo").await;
+            failed |= super::seatgeek_halo_demo::report(&sandbox, spec, &r);
+            continue;
+        }
         let before = sandbox.crm.received().len();
         let r = run_stream(&ctx, "demo").await;
         let got = &sandbox.crm.received()[before..];
@@ -165,7 +173,12 @@ pub async fn demo(demo_config: PathBuf, contacts: u64, state_override: Option<Pa
     if failed { EX_FAIL } else { EX_OK }
 }
 
-pub async fn sandbox(listen: SocketAddr, contacts: u64) -> i32 {
+pub async fn sandbox(
+    listen: SocketAddr,
+    contacts: u64,
+    seatgeek_events: u64,
+    seatgeek_users: u32,
+) -> i32 {
     crate::logging::init_cli();
     let sandbox = match Sandbox::start(listen).await {
         Ok(s) => s,
@@ -175,7 +188,10 @@ pub async fn sandbox(listen: SocketAddr, contacts: u64) -> i32 {
         }
     };
     sandbox.crm.add_contacts(contacts);
+    // SeatGeek / Halo
+    super::seatgeek_halo_demo::seed_sandbox(&sandbox, seatgeek_events, seatgeek_users);
     println!("crm {}", sandbox.url("crm"));
+    super::seatgeek_halo_demo::print_urls(&sandbox);
     let _ = tokio::signal::ctrl_c().await;
     EX_OK
 }

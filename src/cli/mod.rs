@@ -3,6 +3,9 @@
 
 mod demo;
 mod ops;
+// SeatGeek / Halo
+mod import;
+mod seatgeek_halo_demo;
 
 use std::path::PathBuf;
 
@@ -74,6 +77,17 @@ pub enum Command {
     },
     /// Run a stream now (through the daemon when one runs, else in this process).
     Trigger { stream: String },
+    // SeatGeek / Halo
+    /// Test import of a SeatGeek → Halo stream: the first N change events after its cursor.
+    Import {
+        stream: String,
+        /// How many change events to take.
+        #[arg(long, default_value_t = 100)]
+        limit: u64,
+        /// Write nothing to Halo or to the state; print what each event would do.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Run every stream of config/demo.toml once against the bundled fakes.
     Demo {
         /// The demo configuration.
@@ -89,6 +103,13 @@ pub enum Command {
         listen: std::net::SocketAddr,
         #[arg(long, default_value_t = 1000)]
         contacts: u64,
+        // SeatGeek / Halo
+        /// Change events the fake SeatGeek (`/seatgeek`) starts with.
+        #[arg(long, default_value_t = 0)]
+        seatgeek_events: u64,
+        /// Users those events are spread over.
+        #[arg(long, default_value_t = 1000)]
+        seatgeek_users: u32,
     },
 }
 
@@ -129,11 +150,27 @@ pub fn main() -> i32 {
             CursorAction::Reset { stream } => ops::cursor_reset(source, &stream),
         },
         Command::Trigger { stream } => runtime.block_on(ops::trigger(source, &stream)),
+        // SeatGeek / Halo
+        Command::Import {
+            stream,
+            limit,
+            dry_run,
+        } => runtime.block_on(import::import(source, &stream, limit, dry_run)),
         Command::Demo {
             demo_config,
             contacts,
         } => runtime.block_on(demo::demo(demo_config, contacts, cli.state_dir.clone())),
-        Command::Sandbox { listen, contacts } => runtime.block_on(demo::sandbox(listen, contacts)),
+        Command::Sandbox {
+            listen,
+            contacts,
+            seatgeek_events,
+            seatgeek_users,
+        } => runtime.block_on(demo::sandbox(
+            listen,
+            contacts,
+            seatgeek_events,
+            seatgeek_users,
+        )),
     }
 }
 

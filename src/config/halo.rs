@@ -395,7 +395,14 @@ pub(super) fn build_stream_kind(
         );
         ok = false;
     }
-    let opts = build_options(l, scope, prefix, raw.halo.as_ref(), mapping, raw.max_per_run);
+    let opts = build_options(
+        l,
+        scope,
+        prefix,
+        raw.halo.as_ref(),
+        mapping,
+        raw.max_per_run,
+    );
     if ok { opts } else { None }
 }
 

@@ -134,8 +134,14 @@ impl HaloClient {
             .endpoint
             .send_ok(Method::GET, url, Retry::Idempotent, cancel, |rb| rb)
             .await?;
-        let page: UsersPage = serde_json::from_slice(&reply.body)
-            .map_err(|e| malformed(&self.endpoint.name, what.clone(), reply.status, &e.to_string()))?;
+        let page: UsersPage = serde_json::from_slice(&reply.body).map_err(|e| {
+            malformed(
+                &self.endpoint.name,
+                what.clone(),
+                reply.status,
+                &e.to_string(),
+            )
+        })?;
         let users = page.users.ok_or_else(|| {
             malformed(&self.endpoint.name, what, reply.status, "no `users` array")
         })?;
@@ -155,7 +161,11 @@ impl HaloClient {
         let url = self.endpoint.url("api/users");
         let what = describe(&Method::POST, &url);
         let body = bytes::Bytes::from(body);
-        let retry = if idempotent { Retry::Idempotent } else { Retry::Once };
+        let retry = if idempotent {
+            Retry::Idempotent
+        } else {
+            Retry::Once
+        };
         let reply = self
             .endpoint
             .send(Method::POST, url, retry, cancel, |rb| {
@@ -179,8 +189,14 @@ impl HaloClient {
                 attempts: reply.attempts,
             });
         }
-        let saved: Vec<SavedId> = serde_json::from_slice(&reply.body)
-            .map_err(|e| malformed(&self.endpoint.name, what.clone(), reply.status, &e.to_string()))?;
+        let saved: Vec<SavedId> = serde_json::from_slice(&reply.body).map_err(|e| {
+            malformed(
+                &self.endpoint.name,
+                what.clone(),
+                reply.status,
+                &e.to_string(),
+            )
+        })?;
         if saved.len() != n {
             return Err(malformed(
                 &self.endpoint.name,
@@ -189,7 +205,9 @@ impl HaloClient {
                 &format!("{} users saved for {n} sent", saved.len()),
             ));
         }
-        Ok(Saved::Ok(saved.into_iter().map(|s| s.id.to_string()).collect()))
+        Ok(Saved::Ok(
+            saved.into_iter().map(|s| s.id.to_string()).collect(),
+        ))
     }
 
     /// `GET /api/site`: the number of sites (for `validate --online`).

@@ -88,7 +88,8 @@ fn text(v: &Value) -> Option<String> {
 
 /// Reads one page of change events. Pure, so the shapes are easy to test.
 pub fn parse_page(body: &[u8]) -> Result<EventPage, String> {
-    let raw: RawPage = serde_json::from_slice(body).map_err(|e| format!("not the change-event JSON ({e})"))?;
+    let raw: RawPage =
+        serde_json::from_slice(body).map_err(|e| format!("not the change-event JSON ({e})"))?;
     let data = raw.data.ok_or("no `data` array")?;
     let mut page = EventPage {
         next_cursor: match raw.next_cursor {
@@ -218,7 +219,11 @@ mod tests {
 
     #[test]
     fn a_page_without_data_is_malformed() {
-        assert!(parse_page(b"{\"error\":\"x\"}").unwrap_err().contains("no `data`"));
+        assert!(
+            parse_page(b"{\"error\":\"x\"}")
+                .unwrap_err()
+                .contains("no `data`")
+        );
         assert!(parse_page(b"<html>").is_err());
     }
 }

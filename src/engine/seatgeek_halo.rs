@@ -85,9 +85,14 @@ pub struct Found {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
     /// Update this Halo user; `via` says how it was found (link, id field, e-mail).
-    Update { halo_id: String, via: &'static str },
+    Update {
+        halo_id: String,
+        via: &'static str,
+    },
     Create,
-    Deactivate { halo_id: String },
+    Deactivate {
+        halo_id: String,
+    },
     Skip(String),
     Dead(String),
 }
@@ -505,7 +510,7 @@ pub async fn run(
         taken += n;
         let next = page.next_cursor.clone().or_else(|| cursor.clone());
         // Read the next page while this one is written (reads only; dropped if unused).
-        let more = page.has_more && !limit.is_some_and(|l| taken >= l);
+        let more = page.has_more && limit.is_none_or(|l| taken < l);
         let dry_run = mode.dry_run;
         let work = process_page(
             ctx,
@@ -636,7 +641,8 @@ async fn process_page(
     let mut todo = Vec::with_capacity(winners.len());
     for i in winners {
         let e = &events[i];
-        if let (Some(oldest), Some(at)) = (spec.oldest, e.occurred_at.as_deref().and_then(parse_time))
+        if let (Some(oldest), Some(at)) =
+            (spec.oldest, e.occurred_at.as_deref().and_then(parse_time))
             && at < oldest
         {
             counts.skipped += 1;
@@ -730,7 +736,8 @@ async fn process_page(
             }
             Decision::Dead(reason) => dead_letter(mode, counts, e, reason)?,
             Decision::Deactivate { halo_id } => {
-                let id: Value = serde_json::from_str(&halo_id).unwrap_or(Value::String(halo_id.clone()));
+                let id: Value =
+                    serde_json::from_str(&halo_id).unwrap_or(Value::String(halo_id.clone()));
                 writes.push(Write {
                     event: i,
                     sg_id,
@@ -942,19 +949,37 @@ mod tests {
         };
         assert_eq!(
             decide(Action::Updated, &all, d, "x"),
-            Decision::Update { halo_id: "1".into(), via: "link" }
+            Decision::Update {
+                halo_id: "1".into(),
+                via: "link"
+            }
         );
-        let f = Found { link: None, ..all.clone() };
+        let f = Found {
+            link: None,
+            ..all.clone()
+        };
         assert_eq!(
             decide(Action::Updated, &f, d, "x"),
-            Decision::Update { halo_id: "2".into(), via: "id field" }
+            Decision::Update {
+                halo_id: "2".into(),
+                via: "id field"
+            }
         );
-        let f = Found { by_id_field: vec![], ..f };
+        let f = Found {
+            by_id_field: vec![],
+            ..f
+        };
         assert_eq!(
             decide(Action::Created, &f, d, "x"),
-            Decision::Update { halo_id: "3".into(), via: "e-mail" }
+            Decision::Update {
+                halo_id: "3".into(),
+                via: "e-mail"
+            }
         );
-        assert_eq!(decide(Action::Updated, &Found::default(), d, "x"), Decision::Create);
+        assert_eq!(
+            decide(Action::Updated, &Found::default(), d, "x"),
+            Decision::Create
+        );
     }
 
     #[test]
@@ -968,20 +993,39 @@ mod tests {
             other => panic!("{other:?}"),
         }
         // …but a link or the ID field settles it.
-        let f = Found { by_id_field: vec!["41".into()], ..f };
-        assert!(matches!(decide(Action::Updated, &f, OnDeleted::Deactivate, "x"), Decision::Update { .. }));
+        let f = Found {
+            by_id_field: vec!["41".into()],
+            ..f
+        };
+        assert!(matches!(
+            decide(Action::Updated, &f, OnDeleted::Deactivate, "x"),
+            Decision::Update { .. }
+        ));
     }
 
     #[test]
     fn deletes_deactivate_ignore_or_skip() {
-        let f = Found { link: Some("9".into()), ..Default::default() };
+        let f = Found {
+            link: Some("9".into()),
+            ..Default::default()
+        };
         assert_eq!(
             decide(Action::Deleted, &f, OnDeleted::Deactivate, "x"),
-            Decision::Deactivate { halo_id: "9".into() }
+            Decision::Deactivate {
+                halo_id: "9".into()
+            }
         );
-        assert!(matches!(decide(Action::Deleted, &f, OnDeleted::Ignore, "x"), Decision::Skip(_)));
         assert!(matches!(
-            decide(Action::Deleted, &Found::default(), OnDeleted::Deactivate, "x"),
+            decide(Action::Deleted, &f, OnDeleted::Ignore, "x"),
+            Decision::Skip(_)
+        ));
+        assert!(matches!(
+            decide(
+                Action::Deleted,
+                &Found::default(),
+                OnDeleted::Deactivate,
+                "x"
+            ),
             Decision::Skip(_)
         ));
     }
@@ -996,14 +1040,22 @@ mod tests {
         let (a, b) = exact_matches(&field, &users, Some("SG-1"), Some("ada@example.org"));
         assert_eq!(a, vec!["2".to_string()]);
         assert_eq!(b, vec!["1".to_string()]);
-        assert_eq!(id_field_value(&IdField::Other(2), &json!({"other2": "x"})).as_deref(), Some("x"));
+        assert_eq!(
+            id_field_value(&IdField::Other(2), &json!({"other2": "x"})).as_deref(),
+            Some("x")
+        );
     }
 
     #[test]
     fn mapping_writes_system_custom_id_and_address_fields_and_drops_nulls() {
         let o = opts(IdField::Other(1));
-        let mut system = Mapping { fields: default_mapping(), statics: vec![("inactive".into(), json!(false))] };
-        system.fields.push(Mapping::parse_field("jobtitle", "title").unwrap());
+        let mut system = Mapping {
+            fields: default_mapping(),
+            statics: vec![("inactive".into(), json!(false))],
+        };
+        system
+            .fields
+            .push(Mapping::parse_field("jobtitle", "title").unwrap());
         let m = Mapper::new(&system, &o);
         let user = json!({"id": "SG-7", "email": " Ada@Example.org ", "first_name": "Ada", "last_name": "Example",
             "phone": "+47 123 45 678", "marketing_opt_in": true,
@@ -1016,14 +1068,26 @@ mod tests {
         assert_eq!(out["phonenumber"], "+4712345678");
         assert_eq!(out["inactive"], false);
         assert_eq!(out["other1"], "sg2:SG-7");
-        assert!(out.get("jobtitle").is_none(), "a missing source field is not sent");
-        assert_eq!(out["customfields"], json!([{"name": "CFMarketingOptIn", "value": "true"}]));
-        assert_eq!(out["primary_address"], json!({"line1": "Main st 1", "city": "Oslo", "postcode": "0150", "country": "NO"}));
+        assert!(
+            out.get("jobtitle").is_none(),
+            "a missing source field is not sent"
+        );
+        assert_eq!(
+            out["customfields"],
+            json!([{"name": "CFMarketingOptIn", "value": "true"}])
+        );
+        assert_eq!(
+            out["primary_address"],
+            json!({"line1": "Main st 1", "city": "Oslo", "postcode": "0150", "country": "NO"})
+        );
 
         let mut o2 = opts(IdField::Custom(CustomRef::Id(145)));
         o2.import_address = false;
         let out = Value::Object(m.halo_user(&o2, "SG-7", &user).unwrap());
         assert!(out.get("primary_address").is_none());
-        assert_eq!(out["customfields"][0], json!({"id": 145, "value": "sg2:SG-7"}));
+        assert_eq!(
+            out["customfields"][0],
+            json!({"id": 145, "value": "sg2:SG-7"})
+        );
     }
 }

@@ -4,6 +4,9 @@
 
 pub mod crm;
 pub mod faults;
+// SeatGeek / Halo
+pub mod halo;
+pub mod seatgeek;
 
 use std::net::SocketAddr;
 
@@ -13,11 +16,19 @@ use tokio_util::sync::CancellationToken;
 
 pub use crm::CrmFake;
 pub use faults::{Fault, Faults};
+// SeatGeek / Halo
+pub use halo::HaloFake;
+pub use seatgeek::SeatGeekFake;
 
 /// The running fakes.
 pub struct Sandbox {
     pub addr: SocketAddr,
     pub crm: CrmFake,
+    // SeatGeek / Halo: two SeatGeek accounts (`/seatgeek`, `/seatgeek2`, the same user IDs,
+    // e-mails at example.org and example.net) and one Halo (`/halo`).
+    pub seatgeek: SeatGeekFake,
+    pub seatgeek2: SeatGeekFake,
+    pub halo: HaloFake,
     stop: CancellationToken,
 }
 
@@ -25,7 +36,16 @@ impl Sandbox {
     /// Binds `listen` (use `127.0.0.1:0` for a free port) and serves every fake.
     pub async fn start(listen: SocketAddr) -> std::io::Result<Sandbox> {
         let crm = CrmFake::new();
-        let app = Router::new().nest("/crm", crm.router());
+        // SeatGeek / Halo
+        let seatgeek = SeatGeekFake::new("example.org");
+        let seatgeek2 = SeatGeekFake::new("example.net");
+        let halo = HaloFake::new();
+        let app = Router::new()
+            .nest("/crm", crm.router())
+            // SeatGeek / Halo
+            .nest("/seatgeek", seatgeek.router())
+            .nest("/seatgeek2", seatgeek2.router())
+            .nest("/halo", halo.router());
         let listener = TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
         let stop = CancellationToken::new();
@@ -35,7 +55,14 @@ impl Sandbox {
                 .with_graceful_shutdown(async move { s.cancelled().await })
                 .await;
         });
-        Ok(Sandbox { addr, crm, stop })
+        Ok(Sandbox {
+            addr,
+            crm,
+            seatgeek,
+            seatgeek2,
+            halo,
+            stop,
+        })
     }
 
     /// The base URL of one fake, e.g. `url("crm")` → `http://127.0.0.1:PORT/crm`.
