@@ -320,7 +320,7 @@ async fn load_lookup(
         .users(None, 1, 1, &ctx.cancel)
         .await
         .map_err(RunError::Target)?;
-    if count > opts.preload_max {
+    if opts.preload_max == 0 || count > opts.preload_max {
         tracing::info!(stream = %ctx.spec.name, halo_users = count, "matching by search (Halo holds more than preload_max users)");
         return Ok(Lookup::Search);
     }

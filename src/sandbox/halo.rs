@@ -8,7 +8,7 @@
 //! `inactive` must be a boolean. An update changes only the fields sent.
 //!
 //! Search: a case-insensitive substring match over name, e-mail, login, other1..5 and
-//! custom-field values while the fake holds at most 2,000 users; above that, an exact
+//! custom-field values while the fake holds at most 500 users; above that, an exact
 //! (case-insensitive) match of one of those values, from an index, so that the fake stays
 //! fast for benchmarks. Clients keep only exact matches, so they see the same result.
 
@@ -31,7 +31,7 @@ pub const DEMO_TENANT: &str = "demo";
 pub const DEMO_CLIENT_ID: &str = "usher-demo";
 pub const DEMO_CLIENT_SECRET: &str = "halo-demo-secret";
 /// Above this many users, search matches whole values only (see the module comment).
-const SCAN_MAX: usize = 2000;
+const SCAN_MAX: usize = 500;
 
 struct Inner {
     tenant: String,
@@ -44,6 +44,8 @@ struct Inner {
     users: Vec<Map<String, Value>>,
     /// Lower-cased searchable value → user indexes.
     index: HashMap<String, Vec<u32>>,
+    /// Each user's lower-cased searchable values (same order as `users`).
+    values: Vec<Vec<String>>,
     custom_fields: Vec<(i64, String)>,
     sites: Vec<(i64, String, i64)>,
     /// Arrays POSTed (accepted or refused), and users in accepted ones.
@@ -103,7 +105,7 @@ fn searchable(u: &Map<String, Value>) -> Vec<String> {
 
 impl Inner {
     fn unindex(&mut self, idx: u32) {
-        for v in searchable(&self.users[idx as usize]) {
+        for v in std::mem::take(&mut self.values[idx as usize]) {
             if let Some(list) = self.index.get_mut(&v) {
                 list.retain(|x| *x != idx);
                 if list.is_empty() {
@@ -114,9 +116,11 @@ impl Inner {
     }
 
     fn reindex(&mut self, idx: u32) {
-        for v in searchable(&self.users[idx as usize]) {
-            self.index.entry(v).or_default().push(idx);
+        let vals = searchable(&self.users[idx as usize]);
+        for v in &vals {
+            self.index.entry(v.clone()).or_default().push(idx);
         }
+        self.values[idx as usize] = vals;
     }
 
     fn custom(&self, cf: &Value) -> Option<(i64, String)> {
@@ -222,6 +226,7 @@ impl Inner {
                 u.insert("id".into(), json!(id));
                 u.insert("inactive".into(), json!(false));
                 self.users.push(u);
+                self.values.push(Vec::new());
                 id as u32 - 1
             }
         };
@@ -298,6 +303,7 @@ impl HaloFake {
                 tokens_issued: 0,
                 users: Vec::new(),
                 index: HashMap::new(),
+                values: Vec::new(),
                 custom_fields: vec![
                     (145, "CFSeatGeekId".into()),
                     (146, "CFMarketingOptIn".into()),
@@ -474,11 +480,7 @@ async fn list_users(
         Some(s) if !s.is_empty() => {
             if i.users.len() <= SCAN_MAX {
                 (0..i.users.len() as u32)
-                    .filter(|x| {
-                        searchable(&i.users[*x as usize])
-                            .iter()
-                            .any(|v| v.contains(&s))
-                    })
+                    .filter(|x| i.values[*x as usize].iter().any(|v| v.contains(&s)))
                     .collect()
             } else {
                 let mut v = i.index.get(&s).cloned().unwrap_or_default();
