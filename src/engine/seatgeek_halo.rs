@@ -523,6 +523,7 @@ pub async fn run(
             &mut mode,
             &mut dry_created,
         );
+        let t_work = std::time::Instant::now();
         let commit = if more && !dry_run {
             let (w, p) = tokio::join!(
                 work,
@@ -533,6 +534,8 @@ pub async fn run(
         } else {
             work.await?
         };
+        let work_ms = t_work.elapsed().as_millis() as u64;
+        let t_commit = std::time::Instant::now();
         if !mode.dry_run {
             ctx.store
                 .commit_page(PageCommit {
@@ -544,6 +547,7 @@ pub async fn run(
                 })
                 .await?;
         }
+        tracing::debug!(stream = %spec.name, events = n, work_ms, commit_ms = t_commit.elapsed().as_millis() as u64, "page committed");
         cursor = next;
         if !page.has_more {
             return Ok(Flow::Done);
@@ -815,6 +819,8 @@ async fn process_page(
         return Ok(result);
     }
 
+    let t_save = std::time::Instant::now();
+    tracing::debug!(stream = %spec.name, unlinked = found.len(), "page matched");
     // Updates first (idempotent: retried on 5xx), then creates (sent once).
     let (updates, creates): (Vec<Write>, Vec<Write>) =
         writes.into_iter().partition(|w| w.halo_id.is_some());
@@ -849,6 +855,7 @@ async fn process_page(
             }
         }
     }
+    tracing::debug!(stream = %spec.name, save_ms = t_save.elapsed().as_millis() as u64, "page saved to Halo");
     result.dead = dead;
     Ok(result)
 }

@@ -12,7 +12,7 @@
 //! (case-insensitive) match of one of those values, from an index, so that the fake stays
 //! fast for benchmarks. Clients keep only exact matches, so they see the same result.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -43,7 +43,7 @@ struct Inner {
     /// User `id` is its index + 1.
     users: Vec<Map<String, Value>>,
     /// Lower-cased searchable value → user indexes.
-    index: HashMap<String, Vec<u32>>,
+    index: HashMap<String, HashSet<u32>>,
     /// Each user's lower-cased searchable values (same order as `users`).
     values: Vec<Vec<String>>,
     custom_fields: Vec<(i64, String)>,
@@ -107,7 +107,7 @@ impl Inner {
     fn unindex(&mut self, idx: u32) {
         for v in std::mem::take(&mut self.values[idx as usize]) {
             if let Some(list) = self.index.get_mut(&v) {
-                list.retain(|x| *x != idx);
+                list.remove(&idx);
                 if list.is_empty() {
                     self.index.remove(&v);
                 }
@@ -118,7 +118,7 @@ impl Inner {
     fn reindex(&mut self, idx: u32) {
         let vals = searchable(&self.users[idx as usize]);
         for v in &vals {
-            self.index.entry(v.clone()).or_default().push(idx);
+            self.index.entry(v.clone()).or_default().insert(idx);
         }
         self.values[idx as usize] = vals;
     }
@@ -483,7 +483,7 @@ async fn list_users(
                     .filter(|x| i.values[*x as usize].iter().any(|v| v.contains(&s)))
                     .collect()
             } else {
-                let mut v = i.index.get(&s).cloned().unwrap_or_default();
+                let mut v: Vec<u32> = i.index.get(&s).into_iter().flatten().copied().collect();
                 v.sort_unstable();
                 v
             }
