@@ -42,8 +42,9 @@ fn field<'a>(text: &'a str, label: &str) -> &'a str {
 
 fn wall_secs(s: &str) -> f64 {
     // h:mm:ss or m:ss.ss
-    s.split(':')
-        .fold(0.0, |acc, part| acc * 60.0 + part.parse::<f64>().unwrap_or(0.0))
+    s.split(':').fold(0.0, |acc, part| {
+        acc * 60.0 + part.parse::<f64>().unwrap_or(0.0)
+    })
 }
 
 fn run(events: u64, users: u64) {
@@ -135,13 +136,23 @@ CFMarketingOptIn = "marketing_opt_in | string"
     let _ = sandbox.wait();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let user: f64 = field(&stderr, "User time (seconds):").parse().unwrap_or(0.0);
-    let sys: f64 = field(&stderr, "System time (seconds):").parse().unwrap_or(0.0);
+    let user: f64 = field(&stderr, "User time (seconds):")
+        .parse()
+        .unwrap_or(0.0);
+    let sys: f64 = field(&stderr, "System time (seconds):")
+        .parse()
+        .unwrap_or(0.0);
     let rss_kb: f64 = field(&stderr, "Maximum resident set size (kbytes):")
         .parse()
         .unwrap_or(0.0);
-    let elapsed = wall_secs(field(&stderr, "Elapsed (wall clock) time (h:mm:ss or m:ss):"));
-    let summary = stdout.lines().find(|l| l.starts_with("bench:")).unwrap_or("?");
+    let elapsed = wall_secs(field(
+        &stderr,
+        "Elapsed (wall clock) time (h:mm:ss or m:ss):",
+    ));
+    let summary = stdout
+        .lines()
+        .find(|l| l.starts_with("bench:"))
+        .unwrap_or("?");
     println!("{events} events for {users} users:");
     println!("  usher: {summary}");
     println!(

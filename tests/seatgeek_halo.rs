@@ -150,6 +150,8 @@ async fn ten_thousand_events_for_3000_users_with_500_already_in_halo_then_increm
     let (code, out) = trigger(&env, "sg");
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("pulled 10000"), "{out}");
+    assert_eq!(s.seatgeek.tokens_issued(), 1, "one token for the whole run");
+    assert_eq!(s.halo.tokens_issued(), 1, "one token for the whole run");
     assert_eq!(
         s.halo.user_count(),
         3_000,
@@ -544,6 +546,20 @@ async fn invalid_cursor_stops_the_stream_and_says_to_reset_it() {
     let env = Env::new();
     env.write_config(&config(&env, &s, ""));
     assert_eq!(trigger(&env, "sg").0, 0);
+    let cursor = || stdout(&env.cli(&["cursor", "show", "sg"]));
+    let before = cursor();
+    // A malformed page (HTML with a 200) stops the run; the cursor stays.
+    s.seatgeek.add_generated(5, 40, 9);
+    s.seatgeek.faults.push("seatgeek.events", Fault::Html, 1);
+    let (code, out) = trigger(&env, "sg");
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("GET /seatgeek/v1/change-events: malformed page"),
+        "{out}"
+    );
+    assert_eq!(cursor(), before);
+    assert_eq!(trigger(&env, "sg").0, 0);
+    assert_ne!(cursor(), before);
     s.seatgeek.expire_cursors();
     s.seatgeek.add_generated(10, 40, 6);
     let (code, out) = trigger(&env, "sg");

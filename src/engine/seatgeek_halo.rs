@@ -840,6 +840,9 @@ async fn process_page(
                         if w.link {
                             result.links.push((w.sg_id.clone(), id.clone()));
                         }
+                        if mode.report.is_none() {
+                            continue;
+                        }
                         mode.line(EventLine {
                             event_id: e.event_id.clone(),
                             user_id: Some(w.sg_id),

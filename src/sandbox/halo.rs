@@ -104,20 +104,19 @@ fn searchable(u: &Map<String, Value>) -> Vec<String> {
 }
 
 impl Inner {
-    fn unindex(&mut self, idx: u32) {
-        for v in std::mem::take(&mut self.values[idx as usize]) {
-            if let Some(list) = self.index.get_mut(&v) {
+    /// Brings the search index up to date for one user: only values that changed move.
+    fn reindex(&mut self, idx: u32) {
+        let vals = searchable(&self.users[idx as usize]);
+        let old = std::mem::take(&mut self.values[idx as usize]);
+        for v in old.iter().filter(|v| !vals.contains(v)) {
+            if let Some(list) = self.index.get_mut(v) {
                 list.remove(&idx);
                 if list.is_empty() {
-                    self.index.remove(&v);
+                    self.index.remove(v);
                 }
             }
         }
-    }
-
-    fn reindex(&mut self, idx: u32) {
-        let vals = searchable(&self.users[idx as usize]);
-        for v in &vals {
+        for v in vals.iter().filter(|v| !old.contains(v)) {
             self.index.entry(v.clone()).or_default().insert(idx);
         }
         self.values[idx as usize] = vals;
@@ -209,17 +208,13 @@ impl Inner {
         Ok(())
     }
 
-    /// Applies a checked element; returns the saved user.
-    fn apply(&mut self, e: Value) -> Value {
+    /// Applies a checked element; returns the saved user's index.
+    fn apply(&mut self, e: Value) -> u32 {
         let Value::Object(mut m) = e else {
             unreachable!("checked")
         };
         let idx = match m.get("id").and_then(Value::as_u64) {
-            Some(id) => {
-                let idx = id as u32 - 1;
-                self.unindex(idx);
-                idx
-            }
+            Some(id) => id as u32 - 1,
             None => {
                 let id = self.users.len() as u64 + 1;
                 let mut u = Map::new();
@@ -285,9 +280,8 @@ impl Inner {
         if !name.is_empty() {
             user.insert("name".into(), json!(name));
         }
-        let saved = Value::Object(user.clone());
         self.reindex(idx);
-        saved
+        idx
     }
 }
 
@@ -340,8 +334,7 @@ impl HaloFake {
             m.entry("site_id").or_insert(json!(1));
         }
         i.check(&u).expect("a valid seeded user");
-        let saved = i.apply(u);
-        saved["id"].as_u64().expect("an id")
+        i.apply(u) as u64 + 1
     }
 
     /// Every user, in ID order.
@@ -525,9 +518,10 @@ async fn save_users(State(f): State<HaloFake>, headers: HeaderMap, body: Bytes) 
         }
     }
     i.saved += items.len() as u64;
-    let saved: Vec<Value> = items.into_iter().map(|e| i.apply(e)).collect();
-    drop(i);
+    let saved: Vec<u32> = items.into_iter().map(|e| i.apply(e)).collect();
+    let saved: Vec<&Map<String, Value>> = saved.iter().map(|x| &i.users[*x as usize]).collect();
     let body = serde_json::to_vec(&saved).expect("serializes");
+    drop(i);
     ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
