@@ -10,101 +10,50 @@ use usher::sandbox::Sandbox;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn reset_and_trigger_through_a_running_daemon() {
-    let s = Sandbox::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
+    let s = Sandbox::start("127.0.0.1:0".parse().unwrap()).await.unwrap();
     s.crm.add_contacts(60);
     let env = Env::new();
-    env.write_config(&crm_stream_config(
-        &format!("http://{}", s.addr),
-        "1h",
-        1000,
-        50,
-    ));
+    env.write_config(&crm_stream_config(&format!("http://{}", s.addr), "1h", 1000, 50));
     let d = env.spawn_daemon();
     d.wait_ready();
-    assert!(wait_until(Duration::from_secs(10), || s
-        .crm
-        .accepted_records()
-        .len()
-        == 60));
-    assert!(wait_until(Duration::from_secs(5), || stdout(
-        &env.cli(&["cursor", "show", "contacts"])
-    )
-    .contains("c60")));
+    assert!(wait_until(Duration::from_secs(10), || s.crm.accepted_records().len() == 60));
+    assert!(wait_until(Duration::from_secs(5), || stdout(&env.cli(&["cursor", "show", "contacts"])).contains("c60")));
 
     let out = env.cli(&["cursor", "reset", "contacts"]);
     assert_eq!(out.status.code(), Some(0));
-    assert!(
-        stdout(&out).contains("reset done by the daemon"),
-        "{}",
-        stdout(&out)
-    );
+    assert!(stdout(&out).contains("reset done by the daemon"), "{}", stdout(&out));
     assert!(stdout(&env.cli(&["cursor", "show", "contacts"])).contains("at the start"));
-    let audited = query_i64(
-        &env.db_path(),
-        "SELECT COUNT(*) FROM audit WHERE action = 'cursor-reset' AND stream = 'contacts' AND actor LIKE '%usher cursor reset%'",
-    );
+    let audited = query_i64(&env.db_path(), "SELECT COUNT(*) FROM audit WHERE action = 'cursor-reset' AND stream = 'contacts' AND actor LIKE '%usher cursor reset%'");
     assert_eq!(audited, 1);
 
     let out = env.cli(&["trigger", "contacts"]);
     assert_eq!(out.status.code(), Some(0));
     assert!(stdout(&out).contains("trigger done by the daemon"));
     // The re-import delivers the history again (a webhook target upserts by id).
-    assert!(
-        wait_until(Duration::from_secs(10), || s.crm.accepted_records().len()
-            == 120),
-        "{}",
-        d.log()
-    );
-    assert_eq!(
-        query_i64(
-            &env.db_path(),
-            "SELECT COUNT(*) FROM audit WHERE action = 'trigger'"
-        ),
-        1
-    );
+    assert!(wait_until(Duration::from_secs(10), || s.crm.accepted_records().len() == 120), "{}", d.log());
+    assert_eq!(query_i64(&env.db_path(), "SELECT COUNT(*) FROM audit WHERE action = 'trigger'"), 1);
 
     // A control file dropped by hand is picked up by the poll, acted on and removed.
     let file = env.state_dir().join("control/reset.contacts");
     std::fs::write(&file, "ops-team\n").unwrap();
-    assert!(
-        wait_until(Duration::from_secs(5), || !file.exists()),
-        "picked up within a few seconds"
-    );
+    assert!(wait_until(Duration::from_secs(5), || !file.exists()), "picked up within a few seconds");
     assert_eq!(
-        query_i64(
-            &env.db_path(),
-            "SELECT COUNT(*) FROM audit WHERE action = 'cursor-reset' AND actor = 'ops-team'"
-        ),
+        query_i64(&env.db_path(), "SELECT COUNT(*) FROM audit WHERE action = 'cursor-reset' AND actor = 'ops-team'"),
         1
     );
     // One naming an unknown stream is refused, audited and removed.
     let bad = env.state_dir().join("control/trigger.nope");
     std::fs::write(&bad, "").unwrap();
     assert!(wait_until(Duration::from_secs(5), || !bad.exists()));
-    assert_eq!(
-        query_i64(
-            &env.db_path(),
-            "SELECT COUNT(*) FROM audit WHERE action = 'control-rejected'"
-        ),
-        1
-    );
+    assert_eq!(query_i64(&env.db_path(), "SELECT COUNT(*) FROM audit WHERE action = 'control-rejected'"), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn reset_and_trigger_without_a_daemon() {
-    let s = Sandbox::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
+    let s = Sandbox::start("127.0.0.1:0".parse().unwrap()).await.unwrap();
     s.crm.add_contacts(75);
     let env = Env::new();
-    env.write_config(&crm_stream_config(
-        &format!("http://{}", s.addr),
-        "1h",
-        1000,
-        50,
-    ));
+    env.write_config(&crm_stream_config(&format!("http://{}", s.addr), "1h", 1000, 50));
     assert!(stdout(&env.cli(&["cursor", "show", "contacts"])).contains("at the start"));
     let out = env.cli(&["trigger", "contacts"]);
     assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
@@ -113,18 +62,8 @@ async fn reset_and_trigger_without_a_daemon() {
     assert!(stdout(&env.cli(&["cursor", "show", "contacts"])).contains("c75"));
     let out = env.cli(&["cursor", "reset", "contacts"]);
     assert_eq!(out.status.code(), Some(0));
-    assert!(
-        stdout(&out).contains("cursor reset (was \"c75\")"),
-        "{}",
-        stdout(&out)
-    );
-    assert_eq!(
-        query_i64(
-            &env.db_path(),
-            "SELECT COUNT(*) FROM audit WHERE action = 'cursor-reset'"
-        ),
-        1
-    );
+    assert!(stdout(&out).contains("cursor reset (was \"c75\")"), "{}", stdout(&out));
+    assert_eq!(query_i64(&env.db_path(), "SELECT COUNT(*) FROM audit WHERE action = 'cursor-reset'"), 1);
     let out = env.cli(&["cursor", "reset", "nope"]);
     assert_eq!(out.status.code(), Some(1));
 }

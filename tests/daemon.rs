@@ -12,9 +12,7 @@ use rustix::process::Signal;
 use usher::sandbox::{Fault, Sandbox};
 
 async fn sandbox(contacts: u64) -> Sandbox {
-    let s = Sandbox::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
+    let s = Sandbox::start("127.0.0.1:0".parse().unwrap()).await.unwrap();
     s.crm.add_contacts(contacts);
     s
 }
@@ -27,10 +25,7 @@ fn base(s: &Sandbox) -> String {
 /// Idempotency-Key and the fake drops it; any resent POST must be byte-identical).
 fn assert_all_once(s: &Sandbox, n: u64) {
     let records = s.crm.accepted_records();
-    let ids: Vec<String> = records
-        .iter()
-        .map(|r| r["id"].as_str().unwrap().to_string())
-        .collect();
+    let ids: Vec<String> = records.iter().map(|r| r["id"].as_str().unwrap().to_string()).collect();
     let unique: HashSet<_> = ids.iter().cloned().collect();
     assert_eq!(unique.len() as u64, n, "every record present");
     assert_eq!(ids.len() as u64, n, "no record twice");
@@ -39,18 +34,12 @@ fn assert_all_once(s: &Sandbox, n: u64) {
     }
     // Order of records is kept.
     let seqs: Vec<u64> = records.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
-    assert!(
-        seqs.windows(2).all(|w| w[0] < w[1]),
-        "records arrive in feed order"
-    );
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "records arrive in feed order");
     // A payload sent twice (same key) is the same bytes.
     let received = s.crm.received();
     for r in &received {
         if let Some(k) = &r.idempotency_key {
-            for o in received
-                .iter()
-                .filter(|o| o.idempotency_key.as_ref() == Some(k))
-            {
+            for o in received.iter().filter(|o| o.idempotency_key.as_ref() == Some(k)) {
                 assert_eq!(o.body, r.body, "a resent payload is byte for byte the same");
             }
         }
@@ -65,19 +54,9 @@ async fn runs_at_start_reports_status_and_refuses_a_second_instance() {
     let d = env.spawn_daemon();
     let ready = d.wait_ready();
     eprintln!("start to READY: {ready:?}");
-    assert!(
-        wait_until(Duration::from_secs(20), || s.crm.accepted_records().len()
-            == 230),
-        "{}",
-        d.log()
-    );
+    assert!(wait_until(Duration::from_secs(20), || s.crm.accepted_records().len() == 230), "{}", d.log());
     assert_all_once(&s, 230);
-    assert!(s.crm.received().iter().all(|r| {
-        serde_json::from_slice::<Vec<serde_json::Value>>(&r.body)
-            .unwrap()
-            .len()
-            <= 50
-    }));
+    assert!(s.crm.received().iter().all(|r| serde_json::from_slice::<Vec<serde_json::Value>>(&r.body).unwrap().len() <= 50));
 
     // status while the daemon runs, from the database.
     assert!(wait_until(Duration::from_secs(10), || {
@@ -97,36 +76,22 @@ async fn runs_at_start_reports_status_and_refuses_a_second_instance() {
     let text = stdout(&env.cli(&["status"]));
     assert!(text.contains("running (pid"), "{text}");
     assert!(text.contains("contacts  enabled  every 1h"), "{text}");
-    assert_eq!(
-        stdout(&env.cli(&["cursor", "show", "contacts"])).trim(),
-        "contacts: c230"
-    );
+    assert_eq!(stdout(&env.cli(&["cursor", "show", "contacts"])).trim(), "contacts: c230");
 
     // A second daemon on the same state directory refuses, saying why.
     let out = env.cli(&["run"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        stderr(&out).contains(&format!(
-            "another usher (pid {}) holds the state directory",
-            d.pid()
-        )),
+        stderr(&out).contains(&format!("another usher (pid {}) holds the state directory", d.pid())),
         "{}",
         stderr(&out)
     );
 
     // The state file is private.
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(env.db_path())
-        .unwrap()
-        .permissions()
-        .mode()
-        & 0o777;
+    let mode = std::fs::metadata(env.db_path()).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
-    let mode = std::fs::metadata(env.state_dir().join("control"))
-        .unwrap()
-        .permissions()
-        .mode()
-        & 0o777;
+    let mode = std::fs::metadata(env.state_dir().join("control")).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o700);
 }
 
@@ -134,39 +99,26 @@ async fn runs_at_start_reports_status_and_refuses_a_second_instance() {
 async fn sigterm_mid_run_then_restart_loses_nothing_and_doubles_nothing() {
     let s = sandbox(1500).await;
     // Slow webhook answers make the run long enough to stop in the middle.
-    s.crm
-        .faults
-        .push("crm.hook", Fault::Slow(Duration::from_millis(150)), 20);
+    s.crm.faults.push("crm.hook", Fault::Slow(Duration::from_millis(150)), 20);
     let env = Env::new();
     env.write_config(&crm_stream_config(&base(&s), "1h", 100_000, 25));
     let mut d = env.spawn_daemon();
     d.wait_ready();
-    assert!(wait_until(Duration::from_secs(20), || s
-        .crm
-        .accepted_records()
-        .len()
-        >= 100));
+    assert!(wait_until(Duration::from_secs(20), || s.crm.accepted_records().len() >= 100));
     d.signal(Signal::TERM);
-    let code = d
-        .wait_exit(Duration::from_secs(20))
-        .expect("exits within 20s after SIGTERM");
+    let code = d.wait_exit(Duration::from_secs(20)).expect("exits within 20s after SIGTERM");
     assert_eq!(code, Some(0), "{}", d.log());
     let got = s.crm.accepted_records().len();
     assert!(got < 1500, "stopped in the middle ({got})");
     let outcome: String = common::db(&env.db_path())
-        .query_row(
-            "SELECT outcome FROM runs ORDER BY id DESC LIMIT 1",
-            [],
-            |r| r.get(0),
-        )
+        .query_row("SELECT outcome FROM runs ORDER BY id DESC LIMIT 1", [], |r| r.get(0))
         .unwrap();
     assert_eq!(outcome, "stopped");
 
     let d2 = env.spawn_daemon();
     d2.wait_ready();
     assert!(
-        wait_until(Duration::from_secs(30), || s.crm.accepted_records().len()
-            >= 1500),
+        wait_until(Duration::from_secs(30), || s.crm.accepted_records().len() >= 1500),
         "{}",
         d2.log()
     );
@@ -184,38 +136,27 @@ async fn kill_9_mid_run_then_restart_loses_nothing_and_doubles_nothing() {
     eprintln!("kill -9 seed {seed}");
     let mut rng = seed;
     for round in 0..4 {
-        s.crm
-            .faults
-            .push("crm.hook", Fault::Slow(Duration::from_millis(40)), 1000);
+        s.crm.faults.push("crm.hook", Fault::Slow(Duration::from_millis(40)), 1000);
         let mut d = env.spawn_daemon();
         d.wait_ready();
-        rng = rng
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
+        rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         let wait_ms = 100 + (rng >> 33) % 400;
         std::thread::sleep(Duration::from_millis(wait_ms));
         d.kill9();
-        eprintln!(
-            "round {round}: killed after {wait_ms} ms with {} records in",
-            s.crm.accepted_records().len()
-        );
+        eprintln!("round {round}: killed after {wait_ms} ms with {} records in", s.crm.accepted_records().len());
         s.crm.faults.clear();
     }
     let d = env.spawn_daemon();
     d.wait_ready();
     assert!(
-        wait_until(Duration::from_secs(60), || s.crm.accepted_records().len()
-            >= 2000),
+        wait_until(Duration::from_secs(60), || s.crm.accepted_records().len() >= 2000),
         "{}",
         d.log()
     );
     std::thread::sleep(Duration::from_millis(300));
     assert_all_once(&s, 2000);
     // Runs killed mid-way were closed as interrupted at the next start.
-    let interrupted = query_i64(
-        &env.db_path(),
-        "SELECT COUNT(*) FROM runs WHERE outcome = 'interrupted'",
-    );
+    let interrupted = query_i64(&env.db_path(), "SELECT COUNT(*) FROM runs WHERE outcome = 'interrupted'");
     assert!(interrupted >= 1, "interrupted runs recorded");
 }
 
@@ -227,47 +168,23 @@ async fn sighup_applies_a_good_config_and_refuses_a_bad_one() {
     env.write_config(&good);
     let d = env.spawn_daemon();
     d.wait_ready();
-    assert!(wait_until(Duration::from_secs(10), || s
-        .crm
-        .accepted_records()
-        .len()
-        == 10));
+    assert!(wait_until(Duration::from_secs(10), || s.crm.accepted_records().len() == 10));
 
     // A bad config: refused, logged, the daemon keeps running the old one.
-    env.write_config(
-        &format!("{good}\n[streams.contacts.bogus]\nx = 1\n")
-            .replace("every = \"1h\"", "every = \"1h\"\ncolour = 2"),
-    );
+    env.write_config(&format!("{good}\n[streams.contacts.bogus]\nx = 1\n").replace("every = \"1h\"", "every = \"1h\"\ncolour = 2"));
     d.signal(Signal::HUP);
-    assert!(
-        d.wait_log("reload refused", Duration::from_secs(10)),
-        "{}",
-        d.log()
-    );
-    assert!(
-        d.log().contains("streams.contacts.colour"),
-        "the refusal names the key"
-    );
+    assert!(d.wait_log("reload refused", Duration::from_secs(10)), "{}", d.log());
+    assert!(d.log().contains("streams.contacts.colour"), "the refusal names the key");
     assert!(d.child.id() > 0);
-    assert!(
-        d.wait_notify("READY=1", Duration::from_secs(5)),
-        "READY again after a refused reload"
-    );
+    assert!(d.wait_notify("READY=1", Duration::from_secs(5)), "READY again after a refused reload");
 
     // A good config with a faster schedule: the new schedule takes effect.
     let runs_before = query_i64(&env.db_path(), "SELECT COUNT(*) FROM runs");
     env.write_config(&crm_stream_config(&base(&s), "1s", 1000, 50));
     d.signal(Signal::HUP);
+    assert!(d.wait_log("configuration reloaded", Duration::from_secs(10)), "{}", d.log());
     assert!(
-        d.wait_log("configuration reloaded", Duration::from_secs(10)),
-        "{}",
-        d.log()
-    );
-    assert!(
-        wait_until(Duration::from_secs(10), || query_i64(
-            &env.db_path(),
-            "SELECT COUNT(*) FROM runs"
-        ) >= runs_before + 2),
+        wait_until(Duration::from_secs(10), || query_i64(&env.db_path(), "SELECT COUNT(*) FROM runs") >= runs_before + 2),
         "runs on the new 1s schedule: {}",
         d.log()
     );
@@ -276,43 +193,21 @@ async fn sighup_applies_a_good_config_and_refuses_a_bad_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_tick_during_a_run_is_skipped_not_overlapped() {
     let s = sandbox(400).await;
-    s.crm
-        .faults
-        .push("crm.hook", Fault::Slow(Duration::from_millis(600)), 8);
+    s.crm.faults.push("crm.hook", Fault::Slow(Duration::from_millis(600)), 8);
     let env = Env::new();
     env.write_config(&crm_stream_config(&base(&s), "1s", 100_000, 50));
     let d = env.spawn_daemon();
     d.wait_ready();
-    assert!(
-        d.wait_log(
-            "tick skipped: the previous run is still going",
-            Duration::from_secs(20)
-        ),
-        "{}",
-        d.log()
-    );
-    assert!(wait_until(Duration::from_secs(20), || s
-        .crm
-        .accepted_records()
-        .len()
-        >= 400));
+    assert!(d.wait_log("tick skipped: the previous run is still going", Duration::from_secs(20)), "{}", d.log());
+    assert!(wait_until(Duration::from_secs(20), || s.crm.accepted_records().len() >= 400));
     // Never two runs at once: each run started after the previous one ended.
     let c = common::db(&env.db_path());
     let mut st = c
         .prepare("SELECT started_at, ended_at FROM runs WHERE ended_at IS NOT NULL ORDER BY id")
         .unwrap();
-    let rows: Vec<(String, String)> = st
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
+    let rows: Vec<(String, String)> = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().map(Result::unwrap).collect();
     for w in rows.windows(2) {
-        assert!(
-            w[1].0 >= w[0].1,
-            "run started {} before the previous ended {}",
-            w[1].0,
-            w[0].1
-        );
+        assert!(w[1].0 >= w[0].1, "run started {} before the previous ended {}", w[1].0, w[0].1);
     }
     assert_all_once(&s, 400);
 }
@@ -320,47 +215,21 @@ async fn a_tick_during_a_run_is_skipped_not_overlapped() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_429_with_retry_after_is_waited_for() {
     let s = sandbox(30).await;
-    s.crm.faults.push(
-        "crm.feed",
-        Fault::RateLimited {
-            status: 429,
-            retry_after_secs: 2,
-        },
-        1,
-    );
-    s.crm.faults.push(
-        "crm.hook",
-        Fault::RateLimitedUntil {
-            status: 509,
-            secs_ahead: 2,
-        },
-        1,
-    );
+    s.crm.faults.push("crm.feed", Fault::RateLimited { status: 429, retry_after_secs: 2 }, 1);
+    s.crm.faults.push("crm.hook", Fault::RateLimitedUntil { status: 509, secs_ahead: 2 }, 1);
     let env = Env::new();
     env.write_config(&crm_stream_config(&base(&s), "1h", 1000, 50));
     let out = env.cli(&["trigger", "contacts"]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}{}",
-        stdout(&out),
-        stderr(&out)
-    );
+    assert_eq!(out.status.code(), Some(0), "{}{}", stdout(&out), stderr(&out));
     let feed = s.crm.faults.calls_to("crm.feed");
     assert_eq!(feed[0].status, 429);
     let waited = feed[1].at.duration_since(feed[0].at).unwrap();
-    assert!(
-        waited >= Duration::from_secs(2),
-        "waited {waited:?} after Retry-After: 2"
-    );
+    assert!(waited >= Duration::from_secs(2), "waited {waited:?} after Retry-After: 2");
     let hook = s.crm.faults.calls_to("crm.hook");
     assert_eq!(hook[0].status, 509);
     // An HTTP date has one-second resolution: at least one second.
     let waited = hook[1].at.duration_since(hook[0].at).unwrap();
-    assert!(
-        waited >= Duration::from_secs(1),
-        "waited {waited:?} after a Retry-After date"
-    );
+    assert!(waited >= Duration::from_secs(1), "waited {waited:?} after a Retry-After date");
     assert_all_once(&s, 30);
 }
 
@@ -371,27 +240,16 @@ async fn a_refused_payload_is_resent_identical_and_first() {
     let env = Env::new();
     env.write_config(&crm_stream_config(&base(&s), "1h", 1000, 50));
     let out = env.cli(&["trigger", "contacts"]);
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "a refused payload fails the execution"
-    );
+    assert_eq!(out.status.code(), Some(1), "a refused payload fails the execution");
     assert!(stdout(&out).contains("refused"), "{}", stdout(&out));
-    assert_eq!(
-        s.crm.received().len(),
-        1,
-        "nothing after a refused payload goes out in that execution"
-    );
+    assert_eq!(s.crm.received().len(), 1, "nothing after a refused payload goes out in that execution");
     let st = stdout(&env.cli(&["status"]));
     assert!(st.contains("refused 1 times since"), "{st}");
     s.crm.add_contacts(10);
     let out = env.cli(&["trigger", "contacts"]);
     assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
     let rec = s.crm.received();
-    assert_eq!(
-        rec[0].body, rec[1].body,
-        "the same payload, byte for byte, first"
-    );
+    assert_eq!(rec[0].body, rec[1].body, "the same payload, byte for byte, first");
     assert_eq!(rec[1].status, 200);
     assert_all_once(&s, 130);
 }

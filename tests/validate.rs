@@ -30,13 +30,7 @@ fn a_good_config_is_valid() {
     env.write_secret("crm-token", "s3cr3t-token");
     env.write_config(GOOD);
     let out = env.cli(&["validate"]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}{}",
-        stdout(&out),
-        stderr(&out)
-    );
+    assert_eq!(out.status.code(), Some(0), "{}{}", stdout(&out), stderr(&out));
     assert!(stdout(&out).contains("configuration is valid: 1 connection(s), 1 stream(s)"));
     assert!(!stdout(&out).contains("s3cr3t-token"));
 }
@@ -85,55 +79,18 @@ timezone = "Mars/Base"
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(78), "{err}");
     let main = env.config_path().display().to_string();
-    let dropin = env
-        .dir
-        .path()
-        .join("etc/usher.d/20-more.toml")
-        .display()
-        .to_string();
+    let dropin = env.dir.path().join("etc/usher.d/20-more.toml").display().to_string();
     let expect = [
-        (
-            main.as_str(),
-            "connections.crm.kind",
-            "unknown kind \"crmm\"",
-        ),
+        (main.as_str(), "connections.crm.kind", "unknown kind \"crmm\""),
         (main.as_str(), "connections.crm.base_url", "is not a URL"),
-        (
-            main.as_str(),
-            "connections.crm.colour",
-            "unknown key `colour`",
-        ),
-        (
-            main.as_str(),
-            "connections.hub.auth.token_file",
-            "cannot read secret file",
-        ),
-        (
-            main.as_str(),
-            "streams.contacts.every",
-            "invalid duration \"fast\"",
-        ),
+        (main.as_str(), "connections.crm.colour", "unknown key `colour`"),
+        (main.as_str(), "connections.hub.auth.token_file", "cannot read secret file"),
+        (main.as_str(), "streams.contacts.every", "invalid duration \"fast\""),
         (main.as_str(), "streams.contacts.page_size", "expected"),
-        (
-            main.as_str(),
-            "streams.contacts.mapping.email",
-            "unknown transform `shout`",
-        ),
-        (
-            dropin.as_str(),
-            "streams.orders.source",
-            "unknown connection \"nowhere\"",
-        ),
-        (
-            dropin.as_str(),
-            "streams.orders.timezone",
-            "unknown timezone",
-        ),
-        (
-            dropin.as_str(),
-            "streams.orders.webhook.url",
-            "missing key `url`",
-        ),
+        (main.as_str(), "streams.contacts.mapping.email", "unknown transform `shout`"),
+        (dropin.as_str(), "streams.orders.source", "unknown connection \"nowhere\""),
+        (dropin.as_str(), "streams.orders.timezone", "unknown timezone"),
+        (dropin.as_str(), "streams.orders.webhook.url", "missing key `url`"),
     ];
     for (file, key, msg) in expect {
         let line = err
@@ -149,10 +106,7 @@ timezone = "Mars/Base"
     let out = env.cli(&["run"]);
     assert_eq!(out.status.code(), Some(78));
     assert!(stderr(&out).contains("key `streams.contacts.every`"));
-    assert!(
-        !env.db_path().exists(),
-        "a refused config must not create state"
-    );
+    assert!(!env.db_path().exists(), "a refused config must not create state");
 }
 
 #[test]
@@ -170,10 +124,7 @@ fn environment_overrides_apply_and_are_named_when_bad() {
     assert_eq!(out.status.code(), Some(78));
     let err = stderr(&out);
     assert!(err.contains("key `streams.contacts.every`"), "{err}");
-    assert!(
-        err.contains("USHER_"),
-        "the problem names the environment as its origin: {err}"
-    );
+    assert!(err.contains("USHER_"), "the problem names the environment as its origin: {err}");
 }
 
 #[test]
@@ -190,9 +141,5 @@ fn a_toml_syntax_error_names_the_file() {
     env.write_config("[connections.crm\nkind = 1\n");
     let out = env.cli(&["validate"]);
     assert_eq!(out.status.code(), Some(78));
-    assert!(
-        stderr(&out).contains(&env.config_path().display().to_string()),
-        "{}",
-        stderr(&out)
-    );
+    assert!(stderr(&out).contains(&env.config_path().display().to_string()), "{}", stderr(&out));
 }

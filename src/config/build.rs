@@ -412,14 +412,7 @@ fn build_connection(
     // SeatGeek / Halo: OAuth2 client credentials from `client_id` + `client_secret`.
     let vendor_auth = match kind {
         Some(k @ (ConnectionKind::SeatGeek | ConnectionKind::Halo)) => super::halo::vendor_auth(
-            l,
-            &scope,
-            &prefix,
-            k,
-            &raw,
-            base_url.as_ref(),
-            config_dir,
-            warnings,
+            l, &scope, &prefix, k, &raw, base_url.as_ref(), config_dir, warnings,
         ),
         _ => None,
     };
@@ -450,10 +443,7 @@ fn build_connection(
         rate_limit,
         auth,
         // SeatGeek / Halo
-        tenant: raw
-            .tenant
-            .clone()
-            .filter(|_| kind == Some(ConnectionKind::Halo)),
+        tenant: raw.tenant.clone().filter(|_| kind == Some(ConnectionKind::Halo)),
     })
 }
 
@@ -650,16 +640,8 @@ fn build_stream(
                             .and_then(|v| v.into_dict())
                             .map(|d| d.keys().cloned().collect())
                             .unwrap_or_default();
-                        let known = if known.is_empty() {
-                            "none".to_string()
-                        } else {
-                            known.join(", ")
-                        };
-                        l.problem(
-                            &scope,
-                            &key(which),
-                            format!("unknown connection {c:?} (defined: {known})"),
-                        );
+                        let known = if known.is_empty() { "none".to_string() } else { known.join(", ") };
+                        l.problem(&scope, &key(which), format!("unknown connection {c:?} (defined: {known})"));
                     } else {
                         l.problem(
                             &scope,
@@ -805,49 +787,30 @@ fn build_stream(
                 path: f
                     .and_then(|f| f.path.clone())
                     .unwrap_or_else(|| "/api/changes?entity={entity}".into()),
-                cursor_param: f
-                    .and_then(|f| f.cursor_param.clone())
-                    .unwrap_or_else(|| "cursor".into()),
-                limit_param: f
-                    .and_then(|f| f.limit_param.clone())
-                    .or_else(|| Some("limit".into())),
-                items: f
-                    .and_then(|f| f.items.clone())
-                    .unwrap_or_else(|| "items".into()),
-                next_cursor: f
-                    .and_then(|f| f.next_cursor.clone())
-                    .unwrap_or_else(|| "next".into()),
-                has_more: f
-                    .and_then(|f| f.has_more.clone())
-                    .unwrap_or_else(|| "has_more".into()),
+                cursor_param: f.and_then(|f| f.cursor_param.clone()).unwrap_or_else(|| "cursor".into()),
+                limit_param: f.and_then(|f| f.limit_param.clone()).or_else(|| Some("limit".into())),
+                items: f.and_then(|f| f.items.clone()).unwrap_or_else(|| "items".into()),
+                next_cursor: f.and_then(|f| f.next_cursor.clone()).unwrap_or_else(|| "next".into()),
+                has_more: f.and_then(|f| f.has_more.clone()).unwrap_or_else(|| "has_more".into()),
                 id: f.and_then(|f| f.id.clone()).unwrap_or_else(|| "id".into()),
-                changed_at: f
-                    .and_then(|f| f.changed_at.clone())
-                    .unwrap_or_else(|| "updated_at".into()),
+                changed_at: f.and_then(|f| f.changed_at.clone()).unwrap_or_else(|| "updated_at".into()),
             })
         }
         _ => None,
     };
-    let target_is_webhook = target
-        .as_ref()
-        .map(|t| t.kind == ConnectionKind::Crm)
-        .unwrap_or_else(|| {
-            // Unknown target: still check the webhook table when the target's kind is written down.
-            raw.target
-                .as_ref()
-                .and_then(|t| l.figment.find_value(&format!("connections.{t}.kind")).ok())
-                .and_then(|v| v.into_string())
-                .is_some_and(|k| k == "crm")
-        });
+    let target_is_webhook = target.as_ref().map(|t| t.kind == ConnectionKind::Crm).unwrap_or_else(|| {
+        // Unknown target: still check the webhook table when the target's kind is written down.
+        raw.target
+            .as_ref()
+            .and_then(|t| l.figment.find_value(&format!("connections.{t}.kind")).ok())
+            .and_then(|v| v.into_string())
+            .is_some_and(|k| k == "crm")
+    });
     let webhook = if target_is_webhook {
         let url = match raw.webhook.as_ref().and_then(|w| w.url.clone()) {
             Some(u) => u,
             None => {
-                l.problem(
-                    &scope,
-                    &key("webhook.url"),
-                    "missing key `url` (the CRM's webhook URL or path)",
-                );
+                l.problem(&scope, &key("webhook.url"), "missing key `url` (the CRM's webhook URL or path)");
                 String::new()
             }
         };
@@ -862,11 +825,7 @@ fn build_stream(
             } else if let Some(t) = &target
                 && t.base_url.join(&expanded).is_err()
             {
-                l.problem(
-                    &scope,
-                    &key("webhook.url"),
-                    format!("{url:?} is not a URL or path"),
-                );
+                l.problem(&scope, &key("webhook.url"), format!("{url:?} is not a URL or path"));
             }
         }
         let accepted_statuses = raw
@@ -874,46 +833,24 @@ fn build_stream(
             .as_ref()
             .and_then(|w| w.accepted_statuses.clone())
             .unwrap_or_else(|| vec![200]);
-        if accepted_statuses.iter().any(|s| !(200..300).contains(s)) || accepted_statuses.is_empty()
-        {
-            l.problem(
-                &scope,
-                &key("webhook.accepted_statuses"),
-                "accepted statuses must be 2xx codes",
-            );
+        if accepted_statuses.iter().any(|s| !(200..300).contains(s)) || accepted_statuses.is_empty() {
+            l.problem(&scope, &key("webhook.accepted_statuses"), "accepted statuses must be 2xx codes");
         }
-        Some(WebhookOptions {
-            url,
-            accepted_statuses,
-        })
+        Some(WebhookOptions { url, accepted_statuses })
     } else {
         if raw.webhook.is_some() && target.is_some() {
-            l.problem(
-                &scope,
-                &key("webhook"),
-                "`webhook` applies only to a target of kind crm",
-            );
+            l.problem(&scope, &key("webhook"), "`webhook` applies only to a target of kind crm");
         }
         None
     };
-    if raw.feed.is_some()
-        && source
-            .as_ref()
-            .is_some_and(|s| s.kind != ConnectionKind::Crm)
-    {
-        l.problem(
-            &scope,
-            &key("feed"),
-            "`feed` applies only to a source of kind crm",
-        );
+    if raw.feed.is_some() && source.as_ref().is_some_and(|s| s.kind != ConnectionKind::Crm) {
+        l.problem(&scope, &key("feed"), "`feed` applies only to a source of kind crm");
     }
     if max_per_payload > max_per_run {
         l.problem(
             &scope,
             &key("max_per_payload"),
-            format!(
-                "max_per_payload ({max_per_payload}) is larger than max_per_run ({max_per_run})"
-            ),
+            format!("max_per_payload ({max_per_payload}) is larger than max_per_run ({max_per_run})"),
         );
     }
     // SeatGeek / Halo

@@ -195,11 +195,7 @@ impl Daemon {
                 continue;
             }
             let next = if at_start {
-                let (last, cut_short) = self
-                    .store
-                    .last_run_start(&spec.name)
-                    .await
-                    .unwrap_or((None, false));
+                let (last, cut_short) = self.store.last_run_start(&spec.name).await.unwrap_or((None, false));
                 if cut_short {
                     // The last run was stopped or killed before it finished: finish the job now.
                     now

@@ -80,18 +80,10 @@ impl Env {
     }
 
     pub fn spawn_daemon_with(&self, extra_args: &[&str], env: &[(&str, &str)]) -> Daemon {
-        let sock_path = self
-            .dir
-            .path()
-            .join(format!("notify-{}.sock", rand_suffix()));
+        let sock_path = self.dir.path().join(format!("notify-{}.sock", rand_suffix()));
         let notify = UnixDatagram::bind(&sock_path).expect("bind notify socket");
-        notify
-            .set_read_timeout(Some(Duration::from_millis(200)))
-            .unwrap();
-        let log_path = self
-            .dir
-            .path()
-            .join(format!("daemon-{}.log", rand_suffix()));
+        notify.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        let log_path = self.dir.path().join(format!("daemon-{}.log", rand_suffix()));
         let log = std::fs::File::create(&log_path).unwrap();
         let mut cmd = Command::new(bin());
         cmd.arg("--config")
@@ -221,8 +213,7 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 
 /// Opens the state database read-only for assertions.
 pub fn db(path: &Path) -> rusqlite::Connection {
-    let c = rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-        .unwrap();
+    let c = rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
     c.busy_timeout(Duration::from_secs(10)).unwrap();
     c
 }
@@ -240,12 +231,7 @@ pub fn stderr(o: &Output) -> String {
 }
 
 /// The common config of the CRM feed → webhook stream against a sandbox at `base`.
-pub fn crm_stream_config(
-    base: &str,
-    every: &str,
-    max_per_run: u32,
-    max_per_payload: u32,
-) -> String {
+pub fn crm_stream_config(base: &str, every: &str, max_per_run: u32, max_per_payload: u32) -> String {
     format!(
         r#"
 [connections.crm]
