@@ -328,7 +328,12 @@ pub fn token_refresh_after(expires_in: Duration) -> Duration {
 pub struct Http {
     client: reqwest::Client,
     budgets: Arc<Mutex<HashMap<String, Arc<Budget>>>>,
+    /// OAuth2 tokens per (connection, token URL, client ID), so that a token is reused
+    /// across runs until shortly before it expires, not fetched once per run.
+    tokens: Arc<Mutex<TokenSlots>>,
 }
+
+type TokenSlots = HashMap<String, Arc<tokio::sync::Mutex<Option<CachedToken>>>>;
 
 impl Default for Http {
     fn default() -> Self {
@@ -346,6 +351,7 @@ impl Http {
         Http {
             client,
             budgets: Arc::new(Mutex::new(HashMap::new())),
+            tokens: Arc::new(Mutex::new(HashMap::new())),
         }
     }
 
@@ -363,6 +369,28 @@ impl Http {
             .clone();
         budget.set_limit(limit);
         budget
+    }
+
+    fn token_slot(
+        &self,
+        conn: &str,
+        auth: &HttpAuth,
+    ) -> Arc<tokio::sync::Mutex<Option<CachedToken>>> {
+        let HttpAuth::OAuth2 {
+            token_url,
+            client_id,
+            ..
+        } = auth
+        else {
+            return Arc::new(tokio::sync::Mutex::new(None));
+        };
+        let key = format!("{conn}\n{token_url}\n{client_id}");
+        self.tokens
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key)
+            .or_default()
+            .clone()
     }
 
     /// A client for one configured connection.
@@ -394,8 +422,8 @@ impl Http {
             client: self.client.clone(),
             budget: self.budget(&conn.budget_key(), conn.rate_limit),
             rate_window: conn.rate_window(),
+            token: self.token_slot(&conn.name, &auth),
             auth,
-            token: Arc::new(tokio::sync::Mutex::new(None)),
         }
     }
 }

@@ -221,6 +221,15 @@ async fn toggle_off_pauses_without_losing_state_and_on_resumes_across_reloads() 
     env.write_config(&config(&s, "1s", false, TENANT));
     d.signal(Signal::HUP);
     assert!(d.wait_log("configuration reloaded", Duration::from_secs(10)));
+    // A run that started before the reload finishes on the old configuration (still on):
+    // let it end, with the CDP still refusing, before the CDP is healed. (A tick that fired
+    // just before the reload may still be on its way to start: give it a tick's time.)
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(wait_until(Duration::from_secs(10), || query_i64(
+        &env.db_path(),
+        "SELECT COUNT(*) FROM runs WHERE outcome = 'running'"
+    ) == 0));
+    std::thread::sleep(Duration::from_millis(300));
     s.cdp.force_always(None);
     let cursor_off = cursor(&env);
     // (Reloads also check the connection online with an empty array: not counted.)

@@ -58,6 +58,8 @@ pub async fn demo(demo_config: PathBuf, contacts: u64, state_override: Option<Pa
         .ticketco
         .add_item(json!({"ref_number": "TC-NOCONTACT", "event_id": 100000,
         "status": "paid", "quantity": 1, "buyer_first_name": "No", "buyer_last_name": "Contact"}));
+    // SeatGeek / Halo
+    super::seatgeek_halo_demo::seed_demo(&sandbox);
     if let Some(token) = demo_token(&demo_config) {
         sandbox
             .crm
@@ -154,6 +156,12 @@ pub async fn demo(demo_config: PathBuf, contacts: u64, state_override: Option<Pa
             clock: crate::clock::Clock::process(),
             backfill: None,
         };
+        // SeatGeek / Halo
+        if let crate::config::StreamKind::SeatGeekToHalo(_) = &spec.kind {
+            let r = run_stream(&ctx, "demo").await;
+            failed |= super::seatgeek_halo_demo::report(&sandbox, spec, &r);
+            continue;
+        }
         let before = sandbox.crm.received().len();
         let r = run_stream(&ctx, "demo").await;
         let got = &sandbox.crm.received()[before..];
@@ -318,7 +326,13 @@ impl TicketCoSeed {
     }
 }
 
-pub async fn sandbox(listen: SocketAddr, contacts: u64, seed: TicketCoSeed) -> i32 {
+pub async fn sandbox(
+    listen: SocketAddr,
+    contacts: u64,
+    seed: TicketCoSeed,
+    seatgeek_events: u64,
+    seatgeek_users: u32,
+) -> i32 {
     crate::logging::init_cli();
     let sandbox = match Sandbox::start(listen).await {
         Ok(s) => s,
@@ -330,12 +344,15 @@ pub async fn sandbox(listen: SocketAddr, contacts: u64, seed: TicketCoSeed) -> i
     sandbox.crm.add_contacts(contacts);
     // Ticket Co x Airship
     seed.apply(&sandbox);
+    // SeatGeek / Halo
+    super::seatgeek_halo_demo::seed_sandbox(&sandbox, seatgeek_events, seatgeek_users);
     println!("crm {}", sandbox.url("crm"));
     println!("ticketco {}", sandbox.url("ticketco"));
     println!("airship {}", sandbox.url("airship"));
     println!("airship-stats {}/_stats", sandbox.url("airship"));
     println!("cdp {}", sandbox.url("cdp"));
     println!("seatsio {}/eu", sandbox.url("seatsio"));
+    super::seatgeek_halo_demo::print_urls(&sandbox);
     let _ = tokio::signal::ctrl_c().await;
     EX_OK
 }

@@ -9,6 +9,9 @@ mod demo_s360;
 mod ops;
 // Ticket Co x Airship
 mod backfill;
+// SeatGeek / Halo
+mod import;
+mod seatgeek_halo_demo;
 
 use std::path::PathBuf;
 
@@ -97,6 +100,17 @@ pub enum Command {
         #[arg(long)]
         from: chrono::NaiveDate,
     },
+    // SeatGeek / Halo
+    /// Test import of a SeatGeek → Halo stream: the first N change events after its cursor.
+    Import {
+        stream: String,
+        /// How many change events to take.
+        #[arg(long, default_value_t = 100)]
+        limit: u64,
+        /// Write nothing to Halo or to the state; print what each event would do.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Run every stream of config/demo.toml once against the bundled fakes.
     Demo {
         /// The demo configuration.
@@ -128,6 +142,13 @@ pub enum Command {
         // Ticket Co x Airship
         #[command(flatten)]
         ticketco: demo::TicketCoSeed,
+        // SeatGeek / Halo
+        /// Change events the fake SeatGeek (`/seatgeek`) starts with.
+        #[arg(long, default_value_t = 0)]
+        seatgeek_events: u64,
+        /// Users those events are spread over.
+        #[arg(long, default_value_t = 1000)]
+        seatgeek_users: u32,
     },
     // S-360
     /// Measure the S-360 receiver (records/s accepted durably, latency) and relay.
@@ -216,6 +237,12 @@ pub fn main() -> i32 {
         },
         Command::DeadLetters { action } => ops::dead_letters(state_only, action),
         Command::Trigger { stream } => runtime.block_on(ops::trigger(source, &stream)),
+        // SeatGeek / Halo
+        Command::Import {
+            stream,
+            limit,
+            dry_run,
+        } => runtime.block_on(import::import(source, &stream, limit, dry_run)),
         Command::Demo {
             demo_config,
             contacts,
@@ -236,7 +263,15 @@ pub fn main() -> i32 {
             listen,
             contacts,
             ticketco,
-        } => runtime.block_on(demo::sandbox(listen, contacts, ticketco)),
+            seatgeek_events,
+            seatgeek_users,
+        } => runtime.block_on(demo::sandbox(
+            listen,
+            contacts,
+            ticketco,
+            seatgeek_events,
+            seatgeek_users,
+        )),
         // Ticket Co x Airship
         Command::Backfill { stream, from } => {
             runtime.block_on(backfill::backfill(source, &stream, from))

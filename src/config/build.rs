@@ -507,9 +507,25 @@ fn build_connection(
         }
     }
     // Ticket Co x Airship
-    let (api_token, account_id, vendor_auth) = super::ticketco_airship::connection_fields(
+    let (api_token, account_id, ta_auth) = super::ticketco_airship::connection_fields(
         l, &scope, &prefix, kind, &raw, config_dir, warnings,
     );
+    // SeatGeek / Halo: OAuth2 client credentials from `client_id` + `client_secret`.
+    let halo_auth = match kind {
+        Some(k @ (ConnectionKind::SeatGeek | ConnectionKind::Halo)) => super::halo::vendor_auth(
+            l,
+            &scope,
+            &prefix,
+            k,
+            &raw,
+            base_url.as_ref(),
+            config_dir,
+            warnings,
+        ),
+        _ => None,
+    };
+    // end SeatGeek / Halo
+    let vendor_auth = ta_auth.or(halo_auth);
     let auth = match &raw.auth {
         None if vendor_auth.is_some() => vendor_auth.unwrap_or(Auth::None),
         None => Auth::None,
@@ -541,6 +557,11 @@ fn build_connection(
         // Ticket Co x Airship
         api_token,
         account_id,
+        // SeatGeek / Halo
+        tenant: raw
+            .tenant
+            .clone()
+            .filter(|_| kind == Some(ConnectionKind::Halo)),
     })
 }
 
@@ -1046,7 +1067,20 @@ fn build_stream(
             ),
         );
     }
+    // SeatGeek / Halo
+    let halo = super::halo::build_stream_kind(
+        l,
+        &scope,
+        &prefix,
+        &raw,
+        source.as_deref(),
+        target.as_deref(),
+        &mut mapping,
+    );
+    // end SeatGeek / Halo
     let kind = match (feed, webhook) {
+        // SeatGeek / Halo
+        _ if halo.is_some() => halo.map(StreamKind::SeatGeekToHalo),
         (Some(feed), Some(webhook))
             if source
                 .as_ref()

@@ -5,6 +5,8 @@
 //! it returns all of them, each naming the file, the stream or connection, and the key.
 
 mod build;
+// SeatGeek / Halo
+pub mod halo;
 mod load;
 mod raw;
 // S-360
@@ -102,6 +104,8 @@ pub struct Connection {
     pub api_token: Option<Secret>,
     /// Airship: the account every contact is written to.
     pub account_id: Option<i64>,
+    // SeatGeek / Halo: the Halo tenant (the token call's `tenant`); None for other kinds.
+    pub tenant: Option<String>,
 }
 
 impl Connection {
@@ -138,11 +142,18 @@ pub enum ConnectionKind {
     // Integration settings branch: CM.com Customer Data Platform (target) and seats.io.
     Cdp,
     Seatsio,
+    // SeatGeek / Halo
+    /// SeatGeek's partner feed of user change events (source).
+    SeatGeek,
+    /// Halo PSA/ITSM users (target).
+    Halo,
+    // end SeatGeek / Halo
 }
 
 impl ConnectionKind {
-    pub const NAMES: &'static [&'static str] =
-        &["crm", "s360", "ticketco", "airship", "cdp", "seatsio"];
+    pub const NAMES: &'static [&'static str] = &[
+        "crm", "s360", "ticketco", "airship", "cdp", "seatsio", "seatgeek", "halo",
+    ];
 
     pub fn parse(s: &str) -> Option<Self> {
         match s {
@@ -153,6 +164,9 @@ impl ConnectionKind {
             "airship" => Some(ConnectionKind::Airship),
             "cdp" => Some(ConnectionKind::Cdp),
             "seatsio" => Some(ConnectionKind::Seatsio),
+            // SeatGeek / Halo
+            "seatgeek" => Some(ConnectionKind::SeatGeek),
+            "halo" => Some(ConnectionKind::Halo),
             _ => None,
         }
     }
@@ -166,6 +180,9 @@ impl ConnectionKind {
             ConnectionKind::Airship => "airship",
             ConnectionKind::Cdp => "cdp",
             ConnectionKind::Seatsio => "seatsio",
+            // SeatGeek / Halo
+            ConnectionKind::SeatGeek => "seatgeek",
+            ConnectionKind::Halo => "halo",
         }
     }
 }
@@ -254,6 +271,9 @@ pub enum StreamKind {
         feed: FeedOptions,
         cdp: CdpOptions,
     },
+    // SeatGeek / Halo
+    /// SeatGeek user change events → Halo users (`engine::seatgeek_halo`).
+    SeatGeekToHalo(crate::config::halo::HaloOptions),
 }
 
 impl StreamKind {

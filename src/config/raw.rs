@@ -155,6 +155,8 @@ pub struct RawStream {
     pub company: Option<String>,
     pub cdp: Option<super::settings::RawCdpStream>,
     // End of integration settings and CDP.
+    // SeatGeek / Halo: `[streams.X.halo]`, see config/halo.rs.
+    pub halo: Option<super::halo::RawHalo>,
 }
 
 // Ticket Co x Airship

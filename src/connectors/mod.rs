@@ -11,6 +11,9 @@ pub mod ticketco;
 // Integration settings branch: CM.com CDP and seats.io.
 pub mod cdp;
 pub mod seatsio;
+// SeatGeek / Halo
+pub mod halo;
+pub mod seatgeek;
 
 use std::fmt;
 
@@ -96,6 +99,9 @@ pub async fn check_online_with(
                 c => Verdict::Invalid(c.message()),
             }
         }
+        // SeatGeek / Halo
+        ConnectionKind::SeatGeek => seatgeek::check(http, conn, cancel).await,
+        ConnectionKind::Halo => halo::check(http, conn, cancel).await,
         ConnectionKind::Crm => {
             // A generic CRM has no standard "who am I" call: ask its base URL and judge the
             // status. 401/403 mean the credentials are refused; any other answer, reachable.

@@ -18,6 +18,8 @@ mod s360;
 // Ticket Co x Airship
 mod online_check;
 pub mod ticketco_airship;
+// SeatGeek / Halo
+pub mod seatgeek_halo;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -185,6 +187,10 @@ pub async fn run_stream(ctx: &RunCtx, trigger: &str) -> RunReport {
         }
         StreamKind::FeedToCdp { feed, cdp } => {
             feed_cdp::run(ctx, trigger, feed, cdp, &mut counts).await
+        }
+        // SeatGeek / Halo
+        StreamKind::SeatGeekToHalo(opts) => {
+            seatgeek_halo::run(ctx, opts, &mut counts, Default::default()).await
         }
     };
     let (outcome, error) = match result {

@@ -12,6 +12,9 @@ pub mod ticketco;
 // Integration settings branch: CM.com CDP and seats.io fakes.
 pub mod cdp;
 pub mod seatsio;
+// SeatGeek / Halo
+pub mod halo;
+pub mod seatgeek;
 
 use std::net::SocketAddr;
 
@@ -26,6 +29,9 @@ pub use s360::{S360Fake, S360Sender};
 // Ticket Co x Airship
 pub use airship::AirshipFake;
 pub use ticketco::TicketCoFake;
+// SeatGeek / Halo
+pub use halo::HaloFake;
+pub use seatgeek::SeatGeekFake;
 
 /// The running fakes.
 pub struct Sandbox {
@@ -39,6 +45,11 @@ pub struct Sandbox {
     // Integration settings branch.
     pub cdp: cdp::CdpFake,
     pub seatsio: seatsio::SeatsioFake,
+    // SeatGeek / Halo: two SeatGeek accounts (`/seatgeek`, `/seatgeek2`, the same user IDs,
+    // e-mails at example.org and example.net) and one Halo (`/halo`).
+    pub seatgeek: SeatGeekFake,
+    pub seatgeek2: SeatGeekFake,
+    pub halo: HaloFake,
     stop: CancellationToken,
 }
 
@@ -53,6 +64,10 @@ impl Sandbox {
         // Integration settings branch: CDP and seats.io fakes.
         let cdp = cdp::CdpFake::new();
         let seatsio = seatsio::SeatsioFake::new();
+        // SeatGeek / Halo
+        let seatgeek = SeatGeekFake::new("example.org");
+        let seatgeek2 = SeatGeekFake::new("example.net");
+        let halo = HaloFake::new();
         let app = Router::new()
             .nest("/crm", crm.router())
             // S-360
@@ -61,7 +76,11 @@ impl Sandbox {
             .nest("/ticketco", ticketco.router())
             .nest("/airship", airship.router())
             .nest("/cdp", cdp.router())
-            .nest("/seatsio", seatsio.router());
+            .nest("/seatsio", seatsio.router())
+            // SeatGeek / Halo
+            .nest("/seatgeek", seatgeek.router())
+            .nest("/seatgeek2", seatgeek2.router())
+            .nest("/halo", halo.router());
         let listener = TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
         let stop = CancellationToken::new();
@@ -79,6 +98,9 @@ impl Sandbox {
             airship,
             cdp,
             seatsio,
+            seatgeek,
+            seatgeek2,
+            halo,
             stop,
         })
     }

@@ -359,18 +359,23 @@ impl Store {
     ) -> Result<Vec<(String, String)>> {
         let stream = stream.to_string();
         self.call(move |c| {
-            let mut st = c.prepare_cached(
-                "SELECT target_id FROM links WHERE stream = ?1 AND source_id = ?2",
-            )?;
+            // One read transaction for all the look-ups (not one per ID): far fewer locks.
+            let tx = c.transaction()?;
             let mut out = Vec::new();
-            for id in source_ids {
-                if let Some(t) = st
-                    .query_row(params![stream, id], |r| r.get::<_, String>(0))
-                    .optional()?
-                {
-                    out.push((id, t));
+            {
+                let mut st = tx.prepare_cached(
+                    "SELECT target_id FROM links WHERE stream = ?1 AND source_id = ?2",
+                )?;
+                for id in source_ids {
+                    if let Some(t) = st
+                        .query_row(params![stream, id], |r| r.get::<_, String>(0))
+                        .optional()?
+                    {
+                        out.push((id, t));
+                    }
                 }
             }
+            tx.commit()?;
             Ok(out)
         })
         .await

@@ -1,0 +1,190 @@
+//! Benchmark of the SeatGeek users → Halo stream: N change events for U users into an empty
+//! Halo, the fakes in a separate process (`usher sandbox --seatgeek-events N
+//! --seatgeek-users U`), one run of the stream (`usher trigger`) under `/usr/bin/time -v`.
+//! Prints wall time, events/s, usher's own CPU seconds (user + system) and peak RSS, and the
+//! fakes' CPU seconds (from /proc), for each size.
+//!
+//! ```text
+//! cargo build --release && cargo run --release --example bench_seatgeek_halo
+//! cargo run --release --example bench_seatgeek_halo -- 100000:20000 1000000:200000
+//! ```
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+fn usher_bin() -> PathBuf {
+    // target/release/examples/bench_seatgeek_halo → target/release/usher
+    let exe = std::env::current_exe().expect("current exe");
+    exe.parent()
+        .and_then(|p| p.parent())
+        .map(|p| p.join("usher"))
+        .expect("the usher binary beside examples/")
+}
+
+/// utime + stime of a process, in seconds.
+fn proc_cpu(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat.rsplit_once(')').map(|x| x.1).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
+    // After the name: state is field 0; utime is 11, stime 12.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn field<'a>(text: &'a str, label: &str) -> &'a str {
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix(label))
+        .map(str::trim)
+        .unwrap_or("?")
+}
+
+fn wall_secs(s: &str) -> f64 {
+    // h:mm:ss or m:ss.ss
+    s.split(':').fold(0.0, |acc, part| {
+        acc * 60.0 + part.parse::<f64>().unwrap_or(0.0)
+    })
+}
+
+fn run(events: u64, users: u64) {
+    let bin = usher_bin();
+    let mut sandbox = Command::new(&bin)
+        .args(["sandbox", "--listen", "127.0.0.1:0", "--contacts", "0"])
+        .args(["--seatgeek-events", &events.to_string()])
+        .args(["--seatgeek-users", &users.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start usher sandbox");
+    let mut lines = BufReader::new(sandbox.stdout.take().expect("stdout")).lines();
+    let (mut sg, mut halo) = (None, None);
+    while sg.is_none() || halo.is_none() {
+        let line = lines.next().expect("sandbox output").expect("a line");
+        if let Some(u) = line.strip_prefix("seatgeek ") {
+            sg = Some(u.to_string());
+        }
+        if let Some(u) = line.strip_prefix("halo ") {
+            halo = Some(u.to_string());
+        }
+    }
+    let (sg, halo) = (sg.unwrap(), halo.unwrap());
+    let fake_cpu_before = proc_cpu(sandbox.id());
+    let dir = std::env::temp_dir().join(format!("usher-bench-{}-{events}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("sg-secret"), "sg-demo-secret\n").unwrap();
+    std::fs::write(dir.join("halo-secret"), "halo-demo-secret\n").unwrap();
+    std::fs::write(
+        dir.join("usher.toml"),
+        format!(
+            r#"
+[daemon]
+state_dir = "{state}"
+
+[log]
+level = "warn"
+
+[connections.seatgeek]
+kind = "seatgeek"
+base_url = "{sg}"
+client_id = "usher-demo"
+client_secret_file = "sg-secret"
+
+[connections.halo]
+kind = "halo"
+base_url = "{halo}"
+tenant = "demo"
+client_id = "usher-demo"
+client_secret_file = "halo-secret"
+
+[streams.bench]
+source = "seatgeek"
+entity = "user"
+target = "halo"
+every = "15m"
+page_size = 1000
+
+[streams.bench.static]
+inactive = false
+
+[streams.bench.halo]
+default_site = 18
+id_field = "custom:CFSeatGeekId"
+batch_size = 1000
+
+[streams.bench.halo.custom_fields]
+CFMarketingOptIn = "marketing_opt_in | string"
+"#,
+            state = dir.join("state").display()
+        ),
+    )
+    .unwrap();
+    let started = Instant::now();
+    let out = Command::new("/usr/bin/time")
+        .arg("-v")
+        .arg(&bin)
+        .arg("--config")
+        .arg(dir.join("usher.toml"))
+        .args(["trigger", "bench"])
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run /usr/bin/time -v usher trigger");
+    let wall = started.elapsed().as_secs_f64();
+    let fake_cpu = proc_cpu(sandbox.id()) - fake_cpu_before;
+    let _ = sandbox.kill();
+    let _ = sandbox.wait();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let user: f64 = field(&stderr, "User time (seconds):")
+        .parse()
+        .unwrap_or(0.0);
+    let sys: f64 = field(&stderr, "System time (seconds):")
+        .parse()
+        .unwrap_or(0.0);
+    let rss_kb: f64 = field(&stderr, "Maximum resident set size (kbytes):")
+        .parse()
+        .unwrap_or(0.0);
+    let elapsed = wall_secs(field(
+        &stderr,
+        "Elapsed (wall clock) time (h:mm:ss or m:ss):",
+    ));
+    let summary = stdout
+        .lines()
+        .find(|l| l.starts_with("bench:"))
+        .unwrap_or("?");
+    println!("{events} events for {users} users:");
+    println!("  usher: {summary}");
+    println!(
+        "  wall {elapsed:.2} s ({wall:.2} s with process start), {:.0} events/s",
+        events as f64 / elapsed.max(0.001)
+    );
+    println!(
+        "  usher CPU {:.2} s (user {user:.2} + sys {sys:.2}) = {:.2} CPU s per million events",
+        user + sys,
+        (user + sys) * 1e6 / events as f64
+    );
+    println!("  usher peak RSS {:.1} MB", rss_kb / 1024.0);
+    println!("  fakes' CPU during the run {fake_cpu:.2} s (separate process)");
+    if !out.status.success() {
+        println!("  usher exited with {:?}: {stdout}", out.status.code());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let sizes: Vec<(u64, u64)> = if args.is_empty() {
+        vec![(100_000, 20_000), (1_000_000, 200_000)]
+    } else {
+        args.iter()
+            .map(|a| {
+                let (e, u) = a.split_once(':').expect("EVENTS:USERS");
+                (e.parse().expect("events"), u.parse().expect("users"))
+            })
+            .collect()
+    };
+    for (e, u) in sizes {
+        run(e, u);
+    }
+}

@@ -1,0 +1,1103 @@
+//! SeatGeek user change events → Halo users, as Halo's own integrator imports them.
+//!
+//! One page at a time: pull change events after the cursor → keep the newest event of each
+//! user (feed order is the truth) → find each user's Halo user (the stream's link, else the
+//! Halo field that holds the SeatGeek ID, else the e-mail, trimmed and case-insensitive) →
+//! map → POST updates, then creates, in batches → **commit the page**: the new cursor, the
+//! links of every user written, and the dead letters, in one transaction.
+//!
+//! No second Halo user for one SeatGeek ID: a crash after Halo saved a batch but before the
+//! commit leaves no link, but the next run finds the user by the SeatGeek ID that usher
+//! wrote into Halo; a cursor reset keeps the links. An e-mail (or SeatGeek ID) held by two
+//! Halo users is never guessed at: the event goes to dead letters naming both IDs.
+//!
+//! Halo refuses a whole array for one bad element (400): the batch is halved until the bad
+//! user is alone, that user goes to dead letters with Halo's reason, the rest is saved.
+//!
+//! Finding unlinked users: when Halo holds at most `preload_max` users, the run reads them
+//! all once (the first time a page needs it) into an in-memory index; otherwise it searches
+//! Halo per user (a few at a time). Users created during the run are found by their link.
+//!
+//! The matching and mapping functions at the top are pure; the engine at the bottom does IO.
+
+use std::collections::{HashMap, HashSet};
+
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use serde_json::{Map, Value, json};
+
+use super::{Flow, RunCtx, RunError, SourceError};
+use crate::config::BadRecordPolicy;
+use crate::config::halo::{CustomRef, HaloOptions, IdField, OnDeleted};
+use crate::connectors::halo::{HaloClient, Saved};
+use crate::connectors::seatgeek::{Action, ChangeEvent, EventPage, SeatGeekSource};
+use crate::mapping::{FieldMap, Mapping};
+use crate::store::{Counts, DeadLetter, PageCommit};
+
+/// After this many empty pages that still say "has more", the run ends (a feed bug).
+const MAX_EMPTY_PAGES: u32 = 3;
+/// Searches in flight at once when matching by search.
+const SEARCH_CONCURRENCY: usize = 8;
+/// Halo's largest page.
+const HALO_PAGE: u32 = 1000;
+
+// ---------------------------------------------------------------- pure: matching
+
+/// E-mails are compared trimmed and case-insensitively.
+pub fn email_key(user: &Value) -> Option<String> {
+    let e = user.get("email")?.as_str()?.trim().to_lowercase();
+    (!e.is_empty()).then_some(e)
+}
+
+/// The indexes (into `events`) of the newest event of each user, in feed order, and of the
+/// events a newer event of the same user supersedes. Events without a user ID are left out
+/// of both (the caller dead-letters them).
+pub fn newest_per_user(events: &[ChangeEvent]) -> (Vec<usize>, Vec<usize>) {
+    let mut last: HashMap<&str, usize> = HashMap::with_capacity(events.len());
+    for (i, e) in events.iter().enumerate() {
+        if let Some(id) = e.user_id.as_deref() {
+            last.insert(id, i);
+        }
+    }
+    let mut winners = Vec::with_capacity(last.len());
+    let mut superseded = Vec::new();
+    for (i, e) in events.iter().enumerate() {
+        if let Some(id) = e.user_id.as_deref() {
+            if last[id] == i {
+                winners.push(i);
+            } else {
+                superseded.push(i);
+            }
+        }
+    }
+    (winners, superseded)
+}
+
+/// What Halo knows of one SeatGeek user, as found by the link, the ID field or the e-mail.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Found {
+    pub link: Option<String>,
+    pub by_id_field: Vec<String>,
+    pub by_email: Vec<String>,
+}
+
+/// What to do with a user's newest event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Update this Halo user; `via` says how it was found (link, id field, e-mail).
+    Update {
+        halo_id: String,
+        via: &'static str,
+    },
+    Create,
+    Deactivate {
+        halo_id: String,
+    },
+    Skip(String),
+    Dead(String),
+}
+
+/// Link → Halo field holding the SeatGeek ID → e-mail → create. Pure.
+pub fn decide(action: Action, found: &Found, on_deleted: OnDeleted, sg_id: &str) -> Decision {
+    let target: Option<(String, &'static str)> = if let Some(l) = &found.link {
+        Some((l.clone(), "link"))
+    } else if found.by_id_field.len() > 1 {
+        return Decision::Dead(format!(
+            "Halo users {} all hold SeatGeek ID {sg_id:?}; not guessing which is the one",
+            found.by_id_field.join(" and ")
+        ));
+    } else if let Some(id) = found.by_id_field.first() {
+        Some((id.clone(), "id field"))
+    } else if found.by_email.len() > 1 {
+        return Decision::Dead(format!(
+            "the e-mail is shared by Halo users {}; not guessing which is the one",
+            found.by_email.join(" and ")
+        ));
+    } else {
+        found.by_email.first().map(|id| (id.clone(), "e-mail"))
+    };
+    match (action, target) {
+        (Action::Deleted, None) => Decision::Skip("deleted before it was ever imported".into()),
+        (Action::Deleted, Some(_)) if on_deleted == OnDeleted::Ignore => {
+            Decision::Skip("deleted at SeatGeek; `on_deleted = \"ignore\"`".into())
+        }
+        (Action::Deleted, Some((halo_id, _))) => Decision::Deactivate { halo_id },
+        (_, Some((halo_id, via))) => Decision::Update { halo_id, via },
+        (_, None) => Decision::Create,
+    }
+}
+
+/// The SeatGeek ID as written into Halo.
+pub fn halo_sg_id(opts: &HaloOptions, sg_id: &str) -> String {
+    format!("{}{sg_id}", opts.id_prefix)
+}
+
+fn custom_matches(r: &CustomRef, cf: &Value) -> bool {
+    match r {
+        CustomRef::Id(id) => cf.get("id").and_then(Value::as_i64) == Some(*id),
+        CustomRef::Name(n) => cf
+            .get("name")
+            .and_then(Value::as_str)
+            .is_some_and(|x| x.eq_ignore_ascii_case(n)),
+    }
+}
+
+fn value_text(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// The value of the SeatGeek ID field of a Halo user.
+pub fn id_field_value(field: &IdField, user: &Value) -> Option<String> {
+    match field {
+        IdField::Other(n) => user.get(format!("other{n}"))?.as_str().map(str::to_string),
+        IdField::Custom(r) => user
+            .get("customfields")?
+            .as_array()?
+            .iter()
+            .find(|cf| custom_matches(r, cf))
+            .and_then(|cf| cf.get("value"))
+            .and_then(value_text),
+    }
+}
+
+/// A Halo user's ID as JSON text (kept opaque, sent back as it came).
+pub fn halo_id(user: &Value) -> Option<String> {
+    match user.get("id")? {
+        Value::Null => None,
+        v => Some(v.to_string()),
+    }
+}
+
+fn halo_email(user: &Value) -> Option<String> {
+    let e = user.get("emailaddress")?.as_str()?.trim().to_lowercase();
+    (!e.is_empty()).then_some(e)
+}
+
+/// Exact matches among search results: by the SeatGeek ID field, and by e-mail.
+pub fn exact_matches(
+    field: &IdField,
+    users: &[Value],
+    sg_value: Option<&str>,
+    email: Option<&str>,
+) -> (Vec<String>, Vec<String>) {
+    let mut by_id = Vec::new();
+    let mut by_email = Vec::new();
+    for u in users {
+        let Some(id) = halo_id(u) else { continue };
+        if sg_value.is_some() && id_field_value(field, u).as_deref() == sg_value {
+            by_id.push(id.clone());
+        }
+        if email.is_some() && halo_email(u).as_deref() == email {
+            by_email.push(id);
+        }
+    }
+    by_id.dedup();
+    by_email.dedup();
+    (by_id, by_email)
+}
+
+// ---------------------------------------------------------------- pure: mapping
+
+/// The mappings of one stream, prepared once per run.
+pub struct Mapper {
+    system: Mapping,
+    custom: Vec<(CustomRef, Mapping)>,
+}
+
+impl Mapper {
+    pub fn new(system: &Mapping, opts: &HaloOptions) -> Self {
+        Mapper {
+            system: system.clone(),
+            custom: opts
+                .custom_fields
+                .iter()
+                .map(|(r, f)| {
+                    (
+                        r.clone(),
+                        Mapping {
+                            fields: vec![FieldMap {
+                                target: "v".into(),
+                                ..f.clone()
+                            }],
+                            statics: vec![],
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    /// The Halo user to POST for one SeatGeek user (without `id`/`site_id`). Null values are
+    /// left out, so a field SeatGeek does not send never wipes what Halo holds.
+    pub fn halo_user(
+        &self,
+        opts: &HaloOptions,
+        sg_id: &str,
+        user: &Value,
+    ) -> Result<Map<String, Value>, crate::mapping::MapError> {
+        let mut out = match self.system.apply(user)? {
+            Value::Object(m) => m,
+            _ => Map::new(),
+        };
+        out.retain(|_, v| !v.is_null());
+        if !out.contains_key("name") {
+            let part = |k: &str| out.get(k).and_then(Value::as_str).unwrap_or("").trim();
+            let name = format!("{} {}", part("firstname"), part("surname"))
+                .trim()
+                .to_string();
+            if !name.is_empty() {
+                out.insert("name".into(), Value::String(name));
+            }
+        }
+        let mut customs = Vec::new();
+        let id_value = Value::String(halo_sg_id(opts, sg_id));
+        match &opts.id_field {
+            IdField::Other(n) => {
+                out.insert(format!("other{n}"), id_value);
+            }
+            IdField::Custom(r) => customs.push(custom_field(r, id_value)),
+        }
+        for (r, m) in &self.custom {
+            if let Value::Object(mut v) = m.apply(user)?
+                && let Some(v) = v.remove("v")
+                && !v.is_null()
+            {
+                customs.push(custom_field(r, v));
+            }
+        }
+        if !customs.is_empty() {
+            out.insert("customfields".into(), Value::Array(customs));
+        }
+        if opts.import_address
+            && let Some(Value::Object(a)) = user.get("address")
+        {
+            let mut addr = Map::new();
+            for k in ["line1", "line2", "city", "postcode", "country"] {
+                if let Some(v) = a.get(k)
+                    && !v.is_null()
+                {
+                    addr.insert(k.into(), v.clone());
+                }
+            }
+            if !addr.is_empty() {
+                out.insert("primary_address".into(), Value::Object(addr));
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn custom_field(r: &CustomRef, value: Value) -> Value {
+    match r {
+        CustomRef::Id(id) => json!({"id": id, "value": value}),
+        CustomRef::Name(n) => json!({"name": n, "value": value}),
+    }
+}
+
+// ---------------------------------------------------------------- IO: finding users
+
+/// How unlinked users are found in Halo during one run.
+enum Lookup {
+    /// Every Halo user present when the run first needed it: SeatGeek ID → Halo IDs,
+    /// e-mail → Halo IDs.
+    Index {
+        by_sg: HashMap<String, Vec<String>>,
+        by_email: HashMap<String, Vec<String>>,
+    },
+    Search,
+}
+
+async fn load_lookup(
+    ctx: &RunCtx,
+    halo: &HaloClient,
+    opts: &HaloOptions,
+) -> Result<Lookup, RunError> {
+    let (count, _) = halo
+        .users(None, 1, 1, &ctx.cancel)
+        .await
+        .map_err(RunError::Target)?;
+    if opts.preload_max == 0 || count > opts.preload_max {
+        tracing::info!(stream = %ctx.spec.name, halo_users = count, "matching by search (Halo holds more than preload_max users)");
+        return Ok(Lookup::Search);
+    }
+    let mut by_sg: HashMap<String, Vec<String>> = HashMap::new();
+    let mut by_email: HashMap<String, Vec<String>> = HashMap::new();
+    let mut page_no = 1;
+    let mut seen = 0u64;
+    loop {
+        let (total, users) = halo
+            .users(None, page_no, HALO_PAGE, &ctx.cancel)
+            .await
+            .map_err(RunError::Target)?;
+        for u in &users {
+            let Some(id) = halo_id(u) else { continue };
+            if let Some(v) = id_field_value(&opts.id_field, u) {
+                by_sg.entry(v).or_default().push(id.clone());
+            }
+            if let Some(e) = halo_email(u) {
+                by_email.entry(e).or_default().push(id);
+            }
+        }
+        seen += users.len() as u64;
+        if users.is_empty() || seen >= total {
+            break;
+        }
+        page_no += 1;
+    }
+    tracing::info!(stream = %ctx.spec.name, halo_users = seen, "Halo users loaded for matching");
+    Ok(Lookup::Index { by_sg, by_email })
+}
+
+/// All exact matches of one search text (every page of the answer).
+async fn search_all(
+    ctx: &RunCtx,
+    halo: &HaloClient,
+    opts: &HaloOptions,
+    text: &str,
+    sg_value: Option<&str>,
+    email: Option<&str>,
+) -> Result<(Vec<String>, Vec<String>), RunError> {
+    let mut page_no = 1;
+    let mut seen = 0u64;
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    loop {
+        let (total, users) = halo
+            .users(Some(text), page_no, 100, &ctx.cancel)
+            .await
+            .map_err(RunError::Target)?;
+        let (x, y) = exact_matches(&opts.id_field, &users, sg_value, email);
+        a.extend(x);
+        b.extend(y);
+        seen += users.len() as u64;
+        if users.is_empty() || seen >= total {
+            return Ok((a, b));
+        }
+        page_no += 1;
+    }
+}
+
+async fn find_unlinked(
+    ctx: &RunCtx,
+    halo: &HaloClient,
+    opts: &HaloOptions,
+    lookup: &Lookup,
+    sg_id: &str,
+    email: Option<&str>,
+) -> Result<Found, RunError> {
+    let sg_value = halo_sg_id(opts, sg_id);
+    match lookup {
+        Lookup::Index { by_sg, by_email } => Ok(Found {
+            link: None,
+            by_id_field: by_sg.get(&sg_value).cloned().unwrap_or_default(),
+            by_email: email
+                .and_then(|e| by_email.get(e).cloned())
+                .unwrap_or_default(),
+        }),
+        Lookup::Search => {
+            let (by_id, _) = search_all(ctx, halo, opts, &sg_value, Some(&sg_value), None).await?;
+            if !by_id.is_empty() {
+                return Ok(Found {
+                    by_id_field: by_id,
+                    ..Default::default()
+                });
+            }
+            let by_email = match email {
+                Some(e) => search_all(ctx, halo, opts, e, None, Some(e)).await?.1,
+                None => Vec::new(),
+            };
+            Ok(Found {
+                by_email,
+                ..Default::default()
+            })
+        }
+    }
+}
+
+// ---------------------------------------------------------------- IO: the run
+
+/// One line of `usher import`'s report: what happened (or, dry, would happen) to an event.
+#[derive(Debug, Clone)]
+pub struct EventLine {
+    pub event_id: Option<String>,
+    pub user_id: Option<String>,
+    /// matched / created / updated / deactivated / skipped / superseded / dead letter.
+    pub outcome: String,
+    pub halo_id: Option<String>,
+    pub fields: Option<Value>,
+}
+
+/// What the run does besides its normal work: a record limit and the dry run.
+#[derive(Default)]
+pub struct RunMode<'a> {
+    /// Take at most this many events (`usher import --limit`).
+    pub limit: Option<u64>,
+    /// Write nothing to Halo or the state; report each event here.
+    pub dry_run: bool,
+    pub report: Option<&'a mut (dyn FnMut(EventLine) + Send)>,
+}
+
+impl RunMode<'_> {
+    fn line(&mut self, l: EventLine) {
+        if let Some(r) = self.report.as_mut() {
+            r(l);
+        }
+    }
+}
+
+pub async fn run(
+    ctx: &RunCtx,
+    opts: &HaloOptions,
+    counts: &mut Counts,
+    mut mode: RunMode<'_>,
+) -> Result<Flow, RunError> {
+    let spec = &ctx.spec;
+    let source_conn = ctx.connection(&spec.source)?;
+    let target_conn = ctx.connection(&spec.target)?;
+    let source = SeatGeekSource::new(&ctx.http, &source_conn, &spec.name);
+    let halo = HaloClient::connect(&ctx.http, &target_conn, &ctx.cancel)
+        .await
+        .map_err(RunError::Target)?;
+    let mapper = Mapper::new(&spec.mapping, opts);
+    let limit = mode.limit.or(opts.max_events);
+    let mut lookup: Option<Lookup> = None;
+    // Dry run: users this import would have created, so that a later event of one of them
+    // shows as an update of that user.
+    let mut dry_created: HashSet<String> = HashSet::new();
+
+    let mut cursor = ctx.store.cursor(&spec.name).await?;
+    let mut taken = 0u64;
+    let mut empty_pages = 0;
+    let page_limit = |taken: u64| -> u32 {
+        match limit {
+            Some(l) => (l.saturating_sub(taken)).min(spec.page_size as u64) as u32,
+            None => spec.page_size,
+        }
+    };
+    let mut prefetched: Option<Result<EventPage, SourceError>> = None;
+    loop {
+        if limit.is_some_and(|l| taken >= l) {
+            return Ok(Flow::Done);
+        }
+        if ctx.should_stop() {
+            return Ok(Flow::Stopped);
+        }
+        let page = match prefetched.take() {
+            Some(p) => p?,
+            None => {
+                source
+                    .pull(cursor.as_deref(), page_limit(taken), &ctx.cancel)
+                    .await?
+            }
+        };
+        if page.has_more
+            && !page.events.is_empty()
+            && cursor.is_some()
+            && page.next_cursor == cursor
+        {
+            return Err(SourceError::Stuck {
+                conn: source_conn.name.clone(),
+                cursor,
+            }
+            .into());
+        }
+        let n = page.events.len() as u64;
+        counts.pulled += n;
+        counts.skipped += page.skipped;
+        taken += n;
+        let next = page.next_cursor.clone().or_else(|| cursor.clone());
+        // Read the next page while this one is written (reads only; dropped if unused).
+        let more = page.has_more && limit.is_none_or(|l| taken < l);
+        let dry_run = mode.dry_run;
+        let work = process_page(
+            ctx,
+            opts,
+            &halo,
+            &mapper,
+            &mut lookup,
+            &page,
+            counts,
+            &mut mode,
+            &mut dry_created,
+        );
+        let t_work = std::time::Instant::now();
+        let commit = if more && !dry_run {
+            let (w, p) = tokio::join!(
+                work,
+                source.pull(next.as_deref(), page_limit(taken), &ctx.cancel)
+            );
+            prefetched = Some(p);
+            w?
+        } else {
+            work.await?
+        };
+        let work_ms = t_work.elapsed().as_millis() as u64;
+        let t_commit = std::time::Instant::now();
+        if !mode.dry_run {
+            ctx.store
+                .commit_page(PageCommit {
+                    stream: spec.name.clone(),
+                    cursor: Some(next.clone()),
+                    links: commit.links,
+                    dead_letters: commit.dead,
+                    ..Default::default()
+                })
+                .await?;
+        }
+        tracing::debug!(stream = %spec.name, events = n, work_ms, commit_ms = t_commit.elapsed().as_millis() as u64, "page committed");
+        cursor = next;
+        if !page.has_more {
+            return Ok(Flow::Done);
+        }
+        if page.events.is_empty() {
+            empty_pages += 1;
+            if empty_pages >= MAX_EMPTY_PAGES {
+                tracing::warn!(stream = %spec.name, "the feed keeps saying `has_more` on empty pages; ending this run");
+                return Ok(Flow::Done);
+            }
+        } else {
+            empty_pages = 0;
+        }
+    }
+}
+
+/// What one page leaves to commit.
+struct PageResult {
+    links: Vec<(String, String)>,
+    dead: Vec<DeadLetter>,
+}
+
+/// One user to write.
+struct Write {
+    /// Index into the page's events.
+    event: usize,
+    sg_id: String,
+    body: Value,
+    outcome: &'static str,
+    /// The Halo ID for updates; None for creates.
+    halo_id: Option<String>,
+    /// Write the link after saving (creates, and matches not found by the link).
+    link: bool,
+}
+
+#[allow(clippy::too_many_arguments)] // the run's pieces; one call site
+async fn process_page(
+    ctx: &RunCtx,
+    opts: &HaloOptions,
+    halo: &HaloClient,
+    mapper: &Mapper,
+    lookup: &mut Option<Lookup>,
+    page: &EventPage,
+    counts: &mut Counts,
+    mode: &mut RunMode<'_>,
+    dry_created: &mut HashSet<String>,
+) -> Result<PageResult, RunError> {
+    let spec = &ctx.spec;
+    let events = &page.events;
+    let mut dead = Vec::new();
+    let mut dead_letter = |mode: &mut RunMode<'_>,
+                           counts: &mut Counts,
+                           e: &ChangeEvent,
+                           reason: String|
+     -> Result<(), RunError> {
+        if spec.on_bad_record == BadRecordPolicy::Stop && !mode.dry_run {
+            return Err(RunError::BadRecord {
+                id: e.user_id.clone().unwrap_or_else(|| "without an id".into()),
+                reason,
+            });
+        }
+        tracing::warn!(stream = %spec.name, user = e.user_id.as_deref().unwrap_or("?"), reason = %reason, "event set aside in dead letters");
+        counts.failed += 1;
+        mode.line(EventLine {
+            event_id: e.event_id.clone(),
+            user_id: e.user_id.clone(),
+            outcome: format!("dead letter: {reason}"),
+            halo_id: None,
+            fields: None,
+        });
+        dead.push(DeadLetter {
+            source_id: e.user_id.clone(),
+            record: e.to_json(),
+            reason,
+        });
+        Ok(())
+    };
+
+    let (winners, superseded) = newest_per_user(events);
+    counts.skipped += superseded.len() as u64;
+    if mode.report.is_some() {
+        for &i in &superseded {
+            mode.line(EventLine {
+                event_id: events[i].event_id.clone(),
+                user_id: events[i].user_id.clone(),
+                outcome: "superseded by a newer event of the user in this page".into(),
+                halo_id: None,
+                fields: None,
+            });
+        }
+    }
+    for e in events.iter().filter(|e| e.user_id.is_none()) {
+        dead_letter(mode, counts, e, "the event carries no user ID".into())?;
+    }
+    let mut todo = Vec::with_capacity(winners.len());
+    for i in winners {
+        let e = &events[i];
+        if let (Some(oldest), Some(at)) =
+            (spec.oldest, e.occurred_at.as_deref().and_then(parse_time))
+            && at < oldest
+        {
+            counts.skipped += 1;
+            mode.line(EventLine {
+                event_id: e.event_id.clone(),
+                user_id: e.user_id.clone(),
+                outcome: "skipped: older than `oldest`".into(),
+                halo_id: None,
+                fields: None,
+            });
+            continue;
+        }
+        todo.push(i);
+    }
+
+    // Links first, then Halo for the rest.
+    let ids: Vec<String> = todo
+        .iter()
+        .map(|&i| events[i].user_id.clone().expect("winners have IDs"))
+        .collect();
+    let links: HashMap<String, String> = ctx
+        .store
+        .links(&spec.name, ids)
+        .await?
+        .into_iter()
+        .collect();
+    let unlinked: Vec<usize> = todo
+        .iter()
+        .copied()
+        .filter(|&i| {
+            let id = events[i].user_id.as_deref().expect("winners have IDs");
+            !links.contains_key(id) && !dry_created.contains(id)
+        })
+        .collect();
+    let mut found: HashMap<usize, Found> = HashMap::with_capacity(unlinked.len());
+    if !unlinked.is_empty() {
+        if lookup.is_none() {
+            *lookup = Some(load_lookup(ctx, halo, opts).await?);
+        }
+        let lk = lookup.as_ref().expect("just loaded");
+        let results: Vec<Result<(usize, Found), RunError>> = futures::stream::iter(unlinked)
+            .map(|i| async move {
+                let e = &events[i];
+                let email = email_key(&e.user);
+                let f = find_unlinked(
+                    ctx,
+                    halo,
+                    opts,
+                    lk,
+                    e.user_id.as_deref().expect("winners have IDs"),
+                    email.as_deref(),
+                )
+                .await?;
+                Ok((i, f))
+            })
+            .buffer_unordered(SEARCH_CONCURRENCY)
+            .collect()
+            .await;
+        for r in results {
+            let (i, f) = r?;
+            found.insert(i, f);
+        }
+    }
+
+    let mut writes = Vec::new();
+    for i in todo {
+        let e = &events[i];
+        let sg_id = e.user_id.clone().expect("winners have IDs");
+        let f = match links.get(&sg_id) {
+            Some(l) => Found {
+                link: Some(l.clone()),
+                ..Default::default()
+            },
+            None if dry_created.contains(&sg_id) => Found {
+                link: Some("(created earlier in this import)".into()),
+                ..Default::default()
+            },
+            None => found.remove(&i).unwrap_or_default(),
+        };
+        let linked = f.link.is_some();
+        match decide(e.action, &f, opts.on_deleted, &sg_id) {
+            Decision::Skip(why) => {
+                counts.skipped += 1;
+                mode.line(EventLine {
+                    event_id: e.event_id.clone(),
+                    user_id: Some(sg_id),
+                    outcome: format!("skipped: {why}"),
+                    halo_id: f.link,
+                    fields: None,
+                });
+            }
+            Decision::Dead(reason) => dead_letter(mode, counts, e, reason)?,
+            Decision::Deactivate { halo_id } => {
+                let id: Value =
+                    serde_json::from_str(&halo_id).unwrap_or(Value::String(halo_id.clone()));
+                writes.push(Write {
+                    event: i,
+                    sg_id,
+                    body: json!({"id": id, "inactive": true}),
+                    outcome: "deactivated",
+                    halo_id: Some(halo_id),
+                    link: !linked,
+                });
+            }
+            d @ (Decision::Update { .. } | Decision::Create) => {
+                let mut body = match mapper.halo_user(opts, &sg_id, &e.user) {
+                    Ok(b) => b,
+                    Err(err) => {
+                        dead_letter(mode, counts, e, err.to_string())?;
+                        continue;
+                    }
+                };
+                match d {
+                    Decision::Update { halo_id, via } => {
+                        let id: Value = serde_json::from_str(&halo_id)
+                            .unwrap_or(Value::String(halo_id.clone()));
+                        body.insert("id".into(), id);
+                        writes.push(Write {
+                            event: i,
+                            sg_id,
+                            body: Value::Object(body),
+                            outcome: match via {
+                                "link" => "updated (matched by link)",
+                                "id field" => "updated (matched by SeatGeek ID field)",
+                                _ => "updated (matched by e-mail)",
+                            },
+                            halo_id: Some(halo_id),
+                            link: !linked,
+                        });
+                    }
+                    _ => {
+                        body.insert("site_id".into(), json!(opts.default_site));
+                        writes.push(Write {
+                            event: i,
+                            sg_id,
+                            body: Value::Object(body),
+                            outcome: "created",
+                            halo_id: None,
+                            link: true,
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    let mut result = PageResult {
+        links: Vec::new(),
+        dead: Vec::new(),
+    };
+    if mode.dry_run {
+        for w in writes {
+            if w.halo_id.is_none() {
+                dry_created.insert(w.sg_id.clone());
+            }
+            match w.outcome {
+                "created" => counts.created += 1,
+                _ => counts.updated += 1,
+            }
+            let e = &events[w.event];
+            mode.line(EventLine {
+                event_id: e.event_id.clone(),
+                user_id: Some(w.sg_id),
+                outcome: format!("would be {}", w.outcome),
+                halo_id: w.halo_id,
+                fields: Some(w.body),
+            });
+        }
+        result.dead = dead;
+        return Ok(result);
+    }
+
+    let t_save = std::time::Instant::now();
+    tracing::debug!(stream = %spec.name, unlinked = found.len(), "page matched");
+    // Updates first (idempotent: retried on 5xx), then creates (sent once).
+    let (updates, creates): (Vec<Write>, Vec<Write>) =
+        writes.into_iter().partition(|w| w.halo_id.is_some());
+    for (group, idempotent) in [(updates, true), (creates, false)] {
+        let mut rest = group.into_iter().peekable();
+        while rest.peek().is_some() {
+            let batch: Vec<Write> = rest.by_ref().take(opts.batch_size).collect();
+            for (w, outcome) in save_isolating(ctx, halo, batch, idempotent).await? {
+                let e = &events[w.event];
+                match outcome {
+                    Ok(id) => {
+                        if w.halo_id.is_none() {
+                            counts.created += 1;
+                        } else {
+                            counts.updated += 1;
+                        }
+                        if w.link {
+                            result.links.push((w.sg_id.clone(), id.clone()));
+                        }
+                        if mode.report.is_none() {
+                            continue;
+                        }
+                        mode.line(EventLine {
+                            event_id: e.event_id.clone(),
+                            user_id: Some(w.sg_id),
+                            outcome: w.outcome.to_string(),
+                            halo_id: Some(id),
+                            fields: Some(w.body),
+                        });
+                    }
+                    Err(reason) => {
+                        dead_letter(mode, counts, e, format!("Halo refused the user: {reason}"))?;
+                    }
+                }
+            }
+        }
+    }
+    tracing::debug!(stream = %spec.name, save_ms = t_save.elapsed().as_millis() as u64, "page saved to Halo");
+    result.dead = dead;
+    Ok(result)
+}
+
+/// POSTs a batch; on a 400 (nothing saved) halves it until the refused user is alone.
+/// Returns every write with its Halo ID or Halo's reason.
+async fn save_isolating(
+    ctx: &RunCtx,
+    halo: &HaloClient,
+    batch: Vec<Write>,
+    idempotent: bool,
+) -> Result<Vec<(Write, Result<String, String>)>, RunError> {
+    let mut out = Vec::with_capacity(batch.len());
+    let mut stack = vec![batch];
+    while let Some(part) = stack.pop() {
+        let body = serde_json::to_vec(&part.iter().map(|w| &w.body).collect::<Vec<_>>())
+            .expect("JSON values serialize");
+        match halo
+            .save(body, part.len(), idempotent, &ctx.cancel)
+            .await
+            .map_err(RunError::Target)?
+        {
+            Saved::Ok(ids) => out.extend(part.into_iter().zip(ids.into_iter().map(Ok))),
+            Saved::Refused(reason) if part.len() == 1 => {
+                out.extend(part.into_iter().map(|w| (w, Err(reason.clone()))));
+            }
+            Saved::Refused(reason) => {
+                tracing::info!(stream = %ctx.spec.name, users = part.len(), reason = %reason, "Halo refused a batch; halving it to find the refused user");
+                let mut first = part;
+                let second = first.split_off(first.len() / 2);
+                stack.push(second);
+                stack.push(first);
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn parse_time(s: &str) -> Option<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(s)
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::halo::default_mapping;
+
+    fn opts(id_field: IdField) -> HaloOptions {
+        HaloOptions {
+            default_site: 18,
+            id_field,
+            custom_fields: vec![(
+                CustomRef::Name("CFMarketingOptIn".into()),
+                Mapping::parse_field("CFMarketingOptIn", "marketing_opt_in | string").unwrap(),
+            )],
+            import_address: true,
+            on_deleted: OnDeleted::Deactivate,
+            batch_size: 100,
+            id_prefix: "sg2:".into(),
+            preload_max: 100,
+            max_events: None,
+        }
+    }
+
+    fn ev(id: Option<&str>, action: Action, first: &str) -> ChangeEvent {
+        ChangeEvent {
+            event_id: None,
+            action,
+            occurred_at: None,
+            user_id: id.map(str::to_string),
+            user: json!({"id": id, "first_name": first}),
+        }
+    }
+
+    #[test]
+    fn the_newest_event_of_a_user_wins_within_a_page() {
+        let events = vec![
+            ev(Some("a"), Action::Created, "A1"),
+            ev(Some("b"), Action::Created, "B1"),
+            ev(None, Action::Updated, "X"),
+            ev(Some("a"), Action::Updated, "A2"),
+            ev(Some("a"), Action::Deleted, "A3"),
+        ];
+        let (w, s) = newest_per_user(&events);
+        assert_eq!(w, vec![1, 4]);
+        assert_eq!(s, vec![0, 3]);
+    }
+
+    #[test]
+    fn matching_goes_link_then_id_field_then_email_then_create() {
+        let d = OnDeleted::Deactivate;
+        let all = Found {
+            link: Some("1".into()),
+            by_id_field: vec!["2".into()],
+            by_email: vec!["3".into()],
+        };
+        assert_eq!(
+            decide(Action::Updated, &all, d, "x"),
+            Decision::Update {
+                halo_id: "1".into(),
+                via: "link"
+            }
+        );
+        let f = Found {
+            link: None,
+            ..all.clone()
+        };
+        assert_eq!(
+            decide(Action::Updated, &f, d, "x"),
+            Decision::Update {
+                halo_id: "2".into(),
+                via: "id field"
+            }
+        );
+        let f = Found {
+            by_id_field: vec![],
+            ..f
+        };
+        assert_eq!(
+            decide(Action::Created, &f, d, "x"),
+            Decision::Update {
+                halo_id: "3".into(),
+                via: "e-mail"
+            }
+        );
+        assert_eq!(
+            decide(Action::Updated, &Found::default(), d, "x"),
+            Decision::Create
+        );
+    }
+
+    #[test]
+    fn a_shared_email_is_never_guessed_at() {
+        let f = Found {
+            by_email: vec!["40".into(), "41".into()],
+            ..Default::default()
+        };
+        match decide(Action::Updated, &f, OnDeleted::Deactivate, "x") {
+            Decision::Dead(r) => assert!(r.contains("40 and 41"), "{r}"),
+            other => panic!("{other:?}"),
+        }
+        // …but a link or the ID field settles it.
+        let f = Found {
+            by_id_field: vec!["41".into()],
+            ..f
+        };
+        assert!(matches!(
+            decide(Action::Updated, &f, OnDeleted::Deactivate, "x"),
+            Decision::Update { .. }
+        ));
+    }
+
+    #[test]
+    fn deletes_deactivate_ignore_or_skip() {
+        let f = Found {
+            link: Some("9".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            decide(Action::Deleted, &f, OnDeleted::Deactivate, "x"),
+            Decision::Deactivate {
+                halo_id: "9".into()
+            }
+        );
+        assert!(matches!(
+            decide(Action::Deleted, &f, OnDeleted::Ignore, "x"),
+            Decision::Skip(_)
+        ));
+        assert!(matches!(
+            decide(
+                Action::Deleted,
+                &Found::default(),
+                OnDeleted::Deactivate,
+                "x"
+            ),
+            Decision::Skip(_)
+        ));
+    }
+
+    #[test]
+    fn exact_matches_ignore_substring_hits_and_compare_emails_loosely() {
+        let field = IdField::Custom(CustomRef::Name("CFSeatGeekId".into()));
+        let users = vec![
+            json!({"id": 1, "emailaddress": " Ada@Example.org ", "customfields": [{"id": 145, "name": "CFSeatGeekId", "value": "SG-12"}]}),
+            json!({"id": 2, "emailaddress": "ada@example.org.uk", "customfields": [{"id": 145, "name": "cfseatgeekid", "value": "SG-1"}]}),
+        ];
+        let (a, b) = exact_matches(&field, &users, Some("SG-1"), Some("ada@example.org"));
+        assert_eq!(a, vec!["2".to_string()]);
+        assert_eq!(b, vec!["1".to_string()]);
+        assert_eq!(
+            id_field_value(&IdField::Other(2), &json!({"other2": "x"})).as_deref(),
+            Some("x")
+        );
+    }
+
+    #[test]
+    fn mapping_writes_system_custom_id_and_address_fields_and_drops_nulls() {
+        let o = opts(IdField::Other(1));
+        let mut system = Mapping {
+            fields: default_mapping(),
+            statics: vec![("inactive".into(), json!(false))],
+        };
+        system
+            .fields
+            .push(Mapping::parse_field("jobtitle", "title").unwrap());
+        let m = Mapper::new(&system, &o);
+        let user = json!({"id": "SG-7", "email": " Ada@Example.org ", "first_name": "Ada", "last_name": "Example",
+            "phone": "+47 123 45 678", "marketing_opt_in": true,
+            "address": {"line1": "Main st 1", "city": "Oslo", "postcode": "0150", "country": "NO", "line2": null}});
+        let out = Value::Object(m.halo_user(&o, "SG-7", &user).unwrap());
+        assert_eq!(out["firstname"], "Ada");
+        assert_eq!(out["surname"], "Example");
+        assert_eq!(out["name"], "Ada Example");
+        assert_eq!(out["emailaddress"], "Ada@Example.org");
+        assert_eq!(out["phonenumber"], "+4712345678");
+        assert_eq!(out["inactive"], false);
+        assert_eq!(out["other1"], "sg2:SG-7");
+        assert!(
+            out.get("jobtitle").is_none(),
+            "a missing source field is not sent"
+        );
+        assert_eq!(
+            out["customfields"],
+            json!([{"name": "CFMarketingOptIn", "value": "true"}])
+        );
+        assert_eq!(
+            out["primary_address"],
+            json!({"line1": "Main st 1", "city": "Oslo", "postcode": "0150", "country": "NO"})
+        );
+
+        let mut o2 = opts(IdField::Custom(CustomRef::Id(145)));
+        o2.import_address = false;
+        let out = Value::Object(m.halo_user(&o2, "SG-7", &user).unwrap());
+        assert!(out.get("primary_address").is_none());
+        assert_eq!(
+            out["customfields"][0],
+            json!({"id": 145, "value": "sg2:SG-7"})
+        );
+    }
+}
