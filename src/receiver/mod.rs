@@ -296,6 +296,18 @@ async fn handle(State(shared): State<Shared>, req: Request) -> Response {
         tracing::warn!(stream = %route.stream, path = %path, "receiver: credentials refused");
         return refuse(StatusCode::UNAUTHORIZED, "credentials refused");
     }
+    // A declared length over the limit is refused before a byte of the body is read.
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > shared.max_body as u64) {
+        return refuse(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the body is over {} bytes", shared.max_body),
+        );
+    }
     let bytes = match read_body(req.into_body(), shared.max_body).await {
         Ok(b) => b,
         Err(Some(status)) => {
