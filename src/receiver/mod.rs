@@ -6,8 +6,8 @@
 //! **200 only after the records are committed to SQLite** (`s360_inbox`): the handler hands
 //! its records to one writer task, which commits whatever POSTs are waiting in one
 //! transaction (group commit: one fsync for many POSTs) and then answers each. Otherwise:
-//! 400 with a reason and nothing stored (malformed JSON, not an array, an element without
-//! its ID), 401 bad credentials, 404 unknown path, 405 not a POST, 413 over `max_body`,
+//! 400 with a reason and nothing stored (malformed JSON, duplicate keys, not an array, an
+//! element without its ID), 401 bad credentials, 415 a Content-Type other than JSON, 404 unknown path, 405 not a POST, 413 over `max_body`,
 //! 503 when the database cannot be written. A record whose latest stored version has the
 //! same content is a resend: stored once, still 200. An empty array: 200, nothing stored.
 //!
@@ -253,6 +253,15 @@ pub fn parse_body(entity: S360Entity, body: &[u8]) -> Result<Vec<InboxRecord>, S
     Ok(out)
 }
 
+/// `application/json` or a `+json` type, parameters (charset) allowed.
+fn is_json_type(value: &[u8]) -> bool {
+    let Ok(v) = std::str::from_utf8(value) else {
+        return false;
+    };
+    let media = v.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    media == "application/json" || (media.starts_with("application/") && media.ends_with("+json"))
+}
+
 /// Reads the body up to `max`. Past it, the rest is read and dropped (up to a bound) so
 /// that the sender gets a clean 413 rather than a reset while it is still writing.
 async fn read_body(body: Body, max: usize) -> Result<bytes::Bytes, Option<StatusCode>> {
@@ -295,6 +304,17 @@ async fn handle(State(shared): State<Shared>, req: Request) -> Response {
     if !authorized(&route.auth, req.headers()) {
         tracing::warn!(stream = %route.stream, path = %path, "receiver: credentials refused");
         return refuse(StatusCode::UNAUTHORIZED, "credentials refused");
+    }
+    // S-360 posts JSON. A body declared as something else is refused (415) whatever it
+    // holds; a POST without a Content-Type is read as JSON (the contract does not promise one).
+    if let Some(ct) = req.headers().get(header::CONTENT_TYPE) {
+        if !is_json_type(ct.as_bytes()) {
+            tracing::warn!(stream = %route.stream, "receiver: payload refused (415): not declared as JSON");
+            return refuse(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "the body must be declared as application/json",
+            );
+        }
     }
     // A declared length over the limit is refused before a byte of the body is read.
     let declared = req
