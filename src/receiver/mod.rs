@@ -223,10 +223,64 @@ pub fn record_id(entity: S360Entity, v: &Value) -> Option<String> {
     }
 }
 
+/// Walks a JSON document and fails on an object with the same key twice (which JSON parsers
+/// resolve differently: `{"contactNumber":"1","contactNumber":"2"}` is no record to store).
+struct NoDuplicateKeys;
+
+impl<'de> serde::Deserialize<'de> for NoDuplicateKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(NoDuplicateKeys)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for NoDuplicateKeys {
+    type Value = NoDuplicateKeys;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("JSON")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Self, E> {
+        Ok(self)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Self, E> {
+        Ok(self)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Self, E> {
+        Ok(self)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Self, E> {
+        Ok(self)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Self, E> {
+        Ok(self)
+    }
+    fn visit_unit<E>(self) -> Result<Self, E> {
+        Ok(self)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self, A::Error> {
+        while seq.next_element::<NoDuplicateKeys>()?.is_some() {}
+        Ok(self)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self, A::Error> {
+        let mut seen = std::collections::HashSet::new();
+        while let Some(k) = map.next_key::<String>()? {
+            if !seen.insert(k.clone()) {
+                return Err(serde::de::Error::custom(format!(
+                    "the key `{k}` appears twice in one object"
+                )));
+            }
+            map.next_value::<NoDuplicateKeys>()?;
+        }
+        Ok(self)
+    }
+}
+
 /// Checks a body and turns it into inbox records; `Err` is the reason for a 400.
 pub fn parse_body(entity: S360Entity, body: &[u8]) -> Result<Vec<InboxRecord>, String> {
     let v: Value =
         serde_json::from_slice(body).map_err(|e| format!("the body is not JSON: {e}"))?;
+    serde_json::from_slice::<NoDuplicateKeys>(body).map_err(|e| format!("{e}"))?;
     let Value::Array(items) = v else {
         return Err("the body must be a JSON array of records".into());
     };
@@ -258,7 +312,12 @@ fn is_json_type(value: &[u8]) -> bool {
     let Ok(v) = std::str::from_utf8(value) else {
         return false;
     };
-    let media = v.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let media = v
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
     media == "application/json" || (media.starts_with("application/") && media.ends_with("+json"))
 }
 
@@ -407,5 +466,13 @@ mod tests {
         .unwrap();
         assert_eq!(r[0].record_id, "17");
         assert!(parse_body(S360Entity::Orders, b"[]").unwrap().is_empty());
+        assert!(
+            parse_body(
+                S360Entity::Contacts,
+                br#"[{"contactNumber":"1","a":{"b":1,"b":2}}]"#
+            )
+            .unwrap_err()
+            .contains("the key `b` appears twice")
+        );
     }
 }
