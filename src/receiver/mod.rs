@@ -366,14 +366,14 @@ async fn handle(State(shared): State<Shared>, req: Request) -> Response {
     }
     // S-360 posts JSON. A body declared as something else is refused (415) whatever it
     // holds; a POST without a Content-Type is read as JSON (the contract does not promise one).
-    if let Some(ct) = req.headers().get(header::CONTENT_TYPE) {
-        if !is_json_type(ct.as_bytes()) {
-            tracing::warn!(stream = %route.stream, "receiver: payload refused (415): not declared as JSON");
-            return refuse(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "the body must be declared as application/json",
-            );
-        }
+    if let Some(ct) = req.headers().get(header::CONTENT_TYPE)
+        && !is_json_type(ct.as_bytes())
+    {
+        tracing::warn!(stream = %route.stream, "receiver: payload refused (415): not declared as JSON");
+        return refuse(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "the body must be declared as application/json",
+        );
     }
     // A declared length over the limit is refused before a byte of the body is read.
     let declared = req
