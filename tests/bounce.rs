@@ -294,7 +294,7 @@ target = "venue-a-cdp"
 every = "1s"
 jitter = "0s"
 page_size = 100
-max_per_payload = 100
+max_per_payload = 20
 max_per_run = 100000
 
 [streams.{STREAM}.cdp]
@@ -314,12 +314,12 @@ Seq = "seq"
     /// Slows the target down so that kills land while its answers are in flight.
     fn slow_target(&self) {
         let (faults, route, ms) = match self.kind {
-            Kind::Relay => (&self.s.crm.faults, "crm.hook", 60),
+            Kind::Relay => (&self.s.crm.faults, "crm.hook", 250),
             Kind::CrmContactsToS360 | Kind::CrmOffersToS360 => {
                 (&self.s.s360.faults, "s360.api", 25)
             }
-            Kind::TicketCoToAirship => (&self.s.airship.faults, "airship", 4),
-            Kind::CrmToCdp => (&self.s.cdp.faults, "cdp.events", 40),
+            Kind::TicketCoToAirship => (&self.s.airship.faults, "airship", 40),
+            Kind::CrmToCdp => (&self.s.cdp.faults, "cdp.events", 100),
         };
         faults.push(route, Fault::Slow(Duration::from_millis(ms)), 100_000);
     }
@@ -342,10 +342,17 @@ Seq = "seq"
             snd.tries = 100_000;
             snd.pause = Duration::from_millis(30);
             let records: Vec<Value> = (1..=self.n).map(webhook_contact).collect();
+            // Payloads spread over time, so that kills land while S-360 posts too.
             self.sender = Some(tokio::spawn(async move {
-                let rep = snd.send(&records).await;
-                assert_eq!(rep.gave_up, 0);
-                eprintln!("sender: {} posts, {} resends", rep.posts, rep.resends);
+                let (mut posts, mut resends) = (0, 0);
+                for chunk in records.chunks(50) {
+                    let rep = snd.send(chunk).await;
+                    assert_eq!(rep.gave_up, 0);
+                    posts += rep.posts;
+                    resends += rep.resends;
+                    tokio::time::sleep(Duration::from_millis(150)).await;
+                }
+                eprintln!("sender: {posts} posts, {resends} resends");
             }));
         }
         match self.kind {
