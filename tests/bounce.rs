@@ -626,7 +626,8 @@ Seq = "seq"
             &format!("SELECT COUNT(*) FROM dead_letters WHERE stream = '{STREAM}'"),
         );
         assert_eq!(dead, 0, "nothing dead-lettered in a clean import");
-        assert!(pulled_total > 0);
+        // (In a long soak the killed runs may have pulled everything: the last pulls 0.)
+        eprintln!("{:?}: completed runs pulled {pulled_total}", self.kind);
     }
 }
 
