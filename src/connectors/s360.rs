@@ -37,6 +37,14 @@ pub enum S360Error {
         code: String,
         detail: String,
     },
+    /// A 2xx answer that is not JSON (cut off, an HTML page from a proxy): S-360 may have
+    /// carried the request out, so this is not a refusal of the record.
+    #[error("connection \"{conn}\": {what}: broken answer: {reason}")]
+    BrokenAnswer {
+        conn: String,
+        what: String,
+        reason: String,
+    },
     #[error("connection \"{conn}\": {what}: malformed answer: {reason}")]
     Malformed {
         conn: String,
@@ -48,7 +56,11 @@ pub enum S360Error {
 impl S360Error {
     /// The request may have been carried out (timeout, reset, 5xx).
     pub fn outcome_unknown(&self) -> bool {
-        matches!(self, S360Error::Http(e) if e.outcome_unknown())
+        match self {
+            S360Error::Http(e) => e.outcome_unknown(),
+            S360Error::BrokenAnswer { .. } => true,
+            _ => false,
+        }
     }
 }
 
@@ -76,11 +88,12 @@ impl S360Client {
                     .body(bytes.clone())
             })
             .await?;
-        let v: Value = serde_json::from_slice(&reply.body).map_err(|e| S360Error::Malformed {
-            conn: self.endpoint.name.clone(),
-            what: what.clone(),
-            reason: format!("not JSON ({e}): {}", reply.snippet()),
-        })?;
+        let v: Value =
+            serde_json::from_slice(&reply.body).map_err(|e| S360Error::BrokenAnswer {
+                conn: self.endpoint.name.clone(),
+                what: what.clone(),
+                reason: format!("not JSON ({e}): {}", reply.snippet()),
+            })?;
         let code = v
             .get("statusCode")
             .and_then(Value::as_str)

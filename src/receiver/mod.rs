@@ -6,8 +6,8 @@
 //! **200 only after the records are committed to SQLite** (`s360_inbox`): the handler hands
 //! its records to one writer task, which commits whatever POSTs are waiting in one
 //! transaction (group commit: one fsync for many POSTs) and then answers each. Otherwise:
-//! 400 with a reason and nothing stored (malformed JSON, not an array, an element without
-//! its ID), 401 bad credentials, 404 unknown path, 405 not a POST, 413 over `max_body`,
+//! 400 with a reason and nothing stored (malformed JSON, duplicate keys, not an array, an
+//! element without its ID), 401 bad credentials, 415 a Content-Type other than JSON, 404 unknown path, 405 not a POST, 413 over `max_body`,
 //! 503 when the database cannot be written. A record whose latest stored version has the
 //! same content is a resend: stored once, still 200. An empty array: 200, nothing stored.
 //!
@@ -223,10 +223,64 @@ pub fn record_id(entity: S360Entity, v: &Value) -> Option<String> {
     }
 }
 
+/// Walks a JSON document and fails on an object with the same key twice (which JSON parsers
+/// resolve differently: `{"contactNumber":"1","contactNumber":"2"}` is no record to store).
+struct NoDuplicateKeys;
+
+impl<'de> serde::Deserialize<'de> for NoDuplicateKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(NoDuplicateKeys)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for NoDuplicateKeys {
+    type Value = NoDuplicateKeys;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("JSON")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Self, E> {
+        Ok(self)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Self, E> {
+        Ok(self)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Self, E> {
+        Ok(self)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Self, E> {
+        Ok(self)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Self, E> {
+        Ok(self)
+    }
+    fn visit_unit<E>(self) -> Result<Self, E> {
+        Ok(self)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self, A::Error> {
+        while seq.next_element::<NoDuplicateKeys>()?.is_some() {}
+        Ok(self)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self, A::Error> {
+        let mut seen = std::collections::HashSet::new();
+        while let Some(k) = map.next_key::<String>()? {
+            if !seen.insert(k.clone()) {
+                return Err(serde::de::Error::custom(format!(
+                    "the key `{k}` appears twice in one object"
+                )));
+            }
+            map.next_value::<NoDuplicateKeys>()?;
+        }
+        Ok(self)
+    }
+}
+
 /// Checks a body and turns it into inbox records; `Err` is the reason for a 400.
 pub fn parse_body(entity: S360Entity, body: &[u8]) -> Result<Vec<InboxRecord>, String> {
     let v: Value =
         serde_json::from_slice(body).map_err(|e| format!("the body is not JSON: {e}"))?;
+    serde_json::from_slice::<NoDuplicateKeys>(body).map_err(|e| format!("{e}"))?;
     let Value::Array(items) = v else {
         return Err("the body must be a JSON array of records".into());
     };
@@ -251,6 +305,20 @@ pub fn parse_body(entity: S360Entity, body: &[u8]) -> Result<Vec<InboxRecord>, S
         });
     }
     Ok(out)
+}
+
+/// `application/json` or a `+json` type, parameters (charset) allowed.
+fn is_json_type(value: &[u8]) -> bool {
+    let Ok(v) = std::str::from_utf8(value) else {
+        return false;
+    };
+    let media = v
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    media == "application/json" || (media.starts_with("application/") && media.ends_with("+json"))
 }
 
 /// Reads the body up to `max`. Past it, the rest is read and dropped (up to a bound) so
@@ -295,6 +363,29 @@ async fn handle(State(shared): State<Shared>, req: Request) -> Response {
     if !authorized(&route.auth, req.headers()) {
         tracing::warn!(stream = %route.stream, path = %path, "receiver: credentials refused");
         return refuse(StatusCode::UNAUTHORIZED, "credentials refused");
+    }
+    // S-360 posts JSON. A body declared as something else is refused (415) whatever it
+    // holds; a POST without a Content-Type is read as JSON (the contract does not promise one).
+    if let Some(ct) = req.headers().get(header::CONTENT_TYPE)
+        && !is_json_type(ct.as_bytes())
+    {
+        tracing::warn!(stream = %route.stream, "receiver: payload refused (415): not declared as JSON");
+        return refuse(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "the body must be declared as application/json",
+        );
+    }
+    // A declared length over the limit is refused before a byte of the body is read.
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > shared.max_body as u64) {
+        return refuse(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the body is over {} bytes", shared.max_body),
+        );
     }
     let bytes = match read_body(req.into_body(), shared.max_body).await {
         Ok(b) => b,
@@ -375,5 +466,13 @@ mod tests {
         .unwrap();
         assert_eq!(r[0].record_id, "17");
         assert!(parse_body(S360Entity::Orders, b"[]").unwrap().is_empty());
+        assert!(
+            parse_body(
+                S360Entity::Contacts,
+                br#"[{"contactNumber":"1","a":{"b":1,"b":2}}]"#
+            )
+            .unwrap_err()
+            .contains("the key `b` appears twice")
+        );
     }
 }

@@ -36,7 +36,10 @@ pub enum Fault {
 pub struct Call {
     pub route: String,
     pub at: SystemTime,
+    /// The status answered; 0 when the client hung up first.
     pub status: u16,
+    /// The fault injected into this call, if any.
+    pub fault: Option<Fault>,
 }
 
 #[derive(Default)]
@@ -71,12 +74,23 @@ impl Faults {
         self.0.lock().unwrap().queues.get_mut(route)?.pop_front()
     }
 
-    fn log(&self, route: &str, at: SystemTime, status: u16) {
-        self.0.lock().unwrap().calls.push(Call {
+    /// Logs a call on arrival (status 0 until answered: a call whose client hung up before
+    /// the answer, e.g. past its timeout on a slow answer, still counts); returns its index.
+    fn log(&self, route: &str, at: SystemTime, fault: Option<Fault>) -> usize {
+        let mut i = self.0.lock().unwrap();
+        i.calls.push(Call {
             route: route.to_string(),
             at,
-            status,
+            status: 0,
+            fault,
         });
+        i.calls.len() - 1
+    }
+
+    fn answered(&self, index: usize, status: u16) {
+        if let Some(c) = self.0.lock().unwrap().calls.get_mut(index) {
+            c.status = status;
+        }
     }
 
     /// Every call so far, in order.
@@ -114,6 +128,7 @@ pub async fn layer(
     // Calls are timestamped on arrival, which is what a rate limit counts.
     let arrived = SystemTime::now();
     let fault = faults.take(route);
+    let index = faults.log(route, arrived, fault.clone());
     let resp = match fault {
         None => next.run(req).await,
         Some(Fault::Status(s)) => json_error(s, "injected failure"),
@@ -175,6 +190,6 @@ pub async fn layer(
             r
         }
     };
-    faults.log(route, arrived, resp.status().as_u16());
+    faults.answered(index, resp.status().as_u16());
     resp
 }
