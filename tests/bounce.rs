@@ -36,6 +36,8 @@ enum Kind {
     CrmOffersToS360,
     TicketCoToAirship,
     CrmToCdp,
+    /// SeatGeek user change events → Halo users (matching by the SeatGeek ID field).
+    SeatGeekToHalo,
 }
 
 /// A seeded LCG (the same as tests/daemon.rs), so that a failure replays from its seed.
@@ -119,6 +121,8 @@ impl Case {
             Kind::CrmOffersToS360 => 80,
             Kind::TicketCoToAirship => 500,
             Kind::CrmToCdp => 1500,
+            // Users; the feed holds three change events per user.
+            Kind::SeatGeekToHalo => 400,
         };
         let mut c = Case {
             kind,
@@ -153,6 +157,7 @@ impl Case {
                     "+02:00",
                 );
             }
+            Kind::SeatGeekToHalo => s.seatgeek.add_generated(self.n * 3, self.n as u32, 7),
             Kind::CrmToCdp => {
                 s.crm.add_contacts(self.n);
                 s.cdp.add_tenant(TENANT, CDP_TOKEN);
@@ -185,6 +190,42 @@ base_url = "{crm}"
             )
         };
         match self.kind {
+            Kind::SeatGeekToHalo => {
+                env.write_secret("sg-secret", "sg-demo-secret");
+                env.write_secret("halo-secret", "halo-demo-secret");
+                format!(
+                    r#"
+[connections.seatgeek]
+kind = "seatgeek"
+base_url = "{sg}"
+client_id = "usher-demo"
+client_secret_file = "sg-secret"
+
+[connections.halo]
+kind = "halo"
+base_url = "{halo}"
+tenant = "demo"
+client_id = "usher-demo"
+client_secret_file = "halo-secret"
+
+[streams.{STREAM}]
+source = "seatgeek"
+entity = "user"
+target = "halo"
+every = "1s"
+jitter = "0s"
+page_size = 60
+
+[streams.{STREAM}.halo]
+default_site = 18
+id_field = "custom:CFSeatGeekId"
+batch_size = 20
+preload_max = 0
+"#,
+                    sg = self.s.url("seatgeek"),
+                    halo = self.s.url("halo"),
+                )
+            }
             Kind::Relay => {
                 s360("")
                     + &format!(
@@ -320,6 +361,7 @@ Seq = "seq"
             }
             Kind::TicketCoToAirship => (&self.s.airship.faults, "airship", 40),
             Kind::CrmToCdp => (&self.s.cdp.faults, "cdp.events", 100),
+            Kind::SeatGeekToHalo => (&self.s.halo.faults, "halo.users.post", 60),
         };
         faults.push(route, Fault::Slow(Duration::from_millis(ms)), 100_000);
     }
@@ -329,6 +371,7 @@ Seq = "seq"
         self.s.s360.faults.clear();
         self.s.airship.faults.clear();
         self.s.cdp.faults.clear();
+        self.s.halo.faults.clear();
     }
 
     fn start(&mut self, round: u32) -> Proc {
@@ -384,6 +427,7 @@ Seq = "seq"
             Kind::CrmOffersToS360 => self.s.s360.orders().len(),
             Kind::TicketCoToAirship => self.s.airship.booking_count(),
             Kind::CrmToCdp => self.s.cdp.events().len(),
+            Kind::SeatGeekToHalo => self.s.halo.user_count(),
         }
     }
 
@@ -413,6 +457,16 @@ Seq = "seq"
             Kind::CrmContactsToS360 => self.cursor() == Some(format!("c{}", self.n)),
             Kind::CrmOffersToS360 => self.cursor() == Some(format!("o{}", self.n)),
             Kind::TicketCoToAirship => unreachable!("a CLI run ends by itself"),
+            // Caught up: every user in Halo and a completed run that found nothing new.
+            Kind::SeatGeekToHalo => {
+                self.s.halo.user_count() as u64 >= self.n
+                    && query_i64(
+                        &db,
+                        &format!(
+                            "SELECT COUNT(*) FROM runs WHERE stream = '{STREAM}' AND outcome = 'ok' AND pulled = 0"
+                        ),
+                    ) > 0
+            }
             Kind::CrmToCdp => {
                 self.cursor() == Some(format!("c{}", self.n))
                     && query_i64(&db, "SELECT COUNT(*) FROM outbox") == 0
@@ -436,6 +490,35 @@ Seq = "seq"
             assert_eq!(seen.len(), expected.len(), "{what}: nothing unexpected");
         };
         match self.kind {
+            Kind::SeatGeekToHalo => {
+                // One Halo user per SeatGeek ID, found by the field that holds it.
+                let users = self.s.halo.users();
+                let ids: Vec<String> = users
+                    .iter()
+                    .filter_map(|u| {
+                        u["customfields"].as_array().and_then(|cfs| {
+                            cfs.iter()
+                                .find(|c| c["name"].as_str() == Some("CFSeatGeekId"))
+                                .and_then(|c| c["value"].as_str().map(str::to_string))
+                        })
+                    })
+                    .collect();
+                assert_eq!(
+                    ids.len(),
+                    users.len(),
+                    "every Halo user holds its SeatGeek ID"
+                );
+                once(
+                    "Halo user",
+                    ids,
+                    (1..=n).map(|i| format!("SG-{i}")).collect(),
+                );
+                assert_eq!(
+                    query_i64(&db, "SELECT COUNT(*) FROM links"),
+                    n as i64,
+                    "a link per user"
+                );
+            }
             Kind::Relay => {
                 // "Twice" for a webhook: a redelivery must be a byte-identical resend (same
                 // Idempotency-Key) of an earlier payload; the accepted set is complete.
@@ -978,4 +1061,9 @@ jitter = "0s"
             == 8,
         "every fault was served"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hard_bounce_seatgeek_to_halo() {
+    bounce(Kind::SeatGeekToHalo).await;
 }
