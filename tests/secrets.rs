@@ -26,6 +26,8 @@ const AIR_TOKEN: &str = "air-SECRET-pat-4409";
 const CDP_TOKEN: &str = "cdp-SECRET-product-3392";
 const SEATS_KEY: &str = "seats-SECRET-key-2071";
 const SEATS_ADMIN: &str = "seats-SECRET-admin-5150";
+const SG_SECRET: &str = "sg-SECRET-client-4242";
+const HALO_SECRET: &str = "halo-SECRET-client-7373";
 const TENANT: &str = "9f0c3c9e-0000-4000-8000-00000000aa01";
 const EVENT_TYPE: &str = "5b1c0d2e-0000-4000-8000-00000000bb02";
 
@@ -70,6 +72,22 @@ async fn no_secret_leaks_from_any_stream_kind_under_faults_at_trace_level() {
     s.seatsio.add_secret_key("eu", SEATS_KEY);
     s.seatsio
         .add_workspace("eu", SEATS_ADMIN, "ws-active", true);
+    s.seatgeek.set_credentials("usher-sg", SG_SECRET);
+    s.seatgeek.add_generated(60, 20, 3);
+    s.halo.set_credentials("venue", "usher-halo", HALO_SECRET);
+    s.seatgeek
+        .faults
+        .push("seatgeek.events", Fault::Status(500), 1);
+    s.seatgeek.faults.push("seatgeek.events", Fault::Reset, 1);
+    s.halo.faults.push("halo.users.post", Fault::Status(503), 1);
+    s.halo.faults.push(
+        "halo.users.get",
+        Fault::RateLimited {
+            status: 429,
+            retry_after_secs: 1,
+        },
+        1,
+    );
     // Faults everywhere: errors and retries are where secrets slip into messages.
     s.crm.faults.push("crm.feed", Fault::Status(500), 1);
     s.crm.faults.push("crm.feed", Fault::Reset, 1);
@@ -107,6 +125,8 @@ async fn no_secret_leaks_from_any_stream_kind_under_faults_at_trace_level() {
     env.write_secret("cdp-token", CDP_TOKEN);
     env.write_secret("seats-key", SEATS_KEY);
     env.write_secret("seats-admin", SEATS_ADMIN);
+    env.write_secret("sg-secret", SG_SECRET);
+    env.write_secret("halo-secret", HALO_SECRET);
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -226,6 +246,30 @@ event_type_id = "{EVENT_TYPE}"
 Email = "email | trim | lowercase | required"
 ContactId = "id"
 
+[connections.seatgeek]
+kind = "seatgeek"
+base_url = "{sg}"
+client_id = "usher-sg"
+client_secret_file = "sg-secret"
+
+[connections.halo]
+kind = "halo"
+base_url = "{halo}"
+tenant = "venue"
+client_id = "usher-halo"
+client_secret_file = "halo-secret"
+
+[streams.users]
+source = "seatgeek"
+entity = "user"
+target = "halo"
+every = "1s"
+jitter = "0s"
+
+[streams.users.halo]
+default_site = 18
+id_field = "custom:CFSeatGeekId"
+
 [streams.bookings]
 source = "tc"
 target = "air"
@@ -240,6 +284,8 @@ venues = ["Oslo Golf"]
         air = s.url("airship"),
         cdp = s.url("cdp"),
         seats = s.url("seatsio"),
+        sg = s.url("seatgeek"),
+        halo = s.url("halo"),
     ));
 
     let mut d = env.spawn_daemon_with(&[], &[("RUST_LOG", "trace")]);
@@ -269,6 +315,7 @@ venues = ["Oslo Golf"]
                 && query_i64(&db, "SELECT COUNT(*) FROM links WHERE stream = 'to-s360'") == 30
                 && s.s360.orders().len() >= 4
                 && s.cdp.events().len() >= 30
+                && s.halo.user_count() >= 20
         })
     });
     if !done {
@@ -283,6 +330,10 @@ venues = ["Oslo Golf"]
         s.cdp.events().len()
     );
     assert!(s.crm.tokens_issued() >= 1, "OAuth2 tokens were issued");
+    assert!(
+        s.seatgeek.tokens_issued() >= 1 && s.halo.tokens_issued() >= 1,
+        "SeatGeek and Halo tokens were issued"
+    );
 
     // A crash leaves the -wal file behind: the state files as the daemon left them.
     d.kill9();
@@ -347,6 +398,8 @@ venues = ["Oslo Golf"]
         CDP_TOKEN,
         SEATS_KEY,
         SEATS_ADMIN,
+        SG_SECRET,
+        HALO_SECRET,
         "eyJhbGciOi", // a signed S-360 JWT
     ];
     let mut leaks = Vec::new();
