@@ -19,15 +19,12 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use super::{Flow, Page, RunCtx, RunError, SourceError, record_id};
+use super::{EmptyPages, Flow, Page, RunCtx, RunError, SourceError, commit_queued, record_id};
 use crate::config::{BadRecordPolicy, CdpOptions, FeedOptions};
 use crate::connectors::cdp::{CdpDelivery, CdpTarget};
 use crate::connectors::feed::FeedSource;
 use crate::mapping::lookup;
-use crate::store::{Counts, DeadLetter, PageCommit};
-
-/// After this many empty pages that still say "has more", the run ends (a feed bug).
-const MAX_EMPTY_PAGES: u32 = 3;
+use crate::store::{Counts, DeadLetter};
 
 /// Pages of contact records, oldest change first, with an opaque cursor.
 pub trait ContactSource: Sync {
@@ -137,7 +134,7 @@ pub async fn run_with<S: ContactSource>(
     }
 
     let mut cursor = ctx.store.cursor(&spec.name).await?;
-    let mut empty_pages = 0;
+    let mut empty_pages = EmptyPages::default();
     loop {
         if sent >= budget {
             return Ok(Flow::Done);
@@ -205,34 +202,13 @@ pub async fn run_with<S: ContactSource>(
             })
             .collect();
         counts.queued += events.len() as u64;
-        let next = page.next_cursor.clone().or_else(|| cursor.clone());
-        if next != cursor || !outbox.is_empty() || !dead.is_empty() {
-            ctx.store
-                .commit_page(PageCommit {
-                    stream: spec.name.clone(),
-                    cursor: Some(next.clone()),
-                    outbox,
-                    dead_letters: dead,
-                    ..Default::default()
-                })
-                .await?;
-        }
-        cursor = next;
+        commit_queued(ctx, &mut cursor, page.next_cursor.clone(), outbox, dead).await?;
         match deliver(ctx, &target, budget, &mut sent, counts).await? {
             Flow::Done => {}
             other => return Ok(other),
         }
-        if !page.has_more {
+        if !page.has_more || empty_pages.end_run(&spec.name, page.records.is_empty()) {
             return Ok(Flow::Done);
-        }
-        if page.records.is_empty() {
-            empty_pages += 1;
-            if empty_pages >= MAX_EMPTY_PAGES {
-                tracing::warn!(stream = %spec.name, "the feed keeps saying `has_more` on empty pages; ending this run");
-                return Ok(Flow::Done);
-            }
-        } else {
-            empty_pages = 0;
         }
     }
 }

@@ -7,15 +7,12 @@
 
 use chrono::{DateTime, Utc};
 
-use super::{Flow, RunCtx, RunError, SourceError, record_id};
+use super::{EmptyPages, Flow, RunCtx, RunError, SourceError, commit_queued, record_id};
 use crate::config::{BadRecordPolicy, FeedOptions, WebhookOptions, expand};
 use crate::connectors::feed::FeedSource;
 use crate::connectors::webhook::{Delivery, WebhookTarget};
 use crate::mapping::lookup;
 use crate::store::{Counts, DeadLetter, PageCommit};
-
-/// After this many empty pages that still say "has more", the run ends (a feed bug).
-const MAX_EMPTY_PAGES: u32 = 3;
 
 pub async fn run(
     ctx: &RunCtx,
@@ -73,7 +70,7 @@ pub async fn run(
     }
 
     let mut cursor = ctx.store.cursor(&spec.name).await?;
-    let mut empty_pages = 0;
+    let mut empty_pages = EmptyPages::default();
     loop {
         if sent >= budget {
             return Ok(Flow::Done);
@@ -139,35 +136,13 @@ pub async fn run(
             outbox.push((body, chunk.len() as u64));
         }
         counts.queued += items.len() as u64;
-        let next = page.next_cursor.clone().or_else(|| cursor.clone());
-        // Caught up with nothing new: no write at all (the common tick of a quiet stream).
-        if next != cursor || !outbox.is_empty() || !dead.is_empty() {
-            ctx.store
-                .commit_page(PageCommit {
-                    stream: spec.name.clone(),
-                    cursor: Some(next.clone()),
-                    outbox,
-                    dead_letters: dead,
-                    ..Default::default()
-                })
-                .await?;
-        }
-        cursor = next;
+        commit_queued(ctx, &mut cursor, page.next_cursor.clone(), outbox, dead).await?;
         match deliver(ctx, &target, budget, &mut sent, counts).await? {
             Flow::Done => {}
             other => return Ok(other),
         }
-        if !page.has_more {
+        if !page.has_more || empty_pages.end_run(&spec.name, page.records.is_empty()) {
             return Ok(Flow::Done);
-        }
-        if page.records.is_empty() {
-            empty_pages += 1;
-            if empty_pages >= MAX_EMPTY_PAGES {
-                tracing::warn!(stream = %spec.name, "the feed keeps saying `has_more` on empty pages; ending this run");
-                return Ok(Flow::Done);
-            }
-        } else {
-            empty_pages = 0;
         }
     }
 }

@@ -234,11 +234,82 @@ pub async fn run_stream(ctx: &RunCtx, trigger: &str) -> RunReport {
     }
 }
 
+/// Ends a run on a source that keeps saying "has more" on empty pages (a feed bug) instead
+/// of asking it forever: after [`EmptyPages::LIMIT`] empty pages in a row.
+#[derive(Debug, Default)]
+pub struct EmptyPages(u32);
+
+impl EmptyPages {
+    pub const LIMIT: u32 = 3;
+
+    /// Called after each page; true when the run should end here.
+    pub fn end_run(&mut self, stream: &str, page_was_empty: bool) -> bool {
+        if !page_was_empty {
+            self.0 = 0;
+            return false;
+        }
+        self.0 += 1;
+        if self.0 >= Self::LIMIT {
+            tracing::warn!(
+                stream,
+                "the feed keeps saying `has_more` on empty pages; ending this run"
+            );
+            return true;
+        }
+        false
+    }
+}
+
+/// Commits a page queued for an outbox target: the new cursor (`next`, or the old one when
+/// the source gave none) with the page's outbox rows and dead letters, in one transaction.
+/// A quiet tick — caught up, nothing new — writes nothing at all. Moves `cursor` on.
+pub async fn commit_queued(
+    ctx: &RunCtx,
+    cursor: &mut Option<String>,
+    next: Option<String>,
+    outbox: Vec<(Vec<u8>, u64)>,
+    dead_letters: Vec<crate::store::DeadLetter>,
+) -> Result<(), RunError> {
+    let next = next.or_else(|| cursor.clone());
+    if next != *cursor || !outbox.is_empty() || !dead_letters.is_empty() {
+        ctx.store
+            .commit_page(crate::store::PageCommit {
+                stream: ctx.spec.name.clone(),
+                cursor: Some(next.clone()),
+                outbox,
+                dead_letters,
+                ..Default::default()
+            })
+            .await?;
+    }
+    *cursor = next;
+    Ok(())
+}
+
 /// A record's ID at `path`, as text (IDs are opaque: numbers and strings both work).
 pub fn record_id(record: &Value, path: &str) -> Option<String> {
     match crate::mapping::lookup(record, path)? {
         Value::String(s) => Some(s.clone()),
         Value::Number(n) => Some(n.to_string()),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::EmptyPages;
+
+    #[test]
+    fn a_run_ends_after_three_empty_pages_in_a_row_only() {
+        let mut g = EmptyPages::default();
+        assert!(!g.end_run("s", true));
+        assert!(!g.end_run("s", true));
+        assert!(
+            !g.end_run("s", false),
+            "a page with records starts the count again"
+        );
+        assert!(!g.end_run("s", true));
+        assert!(!g.end_run("s", true));
+        assert!(g.end_run("s", true));
     }
 }

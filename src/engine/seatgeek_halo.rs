@@ -34,8 +34,6 @@ use crate::connectors::seatgeek::{Action, ChangeEvent, EventPage, SeatGeekSource
 use crate::mapping::{FieldMap, Mapping};
 use crate::store::{Counts, DeadLetter, PageCommit};
 
-/// After this many empty pages that still say "has more", the run ends (a feed bug).
-const MAX_EMPTY_PAGES: u32 = 3;
 /// Searches in flight at once when matching by search.
 const SEARCH_CONCURRENCY: usize = 8;
 /// Halo's largest page.
@@ -470,7 +468,7 @@ pub async fn run(
 
     let mut cursor = ctx.store.cursor(&spec.name).await?;
     let mut taken = 0u64;
-    let mut empty_pages = 0;
+    let mut empty_pages = super::EmptyPages::default();
     let page_limit = |taken: u64| -> u32 {
         match limit {
             Some(l) => (l.saturating_sub(taken)).min(spec.page_size as u64) as u32,
@@ -549,17 +547,8 @@ pub async fn run(
         }
         tracing::debug!(stream = %spec.name, events = n, work_ms, commit_ms = t_commit.elapsed().as_millis() as u64, "page committed");
         cursor = next;
-        if !page.has_more {
+        if !page.has_more || empty_pages.end_run(&spec.name, page.events.is_empty()) {
             return Ok(Flow::Done);
-        }
-        if page.events.is_empty() {
-            empty_pages += 1;
-            if empty_pages >= MAX_EMPTY_PAGES {
-                tracing::warn!(stream = %spec.name, "the feed keeps saying `has_more` on empty pages; ending this run");
-                return Ok(Flow::Done);
-            }
-        } else {
-            empty_pages = 0;
         }
     }
 }
