@@ -20,11 +20,11 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use super::{EmptyPages, Flow, Page, RunCtx, RunError, SourceError, commit_queued, record_id};
-use crate::config::{BadRecordPolicy, CdpOptions, FeedOptions};
+use crate::config::{CdpOptions, FeedOptions};
 use crate::connectors::cdp::{CdpDelivery, CdpTarget};
 use crate::connectors::feed::FeedSource;
 use crate::mapping::lookup;
-use crate::store::{Counts, DeadLetter};
+use crate::store::Counts;
 
 /// Pages of contact records, oldest change first, with an opaque cursor.
 pub trait ContactSource: Sync {
@@ -146,50 +146,14 @@ pub async fn run_with<S: ContactSource>(
             .pull(cursor.as_deref(), spec.page_size, &ctx.cancel)
             .await?;
         counts.pulled += page.records.len() as u64;
-        if page.has_more
-            && !page.records.is_empty()
-            && cursor.is_some()
-            && page.next_cursor == cursor
-        {
-            return Err(SourceError::Stuck {
-                conn: spec.source.clone(),
-                cursor,
-            }
-            .into());
-        }
+        super::check_not_stuck(&spec.source, &cursor, &page)?;
         let mut events = Vec::with_capacity(page.records.len());
         let mut dead = Vec::new();
         for rec in &page.records {
             let id = source.record_id(rec);
             let changed = source.changed_at(rec);
-            if let Some(changed) = changed {
-                crate::metrics::METRICS.saw_record(&spec.name, changed);
-            }
-            if let (Some(oldest), Some(changed)) = (spec.oldest, changed)
-                && changed < oldest
-            {
-                counts.skipped += 1;
-                continue;
-            }
-            match spec.mapping.apply(rec) {
-                Ok(v) => events.push(v),
-                Err(e) => match spec.on_bad_record {
-                    BadRecordPolicy::DeadLetter => {
-                        tracing::warn!(stream = %spec.name, record = id.as_deref().unwrap_or("?"), reason = %e, "record set aside in dead letters");
-                        counts.failed += 1;
-                        dead.push(DeadLetter {
-                            source_id: id,
-                            record: rec.to_string(),
-                            reason: e.to_string(),
-                        });
-                    }
-                    BadRecordPolicy::Stop => {
-                        return Err(RunError::BadRecord {
-                            id: id.unwrap_or_else(|| "without an id".into()),
-                            reason: e.to_string(),
-                        });
-                    }
-                },
+            if let Some(v) = super::map_record(spec, rec, id, changed, counts, &mut dead)? {
+                events.push(v);
             }
         }
         let outbox: Vec<(Vec<u8>, u64)> = events

@@ -7,12 +7,12 @@
 
 use chrono::{DateTime, Utc};
 
-use super::{EmptyPages, Flow, RunCtx, RunError, SourceError, commit_queued, record_id};
-use crate::config::{BadRecordPolicy, FeedOptions, WebhookOptions, expand};
+use super::{EmptyPages, Flow, RunCtx, RunError, commit_queued, record_id};
+use crate::config::{FeedOptions, WebhookOptions, expand};
 use crate::connectors::feed::FeedSource;
 use crate::connectors::webhook::{Delivery, WebhookTarget};
 use crate::mapping::lookup;
-use crate::store::{Counts, DeadLetter, PageCommit};
+use crate::store::{Counts, PageCommit};
 
 pub async fn run(
     ctx: &RunCtx,
@@ -82,17 +82,7 @@ pub async fn run(
             .pull(&spec.name, cursor.as_deref(), spec.page_size, &ctx.cancel)
             .await?;
         counts.pulled += page.records.len() as u64;
-        if page.has_more
-            && !page.records.is_empty()
-            && cursor.is_some()
-            && page.next_cursor == cursor
-        {
-            return Err(SourceError::Stuck {
-                conn: source_conn.name.clone(),
-                cursor,
-            }
-            .into());
-        }
+        super::check_not_stuck(&source_conn.name, &cursor, &page)?;
         let mut items = Vec::with_capacity(page.records.len());
         let mut dead = Vec::new();
         let (records, superseded) = newest_per_key(&page.records, &spec.matching);
@@ -100,34 +90,8 @@ pub async fn run(
         for rec in records {
             let id = record_id(rec, &feed.id);
             let changed = changed_at(rec, &feed.changed_at);
-            if let Some(changed) = changed {
-                crate::metrics::METRICS.saw_record(&spec.name, changed);
-            }
-            if let (Some(oldest), Some(changed)) = (spec.oldest, changed)
-                && changed < oldest
-            {
-                counts.skipped += 1;
-                continue;
-            }
-            match spec.mapping.apply(rec) {
-                Ok(v) => items.push(v),
-                Err(e) => match spec.on_bad_record {
-                    BadRecordPolicy::DeadLetter => {
-                        tracing::warn!(stream = %spec.name, record = id.as_deref().unwrap_or("?"), reason = %e, "record set aside in dead letters");
-                        counts.failed += 1;
-                        dead.push(DeadLetter {
-                            source_id: id,
-                            record: rec.to_string(),
-                            reason: e.to_string(),
-                        });
-                    }
-                    BadRecordPolicy::Stop => {
-                        return Err(RunError::BadRecord {
-                            id: id.unwrap_or_else(|| "without an id".into()),
-                            reason: e.to_string(),
-                        });
-                    }
-                },
+            if let Some(v) = super::map_record(spec, rec, id, changed, counts, &mut dead)? {
+                items.push(v);
             }
         }
         let mut outbox = Vec::new();

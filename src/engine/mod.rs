@@ -234,6 +234,64 @@ pub async fn run_stream(ctx: &RunCtx, trigger: &str) -> RunReport {
     }
 }
 
+/// A page that answers the cursor it was asked with by the same cursor and more records would
+/// make the run loop forever: that is an error, before anything of it is committed.
+pub fn check_not_stuck(
+    conn: &str,
+    cursor: &Option<String>,
+    page: &Page,
+) -> Result<(), SourceError> {
+    if page.has_more && !page.records.is_empty() && cursor.is_some() && page.next_cursor == *cursor
+    {
+        return Err(SourceError::Stuck {
+            conn: conn.to_string(),
+            cursor: cursor.clone(),
+        });
+    }
+    Ok(())
+}
+
+/// One source record through the stream's oldest date and mapping: `Some(mapped)` to send,
+/// `None` when skipped (older than `oldest`) or set aside in `dead` (as the stream's
+/// `on_bad_record` says); `Err` when the stream stops on bad records. Counts as it goes.
+pub fn map_record(
+    spec: &StreamSpec,
+    rec: &Value,
+    id: Option<String>,
+    changed: Option<chrono::DateTime<chrono::Utc>>,
+    counts: &mut Counts,
+    dead: &mut Vec<crate::store::DeadLetter>,
+) -> Result<Option<Value>, RunError> {
+    if let Some(changed) = changed {
+        crate::metrics::METRICS.saw_record(&spec.name, changed);
+    }
+    if let (Some(oldest), Some(changed)) = (spec.oldest, changed)
+        && changed < oldest
+    {
+        counts.skipped += 1;
+        return Ok(None);
+    }
+    match spec.mapping.apply(rec) {
+        Ok(v) => Ok(Some(v)),
+        Err(e) => match spec.on_bad_record {
+            crate::config::BadRecordPolicy::DeadLetter => {
+                tracing::warn!(stream = %spec.name, record = id.as_deref().unwrap_or("?"), reason = %e, "record set aside in dead letters");
+                counts.failed += 1;
+                dead.push(crate::store::DeadLetter {
+                    source_id: id,
+                    record: rec.to_string(),
+                    reason: e.to_string(),
+                });
+                Ok(None)
+            }
+            crate::config::BadRecordPolicy::Stop => Err(RunError::BadRecord {
+                id: id.unwrap_or_else(|| "without an id".into()),
+                reason: e.to_string(),
+            }),
+        },
+    }
+}
+
 /// Ends a run on a source that keeps saying "has more" on empty pages (a feed bug) instead
 /// of asking it forever: after [`EmptyPages::LIMIT`] empty pages in a row.
 #[derive(Debug, Default)]

@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use super::feed_webhook::{deliver, webhook_target};
-use super::{Flow, RunCtx, RunError, SourceError, record_id};
+use super::{Flow, RunCtx, RunError, record_id};
 use crate::config::{
     BadRecordPolicy, FeedOptions, RelayOptions, S360ContactOptions, S360Entity, S360OfferOptions,
     WebhookOptions,
@@ -245,17 +245,7 @@ pub async fn contacts(
             .pull(&spec.name, cursor.as_deref(), spec.page_size, &ctx.cancel)
             .await?;
         counts.pulled += page.records.len() as u64;
-        if page.has_more
-            && !page.records.is_empty()
-            && cursor.is_some()
-            && page.next_cursor == cursor
-        {
-            return Err(SourceError::Stuck {
-                conn: spec.source.clone(),
-                cursor,
-            }
-            .into());
-        }
+        super::check_not_stuck(&spec.source, &cursor, &page)?;
         let ids: Vec<String> = page
             .records
             .iter()
@@ -470,17 +460,7 @@ pub async fn offers(
             .pull(&spec.name, cursor.as_deref(), spec.page_size, &ctx.cancel)
             .await?;
         counts.pulled += page.records.len() as u64;
-        if page.has_more
-            && !page.records.is_empty()
-            && cursor.is_some()
-            && page.next_cursor == cursor
-        {
-            return Err(SourceError::Stuck {
-                conn: spec.source.clone(),
-                cursor,
-            }
-            .into());
-        }
+        super::check_not_stuck(&spec.source, &cursor, &page)?;
         let mut ledger = Vec::new();
         let mut links = Vec::new();
         let mut dead = Vec::new();
