@@ -343,7 +343,15 @@ pub async fn trigger(source: config::Source, stream: &str) -> i32 {
         clock: crate::clock::Clock::process(),
         backfill: None,
     };
-    let report = run_stream(&ctx, "trigger").await;
+    // On a worker of the runtime, as the daemon runs it (the HTTP connections' tasks then
+    // share its thread instead of waking the main one for every answer).
+    let report = match tokio::spawn(async move { run_stream(&ctx, "trigger").await }).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("usher: the run of {stream} ended abnormally: {e}");
+            return EX_FAIL;
+        }
+    };
     let c = report.counts;
     println!(
         "{}: {} in {:.1}s: pulled {}, created {}, updated {}, skipped {}, failed {}, queued {}",

@@ -109,27 +109,27 @@ impl Airship {
     }
 
     /// `POST /contact`: the contact with its units, groups and (new) bookings → contact ID.
-    pub async fn write_contact(
+    pub async fn write_contact<T: serde::Serialize + ?Sized>(
         &self,
-        body: &Value,
+        body: &T,
         cancel: &CancellationToken,
     ) -> Result<String, WriteError> {
         self.post("contact", body, cancel).await
     }
 
     /// `POST /booking/update`: a known booking's fields, never its contact → booking ID.
-    pub async fn update_booking(
+    pub async fn update_booking<T: serde::Serialize + ?Sized>(
         &self,
-        body: &Value,
+        body: &T,
         cancel: &CancellationToken,
     ) -> Result<String, WriteError> {
         self.post("booking/update", body, cancel).await
     }
 
-    async fn post(
+    async fn post<T: serde::Serialize + ?Sized>(
         &self,
         path: &str,
-        body: &Value,
+        body: &T,
         cancel: &CancellationToken,
     ) -> Result<String, WriteError> {
         let url = self.endpoint.url(path);

@@ -5,7 +5,15 @@
 //! `days_ahead`, "today" in the stream's timezone, read from `RunCtx::clock`; from
 //! `backfill_from` on the first run, or from `--from` for `usher backfill`), resolve each
 //! configured venue to an Airship unit, list the active events of those venues in the
-//! window, then for each event read its booking lines page by page. Each page is one batch:
+//! window, then read each event's booking lines page by page (a few events ahead, while
+//! earlier ones are written).
+//!
+//! An event whose pages are byte for byte those of an earlier run that settled every one
+//! of its lines is skipped whole ([`event_digest`]: the pages, the event, its unit, the
+//! stream's options and usher's version; `page_digests`, forgotten on a cursor reset).
+//! Ticket Co has no "changed since" filter, so this is what keeps a day with few changes
+//! cheap: the pages are still read, but not their lines. The other events' lines are
+//! decided in batches of about [`BATCH_LINES`], lines of several events together:
 //!
 //! - the ledger (per `ref_number`: hash of the booking last sent, Airship IDs) says new,
 //!   known-and-changed, or unchanged ([`decide`], pure);
@@ -14,9 +22,10 @@
 //!   contact; **unchanged** → nothing;
 //! - a new booking with neither e-mail nor mobile goes to dead letters (once: its ledger
 //!   row remembers it until the record changes);
-//! - the batch's ledger rows and dead letters are committed together
-//!   (`Store::commit_page`), so a crash re-sends at most one batch, and the re-send is an
-//!   upsert in Airship (contact by e-mail/mobile, booking by reference): nothing twice.
+//! - the batch's ledger rows, dead letters and the digests of the events it settled are
+//!   committed together (`Store::commit_page`), so a crash re-sends at most one batch, and
+//!   the re-send is an upsert in Airship (contact by e-mail/mobile, booking by reference):
+//!   nothing twice.
 //!
 //! A booking Airship refuses (4xx), an event whose page is malformed, or a venue with no
 //! unit never stops the others and is never written to the ledger: it is tried again next
@@ -28,20 +37,24 @@ use std::collections::HashMap;
 use chrono::{DateTime, NaiveDate, NaiveDateTime};
 use chrono_tz::Tz;
 use futures::StreamExt;
+use serde::Serialize;
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
 use super::{Flow, RunCtx, RunError, SourceError};
 use crate::config::TicketCoAirshipOptions;
 use crate::connectors::airship::{Airship, WriteError, unit_for};
-use crate::connectors::ticketco::{Event, TicketCo, text};
+use crate::connectors::ticketco::{Event, Line, LinePage, RawLines, TicketCo};
 use crate::http::HttpError;
-use crate::store::{Counts, DeadLetter, LedgerRow, PageCommit};
+use crate::store::{Counts, DeadLetter, LedgerRow, PageCommit, PageDigest};
 
 /// Writes to Airship in flight at once within a batch.
 const CONCURRENT_WRITES: usize = 8;
 /// Events whose booking pages are read ahead while earlier ones are written.
-const PREFETCH_EVENTS: usize = 4;
+const PREFETCH_EVENTS: usize = 8;
+/// Booking lines decided (and looked up in the ledger) together; a crash re-sends at most
+/// one batch's writes, which Airship upserts.
+const BATCH_LINES: usize = 500;
 /// Safety stop for a source that never ends its pages.
 const MAX_PAGES: u32 = 100_000;
 
@@ -86,18 +99,50 @@ pub fn local_time(text: &str, tz: Tz) -> Option<String> {
     None
 }
 
-/// "YYYY-MM-DD HH:MM:SS" (written out directly: this runs for every booking of every run).
+/// "YYYY-MM-DD HH:MM:SS" (written out digit by digit: this runs for every booking of every
+/// run).
 fn wall(t: &NaiveDateTime) -> String {
     use chrono::{Datelike, Timelike};
-    format!(
-        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
-        t.year(),
-        t.month(),
-        t.day(),
-        t.hour(),
-        t.minute(),
-        t.second()
-    )
+    let Ok(year) = u32::try_from(t.year()) else {
+        return t.format("%Y-%m-%d %H:%M:%S").to_string();
+    };
+    if year > 9999 {
+        return t.format("%Y-%m-%d %H:%M:%S").to_string();
+    }
+    let mut b = *b"0000-00-00 00:00:00";
+    let mut put = |at: usize, width: usize, mut v: u32| {
+        for i in (at..at + width).rev() {
+            b[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    };
+    put(0, 4, year);
+    put(5, 2, t.month());
+    put(8, 2, t.day());
+    put(11, 2, t.hour());
+    put(14, 2, t.minute());
+    put(17, 2, t.second());
+    String::from_utf8(b.to_vec()).expect("ASCII digits")
+}
+
+/// [`local_time`] with the last answer remembered: the lines of one event carry the same
+/// start, so most lookups are the one before.
+#[derive(Debug, Default)]
+pub struct LocalTimes {
+    last: Option<(String, Option<String>)>,
+}
+
+impl LocalTimes {
+    pub fn get(&mut self, text: &str, tz: Tz) -> Option<String> {
+        if let Some((k, v)) = &self.last
+            && k == text
+        {
+            return v.clone();
+        }
+        let v = local_time(text, tz);
+        self.last = Some((text.to_string(), v.clone()));
+        v
+    }
 }
 
 /// The local attendance date of an event start.
@@ -112,7 +157,7 @@ pub enum Action {
     New { contact: Value, hash: String },
     /// In the ledger and changed: update the booking only.
     Update {
-        booking: Value,
+        booking: Booking,
         hash: String,
         ids: Value,
     },
@@ -124,61 +169,96 @@ pub enum Action {
     StillDead,
 }
 
-fn sha(v: &Value) -> String {
+/// SHA-256 of a value's JSON, in hex: the ledger's content hash.
+fn sha<T: Serialize + ?Sized>(v: &T) -> String {
     hex::encode(Sha256::digest(
         serde_json::to_vec(v).expect("JSON values serialize"),
     ))
 }
 
-fn trimmed(item: &Value, key: &str) -> Option<String> {
-    text(item, key)
-        .map(|s| s.trim().to_string())
+fn trimmed(v: &Option<String>) -> Option<String> {
+    v.as_deref()
+        .map(str::trim)
         .filter(|s| !s.is_empty())
+        .map(str::to_string)
+}
+
+/// The Airship booking of one Ticket Co line (inside `POST /contact`, or the body of
+/// `POST /booking/update`). Its JSON is what the ledger hashes: the fields are in the order
+/// the first version of usher wrote them (as a JSON object), so ledgers written before keep
+/// matching.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Booking {
+    pub booking_reference: Option<String>,
+    pub unit_id: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub party_size: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub party_datetime: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub party_enquirytime: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stage_value: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_id: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub type_id: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data: Option<BookingData>,
+}
+
+/// A booking's custom elements.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BookingData {
+    /// The booking value, in major units ("450.00").
+    pub element_01: String,
 }
 
 /// The Airship booking for one Ticket Co line.
-pub fn booking(item: &Value, event: &Event, unit: i64, o: &TicketCoAirshipOptions) -> Value {
+pub fn booking(
+    item: &Line,
+    event: &Event,
+    unit: i64,
+    o: &TicketCoAirshipOptions,
+    starts: &mut LocalTimes,
+) -> Booking {
     let tz = o.timezone;
-    let mut b = Map::new();
-    b.insert("booking_reference".into(), json!(text(item, "ref_number")));
-    b.insert("unit_id".into(), json!(unit));
-    if let Some(q) = item.get("quantity").and_then(Value::as_i64) {
-        b.insert("party_size".into(), json!(q));
+    let lookup = |table: &std::collections::BTreeMap<String, i64>, v: &Option<String>| {
+        v.as_deref().and_then(|s| table.get(s.trim()).copied())
+    };
+    Booking {
+        booking_reference: item.ref_number.clone(),
+        unit_id: unit,
+        party_size: item.quantity,
+        party_datetime: item
+            .event_start
+            .as_deref()
+            .or(event.start_at.as_deref())
+            .and_then(|s| starts.get(s, tz)),
+        party_enquirytime: item
+            .transaction_datestamp
+            .as_deref()
+            .and_then(|s| local_time(s, tz)),
+        stage_value: lookup(&o.stages, &item.status),
+        source_id: lookup(&o.sources, &item.source),
+        type_id: lookup(&o.types, &item.booking_type),
+        data: item.price.map(|p| {
+            let sign = if p < 0 { "-" } else { "" };
+            let a = p.unsigned_abs();
+            BookingData {
+                element_01: format!("{sign}{}.{:02}", a / 100, a % 100),
+            }
+        }),
     }
-    let start = text(item, "event_start").or_else(|| event.start_at.clone());
-    if let Some(t) = start.and_then(|s| local_time(&s, tz)) {
-        b.insert("party_datetime".into(), json!(t));
-    }
-    if let Some(t) = text(item, "transaction_datestamp").and_then(|s| local_time(&s, tz)) {
-        b.insert("party_enquirytime".into(), json!(t));
-    }
-    if let Some(stage) = text(item, "status").and_then(|s| o.stages.get(s.trim()).copied()) {
-        b.insert("stage_value".into(), json!(stage));
-    }
-    if let Some(id) = text(item, "source").and_then(|s| o.sources.get(s.trim()).copied()) {
-        b.insert("source_id".into(), json!(id));
-    }
-    if let Some(id) = text(item, "booking_type").and_then(|s| o.types.get(s.trim()).copied()) {
-        b.insert("type_id".into(), json!(id));
-    }
-    if let Some(p) = item.get("price").and_then(Value::as_i64) {
-        let sign = if p < 0 { "-" } else { "" };
-        let a = p.unsigned_abs();
-        b.insert(
-            "data".into(),
-            json!({"element_01": format!("{sign}{}.{:02}", a / 100, a % 100)}),
-        );
-    }
-    Value::Object(b)
 }
 
 /// The `POST /contact` body for a new booking: the contact, its groups on the venue's unit,
 /// and the booking inside. `allow_email` is sent only as `true` (an opt-in), so a contact
 /// who opted in elsewhere is never opted out; `allow_sms` is never sent.
 pub fn contact(
-    item: &Value,
+    item: &Line,
     event: &Event,
-    booking: &Value,
+    booking: &Booking,
     unit: i64,
     account_id: i64,
     o: &TicketCoAirshipOptions,
@@ -186,16 +266,16 @@ pub fn contact(
     let mut c = Map::new();
     c.insert("account_id".into(), json!(account_id));
     for (to, from) in [
-        ("first_name", "buyer_first_name"),
-        ("last_name", "buyer_last_name"),
-        ("email", "buyer_email"),
-        ("mobile_number", "buyer_phone"),
+        ("first_name", &item.buyer_first_name),
+        ("last_name", &item.buyer_last_name),
+        ("email", &item.buyer_email),
+        ("mobile_number", &item.buyer_phone),
     ] {
-        if let Some(v) = trimmed(item, from) {
+        if let Some(v) = trimmed(from) {
             c.insert(to.into(), json!(v));
         }
     }
-    if item.get("buyer_email_opt_in").and_then(Value::as_bool) == Some(true) {
+    if item.buyer_email_opt_in {
         c.insert("allow_email".into(), json!(true));
     }
     c.insert("source_name".into(), json!(o.source_name));
@@ -217,14 +297,15 @@ pub fn contact(
 
 /// New, known-and-changed, unchanged or unsendable: pure, from the line and its ledger row.
 pub fn decide(
-    item: &Value,
+    item: &Line,
     event: &Event,
     unit: i64,
     account_id: i64,
     o: &TicketCoAirshipOptions,
     ledger: Option<&LedgerRow>,
+    starts: &mut LocalTimes,
 ) -> Action {
-    let b = booking(item, event, unit, o);
+    let b = booking(item, event, unit, o, starts);
     let hash = sha(&b);
     if let Some(row) = ledger
         && let Some(ids) = &row.target_ids
@@ -239,7 +320,7 @@ pub fn decide(
         };
     }
     let c = contact(item, event, &b, unit, account_id, o);
-    if trimmed(item, "buyer_email").is_none() && trimmed(item, "buyer_phone").is_none() {
+    if trimmed(&item.buyer_email).is_none() && trimmed(&item.buyer_phone).is_none() {
         let dead_hash = format!("dead:{}", sha(&c));
         if ledger.is_some_and(|r| r.content_hash == dead_hash) {
             return Action::StillDead;
@@ -418,17 +499,21 @@ pub async fn run(
         }
     }
     // The next few events' pages are read while a batch is written (reads only: a run
-    // stopped here has committed everything before it and loses nothing).
+    // stopped here has committed everything before it and loses nothing). Lines of several
+    // events make one batch, so that a run where little changed looks its bookings up in
+    // the ledger a few hundred at a time.
     let tc = &tc;
     let cancel = &ctx.cancel;
-    let mut fetched =
-        futures::stream::iter(with_unit.into_iter().map(|(event, unit)| async move {
+    let with_unit = &with_unit;
+    let mut fetched = futures::stream::iter((0..with_unit.len()).map(|ix| {
+        let event_id = with_unit[ix].0.id.as_str();
+        async move {
             let mut pages = Vec::new();
             let mut page = 1;
             let err = loop {
-                match tc.item_grosses(&event.id, page, cancel).await {
-                    Ok(items) if items.is_empty() => break None,
-                    Ok(items) => pages.push(items),
+                match tc.item_grosses(event_id, page, cancel).await {
+                    Ok(lines) if lines.is_empty() => break None,
+                    Ok(lines) => pages.push(lines),
                     Err(e) => break Some(e),
                 }
                 page += 1;
@@ -436,35 +521,124 @@ pub async fn run(
                     break None;
                 }
             };
-            (event, unit, pages, err)
-        }))
-        .buffered(PREFETCH_EVENTS);
-    while let Some((event, unit, pages, err)) = fetched.next().await {
-        for items in pages {
-            if ctx.should_stop() {
-                return Ok(Flow::Stopped);
+            (ix, pages, err)
+        }
+    }))
+    .buffered(PREFETCH_EVENTS);
+    // The pages are read by one future and handed over a channel to the other, which
+    // decides and writes: both make progress while the other waits on the network or
+    // the database.
+    let (tx, rx) = tokio::sync::mpsc::channel(PREFETCH_EVENTS);
+    let reader = async move {
+        while let Some(fetched) = fetched.next().await {
+            if tx.send(fetched).await.is_err() {
+                break; // the writer stopped
             }
-            counts.pulled += items.len() as u64;
-            batch(ctx, &air, o, &event, unit, items, counts, &mut problems).await?;
         }
-        if let Some(e) = err {
-            fatal_source(&e)?;
-            problems.incomplete = true;
-            problems.add(
-                name,
-                format!(
-                    "event {} ({}): {e}",
-                    event.id,
-                    event.title.as_deref().unwrap_or("?")
-                ),
-            );
+    };
+    // Events whose pages are byte for byte those of a run that settled every booking in
+    // them (and nothing else that shapes what is sent changed) are skipped whole.
+    let scopes: Vec<String> = with_unit.iter().map(|(e, _)| event_scope(e)).collect();
+    let stored = ctx.store.page_digests(name, scopes.clone()).await?;
+    let base = digest_base(o, air.account_id);
+    let problems_ref = &mut problems;
+    let writer = async move {
+        let mut rx = rx;
+        let problems = problems_ref;
+        let mut settling = Settling::default();
+        let mut pending: Vec<Pending> = Vec::new();
+        while let Some((ix, pages, err)) = rx.recv().await {
+            let (event, unit) = &with_unit[ix];
+            let records: u64 = pages.iter().map(|p| p.len() as u64).sum();
+            // Only an event read to its last page can be skipped or remembered.
+            let digest = err
+                .is_none()
+                .then(|| event_digest(&base, event, *unit, &pages));
+            if let Some(d) = &digest
+                && stored
+                    .get(&scopes[ix])
+                    .is_some_and(|s| s.digest == *d && s.records == records)
+            {
+                counts.pulled += records;
+                counts.skipped += records;
+            } else {
+                if let Some(d) = digest
+                    && records > 0
+                {
+                    settling.expect(ix, scopes[ix].clone(), d, records);
+                }
+                for page in pages {
+                    counts.pulled += page.len() as u64;
+                    match page.lines() {
+                        Ok((lines, raw)) => {
+                            pending.extend(lines.into_iter().enumerate().map(|(i, line)| Pending {
+                                event: ix,
+                                line,
+                                raw: (raw.clone(), i),
+                            }))
+                        }
+                        Err(reason) => {
+                            settling.forget(ix);
+                            problems.incomplete = true;
+                            problems.add(name, format!("event {}: {reason}", event.id));
+                        }
+                    }
+                    if pending.len() >= BATCH_LINES {
+                        if ctx.should_stop() {
+                            return Ok(Some(Flow::Stopped));
+                        }
+                        let items = std::mem::take(&mut pending);
+                        batch(
+                            ctx,
+                            &air,
+                            o,
+                            with_unit,
+                            items,
+                            counts,
+                            problems,
+                            &mut settling,
+                        )
+                        .await?;
+                    }
+                }
+            }
+            if let Some(e) = err {
+                fatal_source(&e)?;
+                problems.incomplete = true;
+                problems.add(
+                    name,
+                    format!(
+                        "event {} ({}): {e}",
+                        event.id,
+                        event.title.as_deref().unwrap_or("?")
+                    ),
+                );
+            }
+            if let Some(p) = ctx.backfill.as_ref().and_then(|b| b.progress.as_ref()) {
+                p.inc(1);
+            }
+            if ctx.should_stop() {
+                return Ok(Some(Flow::Stopped));
+            }
         }
-        if let Some(p) = ctx.backfill.as_ref().and_then(|b| b.progress.as_ref()) {
-            p.inc(1);
+        if !pending.is_empty() {
+            batch(
+                ctx,
+                &air,
+                o,
+                with_unit,
+                pending,
+                counts,
+                problems,
+                &mut settling,
+            )
+            .await?;
         }
-        if ctx.should_stop() {
-            return Ok(Flow::Stopped);
-        }
+        Ok::<_, RunError>(None)
+    };
+    let ((), written) = tokio::join!(reader, writer);
+    if let Some(flow) = written? {
+        return Ok(flow);
     }
     for (venue, n) in unitless {
         problems.add(
@@ -513,38 +687,140 @@ fn fatal_source(e: &SourceError) -> Result<(), RunError> {
     }
 }
 
-/// One page of booking lines: decide, write, then commit the ledger rows and dead letters.
+/// The scope of an event's digest in `page_digests`.
+fn event_scope(e: &Event) -> String {
+    format!("ticketco-event:{}", e.id)
+}
+
+/// The part of every event digest of a run that is not the event: this version of usher
+/// (which decides how a line becomes a booking), the stream's options and the account.
+fn digest_base(o: &TicketCoAirshipOptions, account_id: i64) -> Sha256 {
+    let mut h = Sha256::new();
+    h.update(b"usher ticketco-airship event digest\n");
+    h.update(env!("CARGO_PKG_VERSION").as_bytes());
+    h.update(format!("\n{o:?}\naccount {account_id}\n").as_bytes());
+    h
+}
+
+/// What an event's bookings are made of: the event, its unit and its pages as they came.
+fn event_digest(base: &Sha256, event: &Event, unit: i64, pages: &[LinePage]) -> String {
+    let mut h = base.clone();
+    h.update(format!("{event:?}\nunit {unit}\n").as_bytes());
+    for p in pages {
+        h.update((p.body().len() as u64).to_le_bytes());
+        h.update(p.body());
+    }
+    hex::encode(h.finalize())
+}
+
+/// Events read whole whose lines are on their way through batches: once every line of
+/// one is settled (in the ledger or in dead letters, none refused), its digest is
+/// committed with the batch that settled the last one.
+#[derive(Default)]
+struct Settling {
+    events: HashMap<usize, Track>,
+}
+
+struct Track {
+    scope: String,
+    digest: String,
+    records: u64,
+    remaining: u64,
+    ok: bool,
+}
+
+impl Settling {
+    fn expect(&mut self, event: usize, scope: String, digest: String, records: u64) {
+        self.events.insert(
+            event,
+            Track {
+                scope,
+                digest,
+                records,
+                remaining: records,
+                ok: true,
+            },
+        );
+    }
+
+    fn forget(&mut self, event: usize) {
+        self.events.remove(&event);
+    }
+
+    /// `n` lines of `event` went through a batch (`ok`: all settled); the digest to commit
+    /// when that was the event's last.
+    fn settled(&mut self, event: usize, n: u64, ok: bool) -> Option<PageDigest> {
+        let t = self.events.get_mut(&event)?;
+        t.remaining = t.remaining.saturating_sub(n);
+        t.ok &= ok;
+        if t.remaining > 0 {
+            return None;
+        }
+        let t = self.events.remove(&event)?;
+        t.ok.then_some(PageDigest {
+            scope: t.scope,
+            digest: t.digest,
+            records: t.records,
+        })
+    }
+}
+
+/// A booking line waiting for its batch.
+struct Pending {
+    /// Index into the run's events (with their units).
+    event: usize,
+    line: Line,
+    /// The page it came from and its place there (for a dead letter's record).
+    raw: (RawLines, usize),
+}
+
+/// One batch of booking lines (of one or more events): decide, write, then commit the
+/// ledger rows and dead letters.
 #[allow(clippy::too_many_arguments)] // the batch's whole context, passed once
 async fn batch(
     ctx: &RunCtx,
     air: &Airship,
     o: &TicketCoAirshipOptions,
-    event: &Event,
-    unit: i64,
-    items: Vec<Value>,
+    events: &[(Event, i64)],
+    items: Vec<Pending>,
     counts: &mut Counts,
     problems: &mut Problems,
+    settling: &mut Settling,
 ) -> Result<(), RunError> {
     let name = ctx.spec.name.as_str();
     let mut dead = Vec::new();
-    let mut lines = Vec::new();
+    let mut lines = Vec::with_capacity(items.len());
+    // Per event: lines in this batch, and whether all of them were settled.
+    let mut per_event: HashMap<usize, (u64, bool)> = HashMap::new();
+    for item in &items {
+        per_event.entry(item.event).or_insert((0, true)).0 += 1;
+    }
     for item in items {
-        match text(&item, "ref_number")
-            .map(|r| r.trim().to_string())
+        match item
+            .line
+            .ref_number
+            .as_deref()
+            .map(str::trim)
             .filter(|r| !r.is_empty())
         {
-            Some(r) => lines.push((r, item)),
+            Some(r) => lines.push((r.to_string(), item)),
             None => {
                 counts.failed += 1;
                 dead.push(DeadLetter {
                     source_id: None,
-                    record: item.to_string(),
-                    reason: format!("booking line of event {} has no ref_number", event.id),
+                    record: item.raw.0.raw(item.raw.1),
+                    reason: format!(
+                        "booking line of event {} has no ref_number",
+                        events[item.event].0.id
+                    ),
                 });
             }
         }
     }
-    let keys: Vec<String> = lines.iter().map(|(r, _)| r.clone()).collect();
+    // In key order: neighbouring ledger rows share the database's pages.
+    let mut keys: Vec<String> = lines.iter().map(|(r, _)| r.clone()).collect();
+    keys.sort_unstable();
+    keys.dedup();
     let known: HashMap<String, LedgerRow> = ctx
         .store
         .ledger_get(name, keys)
@@ -554,15 +830,25 @@ async fn batch(
         .collect();
     let mut ledger = Vec::new();
     let mut writes = Vec::new();
+    let mut starts = LocalTimes::default();
     for (r, item) in &lines {
-        match decide(item, event, unit, air.account_id, o, known.get(r)) {
+        let (event, unit) = &events[item.event];
+        match decide(
+            &item.line,
+            event,
+            *unit,
+            air.account_id,
+            o,
+            known.get(r),
+            &mut starts,
+        ) {
             Action::Unchanged | Action::StillDead => counts.skipped += 1,
             Action::Dead { reason, hash } => {
                 tracing::warn!(stream = name, booking = %r, reason = %reason, "booking set aside in dead letters");
                 counts.failed += 1;
                 dead.push(DeadLetter {
                     source_id: Some(r.clone()),
-                    record: item.to_string(),
+                    record: item.raw.0.raw(item.raw.1),
                     reason: reason.clone(),
                 });
                 ledger.push(LedgerRow {
@@ -572,15 +858,15 @@ async fn batch(
                     status: Some("dead_letter".into()),
                 });
             }
-            action => writes.push((r.clone(), action)),
+            action => writes.push((r.clone(), item.event, action)),
         }
     }
     // Writes for one contact (same e-mail, else same mobile) go one after another, so that
     // two new bookings of one buyer never race to create the contact twice; different
     // contacts' writes run side by side.
-    let mut groups: Vec<Vec<(String, Action)>> = Vec::new();
+    let mut groups: Vec<Vec<(String, usize, Action)>> = Vec::new();
     let mut group_of: HashMap<String, usize> = HashMap::new();
-    for (r, action) in writes {
+    for (r, ev, action) in writes {
         let key = match &action {
             Action::New { contact, .. } => {
                 contact_key(contact).unwrap_or_else(|| format!("ref:{r}"))
@@ -588,17 +874,17 @@ async fn batch(
             _ => format!("ref:{r}"),
         };
         match group_of.get(&key) {
-            Some(g) => groups[*g].push((r, action)),
+            Some(g) => groups[*g].push((r, ev, action)),
             None => {
                 group_of.insert(key, groups.len());
-                groups.push(vec![(r, action)]);
+                groups.push(vec![(r, ev, action)]);
             }
         }
     }
-    let results: Vec<(String, Action, Result<String, WriteError>)> =
+    let results: Vec<(String, usize, Action, Result<String, WriteError>)> =
         futures::stream::iter(groups.into_iter().map(|group| async move {
             let mut out = Vec::with_capacity(group.len());
-            for (r, action) in group {
+            for (r, ev, action) in group {
                 let res = match &action {
                     Action::New { contact, .. } => air.write_contact(contact, &ctx.cancel).await,
                     Action::Update { booking, .. } => {
@@ -606,7 +892,7 @@ async fn batch(
                     }
                     _ => unreachable!("only writes are queued"),
                 };
-                out.push((r, action, res));
+                out.push((r, ev, action, res));
             }
             out
         }))
@@ -615,7 +901,12 @@ async fn batch(
         .collect()
         .await;
     let mut fatal = None;
-    for (r, action, res) in results {
+    for (r, ev, action, res) in results {
+        if res.is_err()
+            && let Some(e) = per_event.get_mut(&ev)
+        {
+            e.1 = false;
+        }
         match (action, res) {
             (Action::New { hash, .. }, Ok(id)) => {
                 counts.created += 1;
@@ -663,14 +954,23 @@ async fn batch(
             (_, Ok(_)) => {}
         }
     }
+    let digests: Vec<PageDigest> = if fatal.is_some() {
+        Vec::new()
+    } else {
+        per_event
+            .into_iter()
+            .filter_map(|(ev, (n, ok))| settling.settled(ev, n, ok))
+            .collect()
+    };
     // What was written is recorded even when the run ends here.
-    if !ledger.is_empty() || !dead.is_empty() {
+    if !ledger.is_empty() || !dead.is_empty() || !digests.is_empty() {
         ctx.store
             .commit_page(PageCommit {
                 stream: name.to_string(),
                 cursor: None,
                 ledger,
                 dead_letters: dead,
+                digests,
                 ..Default::default()
             })
             .await?;
@@ -722,6 +1022,128 @@ mod tests {
             "buyer_email":"ada@example.org","buyer_phone":"+4712345678","buyer_email_opt_in":true})
     }
 
+    fn line(v: &Value) -> Line {
+        serde_json::from_value(v.clone()).unwrap()
+    }
+
+    /// The booking as the first version of usher built it (a JSON object, field by field):
+    /// its hash is what ledgers written then hold.
+    fn booking_as_first_written(item: &Value, unit: i64, o: &TicketCoAirshipOptions) -> Value {
+        let tz = o.timezone;
+        let text = |k: &str| crate::connectors::ticketco::text(item, k);
+        let mut b = Map::new();
+        b.insert("booking_reference".into(), json!(text("ref_number")));
+        b.insert("unit_id".into(), json!(unit));
+        if let Some(q) = item.get("quantity").and_then(Value::as_i64) {
+            b.insert("party_size".into(), json!(q));
+        }
+        if let Some(t) = text("event_start").and_then(|s| local_time(&s, tz)) {
+            b.insert("party_datetime".into(), json!(t));
+        }
+        if let Some(t) = text("transaction_datestamp").and_then(|s| local_time(&s, tz)) {
+            b.insert("party_enquirytime".into(), json!(t));
+        }
+        for (key, table, field) in [
+            ("status", &o.stages, "stage_value"),
+            ("source", &o.sources, "source_id"),
+            ("booking_type", &o.types, "type_id"),
+        ] {
+            if let Some(v) = text(key).and_then(|s| table.get(s.trim()).copied()) {
+                b.insert(field.into(), json!(v));
+            }
+        }
+        if let Some(p) = item.get("price").and_then(Value::as_i64) {
+            let sign = if p < 0 { "-" } else { "" };
+            let a = p.unsigned_abs();
+            b.insert(
+                "data".into(),
+                json!({"element_01": format!("{sign}{}.{:02}", a / 100, a % 100)}),
+            );
+        }
+        Value::Object(b)
+    }
+
+    #[test]
+    fn ledger_hashes_match_those_written_before_the_typed_booking() {
+        let o = opts();
+        let mut partial = item();
+        for k in ["quantity", "source", "price"] {
+            partial.as_object_mut().unwrap().remove(k);
+        }
+        partial["status"] = json!("no_show");
+        partial["ref_number"] = json!(88123);
+        let mut negative = item();
+        negative["price"] = json!(-1205);
+        negative["ref_number"] = json!("TC-\"Zoë\" \u{1F600}/\\\n");
+        for v in [item(), partial, negative] {
+            let typed = booking(&line(&v), &event(), 7, &o, &mut LocalTimes::default());
+            assert_eq!(
+                sha(&typed),
+                sha(&booking_as_first_written(&v, 7, &o)),
+                "{v}"
+            );
+        }
+    }
+
+    #[test]
+    fn lines_read_fields_leniently_as_before() {
+        let l = line(&json!({"ref_number": 12, "quantity": "2", "price": 1.5,
+            "status": ["paid"], "buyer_email": null, "buyer_email_opt_in": "yes",
+            "buyer_phone": 4712345678u64, "extra": {"nested": [1, 2]}, "source": "web"}));
+        assert_eq!(l.ref_number.as_deref(), Some("12"));
+        assert_eq!(l.quantity, None);
+        assert_eq!(l.price, None);
+        assert_eq!(l.status, None);
+        assert_eq!(l.buyer_email, None);
+        assert!(!l.buyer_email_opt_in);
+        assert_eq!(l.buyer_phone.as_deref(), Some("4712345678"));
+        assert_eq!(l.source.as_deref(), Some("web"));
+        // An element that is not an object is a line without fields, not a bad page.
+        let page = crate::connectors::ticketco::LinePage::parse(bytes::Bytes::from_static(
+            br#"{"item_grosses": [3, {"ref_number": "A"}, "x"], "more": 1}"#,
+        ))
+        .unwrap();
+        assert_eq!(page.len(), 3);
+        let (lines, raw) = page.lines().unwrap();
+        assert_eq!(lines.len(), 3);
+        assert_eq!(lines[0], Line::default());
+        assert_eq!(lines[1].ref_number.as_deref(), Some("A"));
+        assert_eq!(raw.raw(1), r#"{"ref_number": "A"}"#);
+        assert_eq!(raw.raw(2), r#""x""#);
+        for bad in [
+            &b"[]"[..],
+            br#"{"item_grosses": {}}"#,
+            br#"{"other": []}"#,
+            b"{",
+        ] {
+            assert!(
+                crate::connectors::ticketco::LinePage::parse(bytes::Bytes::from_static(bad))
+                    .is_err()
+            );
+        }
+    }
+
+    #[test]
+    fn wall_times_are_written_as_chrono_would() {
+        for t in [
+            "2026-06-01T16:00:00",
+            "0999-01-02T03:04:05",
+            "9999-12-31T23:59:59",
+        ] {
+            let n = NaiveDateTime::parse_from_str(t, "%Y-%m-%dT%H:%M:%S").unwrap();
+            assert_eq!(wall(&n), n.format("%Y-%m-%d %H:%M:%S").to_string());
+        }
+        let tz: Tz = "Europe/Oslo".parse().unwrap();
+        let mut memo = LocalTimes::default();
+        for _ in 0..2 {
+            assert_eq!(
+                memo.get("2026-06-01T14:00:00Z", tz).as_deref(),
+                Some("2026-06-01 16:00:00")
+            );
+            assert_eq!(memo.get("not a time", tz), None);
+        }
+    }
+
     #[test]
     fn the_window_is_yesterday_to_thirty_days_ahead_in_local_time() {
         let tz: Tz = "Europe/Oslo".parse().unwrap();
@@ -738,7 +1160,14 @@ mod tests {
 
     #[test]
     fn booking_fields_are_in_venue_local_time() {
-        let b = booking(&item(), &event(), 7, &opts());
+        let b = serde_json::to_value(booking(
+            &line(&item()),
+            &event(),
+            7,
+            &opts(),
+            &mut LocalTimes::default(),
+        ))
+        .unwrap();
         assert_eq!(b["party_datetime"], "2026-06-01 16:00:00");
         assert_eq!(b["party_enquirytime"], "2026-05-02 16:01:42");
         assert_eq!(b["stage_value"], 1);
@@ -752,7 +1181,15 @@ mod tests {
     #[test]
     fn new_known_changed_and_unchanged() {
         let o = opts();
-        let Action::New { contact, hash } = decide(&item(), &event(), 7, 11, &o, None) else {
+        let Action::New { contact, hash } = decide(
+            &line(&item()),
+            &event(),
+            7,
+            11,
+            &o,
+            None,
+            &mut LocalTimes::default(),
+        ) else {
             panic!("a booking not in the ledger is new");
         };
         assert_eq!(contact["first_name"], "Ada");
@@ -769,14 +1206,31 @@ mod tests {
             status: None,
         };
         assert_eq!(
-            decide(&item(), &event(), 7, 11, &o, Some(&row)),
+            decide(
+                &line(&item()),
+                &event(),
+                7,
+                11,
+                &o,
+                Some(&row),
+                &mut LocalTimes::default()
+            ),
             Action::Unchanged
         );
         let mut cancelled = item();
         cancelled["status"] = json!("cancelled");
         cancelled["buyer_email_opt_in"] = json!(false);
-        match decide(&cancelled, &event(), 7, 11, &o, Some(&row)) {
+        match decide(
+            &line(&cancelled),
+            &event(),
+            7,
+            11,
+            &o,
+            Some(&row),
+            &mut LocalTimes::default(),
+        ) {
             Action::Update { booking, .. } => {
+                let booking = serde_json::to_value(booking).unwrap();
                 assert_eq!(booking["stage_value"], 550);
                 assert!(booking.get("email").is_none() && booking.get("allow_email").is_none());
             }
@@ -789,7 +1243,15 @@ mod tests {
         let mut i = item();
         i["buyer_email"] = json!("  ");
         i["buyer_phone"] = Value::Null;
-        let Action::Dead { hash, .. } = decide(&i, &event(), 7, 11, &opts(), None) else {
+        let Action::Dead { hash, .. } = decide(
+            &line(&i),
+            &event(),
+            7,
+            11,
+            &opts(),
+            None,
+            &mut LocalTimes::default(),
+        ) else {
             panic!("dead letter expected");
         };
         let row = LedgerRow {
@@ -799,12 +1261,28 @@ mod tests {
             status: Some("dead_letter".into()),
         };
         assert_eq!(
-            decide(&i, &event(), 7, 11, &opts(), Some(&row)),
+            decide(
+                &line(&i),
+                &event(),
+                7,
+                11,
+                &opts(),
+                Some(&row),
+                &mut LocalTimes::default()
+            ),
             Action::StillDead
         );
         i["buyer_phone"] = json!("+47 1234");
         assert!(matches!(
-            decide(&i, &event(), 7, 11, &opts(), Some(&row)),
+            decide(
+                &line(&i),
+                &event(),
+                7,
+                11,
+                &opts(),
+                Some(&row),
+                &mut LocalTimes::default()
+            ),
             Action::New { .. }
         ));
     }

@@ -198,24 +198,15 @@ async fn events(State(tc): State<TicketCoFake>, Query(q): Query<EventsQuery>) ->
     let page = q.page.unwrap_or(1).max(1);
     let i = tc.inner.lock().unwrap();
     // Dates are the venue's local dates: the date part of `start_at` as written.
-    let date = |e: &Value| {
-        e["start_at"]
-            .as_str()
-            .unwrap_or("")
-            .get(..10)
-            .unwrap_or("")
-            .to_string()
-    };
+    fn date(e: &Value) -> &str {
+        e["start_at"].as_str().unwrap_or("").get(..10).unwrap_or("")
+    }
     let list: Vec<&Value> = i
         .events
         .iter()
         .filter(|e| q.status.as_deref().is_none_or(|s| e["status"] == s))
-        .filter(|e| {
-            q.start_from
-                .as_deref()
-                .is_none_or(|f| date(e).as_str() >= f)
-        })
-        .filter(|e| q.start_to.as_deref().is_none_or(|t| date(e).as_str() <= t))
+        .filter(|e| q.start_from.as_deref().is_none_or(|f| date(e) >= f))
+        .filter(|e| q.start_to.as_deref().is_none_or(|t| date(e) <= t))
         .collect();
     let start = (page - 1) * EVENTS_PER_PAGE;
     let slice: Vec<&Value> = list
@@ -224,7 +215,7 @@ async fn events(State(tc): State<TicketCoFake>, Query(q): Query<EventsQuery>) ->
         .take(EVENTS_PER_PAGE)
         .copied()
         .collect();
-    axum::Json(json!({ "events": slice })).into_response()
+    json_page("events", &slice)
 }
 
 #[derive(Deserialize)]
@@ -248,5 +239,20 @@ async fn item_grosses(State(tc): State<TicketCoFake>, Query(q): Query<ItemsQuery
         .unwrap_or(&[]);
     let start = (page - 1) * ITEMS_PER_PAGE;
     let slice: Vec<&Value> = list.iter().skip(start).take(ITEMS_PER_PAGE).collect();
-    axum::Json(json!({ "item_grosses": slice })).into_response()
+    json_page("item_grosses", &slice)
+}
+
+/// `{"<key>": [...]}`, written straight from the stored values (no copy of them).
+fn json_page(key: &str, items: &[&Value]) -> Response {
+    let mut body = Vec::with_capacity(512 * items.len() + 32);
+    body.extend_from_slice(b"{");
+    serde_json::to_writer(&mut body, key).expect("a key serializes");
+    body.extend_from_slice(b":");
+    serde_json::to_writer(&mut body, items).expect("JSON values serialize");
+    body.extend_from_slice(b"}");
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response()
 }

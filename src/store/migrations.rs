@@ -111,4 +111,17 @@ pub const MIGRATIONS: &[&str] = &[
         reason      TEXT NOT NULL
     );
     "#,
+    // 5 (Ticket Co x Airship): a digest of each source page group (a Ticket Co event's
+    // booking pages, with everything else that shapes what is sent) whose every record is
+    // in the ledger: the same digest next run means nothing in it changed.
+    r#"
+    CREATE TABLE page_digests (
+        stream      TEXT NOT NULL,
+        scope       TEXT NOT NULL,
+        digest      TEXT NOT NULL,
+        records     INTEGER NOT NULL,
+        updated_at  TEXT NOT NULL,
+        PRIMARY KEY (stream, scope)
+    ) WITHOUT ROWID;
+    "#,
 ];

@@ -1,6 +1,6 @@
 //! The only code that speaks SQL: one SQLite file under the state directory.
 //!
-//! Tables: cursors, links, outbox, ledger, runs, dead_letters, audit, schedule (see
+//! Tables: cursors, links, outbox, ledger, page_digests, runs, dead_letters, audit, schedule (see
 //! `migrations.rs`). The file is created 0600, in WAL mode, migrated at open.
 //! **A cursor is only ever written by [`Store::commit_page`] (or a reset), in the same
 //! transaction as the links, outbox rows, ledger rows and dead letters of the records it
@@ -116,6 +116,17 @@ pub struct PageCommit {
     pub resolved_dead_letters: Vec<i64>,
     /// Dead letters (by id) that were tried again and failed again: the new reason.
     pub failed_again: Vec<(i64, String)>,
+    /// Page digests to remember (see [`Store::page_digests`]).
+    pub digests: Vec<PageDigest>,
+}
+
+/// What a group of source pages looked like when every record in it was settled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageDigest {
+    pub scope: String,
+    pub digest: String,
+    /// The records in those pages.
+    pub records: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -385,31 +396,76 @@ impl Store {
 
     /// The ledger rows of `keys` (those that exist), for a daily run to tell new from known.
     pub async fn ledger_get(&self, stream: &str, keys: Vec<String>) -> Result<Vec<LedgerRow>> {
+        /// Keys per statement: one statement looks up many keys (one bind, one step per
+        /// row found), far cheaper than a statement per key on a run where little changed.
+        const CHUNK: usize = 500;
         let stream = stream.to_string();
         self.call(move |c| {
-            // One read transaction for the whole batch: one lock and one WAL check, not one
-            // per key (most of a no-change run's database time otherwise).
+            // One read transaction for the whole batch: one lock and one WAL check.
             let tx = c.transaction()?;
-            let mut st = tx.prepare_cached(
-                "SELECT content_hash, target_ids, status FROM ledger WHERE stream = ?1 AND key = ?2",
-            )?;
             let mut out = Vec::new();
-            for key in keys {
-                if let Some((content_hash, target_ids, status)) = st
-                    .query_row(params![stream, key], |r| {
-                        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            for chunk in keys.chunks(CHUNK) {
+                // Always CHUNK keys (the last one repeated), so that one prepared
+                // statement serves every lookup.
+                let sql = format!(
+                    "SELECT key, content_hash, target_ids, status FROM ledger \
+                     WHERE stream = ?1 AND key IN ({}) ORDER BY key",
+                    vec!["?"; CHUNK].join(",")
+                );
+                let mut st = tx.prepare_cached(&sql)?;
+                let pad = chunk.last().into_iter().cycle().take(CHUNK - chunk.len());
+                let params = std::iter::once(&stream).chain(chunk).chain(pad);
+                let rows = st.query_map(rusqlite::params_from_iter(params), |r| {
+                    Ok(LedgerRow {
+                        key: r.get(0)?,
+                        content_hash: r.get(1)?,
+                        target_ids: r.get(2)?,
+                        status: r.get(3)?,
                     })
-                    .optional()?
-                {
-                    out.push(LedgerRow {
-                        key,
-                        content_hash,
-                        target_ids,
-                        status,
-                    });
+                })?;
+                for row in rows {
+                    out.push(row?);
                 }
             }
-            drop(st);
+            tx.commit()?;
+            Ok(out)
+        })
+        .await
+    }
+
+    /// The stored digests of these scopes (those that have one). A cursor reset forgets
+    /// the stream's digests.
+    pub async fn page_digests(
+        &self,
+        stream: &str,
+        scopes: Vec<String>,
+    ) -> Result<std::collections::HashMap<String, PageDigest>> {
+        let stream = stream.to_string();
+        self.call(move |c| {
+            let tx = c.transaction()?;
+            let mut out = std::collections::HashMap::new();
+            {
+                let mut st = tx.prepare_cached(
+                    "SELECT digest, records FROM page_digests WHERE stream = ?1 AND scope = ?2",
+                )?;
+                for scope in scopes {
+                    if let Some((digest, records)) = st
+                        .query_row(params![stream, scope], |r| {
+                            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+                        })
+                        .optional()?
+                    {
+                        out.insert(
+                            scope.clone(),
+                            PageDigest {
+                                scope,
+                                digest,
+                                records: records as u64,
+                            },
+                        );
+                    }
+                }
+            }
             tx.commit()?;
             Ok(out)
         })
@@ -906,6 +962,17 @@ mod q {
                 params![id, p.stream, reason],
             )?;
         }
+        if !p.digests.is_empty() {
+            let mut st = tx.prepare_cached(
+                "INSERT INTO page_digests (stream, scope, digest, records, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (stream, scope) DO UPDATE SET digest = excluded.digest,
+                     records = excluded.records, updated_at = excluded.updated_at",
+            )?;
+            for d in &p.digests {
+                st.execute(params![p.stream, d.scope, d.digest, d.records as i64, now])?;
+            }
+        }
         if let Some(cur) = &p.cursor {
             set_cursor(tx, &p.stream, cur.as_deref())?;
         }
@@ -921,6 +988,11 @@ mod q {
         let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let old = cursor(&tx, stream)?;
         tx.execute("DELETE FROM cursors WHERE stream = ?1", params![stream])?;
+        // A reset run looks at every record again (the ledger still spares duplicates).
+        tx.execute(
+            "DELETE FROM page_digests WHERE stream = ?1",
+            params![stream],
+        )?;
         let detail = format!(
             "{detail}; cursor was {}",
             old.as_deref()
