@@ -38,7 +38,7 @@ use chrono::{DateTime, NaiveDate, NaiveDateTime};
 use chrono_tz::Tz;
 use futures::StreamExt;
 use serde::Serialize;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use super::{Flow, RunCtx, RunError, SourceError};
@@ -154,7 +154,7 @@ pub fn local_date(text: &str, tz: Tz) -> Option<NaiveDate> {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
     /// Not in the ledger (or dead-lettered before and changed since): write contact + booking.
-    New { contact: Value, hash: String },
+    New { contact: Contact, hash: String },
     /// In the ledger and changed: update the booking only.
     Update {
         booking: Booking,
@@ -253,8 +253,44 @@ pub fn booking(
 }
 
 /// The `POST /contact` body for a new booking: the contact, its groups on the venue's unit,
-/// and the booking inside. `allow_email` is sent only as `true` (an opt-in), so a contact
-/// who opted in elsewhere is never opted out; `allow_sms` is never sent.
+/// and the booking inside. Its JSON (hashed for a dead-lettered booking) keeps the field
+/// order of the first version of usher, as [`Booking`] does.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Contact {
+    pub account_id: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mobile_number: Option<String>,
+    /// Only ever `Some(true)`: an opt-in elsewhere is never removed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allow_email: Option<bool>,
+    pub source_name: String,
+    pub units: Vec<ContactUnit>,
+    pub bookings: Vec<Booking>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ContactUnit {
+    pub id: i64,
+    pub groups: Vec<Group>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Group {
+    pub name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub folder_name: Option<String>,
+}
+
+/// The contact for a new booking: its groups on the venue's unit (the booking group, and
+/// a group per configured tag the event carries), and the booking inside. `allow_email` is
+/// sent only as `true` (an opt-in), so a contact who opted in elsewhere is never opted out;
+/// `allow_sms` is never sent.
 pub fn contact(
     item: &Line,
     event: &Event,
@@ -262,37 +298,30 @@ pub fn contact(
     unit: i64,
     account_id: i64,
     o: &TicketCoAirshipOptions,
-) -> Value {
-    let mut c = Map::new();
-    c.insert("account_id".into(), json!(account_id));
-    for (to, from) in [
-        ("first_name", &item.buyer_first_name),
-        ("last_name", &item.buyer_last_name),
-        ("email", &item.buyer_email),
-        ("mobile_number", &item.buyer_phone),
-    ] {
-        if let Some(v) = trimmed(from) {
-            c.insert(to.into(), json!(v));
-        }
-    }
-    if item.buyer_email_opt_in {
-        c.insert("allow_email".into(), json!(true));
-    }
-    c.insert("source_name".into(), json!(o.source_name));
-    let mut groups = vec![json!({"name": o.booking_group})];
+) -> Contact {
+    let mut groups = vec![Group {
+        name: o.booking_group.clone(),
+        folder_name: None,
+    }];
     for tag in &o.event_tags {
         if event.tags.iter().any(|t| t.trim() == tag.trim()) {
-            let mut g = Map::new();
-            g.insert("name".into(), json!(tag));
-            if let Some(f) = &o.tag_folder {
-                g.insert("folder_name".into(), json!(f));
-            }
-            groups.push(Value::Object(g));
+            groups.push(Group {
+                name: tag.clone(),
+                folder_name: o.tag_folder.clone(),
+            });
         }
     }
-    c.insert("units".into(), json!([{"id": unit, "groups": groups}]));
-    c.insert("bookings".into(), json!([booking]));
-    Value::Object(c)
+    Contact {
+        account_id,
+        first_name: trimmed(&item.buyer_first_name),
+        last_name: trimmed(&item.buyer_last_name),
+        email: trimmed(&item.buyer_email),
+        mobile_number: trimmed(&item.buyer_phone),
+        allow_email: item.buyer_email_opt_in.then_some(true),
+        source_name: o.source_name.clone(),
+        units: vec![ContactUnit { id: unit, groups }],
+        bookings: vec![booking.clone()],
+    }
 }
 
 /// New, known-and-changed, unchanged or unsendable: pure, from the line and its ledger row.
@@ -371,16 +400,18 @@ pub async fn check_venues(
 
 /// The contact a `POST /contact` body is upserted as: e-mail (trimmed, lowercase), else
 /// mobile digits.
-fn contact_key(contact: &Value) -> Option<String> {
-    if let Some(e) = contact["email"]
-        .as_str()
+fn contact_key(contact: &Contact) -> Option<String> {
+    if let Some(e) = contact
+        .email
+        .as_deref()
         .map(|e| e.trim().to_lowercase())
         .filter(|e| !e.is_empty())
     {
         return Some(format!("email:{e}"));
     }
-    let m: String = contact["mobile_number"]
-        .as_str()?
+    let m: String = contact
+        .mobile_number
+        .as_deref()?
         .chars()
         .filter(char::is_ascii_digit)
         .collect();
@@ -1026,9 +1057,35 @@ mod tests {
         serde_json::from_value(v.clone()).unwrap()
     }
 
+    /// A JSON object whose keys keep the order they were inserted in, as `serde_json::Map`
+    /// did when usher first wrote ledgers (the `preserve_order` feature).
+    #[derive(Default)]
+    struct Map(Vec<(String, Box<serde_json::value::RawValue>)>);
+
+    impl Map {
+        fn new() -> Self {
+            Map::default()
+        }
+        fn insert(&mut self, k: String, v: impl Serialize) {
+            let raw = serde_json::value::to_raw_value(&v).unwrap();
+            self.0.push((k, raw));
+        }
+    }
+
+    impl Serialize for Map {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            use serde::ser::SerializeMap;
+            let mut m = s.serialize_map(Some(self.0.len()))?;
+            for (k, v) in &self.0 {
+                m.serialize_entry(k, v)?;
+            }
+            m.end()
+        }
+    }
+
     /// The booking as the first version of usher built it (a JSON object, field by field):
     /// its hash is what ledgers written then hold.
-    fn booking_as_first_written(item: &Value, unit: i64, o: &TicketCoAirshipOptions) -> Value {
+    fn booking_as_first_written(item: &Value, unit: i64, o: &TicketCoAirshipOptions) -> Map {
         let tz = o.timezone;
         let text = |k: &str| crate::connectors::ticketco::text(item, k);
         let mut b = Map::new();
@@ -1060,7 +1117,50 @@ mod tests {
                 json!({"element_01": format!("{sign}{}.{:02}", a / 100, a % 100)}),
             );
         }
-        Value::Object(b)
+        b
+    }
+
+    /// The contact of a new booking as the first version of usher built it (hashed for a
+    /// dead-lettered booking).
+    fn contact_as_first_written(item: &Value, unit: i64, o: &TicketCoAirshipOptions) -> Map {
+        let mut c = Map::new();
+        c.insert("account_id".into(), json!(11));
+        for (to, from) in [
+            ("first_name", "buyer_first_name"),
+            ("last_name", "buyer_last_name"),
+            ("email", "buyer_email"),
+            ("mobile_number", "buyer_phone"),
+        ] {
+            if let Some(v) = crate::connectors::ticketco::text(item, from)
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+            {
+                c.insert(to.into(), json!(v));
+            }
+        }
+        if item.get("buyer_email_opt_in").and_then(Value::as_bool) == Some(true) {
+            c.insert("allow_email".into(), json!(true));
+        }
+        c.insert("source_name".into(), json!(o.source_name));
+        let mut first = Map::new();
+        first.insert("name".into(), json!(o.booking_group));
+        let mut groups = vec![first];
+        for tag in &o.event_tags {
+            if event().tags.iter().any(|t| t.trim() == tag.trim()) {
+                let mut g = Map::new();
+                g.insert("name".into(), json!(tag));
+                if let Some(f) = &o.tag_folder {
+                    g.insert("folder_name".into(), json!(f));
+                }
+                groups.push(g);
+            }
+        }
+        let mut u = Map::new();
+        u.insert("id".into(), json!(unit));
+        u.insert("groups".into(), &groups);
+        c.insert("units".into(), [u]);
+        c.insert("bookings".into(), [booking_as_first_written(item, unit, o)]);
+        c
     }
 
     #[test]
@@ -1080,6 +1180,12 @@ mod tests {
             assert_eq!(
                 sha(&typed),
                 sha(&booking_as_first_written(&v, 7, &o)),
+                "{v}"
+            );
+            let c = contact(&line(&v), &event(), &typed, 7, 11, &o);
+            assert_eq!(
+                serde_json::to_vec(&c).unwrap(),
+                serde_json::to_vec(&contact_as_first_written(&v, 7, &o)).unwrap(),
                 "{v}"
             );
         }
@@ -1192,6 +1298,7 @@ mod tests {
         ) else {
             panic!("a booking not in the ledger is new");
         };
+        let contact = serde_json::to_value(&contact).unwrap();
         assert_eq!(contact["first_name"], "Ada");
         assert_eq!(contact["allow_email"], true);
         assert!(contact.get("allow_sms").is_none());

@@ -120,6 +120,37 @@ pub struct PageCommit {
     pub digests: Vec<PageDigest>,
 }
 
+/// Keys looked up by one statement (`… IN (?, ?, …)`): one bind and one step per row
+/// found, far cheaper than a statement per key when a page looks up hundreds.
+const KEYS_PER_LOOKUP: usize = 500;
+
+/// `{select} IN (?2, …)` with [`KEYS_PER_LOOKUP`] places, always that many (the last key
+/// repeated, see [`in_list_params`]), so that one prepared statement serves every lookup.
+fn in_list_sql(select: &str) -> String {
+    let mut sql = format!("{select} IN (");
+    for i in 0..KEYS_PER_LOOKUP {
+        if i > 0 {
+            sql.push(',');
+        }
+        sql.push('?');
+    }
+    sql.push(')');
+    sql
+}
+
+/// The stream, then `keys` (at most [`KEYS_PER_LOOKUP`]) padded with the last one.
+fn in_list_params<'a>(
+    stream: &'a String,
+    keys: &'a [String],
+) -> rusqlite::ParamsFromIter<impl Iterator<Item = &'a String>> {
+    let pad = keys
+        .last()
+        .into_iter()
+        .cycle()
+        .take(KEYS_PER_LOOKUP - keys.len());
+    rusqlite::params_from_iter(std::iter::once(stream).chain(keys).chain(pad))
+}
+
 /// What a group of source pages looked like when every record in it was settled.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PageDigest {
@@ -370,20 +401,19 @@ impl Store {
     ) -> Result<Vec<(String, String)>> {
         let stream = stream.to_string();
         self.call(move |c| {
-            // One read transaction for all the look-ups (not one per ID): far fewer locks.
+            // One read transaction, and one statement per KEYS_PER_LOOKUP IDs (not one per
+            // ID): far fewer locks and steps.
             let tx = c.transaction()?;
             let mut out = Vec::new();
-            {
-                let mut st = tx.prepare_cached(
-                    "SELECT target_id FROM links WHERE stream = ?1 AND source_id = ?2",
-                )?;
-                for id in source_ids {
-                    if let Some(t) = st
-                        .query_row(params![stream, id], |r| r.get::<_, String>(0))
-                        .optional()?
-                    {
-                        out.push((id, t));
-                    }
+            for chunk in source_ids.chunks(KEYS_PER_LOOKUP) {
+                let mut st = tx.prepare_cached(&in_list_sql(
+                    "SELECT source_id, target_id FROM links WHERE stream = ?1 AND source_id",
+                ))?;
+                let rows = st.query_map(in_list_params(&stream, chunk), |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+                })?;
+                for row in rows {
+                    out.push(row?);
                 }
             }
             tx.commit()?;
@@ -396,26 +426,17 @@ impl Store {
 
     /// The ledger rows of `keys` (those that exist), for a daily run to tell new from known.
     pub async fn ledger_get(&self, stream: &str, keys: Vec<String>) -> Result<Vec<LedgerRow>> {
-        /// Keys per statement: one statement looks up many keys (one bind, one step per
-        /// row found), far cheaper than a statement per key on a run where little changed.
-        const CHUNK: usize = 500;
         let stream = stream.to_string();
         self.call(move |c| {
             // One read transaction for the whole batch: one lock and one WAL check.
             let tx = c.transaction()?;
             let mut out = Vec::new();
-            for chunk in keys.chunks(CHUNK) {
-                // Always CHUNK keys (the last one repeated), so that one prepared
-                // statement serves every lookup.
-                let sql = format!(
+            for chunk in keys.chunks(KEYS_PER_LOOKUP) {
+                let mut st = tx.prepare_cached(&in_list_sql(
                     "SELECT key, content_hash, target_ids, status FROM ledger \
-                     WHERE stream = ?1 AND key IN ({}) ORDER BY key",
-                    vec!["?"; CHUNK].join(",")
-                );
-                let mut st = tx.prepare_cached(&sql)?;
-                let pad = chunk.last().into_iter().cycle().take(CHUNK - chunk.len());
-                let params = std::iter::once(&stream).chain(chunk).chain(pad);
-                let rows = st.query_map(rusqlite::params_from_iter(params), |r| {
+                     WHERE stream = ?1 AND key",
+                ))?;
+                let rows = st.query_map(in_list_params(&stream, chunk), |r| {
                     Ok(LedgerRow {
                         key: r.get(0)?,
                         content_hash: r.get(1)?,
