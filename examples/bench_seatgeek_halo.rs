@@ -103,7 +103,7 @@ source = "seatgeek"
 entity = "user"
 target = "halo"
 every = "15m"
-page_size = 1000
+page_size = 500
 
 [streams.bench.static]
 inactive = false
@@ -111,7 +111,7 @@ inactive = false
 [streams.bench.halo]
 default_site = 18
 id_field = "custom:CFSeatGeekId"
-batch_size = 1000
+batch_size = 500
 
 [streams.bench.halo.custom_fields]
 CFMarketingOptIn = "marketing_opt_in | string"
