@@ -11,6 +11,10 @@
 //! - A page whose JSON lacks the `events`/`item_grosses` array is malformed: an error for
 //!   that call, which the engine confines to that event (or ends the listing).
 //! - A 401 is reported as "credentials refused" naming the connection.
+//! - A booking line's fields are read leniently ([`Line`]): a text field may be a string or
+//!   a number, a field of another type reads as absent, and an element that is not an
+//!   object is a line without fields (it goes to dead letters for its missing
+//!   `ref_number`); only a page that is not `{"item_grosses": [...]}` is malformed.
 
 use reqwest::Method;
 use serde::Deserialize;
