@@ -133,6 +133,7 @@ impl TicketCoFake {
         if events_list.is_empty() {
             return;
         }
+        i.pages.clear();
         for b in 0..bookings {
             let (eid, start) = &events_list[(b as usize) % events_list.len()];
             let item = json!({
@@ -148,7 +149,6 @@ impl TicketCoFake {
                 "buyer_email_opt_in": b % 3 == 0, "checked_in_at": null,
             });
             i.items.entry(eid.clone()).or_default().push(item);
-            i.pages.clear();
         }
     }
 

@@ -1,7 +1,7 @@
 //! The only code that speaks SQL: one SQLite file under the state directory.
 //!
-//! Tables: cursors, links, outbox, ledger, page_digests, runs, dead_letters, audit, schedule (see
-//! `migrations.rs`). The file is created 0600, in WAL mode, migrated at open.
+//! Tables: cursors, links, outbox, ledger, page_digests, runs, dead_letters, audit,
+//! schedule (see `migrations.rs`). The file is created 0600, in WAL mode, migrated at open.
 //! **A cursor is only ever written by [`Store::commit_page`] (or a reset), in the same
 //! transaction as the links, outbox rows, ledger rows and dead letters of the records it
 //! covers.** rusqlite is blocking: every call runs on tokio's blocking pool through
@@ -470,26 +470,20 @@ impl Store {
         self.call(move |c| {
             let tx = c.transaction()?;
             let mut out = std::collections::HashMap::new();
-            {
-                let mut st = tx.prepare_cached(
-                    "SELECT digest, records FROM page_digests WHERE stream = ?1 AND scope = ?2",
-                )?;
-                for scope in scopes {
-                    if let Some((digest, records)) = st
-                        .query_row(params![stream, scope], |r| {
-                            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
-                        })
-                        .optional()?
-                    {
-                        out.insert(
-                            scope.clone(),
-                            PageDigest {
-                                scope,
-                                digest,
-                                records: records as u64,
-                            },
-                        );
-                    }
+            for chunk in scopes.chunks(KEYS_PER_LOOKUP) {
+                let mut st = tx.prepare_cached(&in_list_sql(
+                    "SELECT scope, digest, records FROM page_digests WHERE stream = ?1 AND scope",
+                ))?;
+                let rows = st.query_map(in_list_params(&stream, chunk), |r| {
+                    Ok(PageDigest {
+                        scope: r.get(0)?,
+                        digest: r.get(1)?,
+                        records: r.get::<_, i64>(2)? as u64,
+                    })
+                })?;
+                for row in rows {
+                    let d = row?;
+                    out.insert(d.scope.clone(), d);
                 }
             }
             tx.commit()?;
