@@ -200,13 +200,37 @@ pub enum CursorAction {
     },
 }
 
+/// Async worker threads: one unless `TOKIO_WORKER_THREADS` says otherwise. usher's async
+/// work is waiting on vendors; SQLite runs on the blocking pool beside it. One worker spends
+/// less CPU and memory than two on the same run (ARCHITECTURE, "Performance"): with two,
+/// every HTTP answer is read on one thread and parsed and freed on the other.
+fn worker_threads(env: Option<&str>) -> Result<usize, String> {
+    match env.map(str::trim) {
+        None | Some("") => Ok(1),
+        Some(v) => match v.parse::<usize>() {
+            Ok(n) if (1..=256).contains(&n) => Ok(n),
+            _ => Err(format!(
+                "TOKIO_WORKER_THREADS is {v:?}; give a number of threads from 1 to 256, or unset it"
+            )),
+        },
+    }
+}
+
 pub fn main() -> i32 {
     let cli = Cli::parse();
     // Ticket Co x Airship (generic): `--now` sets the clock every run reads.
     if let Some(now) = cli.now {
         crate::clock::Clock::set_process(crate::clock::Clock::starting_at(now));
     }
+    let workers = match worker_threads(std::env::var("TOKIO_WORKER_THREADS").ok().as_deref()) {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("usher: {e}");
+            return EX_CONFIG;
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
         .enable_all()
         .build()
     {
@@ -325,6 +349,22 @@ fn generate_assets(dir: &std::path::Path) -> i32 {
         Err(e) => {
             eprintln!("usher: cannot write assets to {}: {e}", dir.display());
             EX_FAIL
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::worker_threads;
+
+    #[test]
+    fn one_worker_unless_the_environment_says_otherwise() {
+        assert_eq!(worker_threads(None), Ok(1));
+        assert_eq!(worker_threads(Some(" ")), Ok(1));
+        assert_eq!(worker_threads(Some("4")), Ok(4));
+        for bad in ["0", "two", "-1", "1000"] {
+            let e = worker_threads(Some(bad)).unwrap_err();
+            assert!(e.contains("TOKIO_WORKER_THREADS") && e.contains(bad), "{e}");
         }
     }
 }

@@ -143,6 +143,18 @@ impl SeatGeekSource {
         limit: u32,
         cancel: &CancellationToken,
     ) -> Result<EventPage, SourceError> {
+        self.fetch(cursor, limit, cancel).await?.parse()
+    }
+
+    /// Reads one page without parsing it: the engine fetches the next page while it writes
+    /// the current one, and parses it after the current one is committed and dropped, so
+    /// that at most one page of parsed events is in memory.
+    pub async fn fetch(
+        &self,
+        cursor: Option<&str>,
+        limit: u32,
+        cancel: &CancellationToken,
+    ) -> Result<PageBody, SourceError> {
         let mut url = self.endpoint.url("v1/change-events");
         {
             let mut q = url.query_pairs_mut();
@@ -179,10 +191,30 @@ impl SeatGeekSource {
             }
             .into());
         }
-        parse_page(&reply.body).map_err(|reason| SourceError::Malformed {
+        Ok(PageBody {
             conn: self.endpoint.name.clone(),
             what,
-            reason: format!("{reason}; the answer starts with: {}", reply.snippet()),
+            body: reply.body,
+        })
+    }
+}
+
+/// A page of change events as SeatGeek sent it (a 2xx answer), not parsed yet.
+pub struct PageBody {
+    conn: String,
+    what: String,
+    body: bytes::Bytes,
+}
+
+impl PageBody {
+    pub fn parse(self) -> Result<EventPage, SourceError> {
+        parse_page(&self.body).map_err(|reason| SourceError::Malformed {
+            conn: self.conn,
+            what: self.what,
+            reason: format!(
+                "{reason}; the answer starts with: {}",
+                crate::http::snippet(&self.body)
+            ),
         })
     }
 }
