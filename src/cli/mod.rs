@@ -200,13 +200,14 @@ pub enum CursorAction {
     },
 }
 
-/// Async worker threads: one unless `TOKIO_WORKER_THREADS` says otherwise. usher's async
-/// work is waiting on vendors; SQLite runs on the blocking pool beside it. One worker spends
-/// less CPU and memory than two on the same run (ARCHITECTURE, "Performance"): with two,
-/// every HTTP answer is read on one thread and parsed and freed on the other.
-fn worker_threads(env: Option<&str>) -> Result<usize, String> {
+/// Async worker threads: `default` unless `TOKIO_WORKER_THREADS` says otherwise. usher's
+/// async work is waiting on vendors; SQLite runs on the blocking pool beside it. One worker
+/// spends less CPU and memory than two on the same run (ARCHITECTURE, "Performance"): with
+/// two, every HTTP answer is read on one thread and parsed and freed on the other. The fakes
+/// (`usher sandbox`) stand in for the vendors' servers and get one worker per core.
+fn worker_threads(env: Option<&str>, default: usize) -> Result<usize, String> {
     match env.map(str::trim) {
-        None | Some("") => Ok(1),
+        None | Some("") => Ok(default),
         Some(v) => match v.parse::<usize>() {
             Ok(n) if (1..=256).contains(&n) => Ok(n),
             _ => Err(format!(
@@ -222,7 +223,12 @@ pub fn main() -> i32 {
     if let Some(now) = cli.now {
         crate::clock::Clock::set_process(crate::clock::Clock::starting_at(now));
     }
-    let workers = match worker_threads(std::env::var("TOKIO_WORKER_THREADS").ok().as_deref()) {
+    let default_workers = match cli.command {
+        Command::Sandbox { .. } => std::thread::available_parallelism().map_or(2, |n| n.get()),
+        _ => 1,
+    };
+    let env_workers = std::env::var("TOKIO_WORKER_THREADS").ok();
+    let workers = match worker_threads(env_workers.as_deref(), default_workers) {
         Ok(n) => n,
         Err(e) => {
             eprintln!("usher: {e}");
@@ -359,11 +365,12 @@ mod tests {
 
     #[test]
     fn one_worker_unless_the_environment_says_otherwise() {
-        assert_eq!(worker_threads(None), Ok(1));
-        assert_eq!(worker_threads(Some(" ")), Ok(1));
-        assert_eq!(worker_threads(Some("4")), Ok(4));
+        assert_eq!(worker_threads(None, 1), Ok(1));
+        assert_eq!(worker_threads(Some(" "), 1), Ok(1));
+        assert_eq!(worker_threads(None, 2), Ok(2));
+        assert_eq!(worker_threads(Some("4"), 1), Ok(4));
         for bad in ["0", "two", "-1", "1000"] {
-            let e = worker_threads(Some(bad)).unwrap_err();
+            let e = worker_threads(Some(bad), 1).unwrap_err();
             assert!(e.contains("TOKIO_WORKER_THREADS") && e.contains(bad), "{e}");
         }
     }
