@@ -151,6 +151,29 @@ fn in_list_params<'a>(
     rusqlite::params_from_iter(std::iter::once(stream).chain(keys).chain(pad))
 }
 
+/// The rows of `{select} IN (…)` for all of `keys`, [`KEYS_PER_LOOKUP`] per statement, in
+/// one read transaction (one lock and one WAL check). `select` binds the stream as `?1`.
+fn rows_by_keys<T>(
+    c: &mut Connection,
+    select: &str,
+    stream: &String,
+    keys: &[String],
+    mut row: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+) -> rusqlite::Result<Vec<T>> {
+    let tx = c.transaction()?;
+    let mut out = Vec::new();
+    {
+        let mut st = tx.prepare_cached(&in_list_sql(select))?;
+        for chunk in keys.chunks(KEYS_PER_LOOKUP) {
+            for r in st.query_map(in_list_params(stream, chunk), &mut row)? {
+                out.push(r?);
+            }
+        }
+    }
+    tx.commit()?;
+    Ok(out)
+}
+
 /// What a group of source pages looked like when every record in it was settled.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PageDigest {
@@ -406,23 +429,13 @@ impl Store {
     ) -> Result<Vec<(String, String)>> {
         let stream = stream.to_string();
         self.call(move |c| {
-            // One read transaction, and one statement per KEYS_PER_LOOKUP IDs (not one per
-            // ID): far fewer locks and steps.
-            let tx = c.transaction()?;
-            let mut out = Vec::new();
-            for chunk in source_ids.chunks(KEYS_PER_LOOKUP) {
-                let mut st = tx.prepare_cached(&in_list_sql(
-                    "SELECT source_id, target_id FROM links WHERE stream = ?1 AND source_id",
-                ))?;
-                let rows = st.query_map(in_list_params(&stream, chunk), |r| {
-                    Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
-                })?;
-                for row in rows {
-                    out.push(row?);
-                }
-            }
-            tx.commit()?;
-            Ok(out)
+            rows_by_keys(
+                c,
+                "SELECT source_id, target_id FROM links WHERE stream = ?1 AND source_id",
+                &stream,
+                &source_ids,
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
         })
         .await
     }
@@ -433,28 +446,20 @@ impl Store {
     pub async fn ledger_get(&self, stream: &str, keys: Vec<String>) -> Result<Vec<LedgerRow>> {
         let stream = stream.to_string();
         self.call(move |c| {
-            // One read transaction for the whole batch: one lock and one WAL check.
-            let tx = c.transaction()?;
-            let mut out = Vec::new();
-            for chunk in keys.chunks(KEYS_PER_LOOKUP) {
-                let mut st = tx.prepare_cached(&in_list_sql(
-                    "SELECT key, content_hash, target_ids, status FROM ledger \
-                     WHERE stream = ?1 AND key",
-                ))?;
-                let rows = st.query_map(in_list_params(&stream, chunk), |r| {
+            rows_by_keys(
+                c,
+                "SELECT key, content_hash, target_ids, status FROM ledger WHERE stream = ?1 AND key",
+                &stream,
+                &keys,
+                |r| {
                     Ok(LedgerRow {
                         key: r.get(0)?,
                         content_hash: r.get(1)?,
                         target_ids: r.get(2)?,
                         status: r.get(3)?,
                     })
-                })?;
-                for row in rows {
-                    out.push(row?);
-                }
-            }
-            tx.commit()?;
-            Ok(out)
+                },
+            )
         })
         .await
     }
@@ -467,29 +472,24 @@ impl Store {
         scopes: Vec<String>,
     ) -> Result<std::collections::HashMap<String, PageDigest>> {
         let stream = stream.to_string();
-        self.call(move |c| {
-            let tx = c.transaction()?;
-            let mut out = std::collections::HashMap::new();
-            for chunk in scopes.chunks(KEYS_PER_LOOKUP) {
-                let mut st = tx.prepare_cached(&in_list_sql(
+        let rows = self
+            .call(move |c| {
+                rows_by_keys(
+                    c,
                     "SELECT scope, digest, records FROM page_digests WHERE stream = ?1 AND scope",
-                ))?;
-                let rows = st.query_map(in_list_params(&stream, chunk), |r| {
-                    Ok(PageDigest {
-                        scope: r.get(0)?,
-                        digest: r.get(1)?,
-                        records: r.get::<_, i64>(2)? as u64,
-                    })
-                })?;
-                for row in rows {
-                    let d = row?;
-                    out.insert(d.scope.clone(), d);
-                }
-            }
-            tx.commit()?;
-            Ok(out)
-        })
-        .await
+                    &stream,
+                    &scopes,
+                    |r| {
+                        Ok(PageDigest {
+                            scope: r.get(0)?,
+                            digest: r.get(1)?,
+                            records: r.get::<_, i64>(2)? as u64,
+                        })
+                    },
+                )
+            })
+            .await?;
+        Ok(rows.into_iter().map(|d| (d.scope.clone(), d)).collect())
     }
 
     // ---- outbox ----
