@@ -208,13 +208,17 @@ async fn toggle_off_pauses_without_losing_state_and_on_resumes_across_reloads() 
     assert!(wait_until(Duration::from_secs(10), || s.cdp.events().len() == 30));
 
     // A payload left waiting (the CDP answers 503), then the integration is turned off.
+    // (Wait for the refused POST of the 20 new contacts: until the first run has deleted its
+    // delivered payload, the outbox may still hold that one.)
     s.cdp.force_always(Some(503));
     s.crm.add_contacts(20);
     assert!(
-        wait_until(Duration::from_secs(10), || query_i64(
-            &env.db_path(),
-            "SELECT COUNT(*) FROM outbox"
-        ) == 1),
+        wait_until(Duration::from_secs(10), || s
+            .cdp
+            .calls()
+            .iter()
+            .any(|c| c.status == 503 && c.events == 20)
+            && query_i64(&env.db_path(), "SELECT COUNT(*) FROM outbox") == 1),
         "{}",
         d.log()
     );
@@ -237,7 +241,7 @@ async fn toggle_off_pauses_without_losing_state_and_on_resumes_across_reloads() 
     let calls_off = posts();
     let outbox_body: Vec<u8> = common::db(&env.db_path())
         .query_row("SELECT body FROM outbox", [], |r| r.get(0))
-        .unwrap();
+        .unwrap_or_else(|e| panic!("the waiting payload: {e}\n{}", d.log()));
     s.crm.add_contacts(10);
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(posts(), calls_off, "no call while off");
