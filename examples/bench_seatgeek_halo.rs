@@ -2,7 +2,8 @@
 //! Halo, the fakes in a separate process (`usher sandbox --seatgeek-events N
 //! --seatgeek-users U`), one run of the stream (`usher trigger`) under `/usr/bin/time -v`.
 //! Prints wall time, events/s, usher's own CPU seconds (user + system) and peak RSS, and the
-//! fakes' CPU seconds (from /proc), for each size.
+//! fakes' CPU seconds (from /proc), for each size, and usher's CPU over the fakes' (the fakes
+//! do the same work every run, so that ratio compares runs on hosts of different speed).
 //!
 //! ```text
 //! cargo build --release && cargo run --release --example bench_seatgeek_halo
@@ -166,6 +167,12 @@ CFMarketingOptIn = "marketing_opt_in | string"
     );
     println!("  usher peak RSS {:.1} MB", rss_kb / 1024.0);
     println!("  fakes' CPU during the run {fake_cpu:.2} s (separate process)");
+    // The hosts these run on differ in speed by up to 2x from one day to the next; the fakes
+    // do the same work every time, so usher's CPU over theirs compares runs across hosts.
+    println!(
+        "  usher CPU / fakes' CPU {:.2} (compares runs on different hosts)",
+        (user + sys) / fake_cpu.max(0.01)
+    );
     if !out.status.success() {
         println!("  usher exited with {:?}: {stdout}", out.status.code());
     }
