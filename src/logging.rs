@@ -17,8 +17,8 @@ pub struct LogGuard(#[allow(dead_code)] Option<WorkerGuard>);
 
 pub fn init(settings: &LogSettings, format: LogFormat) -> LogGuard {
     let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&settings.level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+        .or_else(|_| EnvFilter::try_new(quiet_dependencies(&settings.level)))
+        .unwrap_or_else(|_| EnvFilter::new(quiet_dependencies("info")));
     let format = match format {
         LogFormat::Auto => settings.format,
         other => other,
@@ -62,6 +62,13 @@ pub fn init(settings: &LogSettings, format: LogFormat) -> LogGuard {
         eprintln!("usher: logging was already set up: {e}");
     }
     LogGuard(guard)
+}
+
+/// The configured level, with tokio-cron-scheduler held to warnings: it logs "Job creator
+/// created" at INFO for every job armed, i.e. at every firing of every stream. `RUST_LOG`
+/// (taken as it is) can still ask for it.
+fn quiet_dependencies(level: &str) -> String {
+    format!("{level},tokio_cron_scheduler=warn")
 }
 
 /// For one-shot CLI commands: warnings and errors on stderr, `RUST_LOG` to see more.

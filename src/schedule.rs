@@ -114,6 +114,16 @@ impl Schedule {
         }
     }
 
+    /// The slot to arm after the timer armed for `fired` went off at `now`. A timer may fire
+    /// early (tokio-cron-scheduler keeps whole wall-clock seconds and polls every 500 ms) or
+    /// late; arming from the wall clock when it is still before the slot that fired would arm
+    /// that same slot again and run it twice. So the next slot comes after the later of the
+    /// two: never the slot that fired, and after a late firing (a suspended host, a busy
+    /// runtime) the slots it overslept collapse into the one run that just started.
+    pub fn next_slot(&self, fired: DateTime<Utc>, now: DateTime<Utc>) -> DateTime<Utc> {
+        self.next_after(fired.max(now))
+    }
+
     /// What to do at start: the next firing, or now when a firing was missed since the last
     /// run (one catch-up run however many were missed). A stream that never ran on an
     /// interval runs at start; a cron stream that never ran waits for its time.
@@ -213,6 +223,66 @@ mod tests {
         assert_eq!(
             c.first_after_start(now, Some(utc("2025-12-30T03:00:00Z"))),
             now
+        );
+    }
+
+    /// What the daemon does with a timer that fires off its mark: the run belongs to the
+    /// slot that fired, and the next slot is armed with [`Schedule::next_slot`].
+    fn simulate_day(s: &Schedule, start: DateTime<Utc>, offsets_ms: &[i64]) -> Vec<DateTime<Utc>> {
+        let end = start + chrono::Duration::days(1);
+        let mut runs = Vec::new();
+        let mut armed = s.next_after(start);
+        let mut i = 0;
+        while armed < end {
+            // The timer goes off up to 1.5 s early or up to 3 s late.
+            let fired_at = armed + chrono::Duration::milliseconds(offsets_ms[i % offsets_ms.len()]);
+            i += 1;
+            runs.push(armed);
+            armed = s.next_slot(armed, fired_at);
+        }
+        runs
+    }
+
+    #[test]
+    fn a_timer_that_fires_early_or_late_gives_one_run_per_slot_over_a_day() {
+        let s = Schedule::every("15m", Duration::from_secs(300), "contacts-to-crm").unwrap();
+        let start = utc("2026-03-01T00:00:00Z");
+        // Early and late firings, as tokio-cron-scheduler gives them (seconds truncated,
+        // 500 ms polling) plus a busy runtime.
+        let offsets = [
+            -1500, -999, -500, -1, 0, 1, 480, 999, 1500, 3000, -1200, 2500,
+        ];
+        let runs = simulate_day(&s, start, &offsets);
+        assert_eq!(runs.len(), 96, "one run per 15-minute slot");
+        let distinct: std::collections::HashSet<_> = runs.iter().collect();
+        assert_eq!(distinct.len(), 96, "no slot runs twice");
+        for w in runs.windows(2) {
+            assert_eq!(w[1] - w[0], chrono::Duration::minutes(15));
+        }
+        // The old arming, from the wall clock at the firing, runs an early slot again.
+        let early = s.next_after(start);
+        let fired_at = early - chrono::Duration::milliseconds(1200);
+        assert_eq!(
+            s.next_after(fired_at),
+            early,
+            "the bug: the same slot armed again"
+        );
+        assert!(s.next_slot(early, fired_at) > early);
+    }
+
+    #[test]
+    fn a_late_firing_skips_the_slots_it_overslept_once() {
+        let s = Schedule::every("10s", Duration::ZERO, "x").unwrap();
+        let slot = utc("2026-01-01T00:00:10Z");
+        // Fired 35 s late: the slots at :20, :30 and :40 are behind; the next one is :50.
+        let now = slot + chrono::Duration::seconds(35);
+        assert_eq!(s.next_slot(slot, now), utc("2026-01-01T00:00:50Z"));
+        // A cron slot that fired early arms the next day's.
+        let c = Schedule::cron("0 3 * * *", Tz::UTC).unwrap();
+        let at = utc("2026-01-02T03:00:00Z");
+        assert_eq!(
+            c.next_slot(at, at - chrono::Duration::milliseconds(900)),
+            utc("2026-01-03T03:00:00Z")
         );
     }
 

@@ -339,6 +339,53 @@ async fn a_tick_during_a_run_is_skipped_not_overlapped() {
     assert_all_once(&s, 400);
 }
 
+/// tokio-cron-scheduler fires a one-shot job up to ~1.5 s before its slot; arming the next
+/// slot from the wall clock at that moment armed the same slot again (2–3 runs per slot).
+/// Over ~14 s of a 2 s stream: one scheduled run per slot, each at or after its slot, and
+/// the crate's "Job creator created" line is not in the log at the default level.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_every_stream_runs_once_per_slot() {
+    let s = sandbox(5).await;
+    let env = Env::new();
+    env.write_config(&crm_stream_config(&base(&s), "2s", 500, 50));
+    let d = env.spawn_daemon_with(&[], &[("RUST_LOG", "")]);
+    d.wait_ready();
+    std::thread::sleep(Duration::from_secs(14));
+    let c = common::db(&env.db_path());
+    let mut st = c
+        .prepare("SELECT started_at FROM runs WHERE stream = 'contacts' ORDER BY id")
+        .unwrap();
+    let starts: Vec<chrono::DateTime<chrono::Utc>> = st
+        .query_map([], |r| r.get::<_, String>(0))
+        .unwrap()
+        .map(|t| t.unwrap().parse().unwrap())
+        .collect();
+    // The first run is the start-up run; then one per 2 s slot.
+    assert!(
+        (6..=9).contains(&starts.len()),
+        "{} runs in ~14 s of a 2 s schedule: {starts:?}",
+        starts.len()
+    );
+    for w in starts[1..].windows(2) {
+        let gap = (w[1] - w[0]).num_milliseconds();
+        assert!(
+            gap >= 1500,
+            "two runs {gap} ms apart: one slot ran twice ({starts:?})"
+        );
+    }
+    for t in &starts[1..] {
+        // Slots are every even second (epoch-aligned, jitter 0): a run starts just after one.
+        assert!(
+            t.timestamp() % 2 == 0 && t.timestamp_subsec_millis() < 900,
+            "a scheduled run starts at its slot, not before: {t} ({starts:?})"
+        );
+    }
+    assert!(
+        !d.log().contains("Job creator created"),
+        "tokio-cron-scheduler's per-job INFO line floods the journal"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_429_with_retry_after_is_waited_for() {
     let s = sandbox(30).await;

@@ -353,6 +353,46 @@ async fn kill_9_between_receipt_and_forwarding_loses_nothing() {
     );
 }
 
+/// S-360 resends payloads: v0, then v1, then v0 again. The resent v0 equals a version
+/// already stored (not the latest), so it is stored once and never relayed after v1: the
+/// CRM ends with v1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_resend_of_an_older_version_is_not_stored_again_and_the_newest_stays_last() {
+    let s = sandbox().await;
+    let env = Env::new();
+    let port = free_port();
+    let cfg = head(&env, &s, port, "") + &relay_stream("contacts", "contacts", true, BEARER, "1s");
+    env.write_config(&cfg);
+    let d = env.spawn_daemon();
+    d.wait_ready();
+    let c = sender(port, "/s360/myvenue/contacts");
+    let v0 = webhook_contact(4_000_033);
+    let mut v1 = v0.clone();
+    v1["individualContact"]["lastName"] = json!("Married");
+    v1["lastModificationDate"] = json!("2026-05-03T09:00:00.000+00:00");
+    for v in [&v0, &v1, &v0] {
+        assert_eq!(c.send(std::slice::from_ref(v)).await.statuses, vec![200]);
+    }
+    let db = env.db_path();
+    assert_eq!(
+        query_i64(
+            &db,
+            "SELECT COUNT(*) FROM s360_inbox WHERE stream = 'contacts'"
+        ),
+        2,
+        "v0 and v1 stored, the resent v0 not"
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || s.crm.accepted_records().len()
+            >= 2),
+        "{}",
+        d.log()
+    );
+    std::thread::sleep(Duration::from_millis(2500)); // two more executions: nothing else comes
+    let got = s.crm.accepted_records();
+    assert_eq!(got, vec![v0, v1], "each version once, the newest last");
+}
+
 /// CRM → S-360 contacts with the matching rules, an S-360 statusCode error, and two streams
 /// on two connections of one instance sharing one budget (20 calls per 2 s here).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

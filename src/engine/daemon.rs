@@ -4,10 +4,16 @@
 //! task tracker. Each stream has a slot whose run lock makes sure two runs of one stream
 //! never overlap: a tick that finds the previous run still going is skipped and logged.
 //!
-//! Schedules go through tokio-cron-scheduler as one-shot jobs armed for the instant that
-//! `schedule.rs` computes, and re-armed after each firing. That keeps daily local-time runs
-//! right across DST changes (the crate's own timezone jobs are not) and means a reload only
-//! has to re-arm the jobs.
+//! Schedules go through tokio-cron-scheduler as one-shot jobs armed for the instant (the
+//! *slot*) that `schedule.rs` computes, and re-armed after each firing. That keeps daily
+//! local-time runs right across DST changes (the crate's own timezone jobs are not) and means
+//! a reload only has to re-arm the jobs. The crate keeps whole wall-clock seconds and polls
+//! every 500 ms, so a job may fire up to ~1.5 s early: the job waits out the rest on tokio's
+//! monotonic clock, and the next slot is armed from the slot that fired
+//! ([`crate::schedule::Schedule::next_slot`]), never from a wall clock still before it, so a
+//! slot runs once. The wall clock is compared with the monotonic clock every second: a jump
+//! (an NTP step, a suspended VM) is logged once and every schedule is armed again from the
+//! new time, instead of waiting out the size of the step.
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -42,6 +48,21 @@ pub struct Slot {
     pub trigger_pending: AtomicBool,
 }
 
+/// A stream's armed one-shot job.
+struct Armed {
+    id: Uuid,
+    generation: u64,
+    /// The instant the job is for: the next slot is computed from it, not from the wall
+    /// clock at the firing (which may be before it).
+    slot: chrono::DateTime<Utc>,
+}
+
+/// Longest wait, on tokio's clock, for a job that fired before its slot: the crate fires at
+/// most ~1.5 s early; anything more is a wall-clock jump, which re-arms the schedule anyway.
+const MAX_EARLY_WAIT: Duration = Duration::from_secs(5);
+/// A difference between wall-clock and monotonic time elapsed beyond this is a clock jump.
+const CLOCK_JUMP: chrono::TimeDelta = chrono::TimeDelta::seconds(2);
+
 enum Event {
     /// A schedule fired. The generation tells stale jobs (from before a reload) apart.
     Tick(String, u64),
@@ -56,9 +77,9 @@ pub struct Daemon {
     http: Http,
     slots: HashMap<String, Arc<Slot>>,
     sched: JobScheduler,
-    /// Each stream's armed one-shot job and its generation (a fired job whose generation is
-    /// no longer the stream's is stale: it was replaced by a reload).
-    jobs: HashMap<String, (Uuid, u64)>,
+    /// Each stream's armed one-shot job, its generation (a fired job whose generation is no
+    /// longer the stream's is stale: it was replaced by a reload) and the slot it is for.
+    jobs: HashMap<String, Armed>,
     generation: u64,
     events: mpsc::UnboundedSender<Event>,
     shutdown: CancellationToken,
@@ -159,6 +180,7 @@ pub async fn run(
     let mut control_tick = tokio::time::interval(d.config.daemon.control_poll);
     control_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
+    let mut clocks = (Utc::now(), std::time::Instant::now());
 
     loop {
         tokio::select! {
@@ -170,8 +192,11 @@ pub async fn run(
             },
             Some(ev) = rx.recv() => match ev {
                 Event::Tick(stream, generation) => {
-                    if d.jobs.get(&stream).map(|(_, g)| *g) == Some(generation) {
-                        d.on_tick(&stream).await;
+                    if let Some(armed) = d.jobs.get(&stream)
+                        && armed.generation == generation
+                    {
+                        let slot = armed.slot;
+                        d.on_tick(&stream, slot).await;
                     }
                 }
                 Event::RunDone(stream) => {
@@ -185,7 +210,16 @@ pub async fn run(
                 }
             },
             _ = control_tick.tick() => d.process_control(),
-            _ = heartbeat.tick() => crate::metrics::METRICS.beat(),
+            _ = heartbeat.tick() => {
+                crate::metrics::METRICS.beat();
+                if let Some(jump) = clock_jump(&mut clocks) {
+                    tracing::warn!(
+                        jump_secs = jump.num_milliseconds() as f64 / 1000.0,
+                        "the wall clock jumped; every schedule is armed again from the new time"
+                    );
+                    d.arm_all(false, None).await;
+                }
+            }
             _ = watchdog_tick.tick() => {
                 if watchdog.is_some() {
                     let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
@@ -216,6 +250,17 @@ pub async fn run(
     Ok(())
 }
 
+/// The wall clock's jump since the last check, when it is larger than [`CLOCK_JUMP`]: the
+/// difference between wall-clock and monotonic time elapsed. Updates `last` either way.
+fn clock_jump(last: &mut (chrono::DateTime<Utc>, std::time::Instant)) -> Option<chrono::TimeDelta> {
+    let now = (Utc::now(), std::time::Instant::now());
+    let wall = now.0 - last.0;
+    let mono = chrono::TimeDelta::from_std(now.1 - last.1).unwrap_or(chrono::TimeDelta::MAX);
+    *last = now;
+    let jump = wall - mono;
+    (jump.abs() > CLOCK_JUMP).then_some(jump)
+}
+
 impl Daemon {
     fn slot(&mut self, stream: &str) -> Arc<Slot> {
         self.slots.entry(stream.to_string()).or_default().clone()
@@ -244,8 +289,8 @@ impl Daemon {
             .cloned()
             .collect();
         for name in stale {
-            if let Some((id, _)) = self.jobs.remove(&name) {
-                let _ = self.sched.remove(&id).await;
+            if let Some(armed) = self.jobs.remove(&name) {
+                let _ = self.sched.remove(&armed.id).await;
             }
         }
         let now = Utc::now();
@@ -310,13 +355,25 @@ impl Daemon {
             let tx = tx.clone();
             let name = name.clone();
             Box::pin(async move {
+                // Fired before the slot (whole seconds, 500 ms polling): wait out the rest on
+                // tokio's monotonic clock, so that the run starts at its slot.
+                if let Ok(early) = (at - Utc::now()).to_std() {
+                    tokio::time::sleep(early.min(MAX_EARLY_WAIT)).await;
+                }
                 let _ = tx.send(Event::Tick(name, generation));
             })
         });
         match job {
             Ok(job) => match self.sched.add(job).await {
                 Ok(id) => {
-                    self.jobs.insert(stream.to_string(), (id, generation));
+                    self.jobs.insert(
+                        stream.to_string(),
+                        Armed {
+                            id,
+                            generation,
+                            slot: at,
+                        },
+                    );
                 }
                 Err(e) => tracing::error!(stream, error = %e, "cannot arm the schedule"),
             },
@@ -324,7 +381,9 @@ impl Daemon {
         }
     }
 
-    async fn on_tick(&mut self, stream: &str) {
+    /// The job armed for `slot` fired: run the stream, and arm the slot after it (never
+    /// `slot` again, however early the job fired).
+    async fn on_tick(&mut self, stream: &str, slot: chrono::DateTime<Utc>) {
         let Some(spec) = self.config.streams.get(stream).cloned() else {
             return;
         };
@@ -332,7 +391,7 @@ impl Daemon {
             return;
         }
         self.start_run(stream, "schedule");
-        let next = spec.schedule.next_after(Utc::now());
+        let next = spec.schedule.next_slot(slot, Utc::now());
         self.arm(stream, next).await;
     }
 

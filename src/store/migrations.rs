@@ -124,4 +124,10 @@ pub const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (stream, scope)
     ) WITHOUT ROWID;
     "#,
+    // 6 (S-360): a received record is a resend when it equals ANY stored version of its
+    // record (not only the latest): looked up by content, so the index holds it.
+    r#"
+    DROP INDEX s360_inbox_record;
+    CREATE INDEX s360_inbox_version ON s360_inbox (stream, record_id, content_hash);
+    "#,
 ];

@@ -38,16 +38,18 @@ pub struct InboxRow {
 }
 
 impl Store {
-    /// Stores several POSTs in one transaction. A record whose latest stored version (same
-    /// stream, same record id) has the same content is a resend and is not stored again.
+    /// Stores several POSTs in one transaction. A record equal (same stream, same record id,
+    /// same content) to **any** version already stored is a resend and is not stored again:
+    /// S-360 resends whole payloads, so after v0, v1 a resent v0 must not be relayed after
+    /// v1 (the CRM would end with the stale version).
     pub async fn inbox_insert(&self, batches: Vec<InboxBatch>) -> Result<Vec<InboxOutcome>> {
         self.call(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let mut out = Vec::with_capacity(batches.len());
             {
-                let mut latest = tx.prepare_cached(
-                    "SELECT content_hash FROM s360_inbox WHERE stream = ?1 AND record_id = ?2
-                     ORDER BY id DESC LIMIT 1",
+                let mut stored = tx.prepare_cached(
+                    "SELECT 1 FROM s360_inbox
+                     WHERE stream = ?1 AND record_id = ?2 AND content_hash = ?3 LIMIT 1",
                 )?;
                 let mut insert = tx.prepare_cached(
                     "INSERT INTO s360_inbox (stream, record_id, content_hash, body, received_at)
@@ -57,10 +59,12 @@ impl Store {
                 for b in &batches {
                     let mut o = InboxOutcome::default();
                     for r in &b.records {
-                        let prev: Option<Vec<u8>> = latest
-                            .query_row(params![b.stream, r.record_id], |row| row.get(0))
+                        let seen = stored
+                            .query_row(params![b.stream, r.record_id, &r.content_hash[..]], |_| {
+                                Ok(())
+                            })
                             .optional()?;
-                        if prev.as_deref() == Some(&r.content_hash[..]) {
+                        if seen.is_some() {
                             o.duplicates += 1;
                             continue;
                         }

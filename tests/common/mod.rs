@@ -105,7 +105,12 @@ impl Env {
             .stdout(log.try_clone().unwrap())
             .stderr(log);
         for (k, v) in env {
-            cmd.env(k, v);
+            // An empty value removes the variable (e.g. RUST_LOG, to see the default level).
+            if v.is_empty() {
+                cmd.env_remove(k);
+            } else {
+                cmd.env(k, v);
+            }
         }
         let child = cmd.spawn().expect("spawn usher run");
         Daemon {
