@@ -57,6 +57,14 @@ pub enum HttpError {
     },
     #[error("stopped by shutdown before {what} could be sent")]
     Cancelled { what: String },
+    /// The state could not record that a write was about to leave, so it was not sent:
+    /// a write usher cannot account for after a crash is not made.
+    #[error("connection \"{conn}\": {what}: not sent, the state cannot record it: {reason}")]
+    NotRecorded {
+        conn: String,
+        what: String,
+        reason: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,16 +96,69 @@ impl HttpError {
             }
         ) || matches!(self, HttpError::Status { status, .. } if *status >= 500)
     }
+
+    /// True when the request may still reach the vendor and take effect although no answer
+    /// was seen: a timeout, a broken connection, or a gateway's 502/504 (the gateway gave
+    /// up; the vendor behind it may still be working). Such a write is *in doubt* until its
+    /// deadline plus the settle margin (see [`Recorder`]).
+    pub fn answer_unseen(&self) -> bool {
+        matches!(
+            self,
+            HttpError::Transport {
+                kind: TransportKind::Timeout | TransportKind::Broken,
+                ..
+            }
+        ) || matches!(self, HttpError::Status { status, .. } if gateway_gave_up(*status))
+    }
 }
 
-/// Whether a call may be repeated on 5xx, timeouts and resets within one attempt at a page.
+/// 502 and 504 come from a gateway in front of the vendor: the request may still be
+/// carried out behind it, so they are not an answer from the vendor.
+pub fn gateway_gave_up(status: u16) -> bool {
+    status == 502 || status == 504
+}
+
+/// Whether a call may be repeated on 5xx, timeouts and resets within one attempt at a page,
+/// and whether it writes (writes are told to the endpoint's [`Recorder`] before they leave).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Retry {
-    /// Reads and idempotent writes: retried with backoff up to the connection's `max_retries`.
+    /// Reads: retried with backoff up to the connection's `max_retries`.
     Idempotent,
     /// Sent once; any answer (and any transport error) goes back to the caller.
     /// 429/509 are still waited for and repeated: they mean "not processed".
     Once,
+    /// A write that repeats harmlessly (an update, an upsert by key): retried like a read.
+    IdempotentWrite,
+    /// A write that creates: sent once, like [`Retry::Once`].
+    CreateOnce,
+}
+
+impl Retry {
+    fn repeats(self) -> bool {
+        matches!(self, Retry::Idempotent | Retry::IdempotentWrite)
+    }
+
+    fn writes(self) -> bool {
+        matches!(self, Retry::IdempotentWrite | Retry::CreateOnce)
+    }
+}
+
+/// Told about every attempt of a write on an endpoint (see [`Endpoint::with_recorder`]), so
+/// that a write whose answer usher does not see is known to be *in doubt* until it can no
+/// longer land, by the same run and, through the state, by a process started after a crash.
+pub trait Recorder: Send + Sync {
+    /// The attempt is about to leave and may take effect at the vendor until `deadline`
+    /// (now plus the connection's timeout, which bounds the request end to end). An error
+    /// means the fact could not be recorded: the attempt is not sent.
+    fn sending<'a>(
+        &'a self,
+        what: &'a str,
+        deadline: chrono::DateTime<chrono::Utc>,
+    ) -> futures::future::BoxFuture<'a, Result<(), String>>;
+
+    /// The attempt got no answer from the vendor (timeout, broken connection, 502/504): it
+    /// may still take effect until `deadline`.
+    fn unanswered(&self, deadline: chrono::DateTime<chrono::Utc>);
 }
 
 /// An answer, fully read.
@@ -424,6 +485,7 @@ impl Http {
             rate_window: conn.rate_window(),
             token: self.token_slot(&conn.name, &auth),
             auth,
+            recorder: None,
         }
     }
 }
@@ -443,6 +505,9 @@ pub struct Endpoint {
     rate_window: Option<Duration>,
     auth: HttpAuth,
     token: Arc<tokio::sync::Mutex<Option<CachedToken>>>,
+    /// Told about every write before it leaves (the run's in-doubt bookkeeping); None for
+    /// endpoints that only read, and for `validate --online`.
+    recorder: Option<Arc<dyn Recorder>>,
 }
 
 /// "GET /api/changes": what a message may say about a call (never the query string).
@@ -488,6 +553,22 @@ impl Endpoint {
         self.budget.remaining()
     }
 
+    /// The same endpoint, telling `recorder` about every write before it leaves.
+    pub fn with_recorder(mut self, recorder: Arc<dyn Recorder>) -> Self {
+        self.recorder = Some(recorder);
+        self
+    }
+
+    /// The end-to-end bound of one request (connect, send, answer): its timeout.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Attempts after the first that the connection allows for a failing call.
+    pub fn max_retries(&self) -> u32 {
+        self.max_retries
+    }
+
     /// Sends a request built by `build` (called again for each attempt), applying the
     /// policy described at the top of this module.
     pub async fn send<F>(
@@ -516,6 +597,21 @@ impl Endpoint {
                 .request(method.clone(), url.clone())
                 .timeout(self.timeout);
             let rb = self.authorize(build(rb), cancel, &what).await?;
+            // reqwest's per-request timeout runs from connecting to the end of the body, so
+            // the write cannot take effect through usher after `deadline` (what the vendor
+            // does with a request it already holds is the settle margin's business).
+            let deadline = chrono::Utc::now()
+                + chrono::TimeDelta::from_std(self.timeout).unwrap_or(chrono::TimeDelta::MAX);
+            let recorder = self.recorder.as_ref().filter(|_| retry.writes());
+            if let Some(r) = recorder
+                && let Err(reason) = r.sending(&what, deadline).await
+            {
+                return Err(HttpError::NotRecorded {
+                    conn: self.name.clone(),
+                    what,
+                    reason,
+                });
+            }
             let result = match rb.send().await {
                 Ok(resp) => {
                     let status = resp.status();
@@ -527,6 +623,15 @@ impl Endpoint {
                 }
                 Err(e) => Err(classify(&e)),
             };
+            if let Some(r) = recorder {
+                let unseen = match &result {
+                    Ok((status, _, _)) => gateway_gave_up(status.as_u16()),
+                    Err(kind) => *kind != TransportKind::Connect,
+                };
+                if unseen {
+                    r.unanswered(deadline);
+                }
+            }
             match result {
                 Ok((status, headers, body)) => {
                     let code = status.as_u16();
@@ -563,10 +668,7 @@ impl Endpoint {
                         self.budget.block_for(wait);
                         continue;
                     }
-                    if status.is_server_error()
-                        && retry == Retry::Idempotent
-                        && failures < self.max_retries
-                    {
+                    if status.is_server_error() && retry.repeats() && failures < self.max_retries {
                         let wait = backoff(failures);
                         tracing::warn!(connection = %self.name, call = %what, status = code, attempt = attempts, wait_ms = wait.as_millis() as u64, "server error; retrying");
                         failures += 1;
@@ -584,7 +686,7 @@ impl Endpoint {
                     });
                 }
                 Err(kind) => {
-                    if retry == Retry::Idempotent && failures < self.max_retries {
+                    if retry.repeats() && failures < self.max_retries {
                         let wait = backoff(failures);
                         tracing::warn!(connection = %self.name, call = %what, error = %kind, attempt = attempts, wait_ms = wait.as_millis() as u64, "transport error; retrying");
                         failures += 1;

@@ -21,6 +21,34 @@ pub struct StreamStatus {
     /// CDP refused its configuration).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub paused: Option<String>,
+    /// Writes of the stream that may still land at the target (see `engine::in_doubt`):
+    /// a run waits for them before it looks their records up.
+    pub in_doubt: Option<InDoubtStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct InDoubtStatus {
+    /// `writing` (a run is writing, or a process died while writing), `unanswered` (a run
+    /// ended with a write whose answer it did not see), `settling` (a run waits for them).
+    pub state: crate::store::DoubtState,
+    /// The write it is about, e.g. `POST /api/users`.
+    pub call: String,
+    /// Until when (settle margin included) nothing looks their records up.
+    pub until: String,
+    pub wait_secs: u64,
+}
+
+impl InDoubtStatus {
+    fn new(d: crate::store::Doubt, margin: std::time::Duration) -> Option<InDoubtStatus> {
+        let until = d.until + chrono::TimeDelta::from_std(margin).ok()?;
+        let left = (until - chrono::Utc::now()).to_std().ok()?;
+        Some(InDoubtStatus {
+            state: d.state,
+            call: d.detail,
+            until: crate::store::ts(until),
+            wait_secs: left.as_secs_f64().ceil() as u64,
+        })
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -64,6 +92,12 @@ pub fn collect(
             Some(s) => Some(s.stream_status_sync(&spec.name)?),
             None => None,
         };
+        let in_doubt = match store {
+            Some(s) => s
+                .doubt_sync(&spec.name)?
+                .and_then(|d| InDoubtStatus::new(d, config.daemon.settle_margin)),
+            None => None,
+        };
         streams.push(StreamStatus {
             stream: spec.name.clone(),
             enabled: spec.enabled,
@@ -77,6 +111,7 @@ pub fn collect(
                     .find(|p| p.stream == spec.name)
                     .map(|p| format!("since {}: {}", short_time(&p.paused_at), p.reason))
             }),
+            in_doubt,
         });
     }
     Ok(Status {
@@ -218,6 +253,12 @@ pub fn print_text(s: &Status, out: &mut impl Write, colour: bool) -> std::io::Re
             st.stream.clone(),
             if st.paused.is_some() {
                 "paused".into()
+            } else if st
+                .in_doubt
+                .as_ref()
+                .is_some_and(|d| d.state == crate::store::DoubtState::Settling)
+            {
+                "waiting".into()
             } else if st.enabled {
                 "enabled".into()
             } else {
@@ -257,6 +298,21 @@ pub fn print_text(s: &Status, out: &mut impl Write, colour: bool) -> std::io::Re
         ]);
         if let Some(p) = &st.paused {
             notes.push(format!("{}: paused: {p}", st.stream));
+        }
+        if let Some(d) = &st.in_doubt {
+            notes.push(match d.state {
+                crate::store::DoubtState::Settling => format!(
+                    "{}: waiting {} s for an unanswered write to settle ({}), before its records are looked up or sent again",
+                    st.stream, d.wait_secs, d.call
+                ),
+                _ => format!(
+                    "{}: a write ({}) may still land until {}; the next run waits for it ({} s) before it looks its records up",
+                    st.stream,
+                    d.call,
+                    short_time(&d.until),
+                    d.wait_secs
+                ),
+            });
         }
         if let Some(o) = outbox
             && let Some(since) = &o.oldest_refused_at

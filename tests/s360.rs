@@ -638,11 +638,12 @@ every = "1h"
     assert_eq!(first["orderType"], "SALE");
     assert_eq!(first["operations"][0]["tariffId"], 3);
 
-    // A crash while the answer is on its way: the next run asks before sending.
+    // A crash while the answer is on its way: the next run waits until the order can no
+    // longer land (8 s timeout + 1 s + the 5 s margin), then asks before sending.
     s.crm.add_offers(1);
     s.s360
         .delay_next("createOrUpdateOrder", Duration::from_secs(30));
-    env.write_config(&cfg.replace("timeout = \"1s\"", "timeout = \"60s\""));
+    env.write_config(&cfg.replace("timeout = \"1s\"", "timeout = \"8s\""));
     d.signal(rustix::process::Signal::HUP);
     assert!(d.wait_log("configuration reloaded", Duration::from_secs(10)));
     env.cli(&["trigger", "crm-offers"]);
@@ -655,13 +656,14 @@ every = "1h"
     let d2 = env.spawn_daemon();
     d2.wait_ready();
     assert!(
-        wait_until(Duration::from_secs(20), || query_i64(
+        wait_until(Duration::from_secs(40), || query_i64(
             &db,
             "SELECT COUNT(*) FROM ledger WHERE status = 'done'"
         ) == 4),
         "{}",
         d2.log()
     );
+    assert!(d2.log().contains("writes of an earlier run may still land"));
     assert_eq!(
         refs(&s),
         vec!["OFF-1", "OFF-2", "OFF-3", "OFF-4"],

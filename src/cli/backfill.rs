@@ -14,6 +14,7 @@ use super::ops::{known_stream, load, store_error};
 use super::{EX_CONFIG, EX_FAIL, EX_OK};
 use crate::config::{self, StreamKind};
 use crate::engine::control;
+use crate::engine::in_doubt::InDoubt;
 use crate::engine::lock::{self, LockError};
 use crate::engine::{Backfill, RunCtx, run_stream};
 use crate::http::Http;
@@ -85,6 +86,7 @@ pub async fn backfill(source: config::Source, stream: &str, from: NaiveDate) -> 
     });
     let config = Arc::new(config);
     let ctx = RunCtx {
+        doubt: InDoubt::new(&store, stream, config.daemon.settle_margin),
         store,
         spec: config.streams[stream].clone(),
         config,

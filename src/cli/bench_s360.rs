@@ -18,6 +18,7 @@ use tokio_util::task::TaskTracker;
 
 use super::{EX_FAIL, EX_OK};
 use crate::config;
+use crate::engine::in_doubt::InDoubt;
 use crate::engine::{RunCtx, run_stream};
 use crate::http::Http;
 use crate::sandbox::Sandbox;
@@ -229,6 +230,7 @@ url = "/hooks/relay"
     );
     let config = Arc::new(config);
     let ctx = RunCtx {
+        doubt: InDoubt::new(&store, "relay", config.daemon.settle_margin),
         store: store.clone(),
         config: config.clone(),
         spec: config.streams["relay"].clone(),

@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{EX_DATAERR, EX_FAIL, EX_OK, report_problems};
 use crate::config::{self, LogFormat};
+use crate::engine::in_doubt::InDoubt;
 use crate::engine::{RunCtx, lock, run_stream};
 use crate::http::Http;
 use crate::sandbox::Sandbox;
@@ -149,6 +150,7 @@ pub async fn demo(demo_config: PathBuf, contacts: u64, state_override: Option<Pa
         let ctx = RunCtx {
             store: store.clone(),
             config: config.clone(),
+            doubt: InDoubt::new(&store, &spec.name, config.daemon.settle_margin),
             spec: spec.clone(),
             http: http.clone(),
             cancel: cancel.clone(),

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{EX_DATAERR, EX_FAIL, EX_OK, report_problems};
 use crate::config::{self, StreamKind};
+use crate::engine::in_doubt::InDoubt;
 use crate::engine::seatgeek_halo::{self, EventLine, RunMode};
 use crate::engine::{RunCtx, control, lock};
 use crate::http::Http;
@@ -91,6 +92,7 @@ pub async fn import(source: config::Source, stream: &str, limit: u64, dry_run: b
     });
     let config = Arc::new(config);
     let ctx = RunCtx {
+        doubt: InDoubt::new(&store, &spec.name, config.daemon.settle_margin),
         store: store.clone(),
         spec: spec.clone(),
         config: config.clone(),
@@ -142,17 +144,30 @@ pub async fn import(source: config::Source, stream: &str, limit: u64, dry_run: b
     };
     let started = std::time::Instant::now();
     let mut counts = Counts::default();
-    let result = seatgeek_halo::run(
-        &ctx,
-        opts,
-        &mut counts,
-        RunMode {
-            limit: Some(limit),
-            dry_run,
-            report: Some(&mut print),
-        },
-    )
-    .await;
+    // Writes an earlier run left in doubt settle first, as in a daemon's run.
+    let settled = if dry_run {
+        Ok(true)
+    } else {
+        crate::engine::in_doubt::settle_previous(&ctx).await
+    };
+    let result = match settled {
+        Ok(true) => {
+            seatgeek_halo::run(
+                &ctx,
+                opts,
+                &mut counts,
+                RunMode {
+                    limit: Some(limit),
+                    dry_run,
+                    report: Some(&mut print),
+                },
+            )
+            .await
+        }
+        Ok(false) => Ok(crate::engine::Flow::Stopped),
+        Err(e) => Err(e),
+    };
+    ctx.doubt.close().await;
     if let Some(b) = &bar {
         b.finish_and_clear();
     }

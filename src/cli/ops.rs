@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 use super::{EX_CONFIG, EX_DATAERR, EX_FAIL, EX_OK, report_problems};
 use crate::config::{self, Config, LogFormat};
 use crate::engine::control::{self, Action};
+use crate::engine::in_doubt::InDoubt;
 use crate::engine::lock::{self, LockError};
 use crate::engine::{RunCtx, daemon, run_stream};
 use crate::http::Http;
@@ -334,6 +335,7 @@ pub async fn trigger(source: config::Source, stream: &str) -> i32 {
     });
     let config = Arc::new(config);
     let ctx = RunCtx {
+        doubt: InDoubt::new(&store, stream, config.daemon.settle_margin),
         store,
         spec: config.streams[stream].clone(),
         config,

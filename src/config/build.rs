@@ -159,6 +159,13 @@ fn duration(
     }
 }
 
+/// How long past its own timeout a write that went unanswered is still treated as in
+/// doubt. usher's timeout bounds its side of a request; a vendor may still apply a request
+/// it already holds a moment later (its own queue, its database commit, a proxy in front).
+/// 5 s covers that for the vendors here at the cost of at most 5 s more of waiting, and only
+/// after a write went unanswered.
+pub const DEFAULT_SETTLE_MARGIN: Duration = Duration::from_secs(5);
+
 fn build_daemon(l: &mut Layers, source: &Source) -> DaemonSettings {
     let raw: RawDaemon = l.table("daemon", "daemon").unwrap_or_default();
     let state_dir = source
@@ -201,12 +208,20 @@ fn build_daemon(l: &mut Layers, source: &Source) -> DaemonSettings {
         }
         Some(n) => n,
     };
+    let settle_margin = duration(
+        l,
+        "daemon",
+        "daemon.settle_margin",
+        raw.settle_margin.as_ref(),
+        DEFAULT_SETTLE_MARGIN,
+    );
     DaemonSettings {
         state_dir,
         control_poll,
         shutdown_timeout,
         max_concurrent_runs,
         health_failures,
+        settle_margin,
     }
 }
 

@@ -68,6 +68,9 @@ pub struct DaemonSettings {
     pub shutdown_timeout: Duration,
     pub max_concurrent_runs: u32,
     pub health_failures: u32,
+    /// A write whose answer was not seen is in doubt until its deadline plus this margin:
+    /// nothing looks its records up or sends them again before (see `engine::in_doubt`).
+    pub settle_margin: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -22,6 +22,8 @@ pub struct RawDaemon {
     pub max_concurrent_runs: Option<u32>,
     /// Consecutive failed runs of a stream before /healthz says unhealthy.
     pub health_failures: Option<u32>,
+    /// How long past a write's own timeout it is still treated as in doubt.
+    pub settle_margin: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

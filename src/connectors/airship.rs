@@ -40,7 +40,7 @@ pub enum WriteError {
 }
 
 pub struct Airship {
-    endpoint: Endpoint,
+    pub endpoint: Endpoint,
     pub account_id: i64,
 }
 
@@ -137,7 +137,7 @@ impl Airship {
         let bytes = bytes::Bytes::from(serde_json::to_vec(body).expect("JSON values serialize"));
         let reply = self
             .endpoint
-            .send(Method::POST, url, Retry::Idempotent, cancel, |rb| {
+            .send(Method::POST, url, Retry::IdempotentWrite, cancel, |rb| {
                 rb.header(CONTENT_TYPE, "application/json")
                     .body(bytes.clone())
             })

@@ -76,10 +76,16 @@ impl CdpTarget {
         let body = bytes::Bytes::copy_from_slice(body);
         let result = self
             .endpoint
-            .send(Method::POST, self.url.clone(), Retry::Once, cancel, |rb| {
-                rb.header(CONTENT_TYPE, "application/json")
-                    .body(body.clone())
-            })
+            .send(
+                Method::POST,
+                self.url.clone(),
+                Retry::CreateOnce,
+                cancel,
+                |rb| {
+                    rb.header(CONTENT_TYPE, "application/json")
+                        .body(body.clone())
+                },
+            )
             .await;
         match result {
             Ok(r) if ACCEPTED.contains(&r.status) => Ok(CdpDelivery::Accepted),

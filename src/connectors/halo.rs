@@ -162,9 +162,9 @@ impl HaloClient {
         let what = describe(&Method::POST, &url);
         let body = bytes::Bytes::from(body);
         let retry = if idempotent {
-            Retry::Idempotent
+            Retry::IdempotentWrite
         } else {
-            Retry::Once
+            Retry::CreateOnce
         };
         let reply = self
             .endpoint

@@ -8,7 +8,8 @@
 //!   `getOrderByExternalReference` answering `NOT_FOUND` is an answer, not an error.
 //! - `saveIndividualContactData` with a contact number (an update) is idempotent and retried
 //!   on 5xx/timeouts; a create (`contactNumber: null`) is sent once: after an unknown outcome
-//!   the next run matches by e-mail first, so a created contact is found, not made twice.
+//!   the engine waits until it can no longer land, then matches by e-mail, so a created
+//!   contact is found, not made twice.
 //! - `createOrUpdateOrder` is sent once; the engine asks `getOrderByExternalReference`
 //!   before any retry.
 //! - `searchContact` returns `contacts[]`, each with its `contactNumber`.
@@ -169,9 +170,9 @@ impl S360Client {
     ) -> Result<String, S360Error> {
         let update = id_text(body.get("contactNumber")).is_some();
         let retry = if update {
-            Retry::Idempotent
+            Retry::IdempotentWrite
         } else {
-            Retry::Once
+            Retry::CreateOnce
         };
         let v = self
             .success(
@@ -202,7 +203,7 @@ impl S360Client {
                 ORDER_SERVICE,
                 "createOrUpdateOrder",
                 body,
-                Retry::Once,
+                Retry::CreateOnce,
                 cancel,
             )
             .await?;

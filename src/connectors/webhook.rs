@@ -1,7 +1,7 @@
 //! The generic webhook target (vendor-apis "ExtCRM"): POST a JSON array to a URL; the
 //! statuses the stream lists (default 200) mean accepted, anything else means the same
 //! payload, byte for byte, goes again first at the next execution. It is sent once per
-//! execution (`Retry::Once`); only 429/509 are waited for and repeated, since they mean
+//! execution (`Retry::CreateOnce`); only 429/509 are waited for and repeated, since they mean
 //! "not processed". Each POST carries `Idempotency-Key: usher-<stream>-<outbox id>`, the
 //! same on every resend, so a receiver can drop a redelivery after a crash.
 
@@ -36,11 +36,17 @@ impl WebhookTarget {
         let body = bytes::Bytes::copy_from_slice(body);
         let result = self
             .endpoint
-            .send(Method::POST, self.url.clone(), Retry::Once, cancel, |rb| {
-                rb.header(CONTENT_TYPE, "application/json")
-                    .header("Idempotency-Key", key.as_str())
-                    .body(body.clone())
-            })
+            .send(
+                Method::POST,
+                self.url.clone(),
+                Retry::CreateOnce,
+                cancel,
+                |rb| {
+                    rb.header(CONTENT_TYPE, "application/json")
+                        .header("Idempotency-Key", key.as_str())
+                        .body(body.clone())
+                },
+            )
             .await;
         match result {
             Ok(reply) if self.accepted.contains(&reply.status) => Ok(Delivery::Accepted),

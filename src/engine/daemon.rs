@@ -31,6 +31,7 @@ use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use super::control::{self, Action};
+use super::in_doubt::InDoubt;
 use super::lock::StateLock;
 use super::{RunCtx, run_stream};
 use crate::config::{self, Config};
@@ -420,6 +421,7 @@ impl Daemon {
         let ctx = RunCtx {
             store: self.store.clone(),
             config: self.config.clone(),
+            doubt: InDoubt::new(&self.store, &spec.name, self.config.daemon.settle_margin),
             spec,
             http: self.http.clone(),
             cancel: self.shutdown.clone(),

@@ -113,7 +113,8 @@ pub async fn run_with<S: ContactSource>(
                 target_conn.name
             ))
         })?;
-    let target = CdpTarget::new(&ctx.http, &target_conn, account);
+    let mut target = CdpTarget::new(&ctx.http, &target_conn, account);
+    target.endpoint = target.endpoint.with_recorder(ctx.recorder());
 
     if let Some(p) = ctx.store.stream_pause(&spec.name).await? {
         if trigger == "schedule" {

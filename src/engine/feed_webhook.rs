@@ -150,7 +150,7 @@ pub(super) fn webhook_target(
     institution: Option<&str>,
 ) -> WebhookTarget {
     let spec = &ctx.spec;
-    let endpoint = ctx.http.endpoint(target_conn);
+    let endpoint = ctx.http.endpoint(target_conn).with_recorder(ctx.recorder());
     let url = endpoint.url(&expand(
         &webhook.url,
         &spec.name,

@@ -12,6 +12,7 @@ mod feed_webhook;
 // Integration settings branch: CM.com CDP target.
 pub mod feed_cdp;
 pub mod health;
+pub mod in_doubt;
 pub mod lock;
 // S-360
 mod s360;
@@ -108,6 +109,9 @@ pub struct RunCtx {
     /// `usher backfill STREAM --from DATE`: a one-off run from this date (streams that
     /// support it), with an optional progress bar. `None` for ordinary runs.
     pub backfill: Option<Backfill>,
+    /// The run's writes in doubt: every target endpoint of the run tells it about its writes
+    /// ([`RunCtx::recorder`]), and a run waits on it before looking up what went unanswered.
+    pub doubt: Arc<in_doubt::InDoubt>,
 }
 
 /// A one-off backfill asked for on the command line.
@@ -121,6 +125,11 @@ pub struct Backfill {
 impl RunCtx {
     pub fn should_stop(&self) -> bool {
         self.cancel.is_cancelled() || self.interrupt.load(Ordering::SeqCst)
+    }
+
+    /// What the run's target endpoints tell about their writes (see [`in_doubt`]).
+    pub fn recorder(&self) -> Arc<dyn crate::http::Recorder> {
+        self.doubt.clone()
     }
 
     pub fn connection(&self, name: &str) -> Result<Arc<Connection>, RunError> {
@@ -167,32 +176,12 @@ pub async fn run_stream(ctx: &RunCtx, trigger: &str) -> RunReport {
     };
     tracing::info!(stream = %name, trigger, "run started");
     let mut counts = Counts::default();
-    let result = match &ctx.spec.kind {
-        StreamKind::FeedToWebhook { feed, webhook } => {
-            feed_webhook::run(ctx, feed, webhook, &mut counts).await
-        }
-        // S-360
-        StreamKind::S360Relay { relay, webhook } => {
-            s360::relay(ctx, relay, webhook, &mut counts).await
-        }
-        StreamKind::CrmToS360Contacts { feed, contacts } => {
-            s360::contacts(ctx, feed, contacts, &mut counts).await
-        }
-        StreamKind::CrmOffersToS360 { feed, offers } => {
-            s360::offers(ctx, feed, offers, &mut counts).await
-        }
-        // Ticket Co x Airship
-        StreamKind::TicketCoToAirship(options) => {
-            ticketco_airship::run(ctx, options, &mut counts).await
-        }
-        StreamKind::FeedToCdp { feed, cdp } => {
-            feed_cdp::run(ctx, trigger, feed, cdp, &mut counts).await
-        }
-        // SeatGeek / Halo
-        StreamKind::SeatGeekToHalo(opts) => {
-            seatgeek_halo::run(ctx, opts, &mut counts, Default::default()).await
-        }
+    let result = match in_doubt::settle_previous(ctx).await {
+        Ok(true) => dispatch(ctx, trigger, &mut counts).await,
+        Ok(false) => Ok(Flow::Stopped),
+        Err(e) => Err(e),
     };
+    ctx.doubt.close().await;
     let (outcome, error) = match result {
         Ok(Flow::Done) => ("ok", None),
         Ok(Flow::Stopped) => ("stopped", None),
@@ -231,6 +220,30 @@ pub async fn run_stream(ctx: &RunCtx, trigger: &str) -> RunReport {
         counts,
         error,
         seconds,
+    }
+}
+
+/// The stream kind's run.
+async fn dispatch(ctx: &RunCtx, trigger: &str, counts: &mut Counts) -> Result<Flow, RunError> {
+    match &ctx.spec.kind {
+        StreamKind::FeedToWebhook { feed, webhook } => {
+            feed_webhook::run(ctx, feed, webhook, counts).await
+        }
+        // S-360
+        StreamKind::S360Relay { relay, webhook } => s360::relay(ctx, relay, webhook, counts).await,
+        StreamKind::CrmToS360Contacts { feed, contacts } => {
+            s360::contacts(ctx, feed, contacts, counts).await
+        }
+        StreamKind::CrmOffersToS360 { feed, offers } => {
+            s360::offers(ctx, feed, offers, counts).await
+        }
+        // Ticket Co x Airship
+        StreamKind::TicketCoToAirship(options) => ticketco_airship::run(ctx, options, counts).await,
+        StreamKind::FeedToCdp { feed, cdp } => feed_cdp::run(ctx, trigger, feed, cdp, counts).await,
+        // SeatGeek / Halo
+        StreamKind::SeatGeekToHalo(opts) => {
+            seatgeek_halo::run(ctx, opts, counts, Default::default()).await
+        }
     }
 }
 

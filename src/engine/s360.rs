@@ -205,7 +205,7 @@ pub async fn relay(
 fn client(ctx: &RunCtx) -> Result<S360Client, RunError> {
     let conn = ctx.connection(&ctx.spec.target)?;
     Ok(S360Client {
-        endpoint: ctx.http.endpoint(&conn),
+        endpoint: ctx.http.endpoint(&conn).with_recorder(ctx.recorder()),
     })
 }
 
@@ -285,16 +285,16 @@ pub async fn contacts(
                     continue;
                 }
             };
+            let email = lookup(&body, "individualContact.email")
+                .and_then(Value::as_str)
+                .map(|e| e.trim().to_lowercase())
+                .filter(|e| !e.is_empty());
             let number = match known.get(&id) {
                 Some(n) => Some(n.clone()),
                 None => match id_text(lookup(rec, &opts.contact_number)) {
                     Some(n) => Some(n),
                     None => {
-                        let email = lookup(&body, "individualContact.email")
-                            .and_then(Value::as_str)
-                            .map(|e| e.trim().to_lowercase())
-                            .filter(|e| !e.is_empty());
-                        let Some(email) = email else {
+                        let Some(email) = email.clone() else {
                             bad_record(
                                 ctx,
                                 Some(id),
@@ -347,7 +347,11 @@ pub async fn contacts(
                     number.clone().map(Value::String).unwrap_or(Value::Null),
                 );
             }
-            match s360.save_contact(&body, &ctx.cancel).await {
+            let saved = match (&number, &email) {
+                (None, Some(email)) => create_contact(ctx, &s360, &body, email).await?,
+                _ => s360.save_contact(&body, &ctx.cancel).await,
+            };
+            match saved {
                 Ok(n) => {
                     if number.is_some() {
                         counts.updated += 1;
@@ -379,6 +383,52 @@ pub async fn contacts(
         cursor = next;
         if !page.has_more || page.records.is_empty() {
             return Ok(Flow::Done);
+        }
+    }
+}
+
+/// Creates a contact (`contactNumber` null), sent once; when the POST fails or its answer is
+/// lost, S-360 may have made the contact: once no earlier POST can still land (its deadline
+/// plus the settle margin), `searchContact` by the e-mail says; found, it is the contact; not
+/// found, it is sent again, while the connection's retry policy allows. Never two contacts.
+async fn create_contact(
+    ctx: &RunCtx,
+    s360: &S360Client,
+    body: &Value,
+    email: &str,
+) -> Result<Result<String, S360Error>, RunError> {
+    let mut tries = 0;
+    loop {
+        let e = match s360.save_contact(body, &ctx.cancel).await {
+            Err(e) if e.outcome_unknown() && tries < s360.endpoint.max_retries() => e,
+            other => return Ok(other),
+        };
+        tries += 1;
+        tracing::warn!(stream = %ctx.spec.name, error = %e, "a contact create failed or its answer was lost; asking S-360 before sending it again");
+        if !ctx.doubt.settle(ctx).await? {
+            return Ok(Err(S360Error::Http(crate::http::HttpError::Cancelled {
+                what: "POST saveIndividualContactData".into(),
+            })));
+        }
+        match s360.search_contact(email, &ctx.cancel).await {
+            Ok(found) if found.len() == 1 => {
+                tracing::info!(stream = %ctx.spec.name, "the earlier attempt had made the contact; linked, not sent again");
+                return Ok(Ok(found.into_iter().next().expect("one")));
+            }
+            Ok(found) if found.is_empty() => continue,
+            Ok(found) => {
+                return Ok(Err(S360Error::Status {
+                    conn: s360.endpoint.name.clone(),
+                    what: "POST searchContact".into(),
+                    code: "AMBIGUOUS".into(),
+                    detail: format!(
+                        "{} S-360 contacts have this e-mail ({}) after a create whose answer was lost",
+                        found.len(),
+                        found.join(", ")
+                    ),
+                }));
+            }
+            Err(e) => return Ok(Err(e)),
         }
     }
 }
@@ -563,6 +613,10 @@ pub async fn offers(
                         }
                         Err(e) if e.outcome_unknown() => {
                             tracing::warn!(stream = %spec.name, offer = %id, error = %e, "order outcome unknown; asking S-360 before any retry");
+                            // Not before the unanswered POST can no longer land.
+                            if !ctx.doubt.settle(ctx).await? {
+                                return Ok(Flow::Stopped);
+                            }
                             match s360
                                 .order_by_reference(&id, &ctx.cancel)
                                 .await

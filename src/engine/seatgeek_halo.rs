@@ -8,7 +8,11 @@
 //!
 //! No second Halo user for one SeatGeek ID: a crash after Halo saved a batch but before the
 //! commit leaves no link, but the next run finds the user by the SeatGeek ID that usher
-//! wrote into Halo; a cursor reset keeps the links. An e-mail (or SeatGeek ID) held by two
+//! wrote into Halo; a cursor reset keeps the links. A batch Halo may *still be saving* (its
+//! answer was lost to a crash or a timeout) is in doubt: neither the same run nor the next
+//! one looks those users up before the POST can no longer land (`engine::in_doubt`). A
+//! create batch that fails or goes unanswered is resolved in the same run
+//! ([`resolve_creates`]): wait, ask Halo by the ID field, link what it saved, send the rest. An e-mail (or SeatGeek ID) held by two
 //! Halo users is never guessed at: the event goes to dead letters naming both IDs.
 //!
 //! Halo refuses a whole array for one bad element (400): the batch is halved until the bad
@@ -456,9 +460,10 @@ pub async fn run(
     let source_conn = ctx.connection(&spec.source)?;
     let target_conn = ctx.connection(&spec.target)?;
     let source = SeatGeekSource::new(&ctx.http, &source_conn, &spec.name);
-    let halo = HaloClient::connect(&ctx.http, &target_conn, &ctx.cancel)
+    let mut halo = HaloClient::connect(&ctx.http, &target_conn, &ctx.cancel)
         .await
         .map_err(RunError::Target)?;
+    halo.endpoint = halo.endpoint.with_recorder(ctx.recorder());
     let mapper = Mapper::new(&spec.mapping, opts);
     let limit = mode.limit.or(opts.max_events);
     let mut lookup: Option<Lookup> = None;
@@ -813,41 +818,55 @@ async fn process_page(
 
     let t_save = std::time::Instant::now();
     tracing::debug!(stream = %spec.name, unlinked = found.len(), "page matched");
-    // Updates first (idempotent: retried on 5xx), then creates (sent once).
+    // Updates first (idempotent: retried on 5xx), then creates (sent once; a batch that
+    // failed or whose answer was lost is resolved below, in this run).
     let (updates, creates): (Vec<Write>, Vec<Write>) =
         writes.into_iter().partition(|w| w.halo_id.is_some());
+    let mut saved = Vec::with_capacity(updates.len() + creates.len());
+    let mut unsettled = Vec::new();
+    let mut failure = None;
     for (group, idempotent) in [(updates, true), (creates, false)] {
         let mut rest = group.into_iter().peekable();
         while rest.peek().is_some() {
             let batch: Vec<Write> = rest.by_ref().take(opts.batch_size).collect();
-            for (w, outcome) in save_isolating(ctx, halo, batch, idempotent).await? {
-                let e = &events[w.event];
-                match outcome {
-                    Ok(id) => {
-                        if w.halo_id.is_none() {
-                            counts.created += 1;
-                        } else {
-                            counts.updated += 1;
-                        }
-                        if w.link {
-                            result.links.push((w.sg_id.clone(), id.clone()));
-                        }
-                        if mode.report.is_none() {
-                            continue;
-                        }
-                        mode.line(EventLine {
-                            event_id: e.event_id.clone(),
-                            user_id: Some(w.sg_id),
-                            outcome: w.outcome.to_string(),
-                            halo_id: Some(id),
-                            fields: serde_json::from_str(&w.body).ok(),
-                        });
-                    }
-                    Err(reason) => {
-                        dead_letter(mode, counts, e, format!("Halo refused the user: {reason}"))?;
-                    }
+            let s = save_isolating(ctx, halo, batch, idempotent).await;
+            saved.extend(s.done);
+            if let Some(e) = s.error {
+                if idempotent || !create_may_be_resolved(&e) {
+                    return Err(RunError::Target(e));
                 }
+                unsettled.extend(s.unsettled);
+                failure = Some(e);
             }
+        }
+    }
+    if let Some(e) = failure {
+        saved.extend(resolve_creates(ctx, opts, halo, lookup, unsettled, e).await?);
+    }
+    for (w, outcome) in saved {
+        let e = &events[w.event];
+        match outcome {
+            Ok(id) => {
+                if w.halo_id.is_none() {
+                    counts.created += 1;
+                } else {
+                    counts.updated += 1;
+                }
+                if w.link {
+                    result.links.push((w.sg_id.clone(), id.clone()));
+                }
+                if mode.report.is_none() {
+                    continue;
+                }
+                mode.line(EventLine {
+                    event_id: e.event_id.clone(),
+                    user_id: Some(w.sg_id),
+                    outcome: w.outcome.to_string(),
+                    halo_id: Some(id),
+                    fields: serde_json::from_str(&w.body).ok(),
+                });
+            }
+            Err(reason) => dead_letter(mode, counts, e, reason)?,
         }
     }
     tracing::debug!(stream = %spec.name, save_ms = t_save.elapsed().as_millis() as u64, "page saved to Halo");
@@ -855,37 +874,185 @@ async fn process_page(
     Ok(result)
 }
 
+/// What became of a batch: the writes settled (with their Halo ID, or the reason to set
+/// them aside), and, when a POST failed, the writes not settled and the error.
+struct Saving {
+    done: Vec<(Write, Result<String, String>)>,
+    unsettled: Vec<Write>,
+    error: Option<crate::http::HttpError>,
+}
+
 /// POSTs a batch; on a 400 (nothing saved) halves it until the refused user is alone.
-/// Returns every write with its Halo ID or Halo's reason.
+/// Stops at the first POST that fails otherwise: that part and the parts not yet sent are
+/// returned unsettled (Halo may have saved the failed part).
 async fn save_isolating(
     ctx: &RunCtx,
     halo: &HaloClient,
     batch: Vec<Write>,
     idempotent: bool,
-) -> Result<Vec<(Write, Result<String, String>)>, RunError> {
-    let mut out = Vec::with_capacity(batch.len());
+) -> Saving {
+    let mut done = Vec::with_capacity(batch.len());
     let mut stack = vec![batch];
     while let Some(part) = stack.pop() {
         let body = json_array(part.iter().map(|w| w.body.as_str()));
-        match halo
-            .save(body, part.len(), idempotent, &ctx.cancel)
-            .await
-            .map_err(RunError::Target)?
-        {
-            Saved::Ok(ids) => out.extend(part.into_iter().zip(ids.into_iter().map(Ok))),
-            Saved::Refused(reason) if part.len() == 1 => {
-                out.extend(part.into_iter().map(|w| (w, Err(reason.clone()))));
+        match halo.save(body, part.len(), idempotent, &ctx.cancel).await {
+            Ok(Saved::Ok(ids)) => done.extend(part.into_iter().zip(ids.into_iter().map(Ok))),
+            Ok(Saved::Refused(reason)) if part.len() == 1 => {
+                let reason = format!("Halo refused the user: {reason}");
+                done.extend(part.into_iter().map(|w| (w, Err(reason.clone()))));
             }
-            Saved::Refused(reason) => {
+            Ok(Saved::Refused(reason)) => {
                 tracing::info!(stream = %ctx.spec.name, users = part.len(), reason = %reason, "Halo refused a batch; halving it to find the refused user");
                 let mut first = part;
                 let second = first.split_off(first.len() / 2);
                 stack.push(second);
                 stack.push(first);
             }
+            Err(e) => {
+                let mut unsettled = part;
+                unsettled.extend(stack.into_iter().flatten());
+                return Saving {
+                    done,
+                    unsettled,
+                    error: Some(e),
+                };
+            }
         }
     }
-    Ok(out)
+    Saving {
+        done,
+        unsettled: Vec::new(),
+        error: None,
+    }
+}
+
+/// A create batch that failed this way may have been saved, or not: the run finds out and
+/// goes on. Anything else (credentials, a long Retry-After, shutdown, a state that cannot
+/// record the write) ends the run.
+fn create_may_be_resolved(e: &crate::http::HttpError) -> bool {
+    use crate::http::HttpError;
+    match e {
+        // Timed out, broken off, or not connected (then nothing was sent: asking is harmless).
+        HttpError::Transport { .. } => true,
+        // 5xx, and a 2xx whose answer is broken (Halo did the work; the IDs are unknown).
+        HttpError::Status { status, .. } => *status >= 500 || (200..300).contains(status),
+        _ => false,
+    }
+}
+
+/// Creates whose batch failed or whose answer was lost, resolved in the same run: wait
+/// until an unanswered POST can no longer land (its deadline plus the settle margin), find
+/// which of the users Halo saved (by the SeatGeek ID written into them), link those, send
+/// the rest once more; again while the connection's retry policy allows. This keeps "never
+/// create twice": nothing is sent again before Halo has been asked, and Halo is asked only
+/// once no earlier POST of these users can still be saved.
+async fn resolve_creates(
+    ctx: &RunCtx,
+    opts: &HaloOptions,
+    halo: &HaloClient,
+    lookup: &mut Option<Lookup>,
+    mut pending: Vec<Write>,
+    mut error: crate::http::HttpError,
+) -> Result<Vec<(Write, Result<String, String>)>, RunError> {
+    let mut out = Vec::with_capacity(pending.len());
+    for round in 1..=halo.endpoint.max_retries().max(1) {
+        tracing::warn!(stream = %ctx.spec.name, users = pending.len(), round, error = %error,
+            "a create batch failed or its answer was lost; finding out what Halo saved before sending the rest again");
+        if !ctx.doubt.settle(ctx).await? {
+            return Err(RunError::Target(crate::http::HttpError::Cancelled {
+                what: "POST /api/users".into(),
+            }));
+        }
+        let found = find_created(ctx, opts, halo, lookup, &pending).await?;
+        let mut resend = Vec::with_capacity(pending.len());
+        for w in pending {
+            match found.get(&w.sg_id).map(Vec::as_slice) {
+                None | Some([]) => resend.push(w),
+                Some([id]) => {
+                    let id = id.clone();
+                    out.push((w, Ok(id)));
+                }
+                Some(ids) => {
+                    let reason = format!(
+                        "Halo users {} all hold SeatGeek ID {:?}; not guessing which is the one",
+                        ids.join(" and "),
+                        w.sg_id
+                    );
+                    out.push((w, Err(reason)));
+                }
+            }
+        }
+        let mut failed = Vec::new();
+        let mut last = None;
+        let mut rest = resend.into_iter().peekable();
+        while rest.peek().is_some() {
+            let batch: Vec<Write> = rest.by_ref().take(opts.batch_size).collect();
+            let s = save_isolating(ctx, halo, batch, false).await;
+            out.extend(s.done);
+            if let Some(e) = s.error {
+                if !create_may_be_resolved(&e) {
+                    return Err(RunError::Target(e));
+                }
+                failed.extend(s.unsettled);
+                failed.extend(rest.by_ref());
+                last = Some(e);
+            }
+        }
+        match last {
+            None => return Ok(out),
+            Some(e) => {
+                pending = failed;
+                error = e;
+            }
+        }
+    }
+    Err(RunError::Target(error))
+}
+
+/// Which of `pending` Halo holds, by the SeatGeek ID field: SeatGeek ID → Halo IDs. Reads
+/// all of Halo's users again when that takes fewer calls than a search per user (the index
+/// of this run is then fresh for the pages that follow), else searches per user.
+async fn find_created(
+    ctx: &RunCtx,
+    opts: &HaloOptions,
+    halo: &HaloClient,
+    lookup: &mut Option<Lookup>,
+    pending: &[Write],
+) -> Result<HashMap<String, Vec<String>>, RunError> {
+    let reload = match lookup {
+        Some(Lookup::Index { .. }) => {
+            let (count, _) = halo
+                .users(None, 1, 1, &ctx.cancel)
+                .await
+                .map_err(RunError::Target)?;
+            count <= opts.preload_max && count.div_ceil(HALO_PAGE as u64) + 1 < pending.len() as u64
+        }
+        _ => false,
+    };
+    if reload {
+        *lookup = Some(load_lookup(ctx, halo, opts).await?);
+        if let Some(Lookup::Index { by_sg, .. }) = lookup {
+            return Ok(pending
+                .iter()
+                .filter_map(|w| {
+                    by_sg
+                        .get(&halo_sg_id(opts, &w.sg_id))
+                        .map(|ids| (w.sg_id.clone(), ids.clone()))
+                })
+                .collect());
+        }
+    }
+    let ids: Vec<String> = pending.iter().map(|w| w.sg_id.clone()).collect();
+    let results: Vec<Result<(String, Vec<String>), RunError>> = futures::stream::iter(ids)
+        .map(|sg_id| async move {
+            let value = halo_sg_id(opts, &sg_id);
+            let (by_id, _) = search_all(ctx, halo, opts, &value, Some(&value), None).await?;
+            Ok((sg_id, by_id))
+        })
+        .buffer_unordered(SEARCH_CONCURRENCY)
+        .collect()
+        .await;
+    results.into_iter().collect()
 }
 
 fn to_json(user: &Map<String, Value>) -> String {

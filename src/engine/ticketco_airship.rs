@@ -444,7 +444,8 @@ pub async fn run(
     let spec = &ctx.spec;
     let name = spec.name.as_str();
     let tc = TicketCo::new(&ctx.http, &*ctx.connection(&spec.source)?);
-    let air = Airship::new(&ctx.http, &*ctx.connection(&spec.target)?);
+    let mut air = Airship::new(&ctx.http, &*ctx.connection(&spec.target)?);
+    air.endpoint = air.endpoint.with_recorder(ctx.recorder());
     let first_run = ctx.store.cursor(name).await?.is_none();
     let backfill = match &ctx.backfill {
         Some(b) => Some(b.from),

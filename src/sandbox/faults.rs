@@ -22,8 +22,13 @@ pub enum Fault {
     RateLimitedUntil { status: u16, secs_ahead: u64 },
     /// 429 without `Retry-After`.
     RateLimitedBare { status: u16 },
-    /// Wait this long before handling (past the client's timeout, to test it).
+    /// Wait this long before handling (past the client's timeout, to test it). A client
+    /// that hangs up first cancels the handling: nothing is done.
     Slow(Duration),
+    /// The vendor holds the request and carries it out this long after it arrived, whether
+    /// or not the client is still there (a slow save behind a load balancer): the case of a
+    /// write whose answer usher never sees but which still lands.
+    Late(Duration),
     /// Headers go out, then the connection is broken off mid-body.
     Reset,
     /// The real answer, cut in half.
@@ -57,7 +62,8 @@ impl Faults {
         Self::default()
     }
 
-    /// The next `n` requests to `route` get `fault`.
+    /// The next `n` requests to `route` get `fault`. A route may be narrowed to one method
+    /// by its last path segment: `"s360.api:saveIndividualContactData"`.
     pub fn push(&self, route: &str, fault: Fault, n: usize) {
         let mut i = self.0.lock().unwrap();
         let q = i.queues.entry(route.to_string()).or_default();
@@ -127,7 +133,16 @@ pub async fn layer(
 ) -> Response {
     // Calls are timestamped on arrival, which is what a rate limit counts.
     let arrived = SystemTime::now();
-    let fault = faults.take(route);
+    let method = req
+        .uri()
+        .path()
+        .rsplit('/')
+        .next()
+        .unwrap_or("")
+        .to_string();
+    let fault = faults
+        .take(route)
+        .or_else(|| faults.take(&format!("{route}:{method}")));
     let index = faults.log(route, arrived, fault.clone());
     let resp = match fault {
         None => next.run(req).await,
@@ -154,6 +169,15 @@ pub async fn layer(
         Some(Fault::Slow(d)) => {
             tokio::time::sleep(d).await;
             next.run(req).await
+        }
+        Some(Fault::Late(d)) => {
+            // Detached: dropping this handler (the client hung up) does not stop it.
+            let task = tokio::spawn(async move {
+                tokio::time::sleep(d).await;
+                next.run(req).await
+            });
+            task.await
+                .unwrap_or_else(|_| json_error(500, "the late handling failed"))
         }
         Some(Fault::Reset) => {
             let stream = futures::stream::once(async {

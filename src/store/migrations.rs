@@ -130,4 +130,16 @@ pub const MIGRATIONS: &[&str] = &[
     DROP INDEX s360_inbox_record;
     CREATE INDEX s360_inbox_version ON s360_inbox (stream, record_id, content_hash);
     "#,
+    // 7: writes in doubt. Per stream, until when a write usher sent may still take effect
+    // at the target although its answer was not seen (a crash, a timeout); a run waits for
+    // that time (plus the settle margin) before it looks its records up or sends them again.
+    r#"
+    CREATE TABLE in_doubt (
+        stream      TEXT PRIMARY KEY,
+        until       TEXT NOT NULL,
+        state       TEXT NOT NULL,
+        detail      TEXT,
+        updated_at  TEXT NOT NULL
+    );
+    "#,
 ];

@@ -7,6 +7,7 @@
 //! covers.** rusqlite is blocking: every call runs on tokio's blocking pool through
 //! [`Store::call`], never on the async executor's threads.
 
+mod in_doubt;
 mod migrations;
 // S-360
 mod s360;
@@ -23,6 +24,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde::Serialize;
 
+pub use in_doubt::{Doubt, DoubtState};
 pub use migrations::MIGRATIONS;
 // S-360
 pub use s360::{InboxBatch, InboxOutcome, InboxRecord, InboxRow};

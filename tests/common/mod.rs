@@ -260,6 +260,9 @@ max_retries = 3
 [connections.hub]
 kind = "crm"
 base_url = "{base}/crm"
+# A restart after a kill waits until a POST in flight can no longer land (timeout + 1 s +
+# the settle margin): kept short here so that kill tests do not wait 36 s.
+timeout = "3s"
 
 [streams.contacts]
 source = "crm"

@@ -1,0 +1,119 @@
+//! Writes in doubt (migration 7): per stream, until when a write that usher sent may still
+//! take effect at the target although its answer was not seen. Written before a write
+//! leaves (amortized: one row per stream, extended ahead of the writes, see
+//! `engine::in_doubt`), so that a process started after a crash, a kill or a failover waits
+//! for it instead of looking the records up while the vendor may still be saving them.
+
+use rusqlite::{OptionalExtension, params};
+use serde::Serialize;
+
+use super::{Result, Store, now_text, parse_ts, ts};
+use chrono::{DateTime, Utc};
+
+/// What the row says about the stream's writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DoubtState {
+    /// A run is writing; writes may land until `until`. A process that died leaves this.
+    Writing,
+    /// A run ended with a write whose answer it did not see; it may land until `until`.
+    Unanswered,
+    /// A run waits until `until` (plus nothing: the margin is in it) before it looks.
+    Settling,
+}
+
+impl DoubtState {
+    fn as_str(self) -> &'static str {
+        match self {
+            DoubtState::Writing => "writing",
+            DoubtState::Unanswered => "unanswered",
+            DoubtState::Settling => "settling",
+        }
+    }
+
+    fn parse(s: &str) -> DoubtState {
+        match s {
+            "unanswered" => DoubtState::Unanswered,
+            "settling" => DoubtState::Settling,
+            _ => DoubtState::Writing,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Doubt {
+    pub until: DateTime<Utc>,
+    pub state: DoubtState,
+    /// The write it is about, e.g. `POST /api/users`.
+    pub detail: String,
+}
+
+impl Store {
+    /// Writes of `stream` may land until `until` (sets or moves the row).
+    pub async fn doubt_set(
+        &self,
+        stream: &str,
+        until: DateTime<Utc>,
+        state: DoubtState,
+        detail: &str,
+    ) -> Result<()> {
+        let (stream, detail) = (stream.to_string(), detail.to_string());
+        self.call(move |c| {
+            c.prepare_cached(
+                "INSERT INTO in_doubt (stream, until, state, detail, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (stream) DO UPDATE SET until = excluded.until,
+                   state = excluded.state, detail = excluded.detail,
+                   updated_at = excluded.updated_at",
+            )?
+            .execute(params![
+                stream,
+                ts(until),
+                state.as_str(),
+                detail,
+                now_text()
+            ])
+            .map(|_| ())
+        })
+        .await
+    }
+
+    /// The stream's writes in doubt, if any are recorded.
+    pub async fn doubt(&self, stream: &str) -> Result<Option<Doubt>> {
+        let stream = stream.to_string();
+        self.call(move |c| q_doubt(c, &stream)).await
+    }
+
+    pub fn doubt_sync(&self, stream: &str) -> Result<Option<Doubt>> {
+        self.call_sync(|c| q_doubt(c, stream))
+    }
+
+    /// Nothing of the stream is in doubt any more.
+    pub async fn doubt_clear(&self, stream: &str) -> Result<()> {
+        let stream = stream.to_string();
+        self.call(move |c| {
+            c.prepare_cached("DELETE FROM in_doubt WHERE stream = ?1")?
+                .execute(params![stream])
+                .map(|_| ())
+        })
+        .await
+    }
+}
+
+fn q_doubt(c: &rusqlite::Connection, stream: &str) -> rusqlite::Result<Option<Doubt>> {
+    c.prepare_cached("SELECT until, state, detail FROM in_doubt WHERE stream = ?1")?
+        .query_row(params![stream], |r| {
+            let until: String = r.get(0)?;
+            let state: String = r.get(1)?;
+            Ok((until, state, r.get::<_, Option<String>>(2)?))
+        })
+        .optional()
+        .map(|row| {
+            row.map(|(until, state, detail)| Doubt {
+                // An unreadable time is treated as "now": the wait is the margin alone.
+                until: parse_ts(&until).unwrap_or_else(Utc::now),
+                state: DoubtState::parse(&state),
+                detail: detail.unwrap_or_default(),
+            })
+        })
+}
