@@ -128,3 +128,47 @@ async fn reset_and_trigger_without_a_daemon() {
     let out = env.cli(&["cursor", "reset", "nope"]);
     assert_eq!(out.status.code(), Some(1));
 }
+
+/// A reset and a trigger given together (issue 19, item 4): the reset holds the stream in
+/// its own task; the trigger must run as soon as the stream is free, not at the next slot
+/// (here an hour away).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_trigger_given_with_a_reset_runs_as_soon_as_the_reset_is_done() {
+    let s = Sandbox::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    s.crm.add_contacts(40);
+    let env = Env::new();
+    env.write_config(&crm_stream_config(
+        &format!("http://{}", s.addr),
+        "1h",
+        1000,
+        50,
+    ));
+    let d = env.spawn_daemon();
+    d.wait_ready();
+    assert!(wait_until(Duration::from_secs(10), || s
+        .crm
+        .accepted_records()
+        .len()
+        == 40));
+    // Both files at once (the trigger written first), then SIGUSR1.
+    let control = env.state_dir().join("control");
+    std::fs::write(control.join("trigger.contacts"), "ops\n").unwrap();
+    std::fs::write(control.join("reset.contacts"), "ops\n").unwrap();
+    d.signal(rustix::process::Signal::USR1);
+    assert!(
+        wait_until(Duration::from_secs(10), || s.crm.accepted_records().len()
+            == 80),
+        "the re-import ran at once after the reset: {} records\n{}",
+        s.crm.accepted_records().len(),
+        d.log()
+    );
+    assert_eq!(
+        query_i64(
+            &env.db_path(),
+            "SELECT COUNT(*) FROM runs WHERE trigger = 'trigger'"
+        ),
+        1
+    );
+}

@@ -413,6 +413,65 @@ async fn rate_limits_and_server_errors_from_each_side_never_lose_or_double_a_use
     }
 }
 
+/// A 429 from a token endpoint is a rate limit like any other (issue 19, item 2): waited
+/// out as its Retry-After says (seconds or an HTTP date), then the token is asked again; a
+/// wait longer than usher waits within a run ends the run with a message naming the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_429_from_a_token_endpoint_is_waited_for_as_asked() {
+    let s = sandbox().await;
+    s.seatgeek.add_generated(50, 20, 4);
+    s.seatgeek.faults.push(
+        "seatgeek.token",
+        Fault::RateLimited {
+            status: 429,
+            retry_after_secs: 1,
+        },
+        1,
+    );
+    s.halo.faults.push(
+        "halo.token",
+        Fault::RateLimitedUntil {
+            status: 429,
+            secs_ahead: 2,
+        },
+        1,
+    );
+    let env = Env::new();
+    env.write_config(&config(&env, &s, ""));
+    let (code, out) = trigger(&env, "sg");
+    assert_eq!(code, 0, "{out}");
+    assert_each_once(&s, 20, "");
+    for (f, route, at_least) in [
+        (&s.seatgeek.faults, "seatgeek.token", 900),
+        (&s.halo.faults, "halo.token", 1000),
+    ] {
+        let calls = f.calls_to(route);
+        assert!(calls.len() >= 2, "{route}: {calls:?}");
+        assert_eq!(calls[0].status, 429);
+        let gap = calls[1].at.duration_since(calls[0].at).unwrap();
+        assert!(
+            gap >= Duration::from_millis(at_least),
+            "{route}: asked again after {gap:?}"
+        );
+    }
+
+    // A Retry-After longer than a run waits: the run ends, saying it is a rate limit.
+    s.seatgeek.faults.push(
+        "seatgeek.token",
+        Fault::RateLimited {
+            status: 429,
+            retry_after_secs: 900,
+        },
+        1,
+    );
+    let env2 = Env::new();
+    env2.write_config(&config(&env2, &s, ""));
+    let (code, out) = trigger(&env2, "sg");
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("rate limited, asked to wait 900s"), "{out}");
+    assert!(!out.contains("not the expected JSON"), "{out}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_seatgeek_accounts_with_the_same_user_ids_feed_one_halo_through_an_id_prefix() {
     let s = sandbox().await;

@@ -157,11 +157,13 @@ institution = "myvenue"
 virtual_operator = "{DEMO_OPERATOR}"
 partner_name = "{DEMO_PARTNER}"
 partner_secret_file = "s360-secret"
+timeout = "3s"
 
 [connections.crm]
 kind = "crm"
 base_url = "{crm}"
 auth = {{ type = "oauth2", token_url = "{crm}/oauth/token", client_id = "crm-client", client_secret = "{CRM_CLIENT_SECRET}" }}
+timeout = "3s"
 
 [connections.tc]
 kind = "ticketco"
@@ -175,6 +177,7 @@ base_url = "{air}"
 access_token_file = "air-token"
 account_id = 77
 max_retries = 1
+timeout = "3s"
 
 [connections.venue-a-cdp]
 kind = "cdp"
@@ -182,6 +185,7 @@ company = "venue-a"
 base_url = "{cdp}"
 product_token_file = "cdp-token"
 tenant_guid = "{TENANT}"
+timeout = "3s"
 
 [connections.seats]
 kind = "seatsio"
@@ -258,6 +262,7 @@ base_url = "{halo}"
 tenant = "venue"
 client_id = "usher-halo"
 client_secret_file = "halo-secret"
+timeout = "3s"
 
 [streams.users]
 source = "seatgeek"

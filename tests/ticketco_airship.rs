@@ -48,6 +48,7 @@ base_url = "{air_url}"
 access_token_file = {air:?}
 account_id = 77
 max_retries = 1
+timeout = "3s"
 
 [streams.bookings]
 source = "tc"

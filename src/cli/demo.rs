@@ -139,7 +139,9 @@ pub async fn demo(demo_config: PathBuf, contacts: u64, state_override: Option<Pa
         println!("  {line}");
     }
     let config = Arc::new(config);
-    let http = Http::new();
+    let http = crate::engine::budget_log::http_client(&store)
+        .await
+        .unwrap_or_else(|_| Http::new());
     let cancel = CancellationToken::new();
     let mut failed = false;
     for spec in config.streams.values() {

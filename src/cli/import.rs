@@ -96,7 +96,10 @@ pub async fn import(source: config::Source, stream: &str, limit: u64, dry_run: b
         store: store.clone(),
         spec: spec.clone(),
         config: config.clone(),
-        http: Http::new(),
+        http: crate::engine::budget_log::http_client(&store).await.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot read the saved rate budgets; starting them empty");
+            Http::new()
+        }),
         cancel,
         interrupt: Default::default(),
         clock: crate::clock::Clock::process(),

@@ -334,12 +334,18 @@ pub async fn trigger(source: config::Source, stream: &str) -> i32 {
         c.cancel();
     });
     let config = Arc::new(config);
+    let http = crate::engine::budget_log::http_client(&store)
+        .await
+        .unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot read the saved rate budgets; starting them empty");
+            Http::new()
+        });
     let ctx = RunCtx {
         doubt: InDoubt::new(&store, stream, config.daemon.settle_margin),
         store,
         spec: config.streams[stream].clone(),
         config,
-        http: Http::new(),
+        http,
         cancel,
         interrupt: Default::default(),
         clock: crate::clock::Clock::process(),

@@ -67,7 +67,9 @@ const CLOCK_JUMP: chrono::TimeDelta = chrono::TimeDelta::seconds(2);
 enum Event {
     /// A schedule fired. The generation tells stale jobs (from before a reload) apart.
     Tick(String, u64),
-    RunDone(String),
+    /// The stream's run lock was released (a run ended, or an operator action on it did):
+    /// a trigger that found it held runs now.
+    Free(String),
     ControlDone(PathBuf),
 }
 
@@ -114,13 +116,14 @@ pub async fn run(
         config.daemon.max_concurrent_runs as usize,
     ));
     let config = Arc::new(config);
+    let http = super::budget_log::http_client(&store).await?;
     let mut d = Daemon {
         source,
         permits,
         shared: Arc::new(std::sync::RwLock::new(config.clone())),
         config,
         store,
-        http: Http::new(),
+        http,
         slots: HashMap::new(),
         sched,
         jobs: HashMap::new(),
@@ -200,7 +203,7 @@ pub async fn run(
                         d.on_tick(&stream, slot).await;
                     }
                 }
-                Event::RunDone(stream) => {
+                Event::Free(stream) => {
                     if let Some(slot) = d.slots.get(&stream)
                         && slot.trigger_pending.swap(false, Ordering::SeqCst) {
                             d.start_run(&stream, "trigger");
@@ -406,13 +409,21 @@ impl Daemon {
             return;
         }
         let slot = self.slot(stream);
-        let Ok(guard) = slot.run_lock.clone().try_lock_owned() else {
+        // An operator action waiting for the stream (a reset) counts as holding it: a run
+        // started now would stop at its first page boundary.
+        let busy = slot.interrupt.load(Ordering::SeqCst);
+        let guard = if busy {
+            None
+        } else {
+            slot.run_lock.clone().try_lock_owned().ok()
+        };
+        let Some(guard) = guard else {
             if trigger == "schedule" {
                 tracing::warn!(stream, "tick skipped: the previous run is still going");
             } else {
                 tracing::info!(
                     stream,
-                    "a run is going; the trigger runs the stream again after it"
+                    "the stream is busy (a run or an operator action); the trigger runs it as soon as it is free"
                 );
                 slot.trigger_pending.store(true, Ordering::SeqCst);
             }
@@ -442,7 +453,7 @@ impl Daemon {
             }
             drop(permit);
             drop(guard);
-            let _ = tx.send(Event::RunDone(name));
+            let _ = tx.send(Event::Free(name));
         });
     }
 
@@ -509,7 +520,11 @@ impl Daemon {
     /// Acts on waiting control files.
     fn process_control(&mut self) {
         let state_dir = self.config.daemon.state_dir.clone();
-        for req in control::pending(&state_dir) {
+        // Resets before triggers: "reset, then run now" given together runs once, from the
+        // start, as soon as the reset is done (the trigger waits for the stream to be free).
+        let mut requests = control::pending(&state_dir);
+        requests.sort_by_key(|r| r.action != Ok(Action::Reset));
+        for req in requests {
             if self.in_progress.contains(&req.path) {
                 continue;
             }
@@ -567,6 +582,7 @@ impl Daemon {
                         slot.interrupt.store(false, Ordering::SeqCst);
                         drop(guard);
                         let _ = std::fs::remove_file(&req.path);
+                        let _ = tx.send(Event::Free(req.stream.clone()));
                         let _ = tx.send(Event::ControlDone(req.path));
                     });
                 }

@@ -6,6 +6,7 @@
 //! the page is abandoned): shutdown and operator actions are checked between pages, never
 //! in the middle of one. Whatever a page did not commit is pulled again by the next run.
 
+pub mod budget_log;
 pub mod control;
 pub mod daemon;
 mod feed_webhook;

@@ -142,4 +142,14 @@ pub const MIGRATIONS: &[&str] = &[
         updated_at  TEXT NOT NULL
     );
     "#,
+    // 8: rate budgets kept between processes: the instants of the calls that count in a
+    // vendor's window (JSON array of times) and a running Retry-After, per budget key.
+    r#"
+    CREATE TABLE rate_budgets (
+        key         TEXT PRIMARY KEY,
+        calls       TEXT NOT NULL,
+        not_before  TEXT,
+        updated_at  TEXT NOT NULL
+    );
+    "#,
 ];

@@ -7,6 +7,7 @@
 //! covers.** rusqlite is blocking: every call runs on tokio's blocking pool through
 //! [`Store::call`], never on the async executor's threads.
 
+mod budgets;
 mod in_doubt;
 mod migrations;
 // S-360
@@ -24,6 +25,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde::Serialize;
 
+pub use budgets::BudgetRow;
 pub use in_doubt::{Doubt, DoubtState};
 pub use migrations::MIGRATIONS;
 // S-360

@@ -7,7 +7,7 @@
 //!
 //! Connectors know URLs and JSON; they never loop, sleep or count attempts themselves.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,6 +19,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, RateLimit};
 use crate::secret::Secret;
+
+mod budget;
+pub use budget::{Budget, BudgetLog, SavedBudget};
 
 /// Longest wait a `Retry-After` may impose inside one run; past it the run ends and the
 /// budget keeps the connection quiet until the time has passed.
@@ -186,111 +189,6 @@ pub fn snippet(body: &[u8]) -> String {
     s.replace(['\n', '\r'], " ")
 }
 
-/// The per-connection rate budget: a sliding window of calls, plus a "not before" instant
-/// set by `Retry-After`. Shared by every stream that uses the connection, kept across reloads.
-#[derive(Debug)]
-pub struct Budget {
-    limit: Mutex<Option<RateLimit>>,
-    state: Mutex<BudgetState>,
-}
-
-#[derive(Debug, Default)]
-struct BudgetState {
-    calls: VecDeque<Instant>,
-    not_before: Option<Instant>,
-}
-
-impl Budget {
-    pub fn new(limit: Option<RateLimit>) -> Self {
-        Budget {
-            limit: Mutex::new(limit),
-            state: Mutex::new(BudgetState::default()),
-        }
-    }
-
-    fn set_limit(&self, limit: Option<RateLimit>) {
-        *self.limit.lock().unwrap_or_else(|p| p.into_inner()) = limit;
-    }
-
-    /// Waits until a call is allowed, then counts it.
-    pub async fn acquire(&self, cancel: &CancellationToken) -> Result<(), ()> {
-        loop {
-            let wait = {
-                let limit = *self.limit.lock().unwrap_or_else(|p| p.into_inner());
-                let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-                let now = Instant::now();
-                match st.not_before {
-                    Some(nb) if nb > now => Some(nb - now),
-                    _ => match limit {
-                        None => {
-                            st.calls.push_back(now);
-                            if st.calls.len() > 10_000 {
-                                st.calls.pop_front();
-                            }
-                            None
-                        }
-                        Some(l) => {
-                            // A margin on the window: the vendor counts arrivals, and two
-                            // requests do not take exactly the same time to get there.
-                            let per = l.per + window_margin(l.per);
-                            while st
-                                .calls
-                                .front()
-                                .is_some_and(|t| now.duration_since(*t) >= per)
-                            {
-                                st.calls.pop_front();
-                            }
-                            if (st.calls.len() as u32) < l.calls {
-                                st.calls.push_back(now);
-                                None
-                            } else {
-                                let oldest = *st.calls.front().expect("non-empty at the limit");
-                                Some(per - now.duration_since(oldest) + Duration::from_millis(1))
-                            }
-                        }
-                    },
-                }
-            };
-            match wait {
-                None => return Ok(()),
-                Some(w) => {
-                    tokio::select! {
-                        _ = tokio::time::sleep(w) => {}
-                        _ = cancel.cancelled() => return Err(()),
-                    }
-                }
-            }
-        }
-    }
-
-    /// No call on this connection before `d` from now (a 429/509's `Retry-After`).
-    pub fn block_for(&self, d: Duration) {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let until = Instant::now() + d;
-        if st.not_before.is_none_or(|nb| nb < until) {
-            st.not_before = Some(until);
-        }
-    }
-
-    /// Calls left in the current window (None when unlimited).
-    pub fn remaining(&self) -> Option<u32> {
-        let limit = (*self.limit.lock().unwrap_or_else(|p| p.into_inner()))?;
-        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        let used = st
-            .calls
-            .iter()
-            .filter(|t| now.duration_since(**t) < limit.per)
-            .count() as u32;
-        Some(limit.calls.saturating_sub(used))
-    }
-}
-
-/// 2% of a rate window, at least 50 ms: slack for network jitter between us and the vendor.
-fn window_margin(per: Duration) -> Duration {
-    (per / 50).max(Duration::from_millis(50))
-}
-
 /// Parses `Retry-After`: delta-seconds or an HTTP date.
 pub fn retry_after(headers: &HeaderMap, now: std::time::SystemTime) -> Option<Duration> {
     let v = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
@@ -389,6 +287,10 @@ pub fn token_refresh_after(expires_in: Duration) -> Duration {
 pub struct Http {
     client: reqwest::Client,
     budgets: Arc<Mutex<HashMap<String, Arc<Budget>>>>,
+    /// Where budgets are kept between processes (the state), and what it held at start:
+    /// a budget starts from its saved calls and `Retry-After` (see `budget.rs`).
+    budget_log: Option<Arc<dyn BudgetLog>>,
+    saved_budgets: Arc<HashMap<String, SavedBudget>>,
     /// OAuth2 tokens per (connection, token URL, client ID), so that a token is reused
     /// across runs until shortly before it expires, not fetched once per run.
     tokens: Arc<Mutex<TokenSlots>>,
@@ -412,8 +314,17 @@ impl Http {
         Http {
             client,
             budgets: Arc::new(Mutex::new(HashMap::new())),
+            budget_log: None,
+            saved_budgets: Arc::new(HashMap::new()),
             tokens: Arc::new(Mutex::new(HashMap::new())),
         }
+    }
+
+    /// The same client, with rate budgets that start from `saved` and are saved to `log`.
+    pub fn with_budget_log(mut self, log: Arc<dyn BudgetLog>, saved: Vec<SavedBudget>) -> Self {
+        self.budget_log = Some(log);
+        self.saved_budgets = Arc::new(saved.into_iter().map(|b| (b.key.clone(), b)).collect());
+        self
     }
 
     /// Calls left in each connection's rate window (None: no limit).
@@ -426,7 +337,14 @@ impl Http {
         let mut b = self.budgets.lock().unwrap_or_else(|p| p.into_inner());
         let budget = b
             .entry(conn.to_string())
-            .or_insert_with(|| Arc::new(Budget::new(limit)))
+            .or_insert_with(|| {
+                Arc::new(Budget::restored(
+                    conn.to_string(),
+                    limit,
+                    self.budget_log.clone(),
+                    self.saved_budgets.get(conn),
+                ))
+            })
             .clone();
         budget.set_limit(limit);
         budget
@@ -582,21 +500,51 @@ impl Endpoint {
     where
         F: Fn(RequestBuilder) -> RequestBuilder,
     {
+        self.exchange(method, url, retry, cancel, build, true).await
+    }
+
+    /// [`Endpoint::send`], with or without the endpoint's auth: the token request of an
+    /// OAuth2 endpoint goes through here unauthorized, so that it gets the same budget,
+    /// `Retry-After` waits and retries as every other call.
+    async fn exchange<F>(
+        &self,
+        method: Method,
+        url: url::Url,
+        retry: Retry,
+        cancel: &CancellationToken,
+        build: F,
+        authorized: bool,
+    ) -> Result<Reply, HttpError>
+    where
+        F: Fn(RequestBuilder) -> RequestBuilder,
+    {
         let what = describe(&method, &url);
         let mut attempts = 0u32;
         let mut failures = 0u32;
         let mut refreshed = false;
         let mut rate_waited = Duration::ZERO;
         loop {
-            if self.budget.acquire(cancel).await.is_err() {
-                return Err(HttpError::Cancelled { what });
+            match self.budget.acquire(cancel).await {
+                Ok(()) => {}
+                Err(budget::Refused::Cancelled) => return Err(HttpError::Cancelled { what }),
+                Err(budget::Refused::NotSaved(reason)) => {
+                    return Err(HttpError::NotRecorded {
+                        conn: self.name.clone(),
+                        what,
+                        reason,
+                    });
+                }
             }
             attempts += 1;
             let rb = self
                 .client
                 .request(method.clone(), url.clone())
                 .timeout(self.timeout);
-            let rb = self.authorize(build(rb), cancel, &what).await?;
+            let rb = if authorized {
+                self.authorize(build(rb), cancel, &what).await?
+            } else {
+                build(rb)
+            };
             // reqwest's per-request timeout runs from connecting to the end of the body, so
             // the write cannot take effect through usher after `deadline` (what the vendor
             // does with a request it already holds is the settle margin's business).
@@ -635,7 +583,7 @@ impl Endpoint {
             match result {
                 Ok((status, headers, body)) => {
                     let code = status.as_u16();
-                    if status == StatusCode::UNAUTHORIZED && self.has_token_auth() {
+                    if status == StatusCode::UNAUTHORIZED && authorized && self.has_token_auth() {
                         if !refreshed {
                             tracing::debug!(connection = %self.name, call = %what, "401 with a cached token; fetching a new one");
                             *self.token.lock().await = None;
@@ -654,7 +602,7 @@ impl Endpoint {
                                 backoff(failures.min(6)).max(Duration::from_secs(1))
                             });
                         if rate_waited + wait > MAX_RATE_WAIT {
-                            self.budget.block_for(wait);
+                            self.note_retry_after(wait, &what).await;
                             return Err(HttpError::RateLimited {
                                 conn: self.name.clone(),
                                 what,
@@ -665,7 +613,7 @@ impl Endpoint {
                         rate_waited += wait;
                         failures += 1;
                         crate::metrics::METRICS.retried(&self.name);
-                        self.budget.block_for(wait);
+                        self.note_retry_after(wait, &what).await;
                         continue;
                     }
                     if status.is_server_error() && retry.repeats() && failures < self.max_retries {
@@ -734,6 +682,15 @@ impl Endpoint {
         }
     }
 
+    /// Keeps the connection quiet for `wait` (a `Retry-After`), in this process and, when the
+    /// budget is kept in the state, for the next process too.
+    async fn note_retry_after(&self, wait: Duration, what: &str) {
+        if let Err(e) = self.budget.block_for(wait).await {
+            tracing::warn!(connection = %self.name, call = %what, error = %e,
+                "cannot save the Retry-After in the state; this process still waits for it");
+        }
+    }
+
     async fn pause(&self, d: Duration, cancel: &CancellationToken) -> Result<(), ()> {
         tokio::select! {
             _ = tokio::time::sleep(d) => Ok(()),
@@ -785,65 +742,43 @@ impl Endpoint {
             return Ok(t.token.clone());
         }
         let token_what = describe(&Method::POST, token_url);
-        let mut failures = 0;
-        let reply = loop {
-            if self.budget.acquire(cancel).await.is_err() {
-                return Err(HttpError::Cancelled {
-                    what: what.to_string(),
-                });
-            }
-            let mut fields: Vec<(&str, &str)> = vec![
-                ("grant_type", "client_credentials"),
-                ("client_id", client_id),
-                ("client_secret", client_secret.expose()),
-            ];
-            fields.extend(form.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-            let r = self
-                .client
-                .post(token_url.clone())
-                .timeout(self.timeout)
-                .form(&fields)
-                .send()
-                .await;
-            match r {
-                Ok(resp) => {
-                    let status = resp.status().as_u16();
-                    let body = resp.bytes().await.unwrap_or_default();
-                    if status >= 500 && failures < self.max_retries {
-                        failures += 1;
-                        if self.pause(backoff(failures), cancel).await.is_err() {
-                            return Err(HttpError::Cancelled {
-                                what: what.to_string(),
-                            });
-                        }
-                        continue;
-                    }
-                    break (status, body);
-                }
-                Err(e) => {
-                    if failures < self.max_retries {
-                        failures += 1;
-                        if self.pause(backoff(failures), cancel).await.is_err() {
-                            return Err(HttpError::Cancelled {
-                                what: what.to_string(),
-                            });
-                        }
-                        continue;
-                    }
-                    return Err(HttpError::Transport {
-                        conn: self.name.clone(),
-                        what: token_what,
-                        kind: classify(&e),
-                        attempts: failures + 1,
-                    });
-                }
-            }
-        };
-        let (status, body) = reply;
+        let mut fields: Vec<(&str, &str)> = vec![
+            ("grant_type", "client_credentials"),
+            ("client_id", client_id),
+            ("client_secret", client_secret.expose()),
+        ];
+        fields.extend(form.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        // The token endpoint is a call like any other: budget, 429/509 with Retry-After,
+        // retries on 5xx and broken connections (asking for a token changes nothing).
+        let reply = Box::pin(self.exchange(
+            Method::POST,
+            token_url.clone(),
+            Retry::Idempotent,
+            cancel,
+            |rb| rb.form(&fields),
+            false,
+        ))
+        .await
+        .map_err(|e| match e {
+            HttpError::Cancelled { .. } => HttpError::Cancelled {
+                what: what.to_string(),
+            },
+            other => other,
+        })?;
+        let (status, body, attempts) = (reply.status, reply.body, reply.attempts);
         if status == 400 || status == 401 || status == 403 {
             return Err(HttpError::CredentialsRefused {
                 conn: self.name.clone(),
                 what: token_what,
+            });
+        }
+        if !(200..300).contains(&status) {
+            return Err(HttpError::Status {
+                conn: self.name.clone(),
+                what: token_what,
+                status,
+                snippet: snippet(&body),
+                attempts,
             });
         }
         #[derive(serde::Deserialize)]
@@ -852,14 +787,14 @@ impl Endpoint {
             expires_in: Option<u64>,
         }
         let parsed: TokenReply = match serde_json::from_slice(&body) {
-            Ok(t) if (200..300).contains(&status) => t,
-            _ => {
+            Ok(t) => t,
+            Err(_) => {
                 return Err(HttpError::Status {
                     conn: self.name.clone(),
                     what: token_what,
                     status,
                     snippet: "the token answer is not the expected JSON".into(),
-                    attempts: failures + 1,
+                    attempts,
                 });
             }
         };
@@ -912,21 +847,5 @@ mod tests {
             assert!(backoff(a) <= BACKOFF_CAP);
         }
         assert!(backoff(0) >= BACKOFF_BASE / 2);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn the_budget_never_exceeds_its_window() {
-        let b = Budget::new(Some(RateLimit {
-            calls: 3,
-            per: Duration::from_secs(60),
-        }));
-        let cancel = CancellationToken::new();
-        let start = Instant::now();
-        for _ in 0..3 {
-            b.acquire(&cancel).await.unwrap();
-        }
-        assert_eq!(Instant::now(), start);
-        b.acquire(&cancel).await.unwrap();
-        assert!(Instant::now() - start >= Duration::from_secs(60));
     }
 }
