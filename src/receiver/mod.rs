@@ -15,6 +15,8 @@
 //! relay pauses). On shutdown the listener stops taking connections and finishes the POSTs
 //! in flight (each either committed and answered, or not answered at all, so S-360 resends).
 
+mod auth;
+
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -22,9 +24,8 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::http::{Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use base64::Engine;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
@@ -181,35 +182,6 @@ fn refuse(status: StatusCode, reason: impl Into<String>) -> Response {
     )
 }
 
-/// Constant-time comparison, so that a wrong credential's timing says nothing.
-fn same(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-fn authorized(auth: &Auth, headers: &HeaderMap) -> bool {
-    let get = |h: &str| headers.get(h).map(|v| v.as_bytes()).unwrap_or_default();
-    match auth {
-        Auth::None => true,
-        Auth::Basic { username, password } => {
-            let expected = format!(
-                "Basic {}",
-                base64::engine::general_purpose::STANDARD
-                    .encode(format!("{username}:{}", password.expose()))
-            );
-            same(get("authorization"), expected.as_bytes())
-        }
-        Auth::Bearer { token } => same(
-            get("authorization"),
-            format!("Bearer {}", token.expose()).as_bytes(),
-        ),
-        Auth::ApiKey { header, key } => same(get(header.as_str()), key.expose().as_bytes()),
-        Auth::OAuth2 { .. } => false,
-    }
-}
-
 /// The ID a record must carry.
 pub fn record_id(entity: S360Entity, v: &Value) -> Option<String> {
     let id = match entity {
@@ -360,7 +332,7 @@ async fn handle(State(shared): State<Shared>, req: Request) -> Response {
     if req.method() != Method::POST {
         return refuse(StatusCode::METHOD_NOT_ALLOWED, "only POST");
     }
-    if !authorized(&route.auth, req.headers()) {
+    if !auth::authorized(&route.auth, req.headers()) {
         tracing::warn!(stream = %route.stream, path = %path, "receiver: credentials refused");
         return refuse(StatusCode::UNAUTHORIZED, "credentials refused");
     }

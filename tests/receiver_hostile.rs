@@ -1,0 +1,162 @@
+//! Hostile traffic against the S-360 webhook receiver, from outside, against the real binary
+//! (issue 24): authentication schemes in any case, and the rest of the issue's findings,
+//! one test each, named after what broke.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Daemon, Env, Spawn, query_i64};
+use usher::sandbox::s360::{DEMO_OPERATOR, DEMO_PARTNER, DEMO_PARTNER_SECRET};
+
+struct Target {
+    env: Env,
+    daemon: Daemon,
+    port: u16,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A daemon whose only work is receiving: `contacts` (bearer `hook-token`) and `orders`
+/// (Basic `s360`/`pw`), both disabled so nothing is relayed. `receiver_extra` goes into the
+/// `[receiver]` table.
+fn start_with(receiver_extra: &str, spawn: &Spawn) -> Target {
+    let env = Env::new();
+    let port = free_port();
+    let metrics_port = free_port();
+    env.write_secret("s360-secret", DEMO_PARTNER_SECRET);
+    env.write_config(&format!(
+        r#"
+[receiver]
+listen = "127.0.0.1:{port}"
+max_body = "64KB"
+{receiver_extra}
+
+[metrics]
+listen = "127.0.0.1:{metrics_port}"
+
+[connections.s360]
+kind = "s360"
+base_url = "http://127.0.0.1:9/s360/myvenue"
+institution = "myvenue"
+virtual_operator = "{DEMO_OPERATOR}"
+partner_name = "{DEMO_PARTNER}"
+partner_secret_file = "s360-secret"
+
+[connections.crm]
+kind = "crm"
+base_url = "http://127.0.0.1:9/crm"
+
+[streams.contacts]
+source = "s360"
+entity = "contacts"
+target = "crm"
+enabled = false
+every = "1h"
+
+[streams.contacts.s360]
+auth = {{ type = "bearer", token = "hook-token" }}
+
+[streams.contacts.webhook]
+url = "/hooks/contacts"
+
+[streams.orders]
+source = "s360"
+entity = "orders"
+target = "crm"
+enabled = false
+every = "1h"
+
+[streams.orders.s360]
+auth = {{ type = "basic", username = "s360", password = "pw" }}
+
+[streams.orders.webhook]
+url = "/hooks/orders"
+"#
+    ));
+    let daemon = env.spawn_daemon_opts(&[], &[], spawn);
+    daemon.wait_ready();
+    Target { env, daemon, port }
+}
+
+fn start() -> Target {
+    start_with("", &Spawn::default())
+}
+
+impl Target {
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    fn inbox(&self) -> i64 {
+        query_i64(&self.env.db_path(), "SELECT COUNT(*) FROM s360_inbox")
+    }
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap()
+}
+
+async fn post(t: &Target, path: &str, authorization: &str, body: &str) -> u16 {
+    client()
+        .post(t.url(path))
+        .header("content-type", "application/json")
+        .header("authorization", authorization)
+        .body(body.to_string())
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0)
+}
+
+/// Issue 24, item 6: `basic` and `BEARER` were refused with 401 although RFC 9110 makes the
+/// scheme case-insensitive; the credentials themselves stay exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_schemes_are_case_insensitive() {
+    let t = start();
+    let contact = |n: u32| format!(r#"[{{"contactNumber":"{n}"}}]"#);
+    for (i, scheme) in ["Bearer", "bearer", "BEARER", "bEaReR"].iter().enumerate() {
+        let status = post(
+            &t,
+            "/s360/myvenue/contacts",
+            &format!("{scheme} hook-token"),
+            &contact(i as u32),
+        )
+        .await;
+        assert_eq!(status, 200, "{scheme}\n{}", t.daemon.log());
+    }
+    assert_eq!(
+        post(
+            &t,
+            "/s360/myvenue/contacts",
+            "bearer HOOK-TOKEN",
+            &contact(9)
+        )
+        .await,
+        401,
+        "the token itself is case-sensitive"
+    );
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode("s360:pw");
+    let order = |n: u32| format!(r#"[{{"orderDetailsData":{{"orderId":{n}}}}}]"#);
+    for (i, scheme) in ["Basic", "basic", "BASIC"].iter().enumerate() {
+        let status = post(
+            &t,
+            "/s360/myvenue/orders",
+            &format!("{scheme} {b64}"),
+            &order(i as u32),
+        )
+        .await;
+        assert_eq!(status, 200, "{scheme}\n{}", t.daemon.log());
+    }
+    assert_eq!(t.inbox(), 7);
+}
