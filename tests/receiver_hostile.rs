@@ -160,3 +160,41 @@ async fn auth_schemes_are_case_insensitive() {
     }
     assert_eq!(t.inbox(), 7);
 }
+
+/// Issue 24, item 3: a JSON key holding ESC and a newline was echoed raw into the text log
+/// (in the 400's reason), forging a line `… INFO usher is ready FORGED-LINE`. Now every
+/// control character of a logged value is shown escaped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_with_control_characters_cannot_forge_a_text_log_line() {
+    let t = start_with(
+        "",
+        &Spawn {
+            log_format: "text",
+            ..Spawn::default()
+        },
+    );
+    // JSON escapes: the decoded key holds ESC, CR, LF and a whole fake log line. A key that
+    // appears twice is refused, with the key in the reason.
+    let key = r#"k\u001b[2K\r\n2026-05-01T00:00:00.000000Z  INFO usher is ready FORGED-LINE"#;
+    let body = format!(r#"[{{"contactNumber":"1","{key}":1,"{key}":2}}]"#);
+    assert_eq!(
+        post(&t, "/s360/myvenue/contacts", "Bearer hook-token", &body).await,
+        400
+    );
+    assert!(
+        t.daemon
+            .wait_log("payload refused (400)", Duration::from_secs(10)),
+        "{}",
+        t.daemon.log()
+    );
+    let log = std::fs::read(&t.daemon.log_path).unwrap();
+    let text = String::from_utf8_lossy(&log);
+    assert!(!log.contains(&0x1b), "a raw ESC reached the log:\n{text}");
+    for line in text.lines().filter(|l| l.contains("FORGED-LINE")) {
+        assert!(
+            line.contains("payload refused (400)") && line.contains(r"k\u{1b}[2K\r\n2026"),
+            "a forged line:\n{text}"
+        );
+    }
+    assert_eq!(t.inbox(), 0);
+}
