@@ -44,11 +44,21 @@ pub struct S360Account {
     pub partner_secret: Secret,
 }
 
+/// The largest `max_body` (a record's place in a body is kept in 32 bits).
+pub const MAX_MAX_BODY: usize = 1024 * 1024 * 1024;
+
+/// Default budget of bodies held at once: a few POSTs of the largest size.
+pub const DEFAULT_BODY_MEMORY_BODIES: usize = 4;
+
 /// `[receiver]`: the HTTP listener for S-360's webhooks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReceiverSettings {
     pub listen: SocketAddr,
     pub max_body: usize,
+    /// Bytes of request bodies held at once, all POSTs together (at least `max_body`): a
+    /// POST waits for room before its body is read, so that many large POSTs at once cannot
+    /// exhaust memory.
+    pub body_memory: usize,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -56,6 +66,7 @@ pub struct ReceiverSettings {
 pub struct RawReceiver {
     pub listen: Option<String>,
     pub max_body: Option<String>,
+    pub body_memory: Option<String>,
 }
 
 /// `[streams.X.s360]`.
@@ -138,20 +149,38 @@ pub(super) fn build_receiver(l: &mut Layers) -> Option<ReceiverSettings> {
     let max_body = match raw.max_body.as_deref() {
         None => DEFAULT_MAX_BODY,
         Some(s) => match parse_size(s) {
-            Some(n) if n >= 1024 => n,
+            Some(n) if (1024..=MAX_MAX_BODY).contains(&n) => n,
             _ => {
                 l.problem(
                     "receiver",
                     "receiver.max_body",
-                    format!("{s:?} is not a size of at least 1KB (e.g. \"10MB\", \"512KB\")"),
+                    format!("{s:?} is not a size from 1KB to 1024MB (e.g. \"10MB\", \"512KB\")"),
                 );
                 DEFAULT_MAX_BODY
+            }
+        },
+    };
+    let default_memory = max_body.saturating_mul(DEFAULT_BODY_MEMORY_BODIES);
+    let body_memory = match raw.body_memory.as_deref() {
+        None => default_memory,
+        Some(s) => match parse_size(s) {
+            Some(n) if n >= max_body => n,
+            _ => {
+                l.problem(
+                    "receiver",
+                    "receiver.body_memory",
+                    format!(
+                        "{s:?} is not a size of at least `max_body` ({max_body} bytes), e.g. \"40MB\""
+                    ),
+                );
+                default_memory
             }
         },
     };
     Some(ReceiverSettings {
         listen: listen?,
         max_body,
+        body_memory,
     })
 }
 
@@ -167,7 +196,7 @@ pub fn parse_size(s: &str) -> Option<usize> {
     } else {
         (s, 1)
     };
-    num.trim().parse::<usize>().ok().map(|n| n * mult)
+    num.trim().parse::<usize>().ok()?.checked_mul(mult)
 }
 
 /// The S-360 account fields of a connection; refuses them on other kinds.

@@ -7,15 +7,21 @@
 //! its records to one writer task, which commits whatever POSTs are waiting in one
 //! transaction (group commit: one fsync for many POSTs) and then answers each. Otherwise:
 //! 400 with a reason and nothing stored (malformed JSON, duplicate keys, not an array, an
-//! element without its ID), 401 bad credentials, 415 a Content-Type other than JSON, 404 unknown path, 405 not a POST, 413 over `max_body`,
-//! 503 when the database cannot be written. A record whose latest stored version has the
-//! same content is a resend: stored once, still 200. An empty array: 200, nothing stored.
+//! element without its ID or with an ID usher cannot keep exactly), 401 bad credentials, 415
+//! a Content-Type other than JSON, 404 unknown path, 405 not a POST, 413 over `max_body`,
+//! 503 when the database cannot be written or there is no room for the body
+//! (`body_memory`). Records are stored byte for byte as received ([`body`]). A record equal
+//! to a stored version (ID and bytes) is a resend: stored once, still 200. An empty array:
+//! 200, nothing stored.
 //!
 //! Routes follow reloads ([`Receiver::update`]); a disabled stream keeps receiving (only its
 //! relay pauses). On shutdown the listener stops taking connections and finishes the POSTs
 //! in flight (each either committed and answered, or not answered at all, so S-360 resends).
 
 mod auth;
+mod body;
+
+pub use body::parse_body;
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -27,14 +33,13 @@ use axum::extract::{Request, State};
 use axum::http::{Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Auth, Config, ReceiverSettings, S360Entity, StreamKind};
-use crate::store::{InboxBatch, InboxOutcome, InboxRecord, Store};
+use crate::store::{InboxBatch, InboxOutcome, Store};
 
 /// Most POSTs committed together in one transaction.
 const MAX_GROUP: usize = 256;
@@ -51,10 +56,20 @@ type Routes = HashMap<String, Route>;
 
 type Job = (InboxBatch, oneshot::Sender<Result<InboxOutcome, String>>);
 
+/// Most a POST waits for room for its body before it gets a 503.
+const BODY_ROOM_WAIT: Duration = Duration::from_secs(5);
+
+/// Bodies larger than this are parsed on the blocking pool, not on the async worker that
+/// also accepts connections and answers everyone else.
+const PARSE_INLINE_MAX: usize = 64 * 1024;
+
 #[derive(Clone)]
 struct Shared {
     routes: Arc<RwLock<Arc<Routes>>>,
     max_body: usize,
+    /// Room for bodies (`[receiver] body_memory`), in KiB: a POST takes its declared length
+    /// (else `max_body`) before a byte of its body is read and gives it back once answered.
+    body_room: Arc<Semaphore>,
     writer: mpsc::Sender<Job>,
 }
 
@@ -106,6 +121,9 @@ pub async fn start(
     let shared = Shared {
         routes: routes.clone(),
         max_body: settings.max_body,
+        body_room: Arc::new(Semaphore::new(
+            kib(settings.body_memory).min(Semaphore::MAX_PERMITS),
+        )),
         writer: tx,
     };
     let app = Router::new().fallback(handle).with_state(shared);
@@ -182,103 +200,6 @@ fn refuse(status: StatusCode, reason: impl Into<String>) -> Response {
     )
 }
 
-/// The ID a record must carry.
-pub fn record_id(entity: S360Entity, v: &Value) -> Option<String> {
-    let id = match entity {
-        S360Entity::Contacts => v.get("contactNumber"),
-        S360Entity::Orders => v.get("orderDetailsData").and_then(|o| o.get("orderId")),
-    }?;
-    match id {
-        Value::String(s) if !s.trim().is_empty() => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
-        _ => None,
-    }
-}
-
-/// Walks a JSON document and fails on an object with the same key twice (which JSON parsers
-/// resolve differently: `{"contactNumber":"1","contactNumber":"2"}` is no record to store).
-struct NoDuplicateKeys;
-
-impl<'de> serde::Deserialize<'de> for NoDuplicateKeys {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(NoDuplicateKeys)
-    }
-}
-
-impl<'de> serde::de::Visitor<'de> for NoDuplicateKeys {
-    type Value = NoDuplicateKeys;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("JSON")
-    }
-
-    fn visit_bool<E>(self, _: bool) -> Result<Self, E> {
-        Ok(self)
-    }
-    fn visit_i64<E>(self, _: i64) -> Result<Self, E> {
-        Ok(self)
-    }
-    fn visit_u64<E>(self, _: u64) -> Result<Self, E> {
-        Ok(self)
-    }
-    fn visit_f64<E>(self, _: f64) -> Result<Self, E> {
-        Ok(self)
-    }
-    fn visit_str<E>(self, _: &str) -> Result<Self, E> {
-        Ok(self)
-    }
-    fn visit_unit<E>(self) -> Result<Self, E> {
-        Ok(self)
-    }
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self, A::Error> {
-        while seq.next_element::<NoDuplicateKeys>()?.is_some() {}
-        Ok(self)
-    }
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self, A::Error> {
-        let mut seen = std::collections::HashSet::new();
-        while let Some(k) = map.next_key::<String>()? {
-            if !seen.insert(k.clone()) {
-                return Err(serde::de::Error::custom(format!(
-                    "the key `{k}` appears twice in one object"
-                )));
-            }
-            map.next_value::<NoDuplicateKeys>()?;
-        }
-        Ok(self)
-    }
-}
-
-/// Checks a body and turns it into inbox records; `Err` is the reason for a 400.
-pub fn parse_body(entity: S360Entity, body: &[u8]) -> Result<Vec<InboxRecord>, String> {
-    let v: Value =
-        serde_json::from_slice(body).map_err(|e| format!("the body is not JSON: {e}"))?;
-    serde_json::from_slice::<NoDuplicateKeys>(body).map_err(|e| format!("{e}"))?;
-    let Value::Array(items) = v else {
-        return Err("the body must be a JSON array of records".into());
-    };
-    let mut out = Vec::with_capacity(items.len());
-    for (i, item) in items.iter().enumerate() {
-        if !item.is_object() {
-            return Err(format!("element {i} is not an object"));
-        }
-        let Some(record_id) = record_id(entity, item) else {
-            let field = match entity {
-                S360Entity::Contacts => "contactNumber",
-                S360Entity::Orders => "orderDetailsData.orderId",
-            };
-            return Err(format!("element {i} has no `{field}`"));
-        };
-        let body = item.to_string();
-        let content_hash: [u8; 32] = Sha256::digest(body.as_bytes()).into();
-        out.push(InboxRecord {
-            record_id,
-            content_hash,
-            body,
-        });
-    }
-    Ok(out)
-}
-
 /// `application/json` or a `+json` type, parameters (charset) allowed.
 fn is_json_type(value: &[u8]) -> bool {
     let Ok(v) = std::str::from_utf8(value) else {
@@ -293,13 +214,23 @@ fn is_json_type(value: &[u8]) -> bool {
     media == "application/json" || (media.starts_with("application/") && media.ends_with("+json"))
 }
 
-/// Reads the body up to `max`. Past it, the rest is read and dropped (up to a bound) so
-/// that the sender gets a clean 413 rather than a reset while it is still writing.
-async fn read_body(body: Body, max: usize) -> Result<bytes::Bytes, Option<StatusCode>> {
+/// Whole KiB (rounded up), the unit of the body room.
+fn kib(bytes: usize) -> usize {
+    bytes.div_ceil(1024)
+}
+
+/// Reads the body up to `max`, into one buffer of the declared length when there is one.
+/// Past `max`, the rest is read and dropped (up to a bound) so that the sender gets a clean
+/// 413 rather than a reset while it is still writing.
+async fn read_body(
+    body: Body,
+    max: usize,
+    declared: Option<usize>,
+) -> Result<bytes::Bytes, Option<StatusCode>> {
     use futures::StreamExt;
     let drain_cap = max.saturating_mul(16).max(64 * 1024 * 1024);
     let mut stream = body.into_data_stream();
-    let mut buf = bytes::BytesMut::new();
+    let mut buf = bytes::BytesMut::with_capacity(declared.unwrap_or(0).min(max));
     let mut seen = 0usize;
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|_| None)?;
@@ -359,7 +290,30 @@ async fn handle(State(shared): State<Shared>, req: Request) -> Response {
             format!("the body is over {} bytes", shared.max_body),
         );
     }
-    let bytes = match read_body(req.into_body(), shared.max_body).await {
+    let declared = declared.map(|n| n as usize);
+    // Room for the body before it is read: its declared length, else the most it may be.
+    let want = kib(declared.unwrap_or(shared.max_body)).max(1) as u32;
+    let room = match tokio::time::timeout(
+        BODY_ROOM_WAIT,
+        shared.body_room.clone().acquire_many_owned(want),
+    )
+    .await
+    {
+        Ok(Ok(permit)) => permit,
+        _ => {
+            tracing::warn!(stream = %route.stream, "receiver: too many bodies at once; answering 503");
+            let mut r = refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many payloads at once; send it again",
+            );
+            r.headers_mut().insert(
+                header::RETRY_AFTER,
+                header::HeaderValue::from(BODY_ROOM_WAIT.as_secs()),
+            );
+            return r;
+        }
+    };
+    let bytes = match read_body(req.into_body(), shared.max_body, declared).await {
         Ok(b) => b,
         Err(Some(status)) => {
             return refuse(
@@ -370,7 +324,18 @@ async fn handle(State(shared): State<Shared>, req: Request) -> Response {
         // Broken off: S-360 sees no answer and sends the payload again.
         Err(None) => return refuse(StatusCode::BAD_REQUEST, "the body was broken off"),
     };
-    let records = match parse_body(route.entity, &bytes) {
+    let entity = route.entity;
+    let parsed = if bytes.len() <= PARSE_INLINE_MAX {
+        parse_body(entity, &bytes).map(|r| (r, bytes))
+    } else {
+        match tokio::task::spawn_blocking(move || parse_body(entity, &bytes).map(|r| (r, bytes)))
+            .await
+        {
+            Ok(p) => p,
+            Err(_) => Err("the body could not be read".to_string()),
+        }
+    };
+    let (records, body) = match parsed {
         Ok(r) => r,
         Err(reason) => {
             tracing::warn!(stream = %route.stream, reason = %reason, "receiver: payload refused (400)");
@@ -388,6 +353,7 @@ async fn handle(State(shared): State<Shared>, req: Request) -> Response {
     let job = (
         InboxBatch {
             stream: route.stream.clone(),
+            body,
             records,
         },
         tx,
@@ -395,7 +361,9 @@ async fn handle(State(shared): State<Shared>, req: Request) -> Response {
     if shared.writer.send(job).await.is_err() {
         return refuse(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
     }
-    match tokio::time::timeout(Duration::from_secs(60), rx).await {
+    let stored = tokio::time::timeout(Duration::from_secs(60), rx).await;
+    drop(room);
+    match stored {
         Ok(Ok(Ok(o))) => {
             tracing::debug!(stream = %route.stream, received, stored = o.stored, duplicates = o.duplicates, "receiver: payload stored");
             answer(
@@ -407,44 +375,5 @@ async fn handle(State(shared): State<Shared>, req: Request) -> Response {
             StatusCode::SERVICE_UNAVAILABLE,
             "the payload could not be stored; send it again",
         ),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn bodies_are_checked() {
-        assert!(
-            parse_body(S360Entity::Contacts, b"{")
-                .unwrap_err()
-                .contains("not JSON")
-        );
-        assert!(
-            parse_body(S360Entity::Contacts, b"{}")
-                .unwrap_err()
-                .contains("array")
-        );
-        assert!(
-            parse_body(S360Entity::Contacts, br#"[{"x":1}]"#)
-                .unwrap_err()
-                .contains("element 0 has no `contactNumber`")
-        );
-        let r = parse_body(
-            S360Entity::Orders,
-            br#"[{"orderDetailsData":{"orderId":17,"orderState":"CLOSED"}}]"#,
-        )
-        .unwrap();
-        assert_eq!(r[0].record_id, "17");
-        assert!(parse_body(S360Entity::Orders, b"[]").unwrap().is_empty());
-        assert!(
-            parse_body(
-                S360Entity::Contacts,
-                br#"[{"contactNumber":"1","a":{"b":1,"b":2}}]"#
-            )
-            .unwrap_err()
-            .contains("the key `b` appears twice")
-        );
     }
 }

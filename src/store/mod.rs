@@ -25,7 +25,7 @@ use serde::Serialize;
 
 pub use migrations::MIGRATIONS;
 // S-360
-pub use s360::{InboxBatch, InboxOutcome, InboxRecord, InboxRow};
+pub use s360::{InboxBatch, InboxOutcome, InboxRecord, InboxRow, RecordId};
 
 pub const DB_FILE: &str = "usher.db";
 
