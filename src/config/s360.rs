@@ -14,7 +14,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use url::Url;
 
-use super::build::{build_auth, secret};
+use super::build::{build_auth, duration, secret};
 use super::load::{Layers, Problem};
 use super::raw::{RawAuth, RawConnection, RawStream};
 use super::{Auth, Connection, ConnectionKind, FeedOptions, RateLimit, StreamKind, WebhookOptions};
@@ -59,7 +59,25 @@ pub struct ReceiverSettings {
     /// POST waits for room before its body is read, so that many large POSTs at once cannot
     /// exhaust memory.
     pub body_memory: usize,
+    /// From a connection's accept (or a later request's first byte) to the end of the
+    /// request's headers; past it the connection is closed.
+    pub header_timeout: Duration,
+    /// From the end of the headers to the end of the body; past it, 408 and closed.
+    pub body_timeout: Duration,
+    /// A kept-alive connection with no new request (or not reading its answer) this long is
+    /// closed.
+    pub idle_timeout: Duration,
+    /// Connections at once (also at most half the descriptor limit).
+    pub max_connections: usize,
 }
+
+/// `[receiver]` defaults, chosen in ARCHITECTURE ("S-360 ⇄ CRM"): S-360 sends its headers
+/// at once and its POSTs back to back; a few seconds more than that serve it, and anything
+/// slower is holding a connection.
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(20);
+pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -67,6 +85,10 @@ pub struct RawReceiver {
     pub listen: Option<String>,
     pub max_body: Option<String>,
     pub body_memory: Option<String>,
+    pub header_timeout: Option<String>,
+    pub body_timeout: Option<String>,
+    pub idle_timeout: Option<String>,
+    pub max_connections: Option<u32>,
 }
 
 /// `[streams.X.s360]`.
@@ -177,10 +199,61 @@ pub(super) fn build_receiver(l: &mut Layers) -> Option<ReceiverSettings> {
             }
         },
     };
+    let mut timeout = |key: &str, value: Option<&String>, default: Duration, most: Duration| {
+        let scoped = format!("receiver.{key}");
+        let d = duration(l, "receiver", &scoped, value, default);
+        if d < Duration::from_secs(1) || d > most {
+            l.problem(
+                "receiver",
+                &scoped,
+                format!(
+                    "{} is out of range (1s to {})",
+                    humantime::format_duration(d),
+                    humantime::format_duration(most)
+                ),
+            );
+            return default;
+        }
+        d
+    };
+    let header_timeout = timeout(
+        "header_timeout",
+        raw.header_timeout.as_ref(),
+        DEFAULT_HEADER_TIMEOUT,
+        Duration::from_secs(600),
+    );
+    let body_timeout = timeout(
+        "body_timeout",
+        raw.body_timeout.as_ref(),
+        DEFAULT_BODY_TIMEOUT,
+        Duration::from_secs(3600),
+    );
+    let idle_timeout = timeout(
+        "idle_timeout",
+        raw.idle_timeout.as_ref(),
+        DEFAULT_IDLE_TIMEOUT,
+        Duration::from_secs(600),
+    );
+    let max_connections = match raw.max_connections {
+        None => DEFAULT_MAX_CONNECTIONS,
+        Some(n) if (1..=100_000).contains(&n) => n as usize,
+        Some(n) => {
+            l.problem(
+                "receiver",
+                "receiver.max_connections",
+                format!("{n} is out of range (1 to 100000)"),
+            );
+            DEFAULT_MAX_CONNECTIONS
+        }
+    };
     Some(ReceiverSettings {
         listen: listen?,
         max_body,
         body_memory,
+        header_timeout,
+        body_timeout,
+        idle_timeout,
+        max_connections,
     })
 }
 

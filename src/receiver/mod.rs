@@ -14,16 +14,23 @@
 //! to a stored version (ID and bytes) is a resend: stored once, still 200. An empty array:
 //! 200, nothing stored.
 //!
+//! The listener ([`conn`]) closes stalled connections (`header_timeout`, `idle_timeout`;
+//! the handler enforces `body_timeout`) and caps them (`max_connections`), closing idle ones
+//! to make room; every refusal closes its connection.
+//!
 //! Routes follow reloads ([`Receiver::update`]); a disabled stream keeps receiving (only its
 //! relay pauses). On shutdown the listener stops taking connections and finishes the POSTs
 //! in flight (each either committed and answered, or not answered at all, so S-360 resends).
 
 mod auth;
 mod body;
+mod conn;
 
 pub use body::parse_body;
+pub use conn::Timeout;
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -33,12 +40,12 @@ use axum::extract::{Request, State};
 use axum::http::{Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Auth, Config, ReceiverSettings, S360Entity, StreamKind};
+use crate::metrics::METRICS;
 use crate::store::{InboxBatch, InboxOutcome, Store};
 
 /// Most POSTs committed together in one transaction.
@@ -67,6 +74,7 @@ const PARSE_INLINE_MAX: usize = 64 * 1024;
 struct Shared {
     routes: Arc<RwLock<Arc<Routes>>>,
     max_body: usize,
+    body_timeout: Duration,
     /// Room for bodies (`[receiver] body_memory`), in KiB: a POST takes its declared length
     /// (else `max_body`) before a byte of its body is read and gives it back once answered.
     body_room: Arc<Semaphore>,
@@ -108,7 +116,7 @@ pub async fn start(
     let Some(settings) = config.receiver.clone() else {
         return Ok(None);
     };
-    let listener = TcpListener::bind(settings.listen).await.map_err(|e| {
+    let listener = conn::listen(settings.listen).map_err(|e| {
         std::io::Error::new(
             e.kind(),
             format!("receiver: cannot listen on {}: {e}", settings.listen),
@@ -121,21 +129,20 @@ pub async fn start(
     let shared = Shared {
         routes: routes.clone(),
         max_body: settings.max_body,
+        body_timeout: settings.body_timeout,
         body_room: Arc::new(Semaphore::new(
             kib(settings.body_memory).min(Semaphore::MAX_PERMITS),
         )),
         writer: tx,
     };
     let app = Router::new().fallback(handle).with_state(shared);
-    tracker.spawn(async move {
-        let r = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await;
-        if let Err(e) = r {
-            tracing::error!(error = %e, "receiver stopped with an error");
-        }
-    });
-    tracing::info!(listen = %addr, paths = routes.read().map(|r| r.len()).unwrap_or(0), "S-360 receiver listening");
+    let limits = conn::Limits {
+        header_timeout: settings.header_timeout,
+        idle_timeout: settings.idle_timeout,
+        max_connections: conn::effective_cap(settings.max_connections),
+    };
+    tracker.spawn(conn::serve(listener, app, limits, shutdown));
+    tracing::info!(listen = %addr, paths = routes.read().map(|r| r.len()).unwrap_or(0), max_connections = limits.max_connections, "S-360 receiver listening");
     Ok(Some(Receiver {
         addr,
         settings,
@@ -193,11 +200,18 @@ fn answer(status: StatusCode, body: Value) -> Response {
     r
 }
 
+/// A refusal; it also closes the connection (a hostile client does not keep it, and S-360
+/// opens a new one in a moment).
 fn refuse(status: StatusCode, reason: impl Into<String>) -> Response {
-    answer(
+    let mut r = answer(
         status,
         json!({"status": "refused", "reason": reason.into()}),
-    )
+    );
+    r.headers_mut().insert(
+        header::CONNECTION,
+        header::HeaderValue::from_static("close"),
+    );
+    r
 }
 
 /// `application/json` or a `+json` type, parameters (charset) allowed.
@@ -264,8 +278,16 @@ async fn handle(State(shared): State<Shared>, req: Request) -> Response {
         return refuse(StatusCode::METHOD_NOT_ALLOWED, "only POST");
     }
     if !auth::authorized(&route.auth, req.headers()) {
-        tracing::warn!(stream = %route.stream, path = %path, "receiver: credentials refused");
+        METRICS
+            .receiver
+            .auth_failures
+            .fetch_add(1, Ordering::Relaxed);
+        let peer = req.extensions().get::<conn::Peer>().map(|p| p.0.ip());
+        tracing::warn!(stream = %route.stream, path = %path, peer = ?peer, "receiver: credentials refused");
         return refuse(StatusCode::UNAUTHORIZED, "credentials refused");
+    }
+    if let Some(c) = req.extensions().get::<conn::ConnHandle>() {
+        c.trust();
     }
     // S-360 posts JSON. A body declared as something else is refused (415) whatever it
     // holds; a POST without a Content-Type is read as JSON (the contract does not promise one).
@@ -301,6 +323,7 @@ async fn handle(State(shared): State<Shared>, req: Request) -> Response {
     {
         Ok(Ok(permit)) => permit,
         _ => {
+            METRICS.receiver.no_room.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(stream = %route.stream, "receiver: too many bodies at once; answering 503");
             let mut r = refuse(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -313,16 +336,28 @@ async fn handle(State(shared): State<Shared>, req: Request) -> Response {
             return r;
         }
     };
-    let bytes = match read_body(req.into_body(), shared.max_body, declared).await {
-        Ok(b) => b,
-        Err(Some(status)) => {
+    let read = tokio::time::timeout(
+        shared.body_timeout,
+        read_body(req.into_body(), shared.max_body, declared),
+    );
+    let bytes = match read.await {
+        Err(_) => {
+            METRICS.receiver.timed_out(Timeout::Body);
+            tracing::debug!(stream = %route.stream, "receiver: body not received within body_timeout (408)");
+            return refuse(
+                StatusCode::REQUEST_TIMEOUT,
+                "the body did not arrive within body_timeout",
+            );
+        }
+        Ok(Ok(b)) => b,
+        Ok(Err(Some(status))) => {
             return refuse(
                 status,
                 format!("the body is over {} bytes", shared.max_body),
             );
         }
         // Broken off: S-360 sees no answer and sends the payload again.
-        Err(None) => return refuse(StatusCode::BAD_REQUEST, "the body was broken off"),
+        Ok(Err(None)) => return refuse(StatusCode::BAD_REQUEST, "the body was broken off"),
     };
     let entity = route.entity;
     let parsed = if bytes.len() <= PARSE_INLINE_MAX {
