@@ -772,6 +772,7 @@ header_timeout = "soon"
 body_timeout = "0s"
 idle_timeout = "2h"
 max_connections = 0
+trusted_proxies = ["10.0.0.0/33", "proxy.example"]
 
 [connections.s360]
 kind = "s360"
@@ -789,6 +790,8 @@ partner_secret_file = "s360-secret"
         "key `receiver.body_timeout`: 0s is out of range (1s to 1h)",
         "key `receiver.idle_timeout`: 2h is out of range (1s to 10m)",
         "key `receiver.max_connections`: 0 is out of range (1 to 100000)",
+        "key `receiver.trusted_proxies`: \"10.0.0.0/33\" is not an IP address or network",
+        "key `receiver.trusted_proxies`: \"proxy.example\" is not an IP address or network",
     ];
     for args in [&["validate"][..], &["run"][..]] {
         let out = env.cli(args);
@@ -802,4 +805,184 @@ partner_secret_file = "s360-secret"
         }
         assert!(err.contains("usher.toml"), "{err}");
     }
+}
+
+/// Issue 24, item 2: 3,000 wrong Basic passwords in 0.5 s were all answered 401, on a
+/// kept-alive connection, with one WARN line each and no peer address. Now a peer is
+/// refused (429 with `Retry-After`, credentials not even looked at) after 5 failures, each
+/// 401 closes its connection, and the log has one line at the first failure and one summary
+/// per interval (here: at shutdown) naming the peer and the counts. Behind a trusted proxy
+/// the peer is the client `X-Forwarded-For` names, so one guesser does not lock out S-360
+/// coming through the same proxy, and a client cannot pick its own name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn guessing_is_refused_per_peer_and_logged_once_per_interval() {
+    let mut t = start_with(
+        "max_body = \"64KB\"\ntrusted_proxies = [\"127.0.0.1\"]",
+        &Spawn::default(),
+    );
+    let url = t.url("/s360/myvenue/orders");
+    use base64::Engine;
+    let basic = |pw: &str| {
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("s360:{pw}"))
+        )
+    };
+    let order = |n: u32| format!(r#"[{{"orderDetailsData":{{"orderId":{n}}}}}]"#);
+    let through_proxy = client();
+    let attempt = |c: &reqwest::Client, forwarded: Option<&str>, pw: &str, n: u32| {
+        let mut rb = c
+            .post(&url)
+            .header("content-type", "application/json")
+            .header("authorization", basic(pw))
+            .body(order(n));
+        if let Some(f) = forwarded {
+            rb = rb.header("x-forwarded-for", f);
+        }
+        rb.send()
+    };
+
+    // 3,000 guesses from 203.0.113.7 through the proxy, ten at a time.
+    let started = Instant::now();
+    let mut statuses = std::collections::BTreeMap::<u16, u32>::new();
+    let mut retry_after = Vec::new();
+    for round in 0..300 {
+        let guesses = (0..10).map(|i| {
+            attempt(
+                &through_proxy,
+                Some("203.0.113.7"),
+                &format!("guess{round}-{i}"),
+                1,
+            )
+        });
+        for r in futures::future::join_all(guesses).await {
+            let r = r.unwrap();
+            *statuses.entry(r.status().as_u16()).or_default() += 1;
+            let close = r
+                .headers()
+                .get("connection")
+                .map(|v| v.to_str().unwrap().to_string());
+            assert_eq!(
+                close.as_deref(),
+                Some("close"),
+                "a refusal closes its connection"
+            );
+            if let Some(v) = r.headers().get("retry-after") {
+                retry_after.push(v.to_str().unwrap().parse::<u64>().unwrap());
+            }
+        }
+    }
+    eprintln!(
+        "3,000 guesses in {:.1}s: {statuses:?}",
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(statuses.get(&401), Some(&5), "{statuses:?}");
+    assert_eq!(statuses.get(&429), Some(&2995), "{statuses:?}");
+    assert!(
+        retry_after.iter().all(|s| (1..=12).contains(s)),
+        "{retry_after:?}"
+    );
+    // Even the right password is refused while the guesser's allowance is spent...
+    assert_eq!(
+        attempt(&through_proxy, Some("203.0.113.7"), "pw", 2)
+            .await
+            .unwrap()
+            .status(),
+        429
+    );
+    // ...but S-360 behind the same proxy is not that peer.
+    assert_eq!(
+        attempt(&through_proxy, Some("198.51.100.9"), "pw", 3)
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    // A direct client (127.0.0.2, not a trusted proxy) cannot borrow S-360's name.
+    let direct = reqwest::Client::builder()
+        .local_address("127.0.0.2".parse::<std::net::IpAddr>().unwrap())
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    let mut direct_statuses = Vec::new();
+    for n in 0..8 {
+        let r = attempt(&direct, Some("198.51.100.9"), "nope", n)
+            .await
+            .unwrap();
+        direct_statuses.push(r.status().as_u16());
+    }
+    assert_eq!(direct_statuses, [401, 401, 401, 401, 401, 429, 429, 429]);
+    assert_eq!(
+        attempt(&through_proxy, Some("198.51.100.9"), "pw", 4)
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+
+    // A 401 ends the connection: the next request on it cannot be sent.
+    let mut s = TcpStream::connect(("127.0.0.1", t.port)).await.unwrap();
+    let head = format!(
+        "POST /s360/myvenue/orders HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\nX-Forwarded-For: 192.0.2.50\r\nContent-Length: 2\r\n\r\n[]",
+        basic("wrong")
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let (answer, closed) = read_until_closed(&mut s, Duration::from_secs(5)).await;
+    assert!(
+        answer.starts_with(b"HTTP/1.1 401"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    assert!(closed.is_some(), "the connection stayed open after a 401");
+
+    let m = metrics_text(&t).await;
+    assert_eq!(
+        metric(&m, "usher_receiver_auth_failures_total"),
+        5.0 + 5.0 + 1.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "usher_receiver_auth_throttled_total"),
+        2995.0 + 1.0 + 3.0,
+        "{m}"
+    );
+
+    // The log: per peer, a line at its first failure and one summary (at shutdown here).
+    t.daemon.signal(rustix::process::Signal::TERM);
+    assert!(t.daemon.wait_exit(Duration::from_secs(30)).is_some());
+    let log = t.daemon.log();
+    let refused: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("credentials refused"))
+        .collect();
+    let joined = refused.join("\n");
+    assert!(refused.len() <= 5, "{} lines:\n{joined}", refused.len());
+    let summary = |peer: &str| {
+        refused
+            .iter()
+            .find(|l| l.contains(&format!("\"peer\":\"{peer}\"")) && l.contains("refused_429"))
+            .unwrap_or_else(|| panic!("no summary for {peer}:\n{joined}"))
+            .to_string()
+    };
+    let guesser = summary("203.0.113.7");
+    assert!(
+        guesser.contains("\"failures\":5") && guesser.contains("\"refused_429\":2996"),
+        "{guesser}"
+    );
+    let spoofer = summary("127.0.0.2");
+    assert!(
+        spoofer.contains("\"failures\":5") && spoofer.contains("\"refused_429\":3"),
+        "{spoofer}"
+    );
+    assert!(
+        refused
+            .iter()
+            .any(|l| l.contains("\"peer\":\"192.0.2.50\"")),
+        "{joined}"
+    );
+    assert!(
+        !log.contains("198.51.100.9"),
+        "S-360 never failed:\n{joined}"
+    );
+    assert_eq!(t.inbox(), 2);
 }

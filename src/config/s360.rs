@@ -69,6 +69,49 @@ pub struct ReceiverSettings {
     pub idle_timeout: Duration,
     /// Connections at once (also at most half the descriptor limit).
     pub max_connections: usize,
+    /// Reverse proxies in front of the receiver: a connection from one of them is taken
+    /// to be from the client its `X-Forwarded-For` names (for the per-peer throttle of
+    /// failed authentications and the log).
+    pub trusted_proxies: Vec<IpNet>,
+}
+
+/// An IP address or network, `10.0.0.0/8` or `2001:db8::1`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpNet {
+    pub addr: std::net::IpAddr,
+    pub prefix: u8,
+}
+
+impl IpNet {
+    pub fn parse(text: &str) -> Option<IpNet> {
+        let text = text.trim();
+        let (addr, prefix) = match text.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (text, None),
+        };
+        let addr: std::net::IpAddr = addr.parse().ok()?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => p.parse::<u8>().ok().filter(|p| *p <= max)?,
+        };
+        Some(IpNet { addr, prefix })
+    }
+
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr::{V4, V6};
+        let (net, ip, bits): (u128, u128, u32) = match (self.addr, ip) {
+            (V4(n), V4(i)) => (u32::from(n).into(), u32::from(i).into(), 32),
+            (V6(n), V6(i)) => (n.into(), i.into(), 128),
+            (V4(n), V6(i)) => match i.to_ipv4_mapped() {
+                Some(i) => (u32::from(n).into(), u32::from(i).into(), 32),
+                None => return false,
+            },
+            (V6(_), V4(_)) => return false,
+        };
+        let shift = bits - u32::from(self.prefix);
+        shift >= bits || (net >> shift) == (ip >> shift)
+    }
 }
 
 /// `[receiver]` defaults, chosen in ARCHITECTURE ("S-360 ⇄ CRM"): S-360 sends its headers
@@ -89,6 +132,7 @@ pub struct RawReceiver {
     pub body_timeout: Option<String>,
     pub idle_timeout: Option<String>,
     pub max_connections: Option<u32>,
+    pub trusted_proxies: Option<Vec<String>>,
 }
 
 /// `[streams.X.s360]`.
@@ -246,6 +290,17 @@ pub(super) fn build_receiver(l: &mut Layers) -> Option<ReceiverSettings> {
             DEFAULT_MAX_CONNECTIONS
         }
     };
+    let mut trusted_proxies = Vec::new();
+    for p in raw.trusted_proxies.iter().flatten() {
+        match IpNet::parse(p) {
+            Some(n) => trusted_proxies.push(n),
+            None => l.problem(
+                "receiver",
+                "receiver.trusted_proxies",
+                format!("{p:?} is not an IP address or network (e.g. \"10.0.0.0/8\", \"::1\")"),
+            ),
+        }
+    }
     Some(ReceiverSettings {
         listen: listen?,
         max_body,
@@ -254,6 +309,7 @@ pub(super) fn build_receiver(l: &mut Layers) -> Option<ReceiverSettings> {
         body_timeout,
         idle_timeout,
         max_connections,
+        trusted_proxies,
     })
 }
 
@@ -614,6 +670,33 @@ pub(super) fn check_receiver(
                     relay.path
                 ),
             );
+        }
+    }
+}
+
+#[cfg(test)]
+mod ipnet_tests {
+    use super::IpNet;
+
+    #[test]
+    fn networks_contain_their_addresses() {
+        let n = IpNet::parse("10.1.0.0/16").unwrap();
+        assert!(n.contains("10.1.255.3".parse().unwrap()));
+        assert!(n.contains("::ffff:10.1.0.9".parse().unwrap()));
+        assert!(!n.contains("10.2.0.1".parse().unwrap()));
+        let one = IpNet::parse("127.0.0.1").unwrap();
+        assert!(one.contains("127.0.0.1".parse().unwrap()));
+        assert!(!one.contains("127.0.0.2".parse().unwrap()));
+        assert!(
+            IpNet::parse("0.0.0.0/0")
+                .unwrap()
+                .contains("8.8.8.8".parse().unwrap())
+        );
+        let v6 = IpNet::parse("2001:db8::/32").unwrap();
+        assert!(v6.contains("2001:db8:ffff::1".parse().unwrap()));
+        assert!(!v6.contains("10.0.0.1".parse().unwrap()));
+        for bad in ["10.0.0.0/33", "proxy.example", "::/129", "10.0.0.0/x", ""] {
+            assert_eq!(IpNet::parse(bad), None, "{bad}");
         }
     }
 }

@@ -16,7 +16,9 @@
 //!
 //! The listener ([`conn`]) closes stalled connections (`header_timeout`, `idle_timeout`;
 //! the handler enforces `body_timeout`) and caps them (`max_connections`), closing idle ones
-//! to make room; every refusal closes its connection.
+//! to make room; every refusal closes its connection. Failed authentications are throttled
+//! per peer (429 after a few, [`throttle`]), behind `trusted_proxies` by the forwarded
+//! client address.
 //!
 //! Routes follow reloads ([`Receiver::update`]); a disabled stream keeps receiving (only its
 //! relay pauses). On shutdown the listener stops taking connections and finishes the POSTs
@@ -25,13 +27,15 @@
 mod auth;
 mod body;
 mod conn;
+mod throttle;
 
 pub use body::parse_body;
 pub use conn::Timeout;
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use axum::Router;
@@ -44,7 +48,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Auth, Config, ReceiverSettings, S360Entity, StreamKind};
+use crate::config::{Auth, Config, IpNet, ReceiverSettings, S360Entity, StreamKind};
 use crate::metrics::METRICS;
 use crate::store::{InboxBatch, InboxOutcome, Store};
 
@@ -79,6 +83,9 @@ struct Shared {
     /// (else `max_body`) before a byte of its body is read and gives it back once answered.
     body_room: Arc<Semaphore>,
     writer: mpsc::Sender<Job>,
+    /// Failed authentications per peer (429 after a few; logged once per interval).
+    throttle: Arc<Mutex<throttle::AuthThrottle>>,
+    trusted_proxies: Arc<[IpNet]>,
 }
 
 /// The running receiver: a handle to change its routes on reload.
@@ -134,7 +141,10 @@ pub async fn start(
             kib(settings.body_memory).min(Semaphore::MAX_PERMITS),
         )),
         writer: tx,
+        throttle: Arc::new(Mutex::new(throttle::AuthThrottle::default())),
+        trusted_proxies: settings.trusted_proxies.clone().into(),
     };
+    tracker.spawn(report_failures(shared.throttle.clone(), shutdown.clone()));
     let app = Router::new().fallback(handle).with_state(shared);
     let limits = conn::Limits {
         header_timeout: settings.header_timeout,
@@ -148,6 +158,29 @@ pub async fn start(
         settings,
         routes,
     }))
+}
+
+/// Logs the failed authentications of each interval, and the last ones at shutdown.
+async fn report_failures(
+    throttle: Arc<Mutex<throttle::AuthThrottle>>,
+    shutdown: CancellationToken,
+) {
+    let every = throttle::REPORT_EVERY;
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    loop {
+        let stopping = tokio::select! {
+            _ = tick.tick() => false,
+            _ = shutdown.cancelled() => true,
+        };
+        let report = throttle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .report(tokio::time::Instant::now());
+        throttle::log_report(&report);
+        if stopping {
+            return;
+        }
+    }
 }
 
 impl Receiver {
@@ -261,6 +294,86 @@ async fn read_body(
     Ok(buf.freeze())
 }
 
+/// The client a request comes from: its TCP peer, or, when that is a trusted proxy, the
+/// address the proxies' `X-Forwarded-For` names (the rightmost one that is not itself a
+/// trusted proxy: what a client writes there itself is further left and not believed).
+fn client_ip(peer: IpAddr, headers: &header::HeaderMap, trusted: &[IpNet]) -> IpAddr {
+    let is_trusted = |ip: IpAddr| trusted.iter().any(|n| n.contains(ip));
+    let forwarded: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .collect();
+    let mut client = peer;
+    for entry in forwarded.iter().rev() {
+        if !is_trusted(client) {
+            break;
+        }
+        let entry = entry.trim();
+        let Some(ip) = entry
+            .parse::<IpAddr>()
+            .ok()
+            .or_else(|| entry.parse::<std::net::SocketAddr>().ok().map(|a| a.ip()))
+        else {
+            break;
+        };
+        client = ip;
+    }
+    client
+}
+
+/// The per-peer throttle of failed authentications, then the credentials: Err is the 429
+/// or 401 to answer.
+#[allow(clippy::result_large_err)] // built once per refused request, answered at once
+fn check_credentials(
+    shared: &Shared,
+    route: &Route,
+    path: &str,
+    client: Option<IpAddr>,
+    req: &Request,
+) -> Result<(), Response> {
+    let now = tokio::time::Instant::now();
+    let throttle = || shared.throttle.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(ip) = client
+        && let Err(wait) = throttle().check(ip, now)
+    {
+        METRICS
+            .receiver
+            .auth_throttled
+            .fetch_add(1, Ordering::Relaxed);
+        let mut r = refuse(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many failed authentications from this address; try again later",
+        );
+        r.headers_mut().insert(
+            header::RETRY_AFTER,
+            header::HeaderValue::from(wait.as_secs_f64().ceil().max(1.0) as u64),
+        );
+        return Err(r);
+    }
+    if auth::authorized(&route.auth, req.headers()) {
+        if let Some(ip) = client {
+            throttle().succeeded(ip, now);
+        }
+        return Ok(());
+    }
+    METRICS
+        .receiver
+        .auth_failures
+        .fetch_add(1, Ordering::Relaxed);
+    if let Some(peer) = client.and_then(|ip| throttle().failed(ip, now)) {
+        tracing::warn!(
+            peer = %peer,
+            stream = %route.stream,
+            path = %path,
+            "receiver: credentials refused (more failures from this peer are summed up every {}s)",
+            throttle::REPORT_EVERY.as_secs()
+        );
+    }
+    Err(refuse(StatusCode::UNAUTHORIZED, "credentials refused"))
+}
+
 async fn handle(State(shared): State<Shared>, req: Request) -> Response {
     let path = req.uri().path().to_string();
     let route = {
@@ -277,17 +390,17 @@ async fn handle(State(shared): State<Shared>, req: Request) -> Response {
     if req.method() != Method::POST {
         return refuse(StatusCode::METHOD_NOT_ALLOWED, "only POST");
     }
-    if !auth::authorized(&route.auth, req.headers()) {
-        METRICS
-            .receiver
-            .auth_failures
-            .fetch_add(1, Ordering::Relaxed);
-        let peer = req.extensions().get::<conn::Peer>().map(|p| p.0.ip());
-        tracing::warn!(stream = %route.stream, path = %path, peer = ?peer, "receiver: credentials refused");
-        return refuse(StatusCode::UNAUTHORIZED, "credentials refused");
-    }
-    if let Some(c) = req.extensions().get::<conn::ConnHandle>() {
-        c.trust();
+    if !matches!(route.auth, Auth::None) {
+        let client = req
+            .extensions()
+            .get::<conn::Peer>()
+            .map(|p| client_ip(p.0.ip(), req.headers(), &shared.trusted_proxies));
+        if let Err(refused) = check_credentials(&shared, &route, &path, client, &req) {
+            return refused;
+        }
+        if let Some(c) = req.extensions().get::<conn::ConnHandle>() {
+            c.trust();
+        }
     }
     // S-360 posts JSON. A body declared as something else is refused (415) whatever it
     // holds; a POST without a Content-Type is read as JSON (the contract does not promise one).
