@@ -385,6 +385,12 @@ impl Troubles {
         self.last_line.is_none_or(|t| now >= t + LOG_EVERY)
     }
 
+    /// When the troubles not logged yet are due, if there are any.
+    fn pending_until(&self) -> Option<Instant> {
+        (self.accept_errors + self.evicted + self.refused > 0)
+            .then(|| self.last_line.map_or_else(Instant::now, |t| t + LOG_EVERY))
+    }
+
     fn report(&mut self, cap: usize) {
         let now = Instant::now();
         if !self.due(now) {
@@ -501,9 +507,12 @@ pub async fn serve(
                 _ = slots.changed.notified() => continue,
             }
         }
+        let pending = troubles.pending_until();
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => break,
             r = listener.accept() => r,
+            // The last troubles of a quiet spell are logged too, on time.
+            _ = tokio::time::sleep_until(pending.unwrap_or_else(Instant::now)), if pending.is_some() => continue,
         };
         let (stream, peer) = match accepted {
             Ok(a) => {
