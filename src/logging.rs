@@ -2,11 +2,19 @@
 //! `--log-format json`; level from `RUST_LOG`, else the config's `log.level`; optional
 //! daily-rotated files through tracing-appender. Secrets never reach a log line because no
 //! code formats one: they live in `Secret`, whose `Debug` is `***`.
+//!
+//! **No value from outside can forge a text log line**: the text format escapes control
+//! characters (newline, ESC, …) in every message and field value ([`EscapeControl`]); the
+//! JSON format escapes them by being JSON.
 
+use std::fmt;
 use std::io::IsTerminal;
 
+use tracing::field::{Field, Visit};
 use tracing_appender::non_blocking::WorkerGuard;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::field::{MakeVisitor, VisitFmt, VisitOutput};
+use tracing_subscriber::fmt::format::{DefaultFields, Writer};
 use tracing_subscriber::fmt::writer::MakeWriterExt;
 use tracing_subscriber::prelude::*;
 
@@ -53,6 +61,7 @@ pub fn init(settings: &LogSettings, format: LogFormat) -> LogGuard {
         registry
             .with(
                 tracing_subscriber::fmt::layer()
+                    .fmt_fields(EscapeControl(DefaultFields::new()))
                     .with_ansi(tty)
                     .with_target(false),
             )
@@ -78,9 +87,138 @@ pub fn init_cli() {
         .with(filter)
         .with(
             tracing_subscriber::fmt::layer()
+                .fmt_fields(EscapeControl(DefaultFields::new()))
                 .with_ansi(std::io::stderr().is_terminal())
                 .with_target(false)
                 .with_writer(std::io::stderr),
         )
         .try_init();
+}
+
+/// Field formatting for the text format that shows control characters escaped (`\n`,
+/// `\u{1b}`) in every message and value, so that text from outside (a JSON key, a header,
+/// a vendor's error) can neither start a new line nor drive the terminal. Wraps the
+/// default formatting, which writes `Display` values (`%value`) and messages as they are.
+pub struct EscapeControl<M>(pub M);
+
+impl<'a, M> MakeVisitor<Writer<'a>> for EscapeControl<M>
+where
+    M: MakeVisitor<Writer<'a>>,
+{
+    type Visitor = EscapeVisitor<M::Visitor>;
+
+    fn make_visitor(&self, target: Writer<'a>) -> Self::Visitor {
+        EscapeVisitor(self.0.make_visitor(target))
+    }
+}
+
+/// The visitor of [`EscapeControl`]: hands every value on wrapped in [`Escaped`].
+pub struct EscapeVisitor<V>(V);
+
+impl<V: Visit> Visit for EscapeVisitor<V> {
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        self.0.record_debug(field, &Escaped(value));
+    }
+
+    fn record_str(&mut self, field: &Field, value: &str) {
+        // The default shows a message's text as it is and other strings quoted (`Debug`).
+        if field.name() == "message" {
+            self.0
+                .record_debug(field, &Escaped(&format_args!("{value}")));
+        } else {
+            self.0.record_debug(field, &Escaped(&value));
+        }
+    }
+
+    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
+        self.0
+            .record_debug(field, &Escaped(&format_args!("{}", ErrorChain(value))));
+    }
+}
+
+impl<V: VisitOutput<fmt::Result>> VisitOutput<fmt::Result> for EscapeVisitor<V> {
+    fn finish(self) -> fmt::Result {
+        self.0.finish()
+    }
+}
+
+impl<V: VisitFmt> VisitFmt for EscapeVisitor<V> {
+    fn writer(&mut self) -> &mut dyn fmt::Write {
+        self.0.writer()
+    }
+}
+
+/// An error and its sources, `: `-separated.
+struct ErrorChain<'a>(&'a (dyn std::error::Error + 'static));
+
+impl fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(s) = source {
+            write!(f, ": {s}")?;
+            source = s.source();
+        }
+        Ok(())
+    }
+}
+
+/// A value whose `Debug` text has its control characters escaped.
+struct Escaped<'a>(&'a dyn fmt::Debug);
+
+impl fmt::Debug for Escaped<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use fmt::Write as _;
+        write!(EscapingWriter(f), "{:?}", self.0)
+    }
+}
+
+struct EscapingWriter<'a, 'b>(&'a mut fmt::Formatter<'b>);
+
+impl fmt::Write for EscapingWriter<'_, '_> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let mut rest = s;
+        while let Some(i) = rest.find(needs_escape) {
+            self.0.write_str(&rest[..i])?;
+            let c = rest[i..].chars().next().expect("found a char");
+            match c {
+                '\n' => self.0.write_str("\\n")?,
+                '\r' => self.0.write_str("\\r")?,
+                '\t' => self.0.write_str("\\t")?,
+                c => write!(self.0, "\\u{{{:x}}}", c as u32)?,
+            }
+            rest = &rest[i + c.len_utf8()..];
+        }
+        self.0.write_str(rest)
+    }
+}
+
+/// C0 and C1 control characters and DEL, and the Unicode line and paragraph separators
+/// (which some log viewers break lines on).
+fn needs_escape(c: char) -> bool {
+    c.is_control() || c == '\u{2028}' || c == '\u{2029}'
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn escaped(v: &dyn fmt::Debug) -> String {
+        format!("{:?}", Escaped(v))
+    }
+
+    #[test]
+    fn control_characters_are_shown_escaped() {
+        let forged = "key\u{1b}[2K\r\n2026-01-01T00:00:00Z INFO usher is ready FORGED-LINE";
+        let shown = escaped(&format_args!("{forged}"));
+        assert!(!shown.chars().any(needs_escape), "{shown}");
+        assert!(shown.contains("key\\u{1b}[2K\\r\\n2026"), "{shown}");
+        assert_eq!(
+            escaped(&format_args!("tab\there\u{85}")),
+            "tab\\there\\u{85}"
+        );
+        // Quoted strings (`Debug`) were already escaped by Rust and stay as they are.
+        assert_eq!(escaped(&"a\nb"), "\"a\\nb\"");
+        assert_eq!(escaped(&format_args!("plain ünïcode")), "plain ünïcode");
+    }
 }

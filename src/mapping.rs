@@ -120,6 +120,11 @@ impl Mapping {
         self.fields.is_empty()
     }
 
+    /// No field mappings and no statics: a record goes out exactly as it came in.
+    pub fn is_identity(&self) -> bool {
+        self.fields.is_empty() && self.statics.is_empty()
+    }
+
     /// Maps one record. With no field mappings the record passes through unchanged
     /// (statics still apply on top).
     pub fn apply(&self, record: &Value) -> Result<Value, MapError> {

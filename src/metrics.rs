@@ -33,6 +33,171 @@ pub struct Registry {
     retries: Mutex<BTreeMap<String, u64>>,
     /// Unix seconds of the daemon main loop's last turn (for /healthz).
     pub heartbeat: AtomicU64,
+    // S-360: the webhook receiver's connections and refusals.
+    pub receiver: ReceiverMetrics,
+}
+
+/// The S-360 receiver under load: what it accepted, closed and refused. Counters only grow;
+/// `open` and `cap` are gauges; the two timestamps say whether it is under pressure now.
+#[derive(Default)]
+pub struct ReceiverMetrics {
+    /// Connections open now.
+    pub open: AtomicU64,
+    /// The connection cap in force (0: no receiver).
+    pub cap: AtomicU64,
+    pub accepted: AtomicU64,
+    /// Idle connections closed to make room at the cap.
+    pub evicted: AtomicU64,
+    /// Connections closed at once: at the cap, every one handling a request.
+    pub refused: AtomicU64,
+    pub accept_errors: AtomicU64,
+    pub header_timeouts: AtomicU64,
+    pub body_timeouts: AtomicU64,
+    pub idle_timeouts: AtomicU64,
+    /// POSTs whose credentials were wrong (401).
+    pub auth_failures: AtomicU64,
+    /// POSTs refused with 429 without a look at their credentials (too many failures).
+    pub auth_throttled: AtomicU64,
+    /// POSTs that found no room for their body (`body_memory`) and got 503.
+    pub no_room: AtomicU64,
+    /// Unix seconds when the cap was last reached, and of the last accept error.
+    last_cap_hit: AtomicU64,
+    last_accept_error: AtomicU64,
+}
+
+/// How long the receiver counts as under pressure after reaching its cap or failing to
+/// accept (for /healthz).
+pub const PRESSURE_WINDOW_SECS: u64 = 10;
+
+impl ReceiverMetrics {
+    pub fn cap_hit(&self) {
+        self.last_cap_hit
+            .store(Utc::now().timestamp() as u64, Ordering::Relaxed);
+    }
+
+    pub fn accept_error(&self) {
+        self.accept_errors.fetch_add(1, Ordering::Relaxed);
+        self.last_accept_error
+            .store(Utc::now().timestamp() as u64, Ordering::Relaxed);
+    }
+
+    pub fn timed_out(&self, kind: crate::receiver::Timeout) {
+        use crate::receiver::Timeout;
+        let c = match kind {
+            Timeout::Header => &self.header_timeouts,
+            Timeout::Body => &self.body_timeouts,
+            Timeout::Idle => &self.idle_timeouts,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Why the receiver is degraded now, if it is: at its cap, or out of descriptors,
+    /// within the last [`PRESSURE_WINDOW_SECS`].
+    pub fn pressure(&self) -> Vec<String> {
+        let now = Utc::now().timestamp() as u64;
+        let recent = |t: &AtomicU64| {
+            let t = t.load(Ordering::Relaxed);
+            t > 0 && now.saturating_sub(t) < PRESSURE_WINDOW_SECS
+        };
+        let mut out = Vec::new();
+        if recent(&self.last_cap_hit) {
+            out.push(format!(
+                "receiver: at its cap of {} connections (max_connections) within the last {PRESSURE_WINDOW_SECS}s; {} open",
+                self.cap.load(Ordering::Relaxed),
+                self.open.load(Ordering::Relaxed)
+            ));
+        }
+        if recent(&self.last_accept_error) {
+            out.push(format!(
+                "receiver: could not accept connections (too many open files?) within the last {PRESSURE_WINDOW_SECS}s"
+            ));
+        }
+        out
+    }
+
+    fn render(&self, out: &mut String) {
+        if self.cap.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let series: [(&str, &str, &str, u64); 9] = [
+            (
+                "usher_receiver_connections",
+                "gauge",
+                "Connections open to the S-360 receiver.",
+                get(&self.open),
+            ),
+            (
+                "usher_receiver_connections_max",
+                "gauge",
+                "The receiver's connection cap in force.",
+                get(&self.cap),
+            ),
+            (
+                "usher_receiver_connections_accepted_total",
+                "counter",
+                "Connections accepted by the receiver.",
+                get(&self.accepted),
+            ),
+            (
+                "usher_receiver_connections_evicted_total",
+                "counter",
+                "Idle connections closed to make room at the cap.",
+                get(&self.evicted),
+            ),
+            (
+                "usher_receiver_connections_refused_total",
+                "counter",
+                "Connections closed at once: at the cap, every one handling a request.",
+                get(&self.refused),
+            ),
+            (
+                "usher_receiver_accept_errors_total",
+                "counter",
+                "Failed accepts (e.g. too many open files).",
+                get(&self.accept_errors),
+            ),
+            (
+                "usher_receiver_auth_failures_total",
+                "counter",
+                "POSTs refused for wrong credentials (401).",
+                get(&self.auth_failures),
+            ),
+            (
+                "usher_receiver_auth_throttled_total",
+                "counter",
+                "POSTs refused with 429 after too many failed authentications from their peer.",
+                get(&self.auth_throttled),
+            ),
+            (
+                "usher_receiver_no_room_total",
+                "counter",
+                "POSTs answered 503: no room for their body (body_memory).",
+                get(&self.no_room),
+            ),
+        ];
+        for (name, kind, help, v) in series {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP usher_receiver_timeouts_total Receiver connections closed at a deadline (header, body, idle).\n# TYPE usher_receiver_timeouts_total counter"
+        );
+        for (phase, c) in [
+            ("header", &self.header_timeouts),
+            ("body", &self.body_timeouts),
+            ("idle", &self.idle_timeouts),
+        ] {
+            let _ = writeln!(
+                out,
+                "usher_receiver_timeouts_total{{phase=\"{phase}\"}} {}",
+                get(c)
+            );
+        }
+    }
 }
 
 pub static METRICS: LazyLock<Registry> = LazyLock::new(Registry::default);
@@ -230,6 +395,7 @@ impl Registry {
                 );
             }
         }
+        self.receiver.render(&mut out);
         process_metrics(&mut out);
         out
     }
@@ -360,6 +526,21 @@ mod tests {
         assert!(text.contains("usher_rate_budget_remaining{connection=\"crm\"} 17"));
         assert!(text.contains("process_resident_memory_bytes "));
         assert!(text.contains("usher_last_success_timestamp_seconds{stream=\"a\"}"));
+        assert!(
+            !text.contains("usher_receiver_"),
+            "no receiver, no receiver series"
+        );
+        r.receiver.cap.store(512, Ordering::Relaxed);
+        r.receiver.timed_out(crate::receiver::Timeout::Idle);
+        let text = r.render(&["a".into()], &outbox, &budgets);
+        assert!(
+            text.contains("usher_receiver_connections_max 512"),
+            "{text}"
+        );
+        assert!(text.contains("usher_receiver_timeouts_total{phase=\"idle\"} 1"));
+        assert!(r.receiver.pressure().is_empty());
+        r.receiver.cap_hit();
+        assert!(r.receiver.pressure()[0].contains("cap of 512"));
     }
 
     #[test]

@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -22,7 +21,7 @@ use crate::engine::in_doubt::InDoubt;
 use crate::engine::{RunCtx, run_stream};
 use crate::http::Http;
 use crate::sandbox::Sandbox;
-use crate::store::{InboxBatch, InboxRecord, Store};
+use crate::store::{InboxBatch, InboxRecord, RecordId, Store};
 
 /// The same record as [`webhook_contact`], written with `format!` so that the senders, which
 /// share the machine's cores with the receiver, spend little CPU making their bodies.
@@ -205,20 +204,21 @@ url = "/hooks/relay"
     // 2. The relay: `relay` contacts from the inbox to the CRM, 50 per payload.
     let t = Instant::now();
     for chunk in (1..=relay).collect::<Vec<_>>().chunks(5000) {
-        let records = chunk
-            .iter()
-            .map(|s| {
-                let body = contact_json(*s);
-                InboxRecord {
-                    record_id: s.to_string(),
-                    content_hash: Sha256::digest(body.as_bytes()).into(),
-                    body,
-                }
-            })
-            .collect();
+        let mut body = String::new();
+        let mut records = Vec::with_capacity(chunk.len());
+        for s in chunk {
+            let start = body.len() as u32;
+            body += &contact_json(*s);
+            records.push(InboxRecord {
+                start,
+                end: body.len() as u32,
+                id: RecordId::Text(s.to_string().into()),
+            });
+        }
         store
             .inbox_insert(vec![InboxBatch {
                 stream: "relay".into(),
+                body: body.into(),
                 records,
             }])
             .await

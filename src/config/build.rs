@@ -140,7 +140,7 @@ fn singular(section: &str) -> &str {
     section.strip_suffix('s').unwrap_or(section)
 }
 
-fn duration(
+pub(super) fn duration(
     l: &mut Layers,
     scope: &str,
     key: &str,

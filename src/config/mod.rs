@@ -32,7 +32,7 @@ pub use build::expand;
 pub use load::Problem;
 // S-360
 pub use s360::{
-    ReceiverSettings, RelayOptions, S360_RATE_LIMIT, S360_RATE_WINDOW, S360Account,
+    IpNet, ReceiverSettings, RelayOptions, S360_RATE_LIMIT, S360_RATE_WINDOW, S360Account,
     S360ContactOptions, S360Entity, S360OfferOptions, default_base_url, parse_size,
 };
 

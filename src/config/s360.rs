@@ -14,7 +14,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use url::Url;
 
-use super::build::{build_auth, secret};
+use super::build::{build_auth, duration, secret};
 use super::load::{Layers, Problem};
 use super::raw::{RawAuth, RawConnection, RawStream};
 use super::{Auth, Connection, ConnectionKind, FeedOptions, RateLimit, StreamKind, WebhookOptions};
@@ -44,18 +44,95 @@ pub struct S360Account {
     pub partner_secret: Secret,
 }
 
+/// The largest `max_body` (a record's place in a body is kept in 32 bits).
+pub const MAX_MAX_BODY: usize = 1024 * 1024 * 1024;
+
+/// Default budget of bodies held at once: a few POSTs of the largest size.
+pub const DEFAULT_BODY_MEMORY_BODIES: usize = 4;
+
 /// `[receiver]`: the HTTP listener for S-360's webhooks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReceiverSettings {
     pub listen: SocketAddr,
     pub max_body: usize,
+    /// Bytes of request bodies held at once, all POSTs together (at least `max_body`): a
+    /// POST waits for room before its body is read, so that many large POSTs at once cannot
+    /// exhaust memory.
+    pub body_memory: usize,
+    /// From a connection's accept (or a later request's first byte) to the end of the
+    /// request's headers; past it the connection is closed.
+    pub header_timeout: Duration,
+    /// From the end of the headers to the end of the body; past it, 408 and closed.
+    pub body_timeout: Duration,
+    /// A kept-alive connection with no new request (or not reading its answer) this long is
+    /// closed.
+    pub idle_timeout: Duration,
+    /// Connections at once (also at most half the descriptor limit).
+    pub max_connections: usize,
+    /// Reverse proxies in front of the receiver: a connection from one of them is taken
+    /// to be from the client its `X-Forwarded-For` names (for the per-peer throttle of
+    /// failed authentications and the log).
+    pub trusted_proxies: Vec<IpNet>,
 }
+
+/// An IP address or network, `10.0.0.0/8` or `2001:db8::1`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpNet {
+    pub addr: std::net::IpAddr,
+    pub prefix: u8,
+}
+
+impl IpNet {
+    pub fn parse(text: &str) -> Option<IpNet> {
+        let text = text.trim();
+        let (addr, prefix) = match text.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (text, None),
+        };
+        let addr: std::net::IpAddr = addr.parse().ok()?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => p.parse::<u8>().ok().filter(|p| *p <= max)?,
+        };
+        Some(IpNet { addr, prefix })
+    }
+
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr::{V4, V6};
+        let (net, ip, bits): (u128, u128, u32) = match (self.addr, ip) {
+            (V4(n), V4(i)) => (u32::from(n).into(), u32::from(i).into(), 32),
+            (V6(n), V6(i)) => (n.into(), i.into(), 128),
+            (V4(n), V6(i)) => match i.to_ipv4_mapped() {
+                Some(i) => (u32::from(n).into(), u32::from(i).into(), 32),
+                None => return false,
+            },
+            (V6(_), V4(_)) => return false,
+        };
+        let shift = bits - u32::from(self.prefix);
+        shift >= bits || (net >> shift) == (ip >> shift)
+    }
+}
+
+/// `[receiver]` defaults, chosen in ARCHITECTURE ("S-360 ⇄ CRM"): S-360 sends its headers
+/// at once and its POSTs back to back; a few seconds more than that serve it, and anything
+/// slower is holding a connection.
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(20);
+pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawReceiver {
     pub listen: Option<String>,
     pub max_body: Option<String>,
+    pub body_memory: Option<String>,
+    pub header_timeout: Option<String>,
+    pub body_timeout: Option<String>,
+    pub idle_timeout: Option<String>,
+    pub max_connections: Option<u32>,
+    pub trusted_proxies: Option<Vec<String>>,
 }
 
 /// `[streams.X.s360]`.
@@ -138,20 +215,101 @@ pub(super) fn build_receiver(l: &mut Layers) -> Option<ReceiverSettings> {
     let max_body = match raw.max_body.as_deref() {
         None => DEFAULT_MAX_BODY,
         Some(s) => match parse_size(s) {
-            Some(n) if n >= 1024 => n,
+            Some(n) if (1024..=MAX_MAX_BODY).contains(&n) => n,
             _ => {
                 l.problem(
                     "receiver",
                     "receiver.max_body",
-                    format!("{s:?} is not a size of at least 1KB (e.g. \"10MB\", \"512KB\")"),
+                    format!("{s:?} is not a size from 1KB to 1024MB (e.g. \"10MB\", \"512KB\")"),
                 );
                 DEFAULT_MAX_BODY
             }
         },
     };
+    let default_memory = max_body.saturating_mul(DEFAULT_BODY_MEMORY_BODIES);
+    let body_memory = match raw.body_memory.as_deref() {
+        None => default_memory,
+        Some(s) => match parse_size(s) {
+            Some(n) if n >= max_body => n,
+            _ => {
+                l.problem(
+                    "receiver",
+                    "receiver.body_memory",
+                    format!(
+                        "{s:?} is not a size of at least `max_body` ({max_body} bytes), e.g. \"40MB\""
+                    ),
+                );
+                default_memory
+            }
+        },
+    };
+    let mut timeout = |key: &str, value: Option<&String>, default: Duration, most: Duration| {
+        let scoped = format!("receiver.{key}");
+        let d = duration(l, "receiver", &scoped, value, default);
+        if d < Duration::from_secs(1) || d > most {
+            l.problem(
+                "receiver",
+                &scoped,
+                format!(
+                    "{} is out of range (1s to {})",
+                    humantime::format_duration(d),
+                    humantime::format_duration(most)
+                ),
+            );
+            return default;
+        }
+        d
+    };
+    let header_timeout = timeout(
+        "header_timeout",
+        raw.header_timeout.as_ref(),
+        DEFAULT_HEADER_TIMEOUT,
+        Duration::from_secs(600),
+    );
+    let body_timeout = timeout(
+        "body_timeout",
+        raw.body_timeout.as_ref(),
+        DEFAULT_BODY_TIMEOUT,
+        Duration::from_secs(3600),
+    );
+    let idle_timeout = timeout(
+        "idle_timeout",
+        raw.idle_timeout.as_ref(),
+        DEFAULT_IDLE_TIMEOUT,
+        Duration::from_secs(600),
+    );
+    let max_connections = match raw.max_connections {
+        None => DEFAULT_MAX_CONNECTIONS,
+        Some(n) if (1..=100_000).contains(&n) => n as usize,
+        Some(n) => {
+            l.problem(
+                "receiver",
+                "receiver.max_connections",
+                format!("{n} is out of range (1 to 100000)"),
+            );
+            DEFAULT_MAX_CONNECTIONS
+        }
+    };
+    let mut trusted_proxies = Vec::new();
+    for p in raw.trusted_proxies.iter().flatten() {
+        match IpNet::parse(p) {
+            Some(n) => trusted_proxies.push(n),
+            None => l.problem(
+                "receiver",
+                "receiver.trusted_proxies",
+                format!("{p:?} is not an IP address or network (e.g. \"10.0.0.0/8\", \"::1\")"),
+            ),
+        }
+    }
     Some(ReceiverSettings {
         listen: listen?,
         max_body,
+        body_memory,
+        header_timeout,
+        body_timeout,
+        idle_timeout,
+        max_connections,
+        trusted_proxies,
     })
 }
 
@@ -167,7 +325,7 @@ pub fn parse_size(s: &str) -> Option<usize> {
     } else {
         (s, 1)
     };
-    num.trim().parse::<usize>().ok().map(|n| n * mult)
+    num.trim().parse::<usize>().ok()?.checked_mul(mult)
 }
 
 /// The S-360 account fields of a connection; refuses them on other kinds.
@@ -512,6 +670,33 @@ pub(super) fn check_receiver(
                     relay.path
                 ),
             );
+        }
+    }
+}
+
+#[cfg(test)]
+mod ipnet_tests {
+    use super::IpNet;
+
+    #[test]
+    fn networks_contain_their_addresses() {
+        let n = IpNet::parse("10.1.0.0/16").unwrap();
+        assert!(n.contains("10.1.255.3".parse().unwrap()));
+        assert!(n.contains("::ffff:10.1.0.9".parse().unwrap()));
+        assert!(!n.contains("10.2.0.1".parse().unwrap()));
+        let one = IpNet::parse("127.0.0.1").unwrap();
+        assert!(one.contains("127.0.0.1".parse().unwrap()));
+        assert!(!one.contains("127.0.0.2".parse().unwrap()));
+        assert!(
+            IpNet::parse("0.0.0.0/0")
+                .unwrap()
+                .contains("8.8.8.8".parse().unwrap())
+        );
+        let v6 = IpNet::parse("2001:db8::/32").unwrap();
+        assert!(v6.contains("2001:db8:ffff::1".parse().unwrap()));
+        assert!(!v6.contains("10.0.0.1".parse().unwrap()));
+        for bad in ["10.0.0.0/33", "proxy.example", "::/129", "10.0.0.0/x", ""] {
+            assert_eq!(IpNet::parse(bad), None, "{bad}");
         }
     }
 }

@@ -2,7 +2,10 @@
 //!
 //! `/healthz` answers 200 when the daemon's main loop turned within the last 10 s and every
 //! enabled stream's last run ended well or has failed fewer than `daemon.health_failures`
-//! times in a row; otherwise 503 with the reasons as JSON.
+//! times in a row; otherwise 503 with the reasons as JSON (`"unhealthy"`). While the S-360
+//! receiver is at its connection cap or cannot accept connections (within the last 10 s)
+//! it is also 503, `"degraded"` when that is the only reason: the daemon works, but a
+//! sender may not get through.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
@@ -97,7 +100,13 @@ pub async fn reasons(st: &HealthState) -> Vec<String> {
 }
 
 async fn healthz(State(st): State<HealthState>) -> Response {
-    let reasons = reasons(&st).await;
+    let mut reasons = reasons(&st).await;
+    let status = if reasons.is_empty() {
+        "degraded"
+    } else {
+        "unhealthy"
+    };
+    reasons.extend(METRICS.receiver.pressure());
     if reasons.is_empty() {
         (
             StatusCode::OK,
@@ -107,7 +116,7 @@ async fn healthz(State(st): State<HealthState>) -> Response {
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(serde_json::json!({"status": "unhealthy", "reasons": reasons})),
+            axum::Json(serde_json::json!({"status": status, "reasons": reasons})),
         )
             .into_response()
     }

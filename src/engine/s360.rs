@@ -5,7 +5,9 @@
 //!   (one `commit_page`). Delivery is the feed → webhook stream's own ([`super::feed_webhook::deliver`]):
 //!   refused payloads go again first, byte for byte; at most `max_per_run` records per
 //!   execution, `max_per_payload` per POST. Orders not in a forwarded state are counted as
-//!   skipped; records changed before `oldest` too.
+//!   skipped; records changed before `oldest` too. With the identity mapping a record goes
+//!   out as the bytes S-360 sent (the stored text, joined into the payload's array), else as
+//!   its mapped value.
 //! - [`contacts`]: CRM change feed → `saveIndividualContactData`. Matching: the link, else
 //!   the contact number in the CRM record, else `searchContact` by e-mail (one match: that
 //!   contact; more: dead letter), else create. The link is stored either way, with the page.
@@ -129,9 +131,13 @@ pub async fn relay(
             return Ok(Flow::Done);
         };
         counts.pulled += rows.len() as u64;
-        let mut items = Vec::with_capacity(rows.len());
+        // Each forwarded record as JSON text: as received when the mapping changes nothing
+        // (S-360's bytes reach the CRM unchanged: exact digits of a long ID, every decimal),
+        // else the mapped value.
+        let raw = spec.mapping.is_identity();
+        let mut items: Vec<String> = Vec::with_capacity(rows.len());
         let mut dead = Vec::new();
-        for row in &rows {
+        for row in rows {
             let rec: Value = match serde_json::from_str(&row.body) {
                 Ok(v) => v,
                 Err(e) => {
@@ -163,11 +169,15 @@ pub async fn relay(
                 counts.skipped += 1;
                 continue;
             }
+            if raw {
+                items.push(row.body);
+                continue;
+            }
             match spec.mapping.apply(&rec) {
-                Ok(v) => items.push(v),
+                Ok(v) => items.push(v.to_string()),
                 Err(e) => bad_record(
                     ctx,
-                    crate::receiver::record_id(relay.entity, &rec),
+                    Some(row.record_id),
                     &rec,
                     e.to_string(),
                     counts,
@@ -177,12 +187,7 @@ pub async fn relay(
         }
         let outbox: Vec<(Vec<u8>, u64)> = items
             .chunks(spec.max_per_payload as usize)
-            .map(|c| {
-                (
-                    serde_json::to_vec(c).expect("JSON serializes"),
-                    c.len() as u64,
-                )
-            })
+            .map(|c| (json_array(c), c.len() as u64))
             .collect();
         counts.queued += items.len() as u64;
         ctx.store
@@ -200,6 +205,20 @@ pub async fn relay(
             other => return Ok(other),
         }
     }
+}
+
+/// `[a,b,…]` from the JSON texts of its elements, as serde_json writes an array.
+fn json_array(items: &[String]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(items.iter().map(|i| i.len() + 1).sum::<usize>() + 2);
+    out.push(b'[');
+    for (n, item) in items.iter().enumerate() {
+        if n > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(item.as_bytes());
+    }
+    out.push(b']');
+    out
 }
 
 fn client(ctx: &RunCtx) -> Result<S360Client, RunError> {

@@ -7,33 +7,50 @@
 //! its records to one writer task, which commits whatever POSTs are waiting in one
 //! transaction (group commit: one fsync for many POSTs) and then answers each. Otherwise:
 //! 400 with a reason and nothing stored (malformed JSON, duplicate keys, not an array, an
-//! element without its ID), 401 bad credentials, 415 a Content-Type other than JSON, 404 unknown path, 405 not a POST, 413 over `max_body`,
-//! 503 when the database cannot be written. A record whose latest stored version has the
-//! same content is a resend: stored once, still 200. An empty array: 200, nothing stored.
+//! element without its ID or with an ID usher cannot keep exactly), 401 bad credentials, 415
+//! a Content-Type other than JSON, 404 unknown path, 405 not a POST, 413 over `max_body`,
+//! 503 when the database cannot be written or there is no room for the body
+//! (`body_memory`). Records are stored byte for byte as received ([`body`]). A record equal
+//! to a stored version (ID and bytes) is a resend: stored once, still 200. An empty array:
+//! 200, nothing stored.
+//!
+//! The listener ([`conn`]) closes stalled connections (`header_timeout`, `idle_timeout`;
+//! the handler enforces `body_timeout`) and caps them (`max_connections`), closing idle ones
+//! to make room; every refusal closes its connection. Failed authentications are throttled
+//! per peer (429 after a few, [`throttle`]), behind `trusted_proxies` by the forwarded
+//! client address.
 //!
 //! Routes follow reloads ([`Receiver::update`]); a disabled stream keeps receiving (only its
 //! relay pauses). On shutdown the listener stops taking connections and finishes the POSTs
 //! in flight (each either committed and answered, or not answered at all, so S-360 resends).
 
+mod auth;
+mod body;
+mod conn;
+mod throttle;
+
+pub use body::parse_body;
+pub use conn::Timeout;
+
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::net::IpAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::http::{Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use base64::Engine;
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
-use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Auth, Config, ReceiverSettings, S360Entity, StreamKind};
-use crate::store::{InboxBatch, InboxOutcome, InboxRecord, Store};
+use crate::config::{Auth, Config, IpNet, ReceiverSettings, S360Entity, StreamKind};
+use crate::metrics::METRICS;
+use crate::store::{InboxBatch, InboxOutcome, Store};
 
 /// Most POSTs committed together in one transaction.
 const MAX_GROUP: usize = 256;
@@ -50,11 +67,25 @@ type Routes = HashMap<String, Route>;
 
 type Job = (InboxBatch, oneshot::Sender<Result<InboxOutcome, String>>);
 
+/// Most a POST waits for room for its body before it gets a 503.
+const BODY_ROOM_WAIT: Duration = Duration::from_secs(5);
+
+/// Bodies larger than this are parsed on the blocking pool, not on the async worker that
+/// also accepts connections and answers everyone else.
+const PARSE_INLINE_MAX: usize = 64 * 1024;
+
 #[derive(Clone)]
 struct Shared {
     routes: Arc<RwLock<Arc<Routes>>>,
     max_body: usize,
+    body_timeout: Duration,
+    /// Room for bodies (`[receiver] body_memory`), in KiB: a POST takes its declared length
+    /// (else `max_body`) before a byte of its body is read and gives it back once answered.
+    body_room: Arc<Semaphore>,
     writer: mpsc::Sender<Job>,
+    /// Failed authentications per peer (429 after a few; logged once per interval).
+    throttle: Arc<Mutex<throttle::AuthThrottle>>,
+    trusted_proxies: Arc<[IpNet]>,
 }
 
 /// The running receiver: a handle to change its routes on reload.
@@ -92,7 +123,7 @@ pub async fn start(
     let Some(settings) = config.receiver.clone() else {
         return Ok(None);
     };
-    let listener = TcpListener::bind(settings.listen).await.map_err(|e| {
+    let listener = conn::listen(settings.listen).map_err(|e| {
         std::io::Error::new(
             e.kind(),
             format!("receiver: cannot listen on {}: {e}", settings.listen),
@@ -105,23 +136,51 @@ pub async fn start(
     let shared = Shared {
         routes: routes.clone(),
         max_body: settings.max_body,
+        body_timeout: settings.body_timeout,
+        body_room: Arc::new(Semaphore::new(
+            kib(settings.body_memory).min(Semaphore::MAX_PERMITS),
+        )),
         writer: tx,
+        throttle: Arc::new(Mutex::new(throttle::AuthThrottle::default())),
+        trusted_proxies: settings.trusted_proxies.clone().into(),
     };
+    tracker.spawn(report_failures(shared.throttle.clone(), shutdown.clone()));
     let app = Router::new().fallback(handle).with_state(shared);
-    tracker.spawn(async move {
-        let r = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await;
-        if let Err(e) = r {
-            tracing::error!(error = %e, "receiver stopped with an error");
-        }
-    });
-    tracing::info!(listen = %addr, paths = routes.read().map(|r| r.len()).unwrap_or(0), "S-360 receiver listening");
+    let limits = conn::Limits {
+        header_timeout: settings.header_timeout,
+        idle_timeout: settings.idle_timeout,
+        max_connections: conn::effective_cap(settings.max_connections),
+    };
+    tracker.spawn(conn::serve(listener, app, limits, shutdown));
+    tracing::info!(listen = %addr, paths = routes.read().map(|r| r.len()).unwrap_or(0), max_connections = limits.max_connections, "S-360 receiver listening");
     Ok(Some(Receiver {
         addr,
         settings,
         routes,
     }))
+}
+
+/// Logs the failed authentications of each interval, and the last ones at shutdown.
+async fn report_failures(
+    throttle: Arc<Mutex<throttle::AuthThrottle>>,
+    shutdown: CancellationToken,
+) {
+    let every = throttle::REPORT_EVERY;
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    loop {
+        let stopping = tokio::select! {
+            _ = tick.tick() => false,
+            _ = shutdown.cancelled() => true,
+        };
+        let report = throttle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .report(tokio::time::Instant::now());
+        throttle::log_report(&report);
+        if stopping {
+            return;
+        }
+    }
 }
 
 impl Receiver {
@@ -174,137 +233,18 @@ fn answer(status: StatusCode, body: Value) -> Response {
     r
 }
 
+/// A refusal; it also closes the connection (a hostile client does not keep it, and S-360
+/// opens a new one in a moment).
 fn refuse(status: StatusCode, reason: impl Into<String>) -> Response {
-    answer(
+    let mut r = answer(
         status,
         json!({"status": "refused", "reason": reason.into()}),
-    )
-}
-
-/// Constant-time comparison, so that a wrong credential's timing says nothing.
-fn same(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-fn authorized(auth: &Auth, headers: &HeaderMap) -> bool {
-    let get = |h: &str| headers.get(h).map(|v| v.as_bytes()).unwrap_or_default();
-    match auth {
-        Auth::None => true,
-        Auth::Basic { username, password } => {
-            let expected = format!(
-                "Basic {}",
-                base64::engine::general_purpose::STANDARD
-                    .encode(format!("{username}:{}", password.expose()))
-            );
-            same(get("authorization"), expected.as_bytes())
-        }
-        Auth::Bearer { token } => same(
-            get("authorization"),
-            format!("Bearer {}", token.expose()).as_bytes(),
-        ),
-        Auth::ApiKey { header, key } => same(get(header.as_str()), key.expose().as_bytes()),
-        Auth::OAuth2 { .. } => false,
-    }
-}
-
-/// The ID a record must carry.
-pub fn record_id(entity: S360Entity, v: &Value) -> Option<String> {
-    let id = match entity {
-        S360Entity::Contacts => v.get("contactNumber"),
-        S360Entity::Orders => v.get("orderDetailsData").and_then(|o| o.get("orderId")),
-    }?;
-    match id {
-        Value::String(s) if !s.trim().is_empty() => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
-        _ => None,
-    }
-}
-
-/// Walks a JSON document and fails on an object with the same key twice (which JSON parsers
-/// resolve differently: `{"contactNumber":"1","contactNumber":"2"}` is no record to store).
-struct NoDuplicateKeys;
-
-impl<'de> serde::Deserialize<'de> for NoDuplicateKeys {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(NoDuplicateKeys)
-    }
-}
-
-impl<'de> serde::de::Visitor<'de> for NoDuplicateKeys {
-    type Value = NoDuplicateKeys;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("JSON")
-    }
-
-    fn visit_bool<E>(self, _: bool) -> Result<Self, E> {
-        Ok(self)
-    }
-    fn visit_i64<E>(self, _: i64) -> Result<Self, E> {
-        Ok(self)
-    }
-    fn visit_u64<E>(self, _: u64) -> Result<Self, E> {
-        Ok(self)
-    }
-    fn visit_f64<E>(self, _: f64) -> Result<Self, E> {
-        Ok(self)
-    }
-    fn visit_str<E>(self, _: &str) -> Result<Self, E> {
-        Ok(self)
-    }
-    fn visit_unit<E>(self) -> Result<Self, E> {
-        Ok(self)
-    }
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self, A::Error> {
-        while seq.next_element::<NoDuplicateKeys>()?.is_some() {}
-        Ok(self)
-    }
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self, A::Error> {
-        let mut seen = std::collections::HashSet::new();
-        while let Some(k) = map.next_key::<String>()? {
-            if !seen.insert(k.clone()) {
-                return Err(serde::de::Error::custom(format!(
-                    "the key `{k}` appears twice in one object"
-                )));
-            }
-            map.next_value::<NoDuplicateKeys>()?;
-        }
-        Ok(self)
-    }
-}
-
-/// Checks a body and turns it into inbox records; `Err` is the reason for a 400.
-pub fn parse_body(entity: S360Entity, body: &[u8]) -> Result<Vec<InboxRecord>, String> {
-    let v: Value =
-        serde_json::from_slice(body).map_err(|e| format!("the body is not JSON: {e}"))?;
-    serde_json::from_slice::<NoDuplicateKeys>(body).map_err(|e| format!("{e}"))?;
-    let Value::Array(items) = v else {
-        return Err("the body must be a JSON array of records".into());
-    };
-    let mut out = Vec::with_capacity(items.len());
-    for (i, item) in items.iter().enumerate() {
-        if !item.is_object() {
-            return Err(format!("element {i} is not an object"));
-        }
-        let Some(record_id) = record_id(entity, item) else {
-            let field = match entity {
-                S360Entity::Contacts => "contactNumber",
-                S360Entity::Orders => "orderDetailsData.orderId",
-            };
-            return Err(format!("element {i} has no `{field}`"));
-        };
-        let body = item.to_string();
-        let content_hash: [u8; 32] = Sha256::digest(body.as_bytes()).into();
-        out.push(InboxRecord {
-            record_id,
-            content_hash,
-            body,
-        });
-    }
-    Ok(out)
+    );
+    r.headers_mut().insert(
+        header::CONNECTION,
+        header::HeaderValue::from_static("close"),
+    );
+    r
 }
 
 /// `application/json` or a `+json` type, parameters (charset) allowed.
@@ -321,13 +261,23 @@ fn is_json_type(value: &[u8]) -> bool {
     media == "application/json" || (media.starts_with("application/") && media.ends_with("+json"))
 }
 
-/// Reads the body up to `max`. Past it, the rest is read and dropped (up to a bound) so
-/// that the sender gets a clean 413 rather than a reset while it is still writing.
-async fn read_body(body: Body, max: usize) -> Result<bytes::Bytes, Option<StatusCode>> {
+/// Whole KiB (rounded up), the unit of the body room.
+fn kib(bytes: usize) -> usize {
+    bytes.div_ceil(1024)
+}
+
+/// Reads the body up to `max`, into one buffer of the declared length when there is one.
+/// Past `max`, the rest is read and dropped (up to a bound) so that the sender gets a clean
+/// 413 rather than a reset while it is still writing.
+async fn read_body(
+    body: Body,
+    max: usize,
+    declared: Option<usize>,
+) -> Result<bytes::Bytes, Option<StatusCode>> {
     use futures::StreamExt;
     let drain_cap = max.saturating_mul(16).max(64 * 1024 * 1024);
     let mut stream = body.into_data_stream();
-    let mut buf = bytes::BytesMut::new();
+    let mut buf = bytes::BytesMut::with_capacity(declared.unwrap_or(0).min(max));
     let mut seen = 0usize;
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|_| None)?;
@@ -342,6 +292,86 @@ async fn read_body(body: Body, max: usize) -> Result<bytes::Bytes, Option<Status
         return Err(Some(StatusCode::PAYLOAD_TOO_LARGE));
     }
     Ok(buf.freeze())
+}
+
+/// The client a request comes from: its TCP peer, or, when that is a trusted proxy, the
+/// address the proxies' `X-Forwarded-For` names (the rightmost one that is not itself a
+/// trusted proxy: what a client writes there itself is further left and not believed).
+fn client_ip(peer: IpAddr, headers: &header::HeaderMap, trusted: &[IpNet]) -> IpAddr {
+    let is_trusted = |ip: IpAddr| trusted.iter().any(|n| n.contains(ip));
+    let forwarded: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .collect();
+    let mut client = peer;
+    for entry in forwarded.iter().rev() {
+        if !is_trusted(client) {
+            break;
+        }
+        let entry = entry.trim();
+        let Some(ip) = entry
+            .parse::<IpAddr>()
+            .ok()
+            .or_else(|| entry.parse::<std::net::SocketAddr>().ok().map(|a| a.ip()))
+        else {
+            break;
+        };
+        client = ip;
+    }
+    client
+}
+
+/// The per-peer throttle of failed authentications, then the credentials: Err is the 429
+/// or 401 to answer.
+#[allow(clippy::result_large_err)] // built once per refused request, answered at once
+fn check_credentials(
+    shared: &Shared,
+    route: &Route,
+    path: &str,
+    client: Option<IpAddr>,
+    req: &Request,
+) -> Result<(), Response> {
+    let now = tokio::time::Instant::now();
+    let throttle = || shared.throttle.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(ip) = client
+        && let Err(wait) = throttle().check(ip, now)
+    {
+        METRICS
+            .receiver
+            .auth_throttled
+            .fetch_add(1, Ordering::Relaxed);
+        let mut r = refuse(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many failed authentications from this address; try again later",
+        );
+        r.headers_mut().insert(
+            header::RETRY_AFTER,
+            header::HeaderValue::from(wait.as_secs_f64().ceil().max(1.0) as u64),
+        );
+        return Err(r);
+    }
+    if auth::authorized(&route.auth, req.headers()) {
+        if let Some(ip) = client {
+            throttle().succeeded(ip, now);
+        }
+        return Ok(());
+    }
+    METRICS
+        .receiver
+        .auth_failures
+        .fetch_add(1, Ordering::Relaxed);
+    if let Some(peer) = client.and_then(|ip| throttle().failed(ip, now)) {
+        tracing::warn!(
+            peer = %peer,
+            stream = %route.stream,
+            path = %path,
+            "receiver: credentials refused (more failures from this peer are summed up every {}s)",
+            throttle::REPORT_EVERY.as_secs()
+        );
+    }
+    Err(refuse(StatusCode::UNAUTHORIZED, "credentials refused"))
 }
 
 async fn handle(State(shared): State<Shared>, req: Request) -> Response {
@@ -360,9 +390,17 @@ async fn handle(State(shared): State<Shared>, req: Request) -> Response {
     if req.method() != Method::POST {
         return refuse(StatusCode::METHOD_NOT_ALLOWED, "only POST");
     }
-    if !authorized(&route.auth, req.headers()) {
-        tracing::warn!(stream = %route.stream, path = %path, "receiver: credentials refused");
-        return refuse(StatusCode::UNAUTHORIZED, "credentials refused");
+    if !matches!(route.auth, Auth::None) {
+        let client = req
+            .extensions()
+            .get::<conn::Peer>()
+            .map(|p| client_ip(p.0.ip(), req.headers(), &shared.trusted_proxies));
+        if let Err(refused) = check_credentials(&shared, &route, &path, client, &req) {
+            return refused;
+        }
+        if let Some(c) = req.extensions().get::<conn::ConnHandle>() {
+            c.trust();
+        }
     }
     // S-360 posts JSON. A body declared as something else is refused (415) whatever it
     // holds; a POST without a Content-Type is read as JSON (the contract does not promise one).
@@ -387,18 +425,65 @@ async fn handle(State(shared): State<Shared>, req: Request) -> Response {
             format!("the body is over {} bytes", shared.max_body),
         );
     }
-    let bytes = match read_body(req.into_body(), shared.max_body).await {
-        Ok(b) => b,
-        Err(Some(status)) => {
+    let declared = declared.map(|n| n as usize);
+    // Room for the body before it is read: its declared length, else the most it may be.
+    let want = kib(declared.unwrap_or(shared.max_body)).max(1) as u32;
+    let room = match tokio::time::timeout(
+        BODY_ROOM_WAIT,
+        shared.body_room.clone().acquire_many_owned(want),
+    )
+    .await
+    {
+        Ok(Ok(permit)) => permit,
+        _ => {
+            METRICS.receiver.no_room.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(stream = %route.stream, "receiver: too many bodies at once; answering 503");
+            let mut r = refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many payloads at once; send it again",
+            );
+            r.headers_mut().insert(
+                header::RETRY_AFTER,
+                header::HeaderValue::from(BODY_ROOM_WAIT.as_secs()),
+            );
+            return r;
+        }
+    };
+    let read = tokio::time::timeout(
+        shared.body_timeout,
+        read_body(req.into_body(), shared.max_body, declared),
+    );
+    let bytes = match read.await {
+        Err(_) => {
+            METRICS.receiver.timed_out(Timeout::Body);
+            tracing::debug!(stream = %route.stream, "receiver: body not received within body_timeout (408)");
+            return refuse(
+                StatusCode::REQUEST_TIMEOUT,
+                "the body did not arrive within body_timeout",
+            );
+        }
+        Ok(Ok(b)) => b,
+        Ok(Err(Some(status))) => {
             return refuse(
                 status,
                 format!("the body is over {} bytes", shared.max_body),
             );
         }
         // Broken off: S-360 sees no answer and sends the payload again.
-        Err(None) => return refuse(StatusCode::BAD_REQUEST, "the body was broken off"),
+        Ok(Err(None)) => return refuse(StatusCode::BAD_REQUEST, "the body was broken off"),
     };
-    let records = match parse_body(route.entity, &bytes) {
+    let entity = route.entity;
+    let parsed = if bytes.len() <= PARSE_INLINE_MAX {
+        parse_body(entity, &bytes).map(|r| (r, bytes))
+    } else {
+        match tokio::task::spawn_blocking(move || parse_body(entity, &bytes).map(|r| (r, bytes)))
+            .await
+        {
+            Ok(p) => p,
+            Err(_) => Err("the body could not be read".to_string()),
+        }
+    };
+    let (records, body) = match parsed {
         Ok(r) => r,
         Err(reason) => {
             tracing::warn!(stream = %route.stream, reason = %reason, "receiver: payload refused (400)");
@@ -416,6 +501,7 @@ async fn handle(State(shared): State<Shared>, req: Request) -> Response {
     let job = (
         InboxBatch {
             stream: route.stream.clone(),
+            body,
             records,
         },
         tx,
@@ -423,7 +509,9 @@ async fn handle(State(shared): State<Shared>, req: Request) -> Response {
     if shared.writer.send(job).await.is_err() {
         return refuse(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
     }
-    match tokio::time::timeout(Duration::from_secs(60), rx).await {
+    let stored = tokio::time::timeout(Duration::from_secs(60), rx).await;
+    drop(room);
+    match stored {
         Ok(Ok(Ok(o))) => {
             tracing::debug!(stream = %route.stream, received, stored = o.stored, duplicates = o.duplicates, "receiver: payload stored");
             answer(
@@ -435,44 +523,5 @@ async fn handle(State(shared): State<Shared>, req: Request) -> Response {
             StatusCode::SERVICE_UNAVAILABLE,
             "the payload could not be stored; send it again",
         ),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn bodies_are_checked() {
-        assert!(
-            parse_body(S360Entity::Contacts, b"{")
-                .unwrap_err()
-                .contains("not JSON")
-        );
-        assert!(
-            parse_body(S360Entity::Contacts, b"{}")
-                .unwrap_err()
-                .contains("array")
-        );
-        assert!(
-            parse_body(S360Entity::Contacts, br#"[{"x":1}]"#)
-                .unwrap_err()
-                .contains("element 0 has no `contactNumber`")
-        );
-        let r = parse_body(
-            S360Entity::Orders,
-            br#"[{"orderDetailsData":{"orderId":17,"orderState":"CLOSED"}}]"#,
-        )
-        .unwrap();
-        assert_eq!(r[0].record_id, "17");
-        assert!(parse_body(S360Entity::Orders, b"[]").unwrap().is_empty());
-        assert!(
-            parse_body(
-                S360Entity::Contacts,
-                br#"[{"contactNumber":"1","a":{"b":1,"b":2}}]"#
-            )
-            .unwrap_err()
-            .contains("the key `b` appears twice")
-        );
     }
 }

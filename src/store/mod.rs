@@ -29,7 +29,7 @@ pub use budgets::BudgetRow;
 pub use in_doubt::{Doubt, DoubtState};
 pub use migrations::MIGRATIONS;
 // S-360
-pub use s360::{InboxBatch, InboxOutcome, InboxRecord, InboxRow};
+pub use s360::{InboxBatch, InboxOutcome, InboxRecord, InboxRow, RecordId};
 
 pub const DB_FILE: &str = "usher.db";
 

@@ -6,22 +6,53 @@
 //! `commit_page`, like every other cursor.
 
 use rusqlite::{OptionalExtension, TransactionBehavior, params};
+use sha2::{Digest, Sha256};
 
 use super::{Result, Store, now_text};
 
-/// One received record, ready to store.
+/// One received record, ready to store: where its bytes and its ID are in the POST's body.
+/// No copy of the record is made: a 10 MB POST of tiny records takes its 10 MB plus 24
+/// bytes a record until it is committed.
 #[derive(Debug, Clone)]
 pub struct InboxRecord {
-    pub record_id: String,
-    pub content_hash: [u8; 32],
-    pub body: String,
+    /// The record is `body[start..end]` of its batch, byte for byte as received.
+    pub start: u32,
+    pub end: u32,
+    pub id: RecordId,
+}
+
+/// A record's ID as written: a string's content, or a number's digits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RecordId {
+    /// `body[start..end]` of the batch (digits, or a string without escapes).
+    Span(u32, u32),
+    /// A string ID that holds escapes, decoded.
+    Text(Box<str>),
 }
 
 /// One POST's records, for one stream.
 #[derive(Debug, Clone)]
 pub struct InboxBatch {
     pub stream: String,
+    /// The POST's body as received; each record and span is valid UTF-8 (the receiver
+    /// parsed it).
+    pub body: bytes::Bytes,
     pub records: Vec<InboxRecord>,
+}
+
+impl InboxBatch {
+    /// A record's ID and bytes.
+    pub fn record<'a>(
+        &'a self,
+        r: &'a InboxRecord,
+    ) -> std::result::Result<(&'a str, &'a str), std::str::Utf8Error> {
+        let text = |a: u32, b: u32| std::str::from_utf8(&self.body[a as usize..b as usize]);
+        let id = match &r.id {
+            RecordId::Span(a, b) => text(*a, *b)?,
+            RecordId::Text(t) => t,
+        };
+        Ok((id, text(r.start, r.end)?))
+    }
 }
 
 /// What became of one POST: records stored, records dropped as already stored.
@@ -34,14 +65,17 @@ pub struct InboxOutcome {
 #[derive(Debug, Clone)]
 pub struct InboxRow {
     pub id: i64,
+    pub record_id: String,
+    /// The record as received, byte for byte.
     pub body: String,
 }
 
 impl Store {
     /// Stores several POSTs in one transaction. A record equal (same stream, same record id,
-    /// same content) to **any** version already stored is a resend and is not stored again:
-    /// S-360 resends whole payloads, so after v0, v1 a resent v0 must not be relayed after
-    /// v1 (the CRM would end with the stale version).
+    /// same bytes: `content_hash` is the SHA-256 of the record as received) to **any**
+    /// version already stored is a resend and is not stored again: S-360 resends whole
+    /// payloads, so after v0, v1 a resent v0 must not be relayed after v1 (the CRM would end
+    /// with the stale version).
     pub async fn inbox_insert(&self, batches: Vec<InboxBatch>) -> Result<Vec<InboxOutcome>> {
         self.call(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -59,22 +93,18 @@ impl Store {
                 for b in &batches {
                     let mut o = InboxOutcome::default();
                     for r in &b.records {
+                        let (id, text) = b
+                            .record(r)
+                            .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+                        let hash: [u8; 32] = Sha256::digest(text.as_bytes()).into();
                         let seen = stored
-                            .query_row(params![b.stream, r.record_id, &r.content_hash[..]], |_| {
-                                Ok(())
-                            })
+                            .query_row(params![b.stream, id, &hash[..]], |_| Ok(()))
                             .optional()?;
                         if seen.is_some() {
                             o.duplicates += 1;
                             continue;
                         }
-                        insert.execute(params![
-                            b.stream,
-                            r.record_id,
-                            &r.content_hash[..],
-                            r.body,
-                            now
-                        ])?;
+                        insert.execute(params![b.stream, id, &hash[..], text, now])?;
                         o.stored += 1;
                     }
                     out.push(o);
@@ -91,12 +121,14 @@ impl Store {
         let stream = stream.to_string();
         self.call(move |c| {
             let mut st = c.prepare_cached(
-                "SELECT id, body FROM s360_inbox WHERE stream = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
+                "SELECT id, record_id, body FROM s360_inbox
+                 WHERE stream = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
             )?;
             let rows = st.query_map(params![stream, after, limit], |r| {
                 Ok(InboxRow {
                     id: r.get(0)?,
-                    body: r.get(1)?,
+                    record_id: r.get(1)?,
+                    body: r.get(2)?,
                 })
             })?;
             rows.collect()
@@ -134,5 +166,15 @@ impl Store {
             .optional()
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_received_record_takes_24_bytes() {
+        assert_eq!(std::mem::size_of::<InboxRecord>(), 24);
     }
 }

@@ -79,6 +79,16 @@ impl Env {
     }
 
     pub fn spawn_daemon_with(&self, extra_args: &[&str], env: &[(&str, &str)]) -> Daemon {
+        self.spawn_daemon_opts(extra_args, env, &Spawn::default())
+    }
+
+    /// Like [`Env::spawn_daemon_with`], with the log format and a descriptor limit chosen.
+    pub fn spawn_daemon_opts(
+        &self,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+        opts: &Spawn,
+    ) -> Daemon {
         let sock_path = self
             .dir
             .path()
@@ -92,11 +102,22 @@ impl Env {
             .path()
             .join(format!("daemon-{}.log", rand_suffix()));
         let log = std::fs::File::create(&log_path).unwrap();
-        let mut cmd = Command::new(bin());
+        // A descriptor limit is set by a shell that then becomes usher (`exec`), so the
+        // daemon starts with it, as under systemd's LimitNOFILE=.
+        let mut cmd = match opts.nofile {
+            Some(n) => {
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg(format!("ulimit -n {n} && exec \"$0\" \"$@\""))
+                    .arg(bin());
+                c
+            }
+            None => Command::new(bin()),
+        };
         cmd.arg("--config")
             .arg(self.config_path())
             .arg("--log-format")
-            .arg("json")
+            .arg(opts.log_format)
             .args(extra_args)
             .arg("run")
             .env("NOTIFY_SOCKET", &sock_path)
@@ -118,6 +139,23 @@ impl Env {
             notify,
             log_path,
             started: Instant::now(),
+        }
+    }
+}
+
+/// How [`Env::spawn_daemon_opts`] starts the daemon.
+pub struct Spawn {
+    /// `--log-format` (the harness reads JSON lines unless a test says otherwise).
+    pub log_format: &'static str,
+    /// The soft and hard limit of open descriptors (`ulimit -n`), else inherited.
+    pub nofile: Option<u64>,
+}
+
+impl Default for Spawn {
+    fn default() -> Self {
+        Spawn {
+            log_format: "json",
+            nofile: None,
         }
     }
 }
