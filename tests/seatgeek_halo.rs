@@ -367,7 +367,13 @@ async fn rate_limits_and_server_errors_from_each_side_never_lose_or_double_a_use
     env.write_config(&config(&env, &s, ""));
     let (code, out) = trigger(&env, "sg");
     assert_eq!(code, 0, "{out}");
-    assert!(out.contains("POST /halo/api/users: HTTP 500"), "{out}");
+    // The batch's failure is the 500, or a reset of the connection the fake closed after
+    // its 429 (it answered without reading the body): both leave the batch in doubt.
+    assert!(
+        out.contains("POST /halo/api/users: HTTP 500")
+            || out.contains("POST /halo/api/users: connection reset"),
+        "{out}"
+    );
     assert!(out.contains("finding out what Halo saved"), "{out}");
     assert!(!out.contains("tenant="), "no query string in errors: {out}");
     assert_eq!(s.halo.user_count(), 250);
