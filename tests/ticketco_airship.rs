@@ -694,3 +694,57 @@ async fn validate_online_reports_a_venue_without_unit_and_bad_tokens_without_sho
     assert!(!String::from_utf8_lossy(&db).contains("wrong-TOKEN-value"));
     assert!(s.ticketco.requests_with_token() > 0);
 }
+
+#[test]
+fn a_stream_without_timezone_is_refused_naming_the_key() {
+    let env = Env::new();
+    env.write_secret("ticketco-token", TC_TOKEN);
+    env.write_secret("airship-token", AIR_TOKEN);
+    let conf = |schedule: &str| {
+        format!(
+            r#"
+[connections.tc]
+kind = "ticketco"
+base_url = "http://127.0.0.1:9/ticketco"
+api_token_file = "ticketco-token"
+
+[connections.air]
+kind = "airship"
+base_url = "http://127.0.0.1:9/airship"
+access_token_file = "airship-token"
+account_id = 77
+
+[streams.bookings]
+source = "tc"
+target = "air"
+{schedule}
+
+[streams.bookings.airship]
+venues = ["Oslo Golf"]
+"#
+        )
+    };
+    for schedule in ["", "cron = \"0 3 * * *\"", "every = \"6h\""] {
+        env.write_config(&conf(schedule));
+        let out = env.cli(&["validate"]);
+        let text = format!("{}{}", stdout(&out), stderr(&out));
+        assert_eq!(out.status.code(), Some(78), "{schedule}: {text}");
+        assert!(
+            text.contains("streams.bookings.timezone") && text.contains("missing key `timezone`"),
+            "{schedule}: {text}"
+        );
+        assert!(text.contains("daylight saving"), "{text}");
+        let out = env.cli(&["run"]);
+        assert_eq!(out.status.code(), Some(78), "`usher run` refuses it too");
+    }
+    // With the venues' zone, any schedule is valid (an interval one included).
+    env.write_config(&conf("every = \"6h\"\ntimezone = \"Europe/Oslo\""));
+    let out = env.cli(&["validate"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+}
