@@ -38,7 +38,16 @@ pub struct Registry {
 pub static METRICS: LazyLock<Registry> = LazyLock::new(Registry::default);
 
 impl Registry {
-    pub fn run_finished(&self, stream: &str, c: &crate::store::Counts, ok: bool, seconds: f64) {
+    /// A run ended with `outcome` (`engine::run_stream`'s): `ok` counts as ended well;
+    /// `failed` and `refused` (something is waiting in the outbox or owed) as failed; a
+    /// run `stopped` at a safe point (shutdown, an operator action) as neither.
+    pub fn run_finished(
+        &self,
+        stream: &str,
+        c: &crate::store::Counts,
+        outcome: &str,
+        seconds: f64,
+    ) {
         let mut m = self.streams.lock().unwrap_or_else(|p| p.into_inner());
         let s = m.entry(stream.to_string()).or_default();
         s.pulled += c.pulled;
@@ -47,11 +56,13 @@ impl Registry {
         s.skipped += c.skipped;
         s.failed += c.failed;
         s.last_run_seconds = seconds;
-        if ok {
-            s.runs_ok += 1;
-            s.last_success = Some(Utc::now().timestamp());
-        } else {
-            s.runs_failed += 1;
+        match outcome {
+            "ok" => {
+                s.runs_ok += 1;
+                s.last_success = Some(Utc::now().timestamp());
+            }
+            "stopped" => {}
+            _ => s.runs_failed += 1,
         }
     }
 
@@ -342,7 +353,9 @@ mod tests {
             skipped: 1,
             ..Default::default()
         };
-        r.run_finished("a", &c, true, 1.5);
+        r.run_finished("a", &c, "ok", 1.5);
+        r.run_finished("a", &c, "refused", 1.0);
+        r.run_finished("a", &c, "stopped", 1.0);
         r.retried("crm");
         let mut outbox = BTreeMap::new();
         outbox.insert("a".to_string(), (2, 7));
@@ -350,16 +363,24 @@ mod tests {
         budgets.insert("crm".to_string(), Some(17));
         let text = r.render(&["a".into()], &outbox, &budgets);
         assert!(
-            text.contains("usher_records_pulled_total{stream=\"a\"} 5"),
+            text.contains("usher_records_pulled_total{stream=\"a\"} 15"),
             "{text}"
         );
-        assert!(text.contains("usher_records_written_total{stream=\"a\"} 4"));
+        assert!(text.contains("usher_records_written_total{stream=\"a\"} 12"));
         assert!(text.contains("usher_outbox_payloads{stream=\"a\"} 2"));
         assert!(text.contains("usher_dead_letters{stream=\"a\"} 7"));
         assert!(text.contains("usher_http_retries_total{connection=\"crm\"} 1"));
         assert!(text.contains("usher_rate_budget_remaining{connection=\"crm\"} 17"));
         assert!(text.contains("process_resident_memory_bytes "));
         assert!(text.contains("usher_last_success_timestamp_seconds{stream=\"a\"}"));
+        assert!(
+            text.contains("usher_runs_ok_total{stream=\"a\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("usher_runs_failed_total{stream=\"a\"} 1"),
+            "a refused run is not an ok one: {text}"
+        );
     }
 
     #[test]

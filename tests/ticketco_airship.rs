@@ -748,3 +748,57 @@ venues = ["Oslo Golf"]
         stderr(&out)
     );
 }
+
+/// `usher status --json`'s entry for the stream.
+fn status_json(env: &Env) -> Value {
+    let out = env.cli(&["status", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let all: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    all["streams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["stream"] == "bookings")
+        .cloned()
+        .unwrap()
+}
+
+/// The text `usher status` line of the stream.
+fn status_line(text: &str) -> String {
+    text.lines()
+        .find(|l| l.starts_with("bookings "))
+        .unwrap_or_else(|| panic!("no line for the stream: {text}"))
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn status_shows_the_last_runs_outcome_and_error_never_an_older_one() {
+    let s = sandbox().await;
+    let env = setup(&s, "");
+    add(&s, 1, "Oslo Golf", "2026-06-12T19:00:00+02:00", &[]);
+    s.airship.faults.push("airship", Fault::Status(503), 50);
+    let out = run(&env, "2026-06-10T01:00:00Z");
+    assert!(!out.status.success(), "{}", stdout(&out));
+    let st = status_json(&env);
+    assert!(st["last_error"].as_str().unwrap().contains("503"), "{st}");
+    let text = stdout(&env.cli(&["status"]));
+    assert!(status_line(&text).contains(" failed "), "{text}");
+    assert!(
+        text.contains("! bookings: ") && text.contains("503"),
+        "{text}"
+    );
+
+    s.airship.faults.clear();
+    ok(&run(&env, "2026-06-10T02:00:00Z"));
+    let st = status_json(&env);
+    assert_eq!(st["last_run"]["outcome"], "ok", "{st}");
+    assert_eq!(
+        st["last_error"],
+        Value::Null,
+        "the last run ended well: no error from an older run: {st}"
+    );
+    let text = stdout(&env.cli(&["status"]));
+    assert!(status_line(&text).contains(" ok "), "{text}");
+    assert!(!text.contains("503"), "{text}");
+    assert_eq!(st["last_outcome"], "ok", "{st}");
+}

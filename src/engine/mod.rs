@@ -201,7 +201,7 @@ pub async fn run_stream(ctx: &RunCtx, trigger: &str) -> RunReport {
         tracing::error!(stream = %name, error = %e, "cannot record the run's end");
     }
     let seconds = started.elapsed().as_secs_f64();
-    crate::metrics::METRICS.run_finished(&name, &counts, error.is_none(), seconds);
+    crate::metrics::METRICS.run_finished(&name, &counts, outcome, seconds);
     match &error {
         None => {
             tracing::info!(stream = %name, outcome, pulled = counts.pulled, created = counts.created,

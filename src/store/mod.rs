@@ -779,18 +779,27 @@ impl Store {
     /// Everything `status` shows for one stream, in one read.
     pub fn stream_status_sync(&self, stream: &str) -> Result<StreamState> {
         self.call_sync(|c| {
+            // The last finished run's outcome and error: no error when it ended well, never
+            // an older run's (a run in flight has none yet, so the one before it counts).
+            let finished: Option<(String, Option<String>)> = c
+                .query_row(
+                    "SELECT outcome, error FROM runs WHERE stream = ?1 AND outcome != 'running'
+                     ORDER BY id DESC LIMIT 1",
+                    params![stream],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
             Ok(StreamState {
                 cursor: q::cursor(c, stream)?,
                 last_run: q::last_run(c, stream)?,
-                last_error: c
+                last_outcome: finished.as_ref().map(|f| f.0.clone()),
+                last_error: finished.and_then(|f| f.1),
+                next_run_at: c
                     .query_row(
-                        "SELECT error FROM runs WHERE stream = ?1 AND error IS NOT NULL ORDER BY id DESC LIMIT 1",
+                        "SELECT next_run_at FROM schedule WHERE stream = ?1",
                         params![stream],
                         |r| r.get(0),
                     )
-                    .optional()?,
-                next_run_at: c
-                    .query_row("SELECT next_run_at FROM schedule WHERE stream = ?1", params![stream], |r| r.get(0))
                     .optional()?
                     .flatten(),
                 outbox: q::outbox_summary(c, stream)?,
@@ -799,9 +808,11 @@ impl Store {
                     params![stream],
                     |r| r.get::<_, i64>(0),
                 )? as u64,
-                links: c.query_row("SELECT COUNT(*) FROM links WHERE stream = ?1", params![stream], |r| {
-                    r.get::<_, i64>(0)
-                })? as u64,
+                links: c.query_row(
+                    "SELECT COUNT(*) FROM links WHERE stream = ?1",
+                    params![stream],
+                    |r| r.get::<_, i64>(0),
+                )? as u64,
             })
         })
     }
@@ -895,6 +906,9 @@ impl Store {
 pub struct StreamState {
     pub cursor: Option<String>,
     pub last_run: Option<RunRow>,
+    /// The outcome of the last finished run (`last_run` may be one still running).
+    pub last_outcome: Option<String>,
+    /// The error of the last finished run (`None` when it ended well).
     pub last_error: Option<String>,
     pub next_run_at: Option<String>,
     pub outbox: OutboxSummary,
