@@ -99,11 +99,12 @@ impl Registry {
     }
 
     /// The Prometheus text exposition. `gauges` are read from the database and the budgets
-    /// by the caller: per stream (outbox payloads, dead letters), per connection (budget left).
+    /// by the caller: per stream (outbox payloads, dead letters, owed records), per
+    /// connection (budget left).
     pub fn render(
         &self,
         streams: &[String],
-        outbox: &BTreeMap<String, (u64, u64)>,
+        outbox: &BTreeMap<String, (u64, u64, u64)>,
         budgets: &BTreeMap<String, Option<u32>>,
     ) -> String {
         let mut out = String::with_capacity(4096 + streams.len() * 1200);
@@ -196,7 +197,7 @@ impl Registry {
             "# HELP usher_outbox_payloads Payloads waiting in the outbox.\n# TYPE usher_outbox_payloads gauge"
         );
         for stream in streams {
-            let (p, _) = outbox.get(stream).copied().unwrap_or_default();
+            let (p, _, _) = outbox.get(stream).copied().unwrap_or_default();
             let _ = writeln!(
                 out,
                 "usher_outbox_payloads{{stream=\"{}\"}} {p}",
@@ -208,8 +209,16 @@ impl Registry {
             "# HELP usher_dead_letters Records waiting in dead letters.\n# TYPE usher_dead_letters gauge"
         );
         for stream in streams {
-            let (_, d) = outbox.get(stream).copied().unwrap_or_default();
+            let (_, d, _) = outbox.get(stream).copied().unwrap_or_default();
             let _ = writeln!(out, "usher_dead_letters{{stream=\"{}\"}} {d}", esc(stream));
+        }
+        let _ = writeln!(
+            out,
+            "# HELP usher_owed_records Records the stream owes its target (refused or not read), tried again every run.\n# TYPE usher_owed_records gauge"
+        );
+        for stream in streams {
+            let (_, _, o) = outbox.get(stream).copied().unwrap_or_default();
+            let _ = writeln!(out, "usher_owed_records{{stream=\"{}\"}} {o}", esc(stream));
         }
         let retries = self
             .retries
@@ -358,7 +367,7 @@ mod tests {
         r.run_finished("a", &c, "stopped", 1.0);
         r.retried("crm");
         let mut outbox = BTreeMap::new();
-        outbox.insert("a".to_string(), (2, 7));
+        outbox.insert("a".to_string(), (2, 7, 1));
         let mut budgets = BTreeMap::new();
         budgets.insert("crm".to_string(), Some(17));
         let text = r.render(&["a".into()], &outbox, &budgets);
@@ -369,6 +378,7 @@ mod tests {
         assert!(text.contains("usher_records_written_total{stream=\"a\"} 12"));
         assert!(text.contains("usher_outbox_payloads{stream=\"a\"} 2"));
         assert!(text.contains("usher_dead_letters{stream=\"a\"} 7"));
+        assert!(text.contains("usher_owed_records{stream=\"a\"} 1"));
         assert!(text.contains("usher_http_retries_total{connection=\"crm\"} 1"));
         assert!(text.contains("usher_rate_budget_remaining{connection=\"crm\"} 17"));
         assert!(text.contains("process_resident_memory_bytes "));

@@ -334,6 +334,18 @@ pub fn print_text(s: &Status, out: &mut impl Write, colour: bool) -> std::io::Re
                 o.last_error.as_deref().unwrap_or("-")
             ));
         }
+        if let Some(o) = state.map(|x| &x.owed)
+            && o.records > 0
+        {
+            notes.push(format!(
+                "{}: {} record(s) owed since {} (tried {} time(s); last: {}); tried again at every run until the target accepts them or they are set aside in dead letters",
+                st.stream,
+                o.records,
+                o.since.as_deref().map(short_time).unwrap_or_else(|| "-".into()),
+                o.attempts,
+                o.last_reason.as_deref().unwrap_or("-")
+            ));
+        }
         // The last finished run's error (also while a newer run is in flight).
         if let Some(x) = state
             && let Some(e) = &x.last_error
@@ -402,7 +414,7 @@ pub fn print_text(s: &Status, out: &mut impl Write, colour: bool) -> std::io::Re
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{Counts, OutboxSummary, RunRow, StreamState};
+    use crate::store::{Counts, OutboxSummary, OwedSummary, RunRow, StreamState};
 
     fn run(id: i64, outcome: &str, error: Option<&str>) -> RunRow {
         RunRow {
@@ -421,7 +433,7 @@ mod tests {
         }
     }
 
-    fn status(last: RunRow, finished: Option<(&str, Option<&str>)>) -> Status {
+    fn status(last: RunRow, finished: Option<(&str, Option<&str>)>, owed: u64) -> Status {
         Status {
             daemon_pid: None,
             state_dir: "/var/lib/usher".into(),
@@ -436,6 +448,12 @@ mod tests {
                     last_run: Some(last),
                     last_outcome: finished.map(|f| f.0.to_string()),
                     last_error: finished.and_then(|f| f.1.map(str::to_string)),
+                    owed: OwedSummary {
+                        records: owed,
+                        since: Some("2026-06-09T01:00:00.000Z".into()),
+                        attempts: 2,
+                        last_reason: Some("booking TC-1: HTTP 422".into()),
+                    },
                     next_run_at: None,
                     outbox: OutboxSummary::default(),
                     dead_letters: 0,
@@ -460,6 +478,7 @@ mod tests {
         let s = status(
             run(2, "running", None),
             Some(("refused", Some("booking TC-1: HTTP 422"))),
+            1,
         );
         let t = text(&s);
         assert!(t.contains("running (last refused)"), "{t}");
@@ -467,12 +486,16 @@ mod tests {
             t.contains("s: the run before the one in flight ended refused: booking TC-1"),
             "{t}"
         );
+        assert!(
+            t.contains("s: 1 record(s) owed since 2026-06-09 01:00:00 (tried 2 time(s)"),
+            "{t}"
+        );
         assert!(!t.contains(" ok "), "{t}");
     }
 
     #[test]
     fn an_old_error_is_not_shown_after_a_run_that_ended_well() {
-        let t = text(&status(run(3, "ok", None), Some(("ok", None))));
+        let t = text(&status(run(3, "ok", None), Some(("ok", None)), 0));
         assert!(t.contains(" ok "), "{t}");
         assert!(!t.contains('!'), "no notes: {t}");
     }

@@ -14,6 +14,7 @@ pub mod feed_cdp;
 pub mod health;
 pub mod in_doubt;
 pub mod lock;
+pub mod owed;
 // S-360
 mod s360;
 // Ticket Co x Airship
