@@ -2,8 +2,10 @@
 //! `--now`: the window's edges (in the venue's local time, across a daylight-saving
 //! change), new / known / unchanged bookings (an update never writes the contact), groups
 //! on the right unit, dead letters, a 422 and a malformed page confined to one booking or
-//! event and retried next run, kill -9 mid-run, backfill, `validate --online`, and the
-//! query-string token never shown.
+//! event and owed (tried again at every run, whatever the window, and shown by `status`)
+//! until Airship takes it, a failed run's window read again, `status` showing the last
+//! run's outcome and error, kill -9 mid-run, backfill, a stream without `timezone`
+//! refused, `validate --online`, and the query-string token never shown.
 
 mod common;
 
