@@ -760,7 +760,10 @@ impl Store {
         .await
     }
 
-    /// Per stream, the outcomes and errors of its last `n` runs, newest first (for /healthz).
+    /// Per stream, the outcomes and errors of its last `n` runs that ended by themselves
+    /// (`ok`, `failed`, `refused`), newest first (for /healthz): a run stopped at a safe
+    /// point or interrupted by the daemon's death says nothing of the stream's health, and
+    /// must not break a streak of failures.
     pub async fn recent_outcomes(
         &self,
         n: u32,
@@ -770,7 +773,7 @@ impl Store {
             let mut st = c.prepare_cached(
                 "SELECT stream, outcome, error FROM (
                      SELECT stream, outcome, error, ROW_NUMBER() OVER (PARTITION BY stream ORDER BY id DESC) AS rn
-                     FROM runs WHERE outcome != 'running')
+                     FROM runs WHERE outcome IN ('ok', 'failed', 'refused'))
                  WHERE rn <= ?1 ORDER BY stream, rn",
             )?;
             for row in st.query_map(params![n], |r| {
@@ -1351,6 +1354,31 @@ mod tests {
         store.commit_page(owe("x")).await.unwrap();
         store.reset_cursor("s", "test", "t").await.unwrap();
         assert_eq!(store.owed_count("s").await.unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn health_passes_over_stopped_runs_in_a_streak_of_refusals() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        for outcome in [
+            "ok",
+            "refused",
+            "refused",
+            "stopped",
+            "interrupted",
+            "refused",
+        ] {
+            let id = store.run_started("s", "schedule").await.unwrap();
+            let error = (outcome != "ok" && outcome != "stopped").then(|| outcome.to_string());
+            store
+                .run_finished(id, outcome, Counts::default(), error)
+                .await
+                .unwrap();
+        }
+        store.run_started("s", "schedule").await.unwrap(); // in flight
+        let recent = store.recent_outcomes(3).await.unwrap();
+        let outcomes: Vec<&str> = recent["s"].iter().map(|(o, _)| o.as_str()).collect();
+        assert_eq!(outcomes, ["refused", "refused", "refused"]);
     }
 
     #[test]
