@@ -539,7 +539,7 @@ pub async fn run(
         scope: None,
         record: json!({"from": w.from.to_string(), "to": w.to.to_string()}).to_string(),
         reason: format!(
-            "the run started {} has not read the window {} to {} to its end (it failed, was stopped or cut short); the next run reads it again",
+            "the run started {} has not read the window {} to {} to its end (it is still running, or it failed, was stopped or killed); the next run reads it again",
             now.format("%Y-%m-%d %H:%M UTC"),
             w.from,
             w.to
