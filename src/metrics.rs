@@ -203,7 +203,16 @@ impl ReceiverMetrics {
 pub static METRICS: LazyLock<Registry> = LazyLock::new(Registry::default);
 
 impl Registry {
-    pub fn run_finished(&self, stream: &str, c: &crate::store::Counts, ok: bool, seconds: f64) {
+    /// A run ended with `outcome` (`engine::run_stream`'s): `ok` counts as ended well;
+    /// `failed` and `refused` (something is waiting in the outbox or owed) as failed; a
+    /// run `stopped` at a safe point (shutdown, an operator action) as neither.
+    pub fn run_finished(
+        &self,
+        stream: &str,
+        c: &crate::store::Counts,
+        outcome: &str,
+        seconds: f64,
+    ) {
         let mut m = self.streams.lock().unwrap_or_else(|p| p.into_inner());
         let s = m.entry(stream.to_string()).or_default();
         s.pulled += c.pulled;
@@ -212,11 +221,13 @@ impl Registry {
         s.skipped += c.skipped;
         s.failed += c.failed;
         s.last_run_seconds = seconds;
-        if ok {
-            s.runs_ok += 1;
-            s.last_success = Some(Utc::now().timestamp());
-        } else {
-            s.runs_failed += 1;
+        match outcome {
+            "ok" => {
+                s.runs_ok += 1;
+                s.last_success = Some(Utc::now().timestamp());
+            }
+            "stopped" => {}
+            _ => s.runs_failed += 1,
         }
     }
 
@@ -253,11 +264,12 @@ impl Registry {
     }
 
     /// The Prometheus text exposition. `gauges` are read from the database and the budgets
-    /// by the caller: per stream (outbox payloads, dead letters), per connection (budget left).
+    /// by the caller: per stream (outbox payloads, dead letters, owed records), per
+    /// connection (budget left).
     pub fn render(
         &self,
         streams: &[String],
-        outbox: &BTreeMap<String, (u64, u64)>,
+        outbox: &BTreeMap<String, (u64, u64, u64)>,
         budgets: &BTreeMap<String, Option<u32>>,
     ) -> String {
         let mut out = String::with_capacity(4096 + streams.len() * 1200);
@@ -350,7 +362,7 @@ impl Registry {
             "# HELP usher_outbox_payloads Payloads waiting in the outbox.\n# TYPE usher_outbox_payloads gauge"
         );
         for stream in streams {
-            let (p, _) = outbox.get(stream).copied().unwrap_or_default();
+            let (p, _, _) = outbox.get(stream).copied().unwrap_or_default();
             let _ = writeln!(
                 out,
                 "usher_outbox_payloads{{stream=\"{}\"}} {p}",
@@ -362,8 +374,16 @@ impl Registry {
             "# HELP usher_dead_letters Records waiting in dead letters.\n# TYPE usher_dead_letters gauge"
         );
         for stream in streams {
-            let (_, d) = outbox.get(stream).copied().unwrap_or_default();
+            let (_, d, _) = outbox.get(stream).copied().unwrap_or_default();
             let _ = writeln!(out, "usher_dead_letters{{stream=\"{}\"}} {d}", esc(stream));
+        }
+        let _ = writeln!(
+            out,
+            "# HELP usher_owed_records Records the stream owes its target (refused or not read), tried again every run.\n# TYPE usher_owed_records gauge"
+        );
+        for stream in streams {
+            let (_, _, o) = outbox.get(stream).copied().unwrap_or_default();
+            let _ = writeln!(out, "usher_owed_records{{stream=\"{}\"}} {o}", esc(stream));
         }
         let retries = self
             .retries
@@ -508,24 +528,35 @@ mod tests {
             skipped: 1,
             ..Default::default()
         };
-        r.run_finished("a", &c, true, 1.5);
+        r.run_finished("a", &c, "ok", 1.5);
+        r.run_finished("a", &c, "refused", 1.0);
+        r.run_finished("a", &c, "stopped", 1.0);
         r.retried("crm");
         let mut outbox = BTreeMap::new();
-        outbox.insert("a".to_string(), (2, 7));
+        outbox.insert("a".to_string(), (2, 7, 1));
         let mut budgets = BTreeMap::new();
         budgets.insert("crm".to_string(), Some(17));
         let text = r.render(&["a".into()], &outbox, &budgets);
         assert!(
-            text.contains("usher_records_pulled_total{stream=\"a\"} 5"),
+            text.contains("usher_records_pulled_total{stream=\"a\"} 15"),
             "{text}"
         );
-        assert!(text.contains("usher_records_written_total{stream=\"a\"} 4"));
+        assert!(text.contains("usher_records_written_total{stream=\"a\"} 12"));
         assert!(text.contains("usher_outbox_payloads{stream=\"a\"} 2"));
         assert!(text.contains("usher_dead_letters{stream=\"a\"} 7"));
+        assert!(text.contains("usher_owed_records{stream=\"a\"} 1"));
         assert!(text.contains("usher_http_retries_total{connection=\"crm\"} 1"));
         assert!(text.contains("usher_rate_budget_remaining{connection=\"crm\"} 17"));
         assert!(text.contains("process_resident_memory_bytes "));
         assert!(text.contains("usher_last_success_timestamp_seconds{stream=\"a\"}"));
+        assert!(
+            text.contains("usher_runs_ok_total{stream=\"a\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("usher_runs_failed_total{stream=\"a\"} 1"),
+            "a refused run is not an ok one: {text}"
+        );
         assert!(
             !text.contains("usher_receiver_"),
             "no receiver, no receiver series"

@@ -189,6 +189,16 @@ fn print_settings(s: &Status, out: &mut impl Write) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The OUTCOME cell: the last run's outcome; for a run in flight, with how the run
+/// before it ended, so that a refused or failed run never hides behind a newer one.
+fn outcome_cell(last: Option<&crate::store::RunRow>, last_finished: Option<&str>) -> String {
+    match (last, last_finished) {
+        (None, _) => "-".into(),
+        (Some(r), Some(before)) if r.outcome == "running" => format!("running (last {before})"),
+        (Some(r), _) => r.outcome.clone(),
+    }
+}
+
 /// A compact time for the table: "2026-12-01 17:05:03" (UTC).
 fn short_time(ts: &str) -> String {
     crate::store::parse_ts(ts)
@@ -267,8 +277,7 @@ pub fn print_text(s: &Status, out: &mut impl Write, colour: bool) -> std::io::Re
             clip(&st.schedule, 28),
             last.map(|r| short_time(&r.started_at))
                 .unwrap_or_else(|| "never".into()),
-            last.map(|r| r.outcome.clone())
-                .unwrap_or_else(|| "-".into()),
+            outcome_cell(last, state.and_then(|x| x.last_outcome.as_deref())),
             last.map(|r| r.counts.pulled.to_string())
                 .unwrap_or_else(|| "-".into()),
             last.map(|r| (r.counts.created + r.counts.updated).to_string())
@@ -325,11 +334,32 @@ pub fn print_text(s: &Status, out: &mut impl Write, colour: bool) -> std::io::Re
                 o.last_error.as_deref().unwrap_or("-")
             ));
         }
-        if let Some(r) = last
-            && r.outcome != "ok"
-            && let Some(e) = &r.error
+        if let Some(o) = state.map(|x| &x.owed)
+            && o.records > 0
         {
-            notes.push(format!("{}: {}", st.stream, e));
+            notes.push(format!(
+                "{}: {} record(s) owed since {} (tried {} time(s); last: {}); tried again at every run until the target accepts them or they are set aside in dead letters",
+                st.stream,
+                o.records,
+                o.since.as_deref().map(short_time).unwrap_or_else(|| "-".into()),
+                o.attempts,
+                o.last_reason.as_deref().unwrap_or("-")
+            ));
+        }
+        // The last finished run's error (also while a newer run is in flight).
+        if let Some(x) = state
+            && let Some(e) = &x.last_error
+        {
+            let running = last.is_some_and(|r| r.outcome == "running");
+            notes.push(if running {
+                format!(
+                    "{}: the run before the one in flight ended {}: {e}",
+                    st.stream,
+                    x.last_outcome.as_deref().unwrap_or("?")
+                )
+            } else {
+                format!("{}: {e}", st.stream)
+            });
         }
     }
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
@@ -360,8 +390,8 @@ pub fn print_text(s: &Status, out: &mut impl Write, colour: bool) -> std::io::Re
         if colour {
             let code = match outcome.as_str() {
                 "ok" => "32",
-                "failed" | "interrupted" => "31",
-                "refused" | "stopped" => "33",
+                o if o.contains("failed") || o.contains("interrupted") => "31",
+                o if o.contains("refused") || o.contains("stopped") => "33",
                 _ => "0",
             };
             text = text.replacen(
@@ -379,4 +409,94 @@ pub fn print_text(s: &Status, out: &mut impl Write, colour: bool) -> std::io::Re
         }
     }
     print_settings(s, out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{Counts, OutboxSummary, OwedSummary, RunRow, StreamState};
+
+    fn run(id: i64, outcome: &str, error: Option<&str>) -> RunRow {
+        RunRow {
+            id,
+            stream: "s".into(),
+            trigger: "schedule".into(),
+            started_at: "2026-06-10T01:00:00.000Z".into(),
+            ended_at: None,
+            outcome: outcome.into(),
+            counts: Counts {
+                pulled: 3,
+                created: 3,
+                ..Default::default()
+            },
+            error: error.map(str::to_string),
+        }
+    }
+
+    fn status(last: RunRow, finished: Option<(&str, Option<&str>)>, owed: u64) -> Status {
+        Status {
+            daemon_pid: None,
+            state_dir: "/var/lib/usher".into(),
+            streams: vec![StreamStatus {
+                stream: "s".into(),
+                enabled: true,
+                schedule: "every 15m".into(),
+                source: "a (x)".into(),
+                target: "b".into(),
+                state: Some(StreamState {
+                    cursor: None,
+                    last_run: Some(last),
+                    last_outcome: finished.map(|f| f.0.to_string()),
+                    last_error: finished.and_then(|f| f.1.map(str::to_string)),
+                    owed: OwedSummary {
+                        records: owed,
+                        since: Some("2026-06-09T01:00:00.000Z".into()),
+                        attempts: 2,
+                        last_reason: Some("booking TC-1: HTTP 422".into()),
+                    },
+                    next_run_at: None,
+                    outbox: OutboxSummary::default(),
+                    dead_letters: 0,
+                    links: 0,
+                }),
+                paused: None,
+                in_doubt: None,
+            }],
+            integrations: Vec::new(),
+            connections: Vec::new(),
+        }
+    }
+
+    fn text(s: &Status) -> String {
+        let mut out = Vec::new();
+        print_text(s, &mut out, false).unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn a_refused_run_does_not_hide_behind_the_run_in_flight() {
+        let s = status(
+            run(2, "running", None),
+            Some(("refused", Some("booking TC-1: HTTP 422"))),
+            1,
+        );
+        let t = text(&s);
+        assert!(t.contains("running (last refused)"), "{t}");
+        assert!(
+            t.contains("s: the run before the one in flight ended refused: booking TC-1"),
+            "{t}"
+        );
+        assert!(
+            t.contains("s: 1 record(s) owed since 2026-06-09 01:00:00 (tried 2 time(s)"),
+            "{t}"
+        );
+        assert!(!t.contains(" ok "), "{t}");
+    }
+
+    #[test]
+    fn an_old_error_is_not_shown_after_a_run_that_ended_well() {
+        let t = text(&status(run(3, "ok", None), Some(("ok", None)), 0));
+        assert!(t.contains(" ok "), "{t}");
+        assert!(!t.contains('!'), "no notes: {t}");
+    }
 }

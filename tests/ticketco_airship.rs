@@ -2,8 +2,10 @@
 //! `--now`: the window's edges (in the venue's local time, across a daylight-saving
 //! change), new / known / unchanged bookings (an update never writes the contact), groups
 //! on the right unit, dead letters, a 422 and a malformed page confined to one booking or
-//! event and retried next run, kill -9 mid-run, backfill, `validate --online`, and the
-//! query-string token never shown.
+//! event and owed (tried again at every run, whatever the window, and shown by `status`)
+//! until Airship takes it, a failed run's window read again, `status` showing the last
+//! run's outcome and error, kill -9 mid-run, backfill, a stream without `timezone`
+//! refused, `validate --online`, and the query-string token never shown.
 
 mod common;
 
@@ -694,4 +696,312 @@ async fn validate_online_reports_a_venue_without_unit_and_bad_tokens_without_sho
     let db = std::fs::read(env.db_path()).unwrap();
     assert!(!String::from_utf8_lossy(&db).contains("wrong-TOKEN-value"));
     assert!(s.ticketco.requests_with_token() > 0);
+}
+
+/// `usher status --json`'s entry for the stream.
+fn status_json(env: &Env) -> Value {
+    let out = env.cli(&["status", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let all: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    all["streams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["stream"] == "bookings")
+        .cloned()
+        .unwrap()
+}
+
+/// The text `usher status` line of the stream.
+fn status_line(text: &str) -> String {
+    text.lines()
+        .find(|l| l.starts_with("bookings "))
+        .unwrap_or_else(|| panic!("no line for the stream: {text}"))
+        .to_string()
+}
+
+fn first_run_done(env: &Env) -> bool {
+    query_i64(
+        &env.db_path(),
+        "SELECT COUNT(*) FROM cursors WHERE stream = 'bookings' AND cursor LIKE 'first run done%'",
+    ) == 1
+}
+
+fn owed(env: &Env) -> i64 {
+    query_i64(
+        &env.db_path(),
+        "SELECT COUNT(*) FROM owed WHERE stream = 'bookings'",
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_booking_refused_on_the_backfill_stays_owed_and_the_backfill_is_not_done_until_it_goes() {
+    let s = sandbox().await;
+    let env = setup(&s, "backfill_from = \"2026-06-01\"");
+    // "today" is 10 June; TC-1's attendance was two days ago, inside `backfill_from`.
+    add(&s, 1, "Oslo Golf", "2026-06-08T19:00:00+02:00", &[]);
+    add(&s, 2, "Oslo Golf", "2026-06-12T19:00:00+02:00", &[]);
+    s.airship.reject_booking("TC-1", 422);
+    let out = run(&env, "2026-06-10T01:00:00Z");
+    let text = stdout(&out);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("booking TC-1: POST /airship/contact: HTTP 422"),
+        "{text}"
+    );
+    assert!(s.airship.booking("TC-2").is_some());
+    assert!(
+        !first_run_done(&env),
+        "a backfill with a booking still owed is not done"
+    );
+    assert_eq!(owed(&env), 1);
+
+    // `status` shows what is owed, and the run as refused.
+    let text = stdout(&env.cli(&["status"]));
+    assert!(status_line(&text).contains(" refused "), "{text}");
+    assert!(
+        text.contains("bookings: 1 record(s) owed since")
+            && text.contains("last: booking TC-1: POST /airship/contact: HTTP 422"),
+        "{text}"
+    );
+    let st = status_json(&env);
+    assert_eq!(st["owed"]["records"], 1, "{st}");
+    assert_eq!(st["owed"]["attempts"], 1, "{st}");
+    assert!(
+        st["owed"]["last_reason"]
+            .as_str()
+            .unwrap()
+            .contains("booking TC-1"),
+        "{st}"
+    );
+    assert_eq!(st["last_run"]["outcome"], "refused");
+
+    // A day later Airship takes it: nothing owed, the backfill done.
+    s.airship.clear_rejects();
+    let text = ok(&run(&env, "2026-06-11T01:00:00Z"));
+    assert!(text.contains("created 1"), "{text}");
+    assert_eq!(s.airship.creations().get("TC-1"), Some(&1));
+    assert_eq!(owed(&env), 0);
+    assert!(first_run_done(&env));
+    let st = status_json(&env);
+    assert_eq!(st["owed"]["records"], 0, "{st}");
+    assert_eq!(st["last_error"], Value::Null, "{st}");
+    let text = stdout(&env.cli(&["status"]));
+    assert!(status_line(&text).contains(" ok "), "{text}");
+    assert!(!text.contains("owed"), "{text}");
+
+    // The backfill is not done again: an older event is not picked up by a daily run.
+    add(&s, 3, "Oslo Golf", "2026-06-03T19:00:00+02:00", &[]);
+    ok(&run(&env, "2026-06-12T01:00:00Z"));
+    assert!(s.airship.booking("TC-3").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refused_booking_is_tried_again_after_its_event_left_the_window() {
+    let s = sandbox().await;
+    let env = setup(&s, "");
+    add(&s, 9, "Oslo Golf", "2026-06-09T19:00:00+02:00", &[]); // yesterday
+    add(&s, 10, "Oslo Golf", "2026-06-15T19:00:00+02:00", &[]);
+    s.airship.reject_booking("TC-9", 422);
+    let out = run(&env, "2026-06-10T01:00:00Z");
+    assert!(!out.status.success(), "{}", stdout(&out));
+    let tries = || writes_for(&s, "TC-9").len();
+    assert_eq!(tries(), 1);
+
+    // Two days later the event is out of the window; the booking is still tried, and
+    // still refused: the run is refused, not ok.
+    let out = run(&env, "2026-06-12T01:00:00Z");
+    assert!(!out.status.success(), "{}", stdout(&out));
+    assert_eq!(tries(), 2, "the owed booking was tried again");
+    assert_eq!(owed(&env), 1);
+    let text = stdout(&env.cli(&["status"]));
+    assert!(status_line(&text).contains(" refused "), "{text}");
+    assert!(text.contains("bookings: 1 record(s) owed since"), "{text}");
+    let st = status_json(&env);
+    assert_eq!(st["owed"]["attempts"], 2, "{st}");
+    assert!(
+        st["last_error"].as_str().unwrap().contains("booking TC-9"),
+        "{st}"
+    );
+
+    // The day after, Airship takes it.
+    s.airship.clear_rejects();
+    let text = ok(&run(&env, "2026-06-13T01:00:00Z"));
+    assert!(text.contains("created 1, updated 0"), "{text}");
+    assert_eq!(s.airship.creations().get("TC-9"), Some(&1));
+    assert_eq!(
+        s.airship.booking("TC-9").unwrap().1["party_datetime"],
+        "2026-06-09 19:00:00"
+    );
+    assert_eq!(owed(&env), 0);
+    let st = status_json(&env);
+    assert_eq!(
+        st["last_error"],
+        Value::Null,
+        "the last run ended well: {st}"
+    );
+    assert_eq!(st["last_outcome"], "ok", "{st}");
+    let text = stdout(&env.cli(&["status"]));
+    assert!(status_line(&text).contains(" ok "), "{text}");
+    assert!(!text.contains("TC-9"), "no old error shown: {text}");
+    // Nothing is owed now: the next run does not look for it.
+    ok(&run(&env, "2026-06-14T01:00:00Z"));
+    assert_eq!(tries(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_event_not_read_whole_or_without_unit_stays_owed_whole_whatever_its_date() {
+    let s = sandbox().await;
+    let env = setup(&s, "");
+    let cfg = std::fs::read_to_string(env.config_path()).unwrap();
+    std::fs::write(
+        env.config_path(),
+        cfg.replace(
+            "\"Bergen Bowling\", ",
+            "\"Bergen Bowling\", \"Stavanger Spa\", ",
+        ),
+    )
+    .unwrap();
+    add(&s, 1, "Oslo Golf", "2026-06-09T19:00:00+02:00", &[]); // yesterday
+    add(&s, 2, "Stavanger Spa", "2026-06-09T20:00:00+02:00", &[]); // no unit yet
+    // Event 1's booking page comes back as HTML (event 2 is not read: no unit).
+    s.ticketco.faults.push("ticketco.items", Fault::Html, 1);
+    let out = run(&env, "2026-06-10T01:00:00Z");
+    let text = stdout(&out);
+    assert!(!out.status.success(), "{text}");
+    assert!(s.airship.creations().is_empty());
+    let st = status_json(&env);
+    assert_eq!(st["owed"]["records"], 2, "{st}");
+    let db = env.db_path();
+    assert_eq!(
+        query_i64(
+            &db,
+            "SELECT COUNT(*) FROM owed WHERE key IN ('event:1', 'event:2')"
+        ),
+        2
+    );
+
+    // Two days later (both events out of the window) the page reads well and the spa has
+    // its unit: both bookings go, nothing is owed.
+    s.airship.add_unit(4, "Stavanger Spa");
+    let text = ok(&run(&env, "2026-06-12T01:00:00Z"));
+    assert!(text.contains("created 2, updated 0"), "{text}");
+    assert_eq!(s.airship.booking("TC-2").unwrap().1["unit_id"], 4);
+    assert!(s.airship.booking("TC-1").is_some());
+    assert_eq!(owed(&env), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_run_leaves_its_window_owed_so_yesterdays_changes_are_not_skipped() {
+    let s = sandbox().await;
+    let env = setup(&s, "");
+    add(&s, 5, "Oslo Golf", "2026-06-10T19:00:00+02:00", &[]); // today
+    ok(&run(&env, "2026-06-10T01:00:00Z"));
+    // That evening TC-5 is cancelled; the next night Airship is down, and the run fails.
+    assert!(
+        s.ticketco
+            .update_item("TC-5", |b| b["status"] = json!("cancelled"))
+    );
+    s.airship.faults.push("airship", Fault::Status(503), 50);
+    let out = run(&env, "2026-06-11T01:00:00Z");
+    assert!(!out.status.success(), "{}", stdout(&out));
+    assert_eq!(
+        status_json(&env)["last_run"]["outcome"],
+        "failed",
+        "Airship down"
+    );
+    s.airship.faults.clear();
+    // The night after, 10 June is no longer "yesterday", but its run never finished.
+    let text = ok(&run(&env, "2026-06-12T01:00:00Z"));
+    assert!(text.contains("updated 1"), "{text}");
+    assert_eq!(s.airship.booking("TC-5").unwrap().1["stage_value"], 550);
+    assert_eq!(owed(&env), 0);
+    let st = status_json(&env);
+    assert_eq!(st["last_error"], Value::Null, "{st}");
+}
+
+#[test]
+fn a_stream_without_timezone_is_refused_naming_the_key() {
+    let env = Env::new();
+    env.write_secret("ticketco-token", TC_TOKEN);
+    env.write_secret("airship-token", AIR_TOKEN);
+    let conf = |schedule: &str| {
+        format!(
+            r#"
+[connections.tc]
+kind = "ticketco"
+base_url = "http://127.0.0.1:9/ticketco"
+api_token_file = "ticketco-token"
+
+[connections.air]
+kind = "airship"
+base_url = "http://127.0.0.1:9/airship"
+access_token_file = "airship-token"
+account_id = 77
+
+[streams.bookings]
+source = "tc"
+target = "air"
+{schedule}
+
+[streams.bookings.airship]
+venues = ["Oslo Golf"]
+"#
+        )
+    };
+    for schedule in ["", "cron = \"0 3 * * *\"", "every = \"6h\""] {
+        env.write_config(&conf(schedule));
+        let out = env.cli(&["validate"]);
+        let text = format!("{}{}", stdout(&out), stderr(&out));
+        assert_eq!(out.status.code(), Some(78), "{schedule}: {text}");
+        assert!(
+            text.contains("streams.bookings.timezone") && text.contains("missing key `timezone`"),
+            "{schedule}: {text}"
+        );
+        assert!(text.contains("daylight saving"), "{text}");
+        let out = env.cli(&["run"]);
+        assert_eq!(out.status.code(), Some(78), "`usher run` refuses it too");
+    }
+    // With the venues' zone, any schedule is valid (an interval one included).
+    env.write_config(&conf("every = \"6h\"\ntimezone = \"Europe/Oslo\""));
+    let out = env.cli(&["validate"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn status_shows_the_last_runs_outcome_and_error_never_an_older_one() {
+    let s = sandbox().await;
+    let env = setup(&s, "");
+    add(&s, 1, "Oslo Golf", "2026-06-12T19:00:00+02:00", &[]);
+    s.airship.faults.push("airship", Fault::Status(503), 50);
+    let out = run(&env, "2026-06-10T01:00:00Z");
+    assert!(!out.status.success(), "{}", stdout(&out));
+    let st = status_json(&env);
+    assert!(st["last_error"].as_str().unwrap().contains("503"), "{st}");
+    let text = stdout(&env.cli(&["status"]));
+    assert!(status_line(&text).contains(" failed "), "{text}");
+    assert!(
+        text.contains("! bookings: ") && text.contains("503"),
+        "{text}"
+    );
+
+    s.airship.faults.clear();
+    ok(&run(&env, "2026-06-10T02:00:00Z"));
+    let st = status_json(&env);
+    assert_eq!(st["last_run"]["outcome"], "ok", "{st}");
+    assert_eq!(
+        st["last_error"],
+        Value::Null,
+        "the last run ended well: no error from an older run: {st}"
+    );
+    let text = stdout(&env.cli(&["status"]));
+    assert!(status_line(&text).contains(" ok "), "{text}");
+    assert!(!text.contains("503"), "{text}");
+    assert_eq!(st["last_outcome"], "ok", "{st}");
 }

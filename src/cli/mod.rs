@@ -75,7 +75,7 @@ pub enum Command {
         #[arg(long)]
         online: bool,
     },
-    /// Show each stream: schedule, last and next run, cursor, outbox, dead letters.
+    /// Show each stream: schedule, last and next run, cursor, outbox, dead letters, owed records.
     Status {
         #[arg(long)]
         json: bool,

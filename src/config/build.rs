@@ -808,6 +808,31 @@ fn build_stream(
             .as_ref()
             .is_some_and(|t| t.kind == ConnectionKind::Airship);
 
+    // Ticket Co x Airship: the venues' time zone. The window's "today" and the local times
+    // sent to Airship are the venue's, so it is required: never a silent UTC.
+    let venue_tz = if is_ticketco_airship {
+        match raw.timezone.as_deref().map(parse_tz) {
+            None => {
+                l.problem(
+                    &scope,
+                    &key("timezone"),
+                    "missing key `timezone` (the venues' time zone, e.g. \"Europe/Oslo\"): a Ticket Co → Airship \
+                     stream takes \"today\" (its window of attendance dates) and the local times it sends to \
+                     Airship (`party_datetime`, `party_enquirytime`) in it; the offsets in Ticket Co's times are \
+                     not a zone (they change with daylight saving), so usher does not guess it",
+                );
+                None
+            }
+            Some(Ok(tz)) => Some(tz),
+            Some(Err(e)) => {
+                l.problem(&scope, &key("timezone"), e.to_string());
+                None
+            }
+        }
+    } else {
+        None
+    };
+
     // Schedule.
     let jitter = raw.jitter.as_ref().map(|j| match parse_duration(j) {
         Ok(d) => d,
@@ -827,15 +852,7 @@ fn build_stream(
         }
         // Ticket Co x Airship: daily at 03:00 in the stream's timezone unless told otherwise.
         (None, None) if is_ticketco_airship => {
-            let tz = match raw.timezone.as_deref().map(parse_tz) {
-                None => Some(chrono_tz::Tz::UTC),
-                Some(Ok(tz)) => Some(tz),
-                Some(Err(e)) => {
-                    l.problem(&scope, &key("timezone"), e.to_string());
-                    None
-                }
-            };
-            tz.and_then(|tz| Schedule::cron("0 3 * * *", tz).ok())
+            venue_tz.and_then(|tz| Schedule::cron("0 3 * * *", tz).ok())
         }
         (None, None) => {
             l.problem(
@@ -846,7 +863,9 @@ fn build_stream(
             None
         }
         (Some(every), None) => {
-            if raw.timezone.is_some() {
+            // (A Ticket Co → Airship stream's `timezone` is its venues' zone, whatever its
+            // schedule.)
+            if raw.timezone.is_some() && !is_ticketco_airship {
                 l.problem(
                     &scope,
                     &key("timezone"),
@@ -866,6 +885,8 @@ fn build_stream(
         }
         (None, Some(cron)) => {
             let tz = match raw.timezone.as_deref() {
+                // Required and checked above.
+                _ if is_ticketco_airship => venue_tz,
                 None => Some(chrono_tz::Tz::UTC),
                 Some(t) => match parse_tz(t) {
                     Ok(tz) => Some(tz),
@@ -1127,14 +1148,14 @@ fn build_stream(
     let mut kind = kind;
     let mut raw = raw;
     if is_ticketco_airship {
-        let tz = raw
-            .timezone
-            .as_deref()
-            .and_then(|t| parse_tz(t).ok())
-            .unwrap_or(chrono_tz::Tz::UTC);
-        kind =
-            super::ticketco_airship::stream_options(l, &scope, &prefix, raw.airship.as_ref(), tz)
-                .map(StreamKind::TicketCoToAirship);
+        kind = super::ticketco_airship::stream_options(
+            l,
+            &scope,
+            &prefix,
+            raw.airship.as_ref(),
+            venue_tz,
+        )
+        .map(StreamKind::TicketCoToAirship);
         raw.entity.get_or_insert_with(|| "booking".into());
     } else if raw.airship.is_some() {
         l.problem(

@@ -290,7 +290,8 @@ impl StreamKind {
 /// `[streams.X.airship]`: the daily Ticket Co bookings → Airship run.
 #[derive(Debug, Clone)]
 pub struct TicketCoAirshipOptions {
-    /// "today" and the venues' local time (the stream's `timezone`, default UTC).
+    /// "today" and the venues' local time: the stream's `timezone`, required (the offsets
+    /// in Ticket Co's times change with daylight saving, so they do not give the zone).
     pub timezone: chrono_tz::Tz,
     /// Attendance dates from yesterday through today + `days_ahead`.
     pub days_ahead: u32,

@@ -121,7 +121,7 @@ pub(super) fn stream_options(
     scope: &str,
     prefix: &str,
     raw: Option<&RawAirship>,
-    timezone: chrono_tz::Tz,
+    timezone: Option<chrono_tz::Tz>,
 ) -> Option<TicketCoAirshipOptions> {
     let key = |k: &str| format!("{prefix}.airship.{k}");
     let Some(raw) = raw else {
@@ -212,6 +212,8 @@ pub(super) fn stream_options(
     if l.problems.len() != before {
         return None;
     }
+    // The stream's `timezone`, required (its problem is reported with the stream's keys).
+    let timezone = timezone?;
     Some(TicketCoAirshipOptions {
         timezone,
         days_ahead,

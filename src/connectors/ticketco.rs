@@ -428,6 +428,27 @@ impl<'de> Deserialize<'de> for Line {
     }
 }
 
+impl Event {
+    /// The event as Ticket Co's JSON (what usher reads of it), for a record to keep: an
+    /// owed booking keeps its event so that a later run can read its lines again (Ticket Co
+    /// has no booking-by-id call).
+    pub fn to_json(&self) -> String {
+        serde_json::json!({
+            "id": self.id,
+            "title": self.title,
+            "start_at": self.start_at,
+            "location_name": self.location_name,
+            "tags": self.tags,
+        })
+        .to_string()
+    }
+
+    /// An event kept by [`Event::to_json`] (or any Ticket Co event JSON).
+    pub fn from_json(text: &str) -> Option<Event> {
+        parse_event(&serde_json::from_str(text).ok()?)
+    }
+}
+
 fn parse_event(v: &Value) -> Option<Event> {
     let tags = match v.get("tags") {
         Some(Value::Array(a)) => a

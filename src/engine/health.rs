@@ -2,7 +2,9 @@
 //!
 //! `/healthz` answers 200 when the daemon's main loop turned within the last 10 s and every
 //! enabled stream's last run ended well or has failed fewer than `daemon.health_failures`
-//! times in a row; otherwise 503 with the reasons as JSON (`"unhealthy"`). While the S-360
+//! times in a row; otherwise 503 with the reasons as JSON (`"unhealthy"`). A `refused` run
+//! (a payload or a record still waiting) counts as failed; runs stopped at a safe point or
+//! interrupted are passed over (they neither end nor break a streak). While the S-360
 //! receiver is at its connection cap or cannot accept connections (within the last 10 s)
 //! it is also 503, `"degraded"` when that is the only reason: the daemon works, but a
 //! sender may not get through.

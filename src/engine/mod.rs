@@ -15,6 +15,7 @@ pub mod feed_cdp;
 pub mod health;
 pub mod in_doubt;
 pub mod lock;
+pub mod owed;
 // S-360
 mod s360;
 // Ticket Co x Airship
@@ -202,7 +203,7 @@ pub async fn run_stream(ctx: &RunCtx, trigger: &str) -> RunReport {
         tracing::error!(stream = %name, error = %e, "cannot record the run's end");
     }
     let seconds = started.elapsed().as_secs_f64();
-    crate::metrics::METRICS.run_finished(&name, &counts, error.is_none(), seconds);
+    crate::metrics::METRICS.run_finished(&name, &counts, outcome, seconds);
     match &error {
         None => {
             tracing::info!(stream = %name, outcome, pulled = counts.pulled, created = counts.created,

@@ -22,15 +22,23 @@
 //!   contact; **unchanged** → nothing;
 //! - a new booking with neither e-mail nor mobile goes to dead letters (once: its ledger
 //!   row remembers it until the record changes);
-//! - the batch's ledger rows, dead letters and the digests of the events it settled are
-//!   committed together (`Store::commit_page`), so a crash re-sends at most one batch, and
-//!   the re-send is an upsert in Airship (contact by e-mail/mobile, booking by reference):
-//!   nothing twice.
+//! - the batch's ledger rows, dead letters, owed records and the digests of the events it
+//!   settled are committed together (`Store::commit_page`), so a crash re-sends at most one
+//!   batch, and the re-send is an upsert in Airship (contact by e-mail/mobile, booking by
+//!   reference): nothing twice.
 //!
-//! A booking Airship refuses (4xx), an event whose page is malformed, or a venue with no
-//! unit never stops the others and is never written to the ledger: it is tried again next
-//! run. The run then ends as `refused` with a summary. The cursor only marks that a first
-//! run (and so `backfill_from`) is done.
+//! **What is not settled stays owed** (`owed` table, `engine::owed`), whatever the window
+//! of later runs: a booking Airship refuses (4xx: `booking:<ref>`), an event whose pages
+//! could not be read whole or whose venue has no unit (`event:<id>`), each with its event's
+//! JSON, and the window itself until the run has listed it and put every event through
+//! (`window`, written as the run starts, so a crash leaves it owed). None of them stops
+//! the others or is written to the ledger. Every run reads the events of its window plus
+//! the events of what is owed (once each, whatever their dates; never skipped by their
+//! digest), from the owed window's start if that is earlier; a booking is no longer owed
+//! once it is in the ledger (sent, updated, unchanged) or in dead letters, an event once
+//! its lines all are. A run that ends with anything owed is `refused`. The cursor only
+//! marks that a first run (and so `backfill_from`) is done, and is written only when
+//! nothing is owed.
 
 use std::collections::HashMap;
 
@@ -41,12 +49,13 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
+use super::owed::OwedBook;
 use super::{Flow, RunCtx, RunError, SourceError};
 use crate::config::TicketCoAirshipOptions;
 use crate::connectors::airship::{Airship, WriteError, unit_for};
 use crate::connectors::ticketco::{Event, Line, LinePage, RawLines, TicketCo};
 use crate::http::HttpError;
-use crate::store::{Counts, DeadLetter, LedgerRow, PageCommit, PageDigest};
+use crate::store::{Counts, DeadLetter, LedgerRow, Owed, PageCommit, PageDigest};
 
 /// Writes to Airship in flight at once within a batch.
 const CONCURRENT_WRITES: usize = 8;
@@ -418,21 +427,47 @@ fn contact_key(contact: &Contact) -> Option<String> {
     (!m.is_empty()).then(|| format!("mobile:{m}"))
 }
 
-/// Why some bookings were not sent this run (they are tried again next run).
+/// Why some bookings were not sent this run (they stay owed and are tried again).
 #[derive(Default)]
 struct Problems {
     lines: Vec<String>,
     refused: u64,
-    /// A listing or an event page failed: the first run's backfill is not done.
-    incomplete: bool,
 }
 
 impl Problems {
     fn add(&mut self, stream: &str, line: String) {
-        tracing::warn!(stream, problem = %line, "not sent this run; tried again next run");
+        tracing::warn!(stream, problem = %line, "not sent this run; owed, tried again next run");
         if self.lines.len() < 20 {
             self.lines.push(line);
         }
+    }
+}
+
+/// The key of an owed booking (one Airship refused): its `ref_number`.
+fn booking_key(reference: &str) -> String {
+    format!("booking:{reference}")
+}
+
+/// The key of an owed event: its lines could not be read whole, or its venue has no unit.
+fn event_key(event_id: &str) -> String {
+    format!("event:{event_id}")
+}
+
+/// The key of the owed window: written when a run starts, removed when it has listed
+/// every event of its window and put each through (settled, or owed itself). A run that
+/// fails, is stopped or killed before then leaves it, and the next run reads the window
+/// again from its start, so that the days that run covered alone (yesterday's
+/// cancellations and no-shows) are not skipped.
+const WINDOW_KEY: &str = "window";
+
+/// An owed event (or the event of an owed booking): the event's JSON is the record, so a
+/// later run reads its lines again by `item_grosses?event_id=`, whatever its date.
+fn owed_event(key: String, event: &Event, reason: String) -> Owed {
+    Owed {
+        key,
+        scope: Some(event.id.clone()),
+        record: event.to_json(),
+        reason,
     }
 }
 
@@ -453,9 +488,69 @@ pub async fn run(
         None => None,
     };
     let now = ctx.clock.now();
-    let w = window(now, o.timezone, o.days_ahead, backfill);
-    tracing::info!(stream = name, from = %w.from, to = %w.to, first_run, "window");
+    let mut w = window(now, o.timezone, o.days_ahead, backfill);
     let mut problems = Problems::default();
+
+    // What earlier runs still owe: the events of owed bookings and owed events are read
+    // again whatever their dates; the window of a run that did not finish is read again.
+    let owed_rows = ctx.store.owed(name).await?;
+    let mut book = OwedBook::new(&owed_rows);
+    let mut owed_events: Vec<Event> = Vec::new();
+    // Event ID → the references of its owed bookings.
+    let mut owed_bookings: HashMap<String, Vec<String>> = HashMap::new();
+    for row in &owed_rows {
+        if row.key == WINDOW_KEY {
+            if let Some(from) = serde_json::from_str::<Value>(&row.record)
+                .ok()
+                .and_then(|v| v["from"].as_str().map(str::to_string))
+                .and_then(|d| NaiveDate::parse_from_str(&d, "%Y-%m-%d").ok())
+                && from < w.from
+            {
+                w.from = from;
+            }
+            continue;
+        }
+        let Some(event) = Event::from_json(&row.record) else {
+            problems.add(
+                name,
+                format!(
+                    "owed record {} cannot be read again (its stored event is not usable): {}",
+                    row.key, row.reason
+                ),
+            );
+            continue;
+        };
+        if let Some(r) = row.key.strip_prefix("booking:") {
+            owed_bookings
+                .entry(event.id.clone())
+                .or_default()
+                .push(r.to_string());
+        }
+        if !owed_events.iter().any(|e| e.id == event.id) {
+            owed_events.push(event);
+        }
+    }
+    let owed_scopes: std::collections::HashSet<String> =
+        owed_events.iter().map(|e| e.id.clone()).collect();
+    tracing::info!(stream = name, from = %w.from, to = %w.to, first_run, owed = owed_rows.len(), "window");
+    // Owed until this run has read it to its end (committed before anything is read).
+    book.owe(Owed {
+        key: WINDOW_KEY.into(),
+        scope: None,
+        record: json!({"from": w.from.to_string(), "to": w.to.to_string()}).to_string(),
+        reason: format!(
+            "the run started {} has not read the window {} to {} to its end (it is still running, or it failed, was stopped or killed); the next run reads it again",
+            now.format("%Y-%m-%d %H:%M UTC"),
+            w.from,
+            w.to
+        ),
+    });
+    let mut start = PageCommit {
+        stream: name.to_string(),
+        ..Default::default()
+    };
+    book.commit_into(&mut start);
+    ctx.store.commit_page(start).await?;
 
     // Venues → units.
     let units = if o.venues.iter().all(|v| o.unit_ids.contains_key(v)) {
@@ -480,6 +575,7 @@ pub async fn run(
     let ask_from = (w.from - pad).format("%Y-%m-%d").to_string();
     let ask_to = (w.to + pad).format("%Y-%m-%d").to_string();
     let mut events = Vec::new();
+    let mut listed_whole = true;
     let mut page = 1;
     loop {
         if ctx.should_stop() {
@@ -504,7 +600,7 @@ pub async fn run(
             })),
             Err(e) => {
                 fatal_source(&e)?;
-                problems.incomplete = true;
+                listed_whole = false;
                 problems.add(name, format!("the event list stopped at page {page}: {e}"));
                 break;
             }
@@ -513,6 +609,23 @@ pub async fn run(
         if page > MAX_PAGES {
             break;
         }
+    }
+    // Plus the events of what is owed, whatever their dates (once each).
+    for event in owed_events {
+        if events.iter().any(|e: &Event| e.id == event.id) {
+            continue;
+        }
+        let venue = event.location_name.as_deref().unwrap_or_default().trim();
+        if !venue_unit.contains_key(venue) {
+            // The stream no longer sends this venue: nothing of it is owed any more.
+            tracing::info!(stream = name, event = %event.id, venue, "owed event of a venue no longer configured; no longer owed");
+            book.settle(&event_key(&event.id));
+            for r in owed_bookings.get(&event.id).into_iter().flatten() {
+                book.settle(&booking_key(r));
+            }
+            continue;
+        }
+        events.push(event);
     }
     if let Some(p) = ctx.backfill.as_ref().and_then(|b| b.progress.as_ref()) {
         p.set_length(events.len() as u64);
@@ -526,7 +639,11 @@ pub async fn run(
             Some(unit) => with_unit.push((event, unit)),
             None => {
                 *unitless.entry(venue.to_string()).or_default() += 1;
-                problems.incomplete = true;
+                book.owe(owed_event(
+                    event_key(&event.id),
+                    &event,
+                    format!("event {}: venue {venue:?} has no Airship unit", event.id),
+                ));
             }
         }
     }
@@ -569,14 +686,17 @@ pub async fn run(
         }
     };
     // Events whose pages are byte for byte those of a run that settled every booking in
-    // them (and nothing else that shapes what is sent changed) are skipped whole.
+    // them (and nothing else that shapes what is sent changed) are skipped whole, unless
+    // something of them is owed.
     let scopes: Vec<String> = with_unit.iter().map(|(e, _)| event_scope(e)).collect();
     let stored = ctx.store.page_digests(name, scopes.clone()).await?;
     let base = digest_base(o, air.account_id);
     let problems_ref = &mut problems;
+    let book_ref = &mut book;
     let writer = async move {
         let mut rx = rx;
         let problems = problems_ref;
+        let book = book_ref;
         let mut settling = Settling::default();
         let mut pending: Vec<Pending> = Vec::new();
         while let Some((ix, pages, err)) = rx.recv().await {
@@ -587,6 +707,7 @@ pub async fn run(
                 .is_none()
                 .then(|| event_digest(&base, event, *unit, &pages));
             if let Some(d) = &digest
+                && !owed_scopes.contains(&event.id)
                 && stored
                     .get(&scopes[ix])
                     .is_some_and(|s| s.digest == *d && s.records == records)
@@ -599,10 +720,23 @@ pub async fn run(
                 {
                     settling.expect(ix, scopes[ix].clone(), d, records);
                 }
+                // The references of the event's lines, when some of its bookings are owed.
+                let mut seen: Option<std::collections::HashSet<String>> =
+                    owed_bookings.contains_key(&event.id).then(Default::default);
+                let mut read_whole = err.is_none();
                 for page in pages {
                     counts.pulled += page.len() as u64;
                     match page.lines() {
                         Ok((lines, raw)) => {
+                            if let Some(seen) = &mut seen {
+                                seen.extend(lines.iter().filter_map(|l| {
+                                    l.ref_number
+                                        .as_deref()
+                                        .map(str::trim)
+                                        .filter(|r| !r.is_empty())
+                                        .map(str::to_string)
+                                }));
+                            }
                             pending.extend(lines.into_iter().enumerate().map(|(i, line)| Pending {
                                 event: ix,
                                 line,
@@ -611,8 +745,10 @@ pub async fn run(
                         }
                         Err(reason) => {
                             settling.forget(ix);
-                            problems.incomplete = true;
-                            problems.add(name, format!("event {}: {reason}", event.id));
+                            read_whole = false;
+                            let line = format!("event {}: {reason}", event.id);
+                            problems.add(name, line.clone());
+                            book.owe(owed_event(event_key(&event.id), event, line));
                         }
                     }
                     if pending.len() >= BATCH_LINES {
@@ -629,22 +765,35 @@ pub async fn run(
                             counts,
                             problems,
                             &mut settling,
+                            book,
                         )
                         .await?;
+                    }
+                }
+                if read_whole {
+                    // Owed bookings the event no longer has: Ticket Co has nothing to send.
+                    if let Some(seen) = seen {
+                        for r in &owed_bookings[&event.id] {
+                            if !seen.contains(r) {
+                                tracing::info!(stream = name, booking = %r, event = %event.id, "owed booking no longer among its event's lines in Ticket Co; no longer owed");
+                                book.settle(&booking_key(r));
+                            }
+                        }
+                    }
+                    if records == 0 {
+                        book.settle(&event_key(&event.id));
                     }
                 }
             }
             if let Some(e) = err {
                 fatal_source(&e)?;
-                problems.incomplete = true;
-                problems.add(
-                    name,
-                    format!(
-                        "event {} ({}): {e}",
-                        event.id,
-                        event.title.as_deref().unwrap_or("?")
-                    ),
+                let line = format!(
+                    "event {} ({}): {e}",
+                    event.id,
+                    event.title.as_deref().unwrap_or("?")
                 );
+                problems.add(name, line.clone());
+                book.owe(owed_event(event_key(&event.id), event, line));
             }
             if let Some(p) = ctx.backfill.as_ref().and_then(|b| b.progress.as_ref()) {
                 p.inc(1);
@@ -663,6 +812,7 @@ pub async fn run(
                 counts,
                 problems,
                 &mut settling,
+                book,
             )
             .await?;
         }
@@ -679,17 +829,24 @@ pub async fn run(
         );
     }
 
-    if !problems.incomplete && (first_run || ctx.backfill.is_some()) {
-        // The first run (with its backfill) is done; later runs cover yesterday onwards.
-        ctx.store
-            .commit_page(PageCommit {
-                stream: name.to_string(),
-                cursor: Some(Some(format!("first run done {}", now.format("%Y-%m-%d")))),
-                ..Default::default()
-            })
-            .await?;
+    // Every event of the window went through (settled, or owed itself): the window is no
+    // longer owed. The first run (with its backfill) is done only when nothing is owed.
+    if listed_whole {
+        book.settle(WINDOW_KEY);
     }
-    if problems.lines.is_empty() {
+    let mut end = PageCommit {
+        stream: name.to_string(),
+        ..Default::default()
+    };
+    if book.is_empty() && (first_run || ctx.backfill.is_some()) {
+        // Later runs cover yesterday onwards.
+        end.cursor = Some(Some(format!("first run done {}", now.format("%Y-%m-%d"))));
+    }
+    book.commit_into(&mut end);
+    if end.cursor.is_some() || !end.owed.is_empty() || !end.settled.is_empty() {
+        ctx.store.commit_page(end).await?;
+    }
+    if problems.lines.is_empty() && book.is_empty() {
         Ok(Flow::Done)
     } else {
         let mut msg = String::new();
@@ -700,7 +857,15 @@ pub async fn run(
             ));
         }
         msg.push_str(&problems.lines.join("; "));
-        msg.push_str(" (not marked as sent: tried again next run)");
+        if !book.is_empty() {
+            if !problems.lines.is_empty() {
+                msg.push_str("; ");
+            }
+            msg.push_str(&format!(
+                "{} record(s) owed (see `usher status`): not marked as sent, tried again at every run until Airship accepts them",
+                book.len()
+            ));
+        }
         Ok(Flow::Refused(msg))
     }
 }
@@ -818,6 +983,7 @@ async fn batch(
     counts: &mut Counts,
     problems: &mut Problems,
     settling: &mut Settling,
+    book: &mut OwedBook,
 ) -> Result<(), RunError> {
     let name = ctx.spec.name.as_str();
     let mut dead = Vec::new();
@@ -874,8 +1040,12 @@ async fn batch(
             known.get(r),
             &mut starts,
         ) {
-            Action::Unchanged | Action::StillDead => counts.skipped += 1,
+            Action::Unchanged | Action::StillDead => {
+                counts.skipped += 1;
+                book.settle(&booking_key(r));
+            }
             Action::Dead { reason, hash } => {
+                book.settle(&booking_key(r));
                 tracing::warn!(stream = name, booking = %r, reason = %reason, "booking set aside in dead letters");
                 counts.failed += 1;
                 dead.push(DeadLetter {
@@ -942,6 +1112,7 @@ async fn batch(
         match (action, res) {
             (Action::New { hash, .. }, Ok(id)) => {
                 counts.created += 1;
+                book.settle(&booking_key(&r));
                 ledger.push(LedgerRow {
                     key: r,
                     content_hash: hash,
@@ -951,6 +1122,7 @@ async fn batch(
             }
             (Action::Update { hash, mut ids, .. }, Ok(id)) => {
                 counts.updated += 1;
+                book.settle(&booking_key(&r));
                 if let Some(m) = ids.as_object_mut() {
                     m.insert("booking_id".into(), json!(id));
                 } else {
@@ -973,10 +1145,9 @@ async fn batch(
                 }),
             ) => {
                 problems.refused += 1;
-                problems.add(
-                    name,
-                    format!("booking {r}: {what}: HTTP {status}: {reason}"),
-                );
+                let line = format!("booking {r}: {what}: HTTP {status}: {reason}");
+                problems.add(name, line.clone());
+                book.owe(owed_event(booking_key(&r), &events[ev].0, line));
             }
             (_, Err(WriteError::Http(e))) => {
                 if fatal.is_none() {
@@ -991,21 +1162,26 @@ async fn batch(
     } else {
         per_event
             .into_iter()
-            .filter_map(|(ev, (n, ok))| settling.settled(ev, n, ok))
+            .filter_map(|(ev, (n, ok))| {
+                // The event's last lines, all settled: the event itself is no longer owed.
+                let d = settling.settled(ev, n, ok)?;
+                book.settle(&event_key(&events[ev].0.id));
+                Some(d)
+            })
             .collect()
     };
-    // What was written is recorded even when the run ends here.
-    if !ledger.is_empty() || !dead.is_empty() || !digests.is_empty() {
-        ctx.store
-            .commit_page(PageCommit {
-                stream: name.to_string(),
-                cursor: None,
-                ledger,
-                dead_letters: dead,
-                digests,
-                ..Default::default()
-            })
-            .await?;
+    // What was written (and what is owed) is recorded even when the run ends here.
+    if !ledger.is_empty() || !dead.is_empty() || !digests.is_empty() || book.has_changes() {
+        let mut commit = PageCommit {
+            stream: name.to_string(),
+            cursor: None,
+            ledger,
+            dead_letters: dead,
+            digests,
+            ..Default::default()
+        };
+        book.commit_into(&mut commit);
+        ctx.store.commit_page(commit).await?;
     }
     match fatal {
         Some(e) => Err(RunError::Target(e)),

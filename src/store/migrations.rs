@@ -152,4 +152,22 @@ pub const MIGRATIONS: &[&str] = &[
         updated_at  TEXT NOT NULL
     );
     "#,
+    // 9: records a stream owes its target. A record the target refused (or that could not
+    // be read, e.g. a Ticket Co event whose page was malformed) stays here, with enough of
+    // it to fetch it again (`scope`, `record`), until the target accepts it or it is set
+    // aside in dead letters with its reason; every run tries it again, whatever its window.
+    // Written only by `commit_page`, in the transaction of the batch that learnt it.
+    r#"
+    CREATE TABLE owed (
+        stream      TEXT NOT NULL,
+        key         TEXT NOT NULL,
+        scope       TEXT,
+        record      TEXT NOT NULL,
+        reason      TEXT NOT NULL,
+        since       TEXT NOT NULL,
+        attempts    INTEGER NOT NULL DEFAULT 1,
+        updated_at  TEXT NOT NULL,
+        PRIMARY KEY (stream, key)
+    ) WITHOUT ROWID;
+    "#,
 ];

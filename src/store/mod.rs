@@ -1,10 +1,10 @@
 //! The only code that speaks SQL: one SQLite file under the state directory.
 //!
-//! Tables: cursors, links, outbox, ledger, page_digests, runs, dead_letters, audit,
+//! Tables: cursors, links, outbox, ledger, page_digests, owed, runs, dead_letters, audit,
 //! schedule (see `migrations.rs`). The file is created 0600, in WAL mode, migrated at open.
 //! **A cursor is only ever written by [`Store::commit_page`] (or a reset), in the same
-//! transaction as the links, outbox rows, ledger rows and dead letters of the records it
-//! covers.** rusqlite is blocking: every call runs on tokio's blocking pool through
+//! transaction as the links, outbox rows, ledger rows, owed records and dead letters of the
+//! records it covers.** Owed records, too, are only written by `commit_page`. rusqlite is blocking: every call runs on tokio's blocking pool through
 //! [`Store::call`], never on the async executor's threads.
 
 mod budgets;
@@ -122,6 +122,13 @@ pub struct PageCommit {
     pub failed_again: Vec<(i64, String)>,
     /// Page digests to remember (see [`Store::page_digests`]).
     pub digests: Vec<PageDigest>,
+    /// Records the stream still owes its target (refused, or not read): added, or, when
+    /// already owed, their reason and record replaced and their attempts counted (`since`
+    /// kept). Applied after `settled`.
+    pub owed: Vec<Owed>,
+    /// Keys of owed records now settled (the target accepted them, or they were set aside
+    /// in dead letters with their reason, or the source no longer has them): removed.
+    pub settled: Vec<String>,
 }
 
 /// Keys looked up by one statement (`… IN (?, ?, …)`): one bind and one step per row
@@ -185,6 +192,46 @@ pub struct PageDigest {
     pub digest: String,
     /// The records in those pages.
     pub records: u64,
+}
+
+/// A record a stream owes its target (see migration 9): tried again at every run until
+/// the target accepts it or it is set aside in dead letters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owed {
+    /// The record's key in the stream, e.g. `booking:TC-88123` or `event:904783`.
+    pub key: String,
+    /// What the record belongs to at the source (e.g. its Ticket Co event), if anything.
+    pub scope: Option<String>,
+    /// Enough of the record (JSON) for a later run to fetch it again.
+    pub record: String,
+    /// Why it is owed (the target's refusal, the source's error).
+    pub reason: String,
+}
+
+/// An owed record as stored.
+#[derive(Debug, Clone, Serialize)]
+pub struct OwedRow {
+    pub key: String,
+    pub scope: Option<String>,
+    pub record: String,
+    pub reason: String,
+    /// When it first became owed.
+    pub since: String,
+    /// Runs that tried it and could not settle it.
+    pub attempts: u64,
+    pub updated_at: String,
+}
+
+/// What `status` shows of a stream's owed records.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct OwedSummary {
+    pub records: u64,
+    /// The oldest `since`.
+    pub since: Option<String>,
+    /// The most attempts of any of them.
+    pub attempts: u64,
+    /// The reason of the one updated last.
+    pub last_reason: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -496,6 +543,32 @@ impl Store {
         Ok(rows.into_iter().map(|d| (d.scope.clone(), d)).collect())
     }
 
+    // ---- owed records ----
+
+    /// Every record the stream owes, oldest first.
+    pub async fn owed(&self, stream: &str) -> Result<Vec<OwedRow>> {
+        let stream = stream.to_string();
+        self.call(move |c| q::owed(c, &stream)).await
+    }
+
+    pub fn owed_sync(&self, stream: &str) -> Result<Vec<OwedRow>> {
+        self.call_sync(|c| q::owed(c, stream))
+    }
+
+    /// How many records the stream owes.
+    pub async fn owed_count(&self, stream: &str) -> Result<u64> {
+        let stream = stream.to_string();
+        self.call(move |c| {
+            c.query_row(
+                "SELECT COUNT(*) FROM owed WHERE stream = ?1",
+                params![stream],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n as u64)
+        })
+        .await
+    }
+
     // ---- outbox ----
 
     /// Pending payloads of a stream, oldest first, up to `max_records` records in all.
@@ -663,10 +736,11 @@ impl Store {
         .await
     }
 
-    /// Per stream: payloads in the outbox and records in dead letters (for /metrics).
-    pub async fn gauges(&self) -> Result<std::collections::BTreeMap<String, (u64, u64)>> {
+    /// Per stream: payloads in the outbox, records in dead letters and owed records (for
+    /// /metrics).
+    pub async fn gauges(&self) -> Result<std::collections::BTreeMap<String, (u64, u64, u64)>> {
         self.call(|c| {
-            let mut out: std::collections::BTreeMap<String, (u64, u64)> = Default::default();
+            let mut out: std::collections::BTreeMap<String, (u64, u64, u64)> = Default::default();
             let mut st = c.prepare_cached("SELECT stream, COUNT(*) FROM outbox GROUP BY stream")?;
             for row in st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
                 let (s, n) = row?;
@@ -678,12 +752,20 @@ impl Store {
                 let (s, n) = row?;
                 out.entry(s).or_default().1 = n as u64;
             }
+            let mut st = c.prepare_cached("SELECT stream, COUNT(*) FROM owed GROUP BY stream")?;
+            for row in st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
+                let (s, n) = row?;
+                out.entry(s).or_default().2 = n as u64;
+            }
             Ok(out)
         })
         .await
     }
 
-    /// Per stream, the outcomes and errors of its last `n` runs, newest first (for /healthz).
+    /// Per stream, the outcomes and errors of its last `n` runs that ended by themselves
+    /// (`ok`, `failed`, `refused`), newest first (for /healthz): a run stopped at a safe
+    /// point or interrupted by the daemon's death says nothing of the stream's health, and
+    /// must not break a streak of failures.
     pub async fn recent_outcomes(
         &self,
         n: u32,
@@ -693,7 +775,7 @@ impl Store {
             let mut st = c.prepare_cached(
                 "SELECT stream, outcome, error FROM (
                      SELECT stream, outcome, error, ROW_NUMBER() OVER (PARTITION BY stream ORDER BY id DESC) AS rn
-                     FROM runs WHERE outcome != 'running')
+                     FROM runs WHERE outcome IN ('ok', 'failed', 'refused'))
                  WHERE rn <= ?1 ORDER BY stream, rn",
             )?;
             for row in st.query_map(params![n], |r| {
@@ -781,18 +863,28 @@ impl Store {
     /// Everything `status` shows for one stream, in one read.
     pub fn stream_status_sync(&self, stream: &str) -> Result<StreamState> {
         self.call_sync(|c| {
+            // The last finished run's outcome and error: no error when it ended well, never
+            // an older run's (a run in flight has none yet, so the one before it counts).
+            let finished: Option<(String, Option<String>)> = c
+                .query_row(
+                    "SELECT outcome, error FROM runs WHERE stream = ?1 AND outcome != 'running'
+                     ORDER BY id DESC LIMIT 1",
+                    params![stream],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
             Ok(StreamState {
                 cursor: q::cursor(c, stream)?,
                 last_run: q::last_run(c, stream)?,
-                last_error: c
+                last_outcome: finished.as_ref().map(|f| f.0.clone()),
+                last_error: finished.and_then(|f| f.1),
+                owed: q::owed_summary(c, stream)?,
+                next_run_at: c
                     .query_row(
-                        "SELECT error FROM runs WHERE stream = ?1 AND error IS NOT NULL ORDER BY id DESC LIMIT 1",
+                        "SELECT next_run_at FROM schedule WHERE stream = ?1",
                         params![stream],
                         |r| r.get(0),
                     )
-                    .optional()?,
-                next_run_at: c
-                    .query_row("SELECT next_run_at FROM schedule WHERE stream = ?1", params![stream], |r| r.get(0))
                     .optional()?
                     .flatten(),
                 outbox: q::outbox_summary(c, stream)?,
@@ -801,9 +893,11 @@ impl Store {
                     params![stream],
                     |r| r.get::<_, i64>(0),
                 )? as u64,
-                links: c.query_row("SELECT COUNT(*) FROM links WHERE stream = ?1", params![stream], |r| {
-                    r.get::<_, i64>(0)
-                })? as u64,
+                links: c.query_row(
+                    "SELECT COUNT(*) FROM links WHERE stream = ?1",
+                    params![stream],
+                    |r| r.get::<_, i64>(0),
+                )? as u64,
             })
         })
     }
@@ -897,7 +991,12 @@ impl Store {
 pub struct StreamState {
     pub cursor: Option<String>,
     pub last_run: Option<RunRow>,
+    /// The outcome of the last finished run (`last_run` may be one still running).
+    pub last_outcome: Option<String>,
+    /// The error of the last finished run (`None` when it ended well).
     pub last_error: Option<String>,
+    /// Records the stream owes its target (refused or not read), tried again every run.
+    pub owed: OwedSummary,
     pub next_run_at: Option<String>,
     pub outbox: OutboxSummary,
     pub dead_letters: u64,
@@ -985,6 +1084,24 @@ mod q {
                 "UPDATE dead_letters SET reason = ?3, retry_requested = 0 WHERE id = ?1 AND stream = ?2",
                 params![id, p.stream, reason],
             )?;
+        }
+        if !p.settled.is_empty() {
+            let mut st = tx.prepare_cached("DELETE FROM owed WHERE stream = ?1 AND key = ?2")?;
+            for k in &p.settled {
+                st.execute(params![p.stream, k])?;
+            }
+        }
+        if !p.owed.is_empty() {
+            let mut st = tx.prepare_cached(
+                "INSERT INTO owed (stream, key, scope, record, reason, since, attempts, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 1, ?6)
+                 ON CONFLICT (stream, key) DO UPDATE SET scope = excluded.scope,
+                     record = excluded.record, reason = excluded.reason,
+                     attempts = owed.attempts + 1, updated_at = excluded.updated_at",
+            )?;
+            for o in &p.owed {
+                st.execute(params![p.stream, o.key, o.scope, o.record, o.reason, now])?;
+            }
         }
         if !p.digests.is_empty() {
             let mut st = tx.prepare_cached(
@@ -1081,6 +1198,46 @@ mod q {
         rows.collect()
     }
 
+    pub fn owed(c: &Connection, stream: &str) -> rusqlite::Result<Vec<OwedRow>> {
+        let mut st = c.prepare_cached(
+            "SELECT key, scope, record, reason, since, attempts, updated_at FROM owed
+             WHERE stream = ?1 ORDER BY since, key",
+        )?;
+        let rows = st.query_map(params![stream], |r| {
+            Ok(OwedRow {
+                key: r.get(0)?,
+                scope: r.get(1)?,
+                record: r.get(2)?,
+                reason: r.get(3)?,
+                since: r.get(4)?,
+                attempts: r.get::<_, i64>(5)? as u64,
+                updated_at: r.get(6)?,
+            })
+        })?;
+        rows.collect()
+    }
+
+    pub fn owed_summary(c: &Connection, stream: &str) -> rusqlite::Result<OwedSummary> {
+        let (records, since, attempts): (i64, Option<String>, Option<i64>) = c.query_row(
+            "SELECT COUNT(*), MIN(since), MAX(attempts) FROM owed WHERE stream = ?1",
+            params![stream],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )?;
+        let last_reason = c
+            .query_row(
+                "SELECT reason FROM owed WHERE stream = ?1 ORDER BY updated_at DESC, key LIMIT 1",
+                params![stream],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(OwedSummary {
+            records: records as u64,
+            since,
+            attempts: attempts.unwrap_or(0) as u64,
+            last_reason,
+        })
+    }
+
     pub fn outbox_summary(c: &Connection, stream: &str) -> rusqlite::Result<OutboxSummary> {
         let (payloads, records): (i64, i64) = c.query_row(
             "SELECT COUNT(*), COALESCE(SUM(records), 0) FROM outbox WHERE stream = ?1",
@@ -1158,6 +1315,72 @@ mod tests {
         assert_eq!(store.outbox_pending("s", 10, false).await.unwrap().len(), 1);
         let audit = store.audit_rows_sync(10).unwrap();
         assert_eq!(audit[0].action, "cursor-reset");
+    }
+
+    #[tokio::test]
+    async fn owed_records_keep_their_since_and_count_attempts_until_settled() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let owe = |reason: &str| PageCommit {
+            stream: "s".into(),
+            owed: vec![Owed {
+                key: "booking:A".into(),
+                scope: Some("1".into()),
+                record: "{}".into(),
+                reason: reason.into(),
+            }],
+            ..Default::default()
+        };
+        store.commit_page(owe("refused once")).await.unwrap();
+        let first = store.owed("s").await.unwrap();
+        store.commit_page(owe("refused again")).await.unwrap();
+        let rows = store.owed("s").await.unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].since, first[0].since, "since is kept");
+        assert_eq!(rows[0].attempts, 2);
+        assert_eq!(rows[0].reason, "refused again");
+        let st = store.stream_status_sync("s").unwrap();
+        assert_eq!(st.owed.records, 1);
+        assert_eq!(st.owed.last_reason.as_deref(), Some("refused again"));
+        assert_eq!(store.owed_count("other").await.unwrap(), 0);
+        store
+            .commit_page(PageCommit {
+                stream: "s".into(),
+                settled: vec!["booking:A".into()],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(store.owed_count("s").await.unwrap(), 0);
+        // A reset keeps what is owed: it is still owed to the target.
+        store.commit_page(owe("x")).await.unwrap();
+        store.reset_cursor("s", "test", "t").await.unwrap();
+        assert_eq!(store.owed_count("s").await.unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn health_passes_over_stopped_runs_in_a_streak_of_refusals() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        for outcome in [
+            "ok",
+            "refused",
+            "refused",
+            "stopped",
+            "interrupted",
+            "refused",
+        ] {
+            let id = store.run_started("s", "schedule").await.unwrap();
+            let error = (outcome != "ok" && outcome != "stopped").then(|| outcome.to_string());
+            store
+                .run_finished(id, outcome, Counts::default(), error)
+                .await
+                .unwrap();
+        }
+        store.run_started("s", "schedule").await.unwrap(); // in flight
+        let recent = store.recent_outcomes(3).await.unwrap();
+        let outcomes: Vec<&str> = recent["s"].iter().map(|(o, _)| o.as_str()).collect();
+        assert_eq!(outcomes, ["refused", "refused", "refused"]);
     }
 
     #[test]
