@@ -550,6 +550,47 @@ page_size = 5
 }
 
 /// 509 without our budget knowing better: usher waits as told and retries; nothing twice.
+/// Every save of a page refused for one reason is the configuration (issue 19, item 5): the
+/// run fails with S-360's reason, sets nothing aside, keeps the cursor; then goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_contact_refused_for_one_reason_stops_the_run_not_the_records() {
+    let s = sandbox().await;
+    s.crm.add_contacts(8);
+    s.s360.fail_next(
+        "saveIndividualContactData",
+        8,
+        "INVALID_CONFIGURATION",
+        "virtual operator cannot create contacts",
+    );
+    let env = Env::new();
+    let port = free_port();
+    let mut cfg = head(&env, &s, port, "");
+    cfg += r#"
+[streams.crm-contacts]
+source = "crm"
+entity = "contact"
+target = "s360"
+every = "1h"
+"#;
+    env.write_config(&cfg);
+    let out = env.cli(&["trigger", "crm-contacts"]);
+    let text = format!("{}{}", stdout(&out), common::stderr(&out));
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("S-360 refused every create of this page (8 contacts)"),
+        "{text}"
+    );
+    let db = env.db_path();
+    assert_eq!(query_i64(&db, "SELECT COUNT(*) FROM dead_letters"), 0);
+    assert_eq!(
+        query_i64(&db, "SELECT COUNT(*) FROM cursors WHERE cursor IS NOT NULL"),
+        0
+    );
+    let out = env.cli(&["trigger", "crm-contacts"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    assert_eq!(s.s360.contacts().len(), 8);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_509_or_429_means_wait_and_retry() {
     let s = sandbox().await;

@@ -654,6 +654,60 @@ async fn invalid_cursor_stops_the_stream_and_says_to_reset_it() {
     assert_each_once(&s, 40, "");
 }
 
+/// A configuration that makes every record fail (issue 19, item 5): a default site and an
+/// ID custom field Halo does not have. `validate --online` names both; a run stops on the
+/// first page with that reason, sets nothing aside and leaves the cursor where it was,
+/// instead of dead-lettering the history user by user; fixed, the next run goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_configuration_that_fails_every_record_stops_the_run_and_validate_names_it() {
+    let s = sandbox().await;
+    s.seatgeek.add_generated(300, 120, 11);
+    let env = Env::new();
+    let good = config(&env, &s, "");
+    let bad = good
+        .replace("default_site = 18", "default_site = 99")
+        .replace(
+            "id_field = \"custom:CFSeatGeekId\"",
+            "id_field = \"custom:CFNope\"",
+        );
+    env.write_config(&bad);
+    let out = env.cli(&["validate", "--online"]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(78), "{text}");
+    assert!(
+        text.contains("`halo.default_site` 99 is not a site in Halo"),
+        "{text}"
+    );
+    assert!(
+        text.contains("`halo.id_field` names custom field \"CFNope\" that Halo does not have"),
+        "{text}"
+    );
+    assert!(
+        text.contains("\"CFMarketingOptIn\" (ID 146) exists in Halo"),
+        "{text}"
+    );
+
+    let (code, out) = trigger(&env, "sg");
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("refused every create of this page"), "{out}");
+    assert!(out.contains("for the same reason"), "{out}");
+    let db = env.db_path();
+    assert_eq!(query_i64(&db, "SELECT COUNT(*) FROM dead_letters"), 0);
+    assert_eq!(
+        query_i64(&db, "SELECT COUNT(*) FROM cursors WHERE cursor IS NOT NULL"),
+        0,
+        "the cursor stays before the page"
+    );
+    assert_eq!(s.halo.user_count(), 0);
+
+    env.write_config(&good);
+    let out = env.cli(&["validate", "--online"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    let (code, out) = trigger(&env, "sg");
+    assert_eq!(code, 0, "{out}");
+    assert_each_once(&s, 120, "");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn validate_online_says_valid_wrong_credentials_or_unreachable_per_connection() {
     let s = sandbox().await;

@@ -118,13 +118,21 @@ pub async fn validate(source: config::Source, online: bool) -> i32 {
             conn.kind.as_str()
         );
     }
-    // Ticket Co x Airship: every configured venue must map to an Airship unit.
+    // What each stream's options name on its target exists there: Ticket Co x Airship's
+    // venues map to Airship units; SeatGeek → Halo's default site and custom fields.
     for spec in config.streams.values() {
-        if let config::StreamKind::TicketCoToAirship(o) = &spec.kind {
-            for line in
+        let lines = match &spec.kind {
+            config::StreamKind::TicketCoToAirship(o) => {
                 crate::engine::ticketco_airship::check_venues(&http, &config, spec, o, &cancel)
                     .await
-            {
+            }
+            config::StreamKind::SeatGeekToHalo(o) => {
+                crate::engine::seatgeek_halo::check_options(&http, &config, spec, o, &cancel).await
+            }
+            _ => Vec::new(),
+        };
+        {
+            for line in lines {
                 match line {
                     Ok(l) => println!("{l}"),
                     Err(l) => {

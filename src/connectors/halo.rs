@@ -10,6 +10,12 @@
 //! - `POST {base}/api/users` with a JSON array; the answer is the saved users in order.
 //!   A 400 means nothing was saved; its `error` text is Halo's reason ([`Saved::Refused`]).
 //!
+//! - `GET {base}/api/site` lists the sites and `GET {base}/api/FieldInfo` the custom fields
+//!   (`[{"id","name",…}]`, Halo's own endpoint, as its public API modules use it; not in the
+//!   contract): `validate --online` checks the stream's `default_site`, `id_field` and
+//!   `custom_fields` against them. A Halo that answers 404 for `FieldInfo` gets its custom
+//!   fields "not checked" rather than a false problem.
+//!
 //! Decisions where the contract is silent: user IDs are kept as the JSON text Halo sent
 //! (`40213` or `"40213"`) and sent back unchanged; a saved answer whose length differs from
 //! the request is treated as malformed (the page is not committed and the next run matches
@@ -207,6 +213,80 @@ impl HaloClient {
         }
         Ok(Saved::Ok(
             saved.into_iter().map(|s| s.id.to_string()).collect(),
+        ))
+    }
+
+    /// `GET /api/site`: every site as (ID, name).
+    pub async fn sites(&self, cancel: &CancellationToken) -> Result<Vec<(i64, String)>, HttpError> {
+        let url = self.endpoint.url("api/site");
+        let reply = self
+            .endpoint
+            .send_ok(Method::GET, url, Retry::Idempotent, cancel, |rb| rb)
+            .await?;
+        let v: Value = serde_json::from_slice(&reply.body).unwrap_or(Value::Null);
+        Ok(v.get("sites")
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| {
+                        Some((
+                            s.get("id")?.as_i64()?,
+                            s.get("name")
+                                .and_then(Value::as_str)
+                                .unwrap_or("")
+                                .to_string(),
+                        ))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    /// `GET /api/FieldInfo`: the custom fields as (ID, name); None when this Halo has no
+    /// such endpoint (404).
+    pub async fn custom_fields(
+        &self,
+        cancel: &CancellationToken,
+    ) -> Result<Option<Vec<(i64, String)>>, HttpError> {
+        let url = self.endpoint.url("api/FieldInfo");
+        let what = describe(&Method::GET, &url);
+        let reply = self
+            .endpoint
+            .send(Method::GET, url, Retry::Idempotent, cancel, |rb| rb)
+            .await?;
+        if reply.status == 404 {
+            return Ok(None);
+        }
+        if !reply.is_success() {
+            return Err(HttpError::Status {
+                conn: self.endpoint.name.clone(),
+                what,
+                status: reply.status,
+                snippet: reply.snippet(),
+                attempts: reply.attempts,
+            });
+        }
+        let v: Value = serde_json::from_slice(&reply.body).unwrap_or(Value::Null);
+        // An array, or an object holding one (`{"fields": [...]}`), as Halo versions differ.
+        let list = v.as_array().or_else(|| {
+            v.as_object()
+                .and_then(|o| o.values().find_map(Value::as_array))
+        });
+        Ok(Some(
+            list.map(|a| {
+                a.iter()
+                    .filter_map(|f| {
+                        Some((
+                            f.get("id")?.as_i64()?,
+                            f.get("name")
+                                .and_then(Value::as_str)
+                                .unwrap_or("")
+                                .to_string(),
+                        ))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
         ))
     }
 

@@ -16,6 +16,7 @@ pub mod health;
 pub mod in_doubt;
 pub mod lock;
 pub mod owed;
+pub mod refusals;
 // S-360
 mod s360;
 // Ticket Co x Airship

@@ -278,6 +278,7 @@ pub async fn contacts(
             .collect();
         let mut links = Vec::new();
         let mut dead = Vec::new();
+        let mut refusals = super::refusals::Refusals::default();
         for rec in &page.records {
             let Some(id) = record_id(rec, &feed.id) else {
                 bad_record(
@@ -342,6 +343,7 @@ pub async fn contacts(
                             }
                             Ok(found) => found.into_iter().next(),
                             Err(e @ S360Error::Status { .. }) => {
+                                refusals.refused("search", &s360_reason(&e));
                                 refused_record(
                                     ctx,
                                     Some(id),
@@ -370,8 +372,10 @@ pub async fn contacts(
                 (None, Some(email)) => create_contact(ctx, &s360, &body, email).await?,
                 _ => s360.save_contact(&body, &ctx.cancel).await,
             };
+            let kind = if number.is_some() { "update" } else { "create" };
             match saved {
                 Ok(n) => {
+                    refusals.accepted(kind);
                     if number.is_some() {
                         counts.updated += 1;
                     } else {
@@ -381,6 +385,7 @@ pub async fn contacts(
                     links.push((id, n));
                 }
                 Err(e @ S360Error::Status { .. }) | Err(e @ S360Error::Malformed { .. }) => {
+                    refusals.refused(kind, &s360_reason(&e));
                     refused_record(ctx, Some(id), rec, e.to_string(), counts, &mut dead);
                 }
                 Err(e) => {
@@ -388,6 +393,13 @@ pub async fn contacts(
                     return Err(fatal(e));
                 }
             }
+        }
+        // Every save of the page refused for one reason is the configuration, not the records.
+        if let Some(msg) =
+            refusals.message("S-360", "contacts", super::refusals::KEPT_BEFORE_CURSOR)
+        {
+            commit_partial(ctx, links, dead).await?;
+            return Err(RunError::Setup(msg));
         }
         let next = page.next_cursor.clone().or_else(|| cursor.clone());
         ctx.store
@@ -403,6 +415,14 @@ pub async fn contacts(
         if !page.has_more || page.records.is_empty() {
             return Ok(Flow::Done);
         }
+    }
+}
+
+/// What S-360 said, without the record: its statusCode and statusDetail.
+fn s360_reason(e: &S360Error) -> String {
+    match e {
+        S360Error::Status { code, detail, .. } => format!("{code}: {detail}"),
+        other => other.to_string(),
     }
 }
 

@@ -419,6 +419,95 @@ async fn find_unlinked(
     }
 }
 
+// ---------------------------------------------------------------- IO: validate --online
+
+/// `validate --online` for one stream: what its `[streams.X.halo]` options name exists in
+/// Halo (the default site; the custom fields of `id_field` and `custom_fields`). One line
+/// per check: `Ok` says what was found, `Err` what is missing (issue 19, item 5).
+pub async fn check_options(
+    http: &crate::http::Http,
+    config: &crate::config::Config,
+    spec: &crate::config::StreamSpec,
+    opts: &HaloOptions,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> Vec<Result<String, String>> {
+    let stream = &spec.name;
+    let Some(conn) = config.connections.get(&spec.target) else {
+        return vec![Err(format!(
+            "stream {stream:?}: target {:?} is not configured",
+            spec.target
+        ))];
+    };
+    let halo = match HaloClient::connect(http, conn, cancel).await {
+        Ok(h) => h,
+        Err(e) => return vec![Err(format!("stream {stream:?}: {e}"))],
+    };
+    let mut out = Vec::new();
+    match halo.sites(cancel).await {
+        Ok(sites) => match sites.iter().find(|(id, _)| *id == opts.default_site) {
+            Some((id, name)) => out.push(Ok(format!(
+                "stream {stream:?}: default_site {id} is Halo's site {name:?}"
+            ))),
+            None => out.push(Err(format!(
+                "stream {stream:?}: `halo.default_site` {} is not a site in Halo (its sites: {})",
+                opts.default_site,
+                sites
+                    .iter()
+                    .map(|(id, n)| format!("{id} {n:?}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))),
+        },
+        Err(e) => out.push(Err(format!(
+            "stream {stream:?}: cannot list Halo's sites: {e}"
+        ))),
+    }
+    let mut wanted: Vec<(String, &CustomRef)> = Vec::new();
+    if let IdField::Custom(r) = &opts.id_field {
+        wanted.push(("halo.id_field".into(), r));
+    }
+    for (r, _) in &opts.custom_fields {
+        wanted.push(("halo.custom_fields".into(), r));
+    }
+    if wanted.is_empty() {
+        return out;
+    }
+    match halo.custom_fields(cancel).await {
+        Ok(Some(fields)) => {
+            for (key, r) in wanted {
+                let found = fields.iter().find(|(id, name)| match r {
+                    CustomRef::Id(want) => id == want,
+                    CustomRef::Name(want) => name.eq_ignore_ascii_case(want),
+                });
+                match found {
+                    Some((id, name)) => out.push(Ok(format!(
+                        "stream {stream:?}: `{key}` custom field {name:?} (ID {id}) exists in Halo"
+                    ))),
+                    None => out.push(Err(format!(
+                        "stream {stream:?}: `{key}` names custom field {} that Halo does not have (its custom fields: {})",
+                        match r {
+                            CustomRef::Id(id) => format!("ID {id}"),
+                            CustomRef::Name(n) => format!("{n:?}"),
+                        },
+                        fields
+                            .iter()
+                            .map(|(id, n)| format!("{n} ({id})"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ))),
+                }
+            }
+        }
+        Ok(None) => out.push(Ok(format!(
+            "stream {stream:?}: custom fields not checked (this Halo has no /api/FieldInfo)"
+        ))),
+        Err(e) => out.push(Err(format!(
+            "stream {stream:?}: cannot list Halo's custom fields: {e}"
+        ))),
+    }
+    out
+}
+
 // ---------------------------------------------------------------- IO: the run
 
 /// One line of `usher import`'s report: what happened (or, dry, would happen) to an event.
@@ -842,6 +931,22 @@ async fn process_page(
     }
     if let Some(e) = failure {
         saved.extend(resolve_creates(ctx, opts, halo, lookup, unsettled, e).await?);
+    }
+    // Every create (or update) of the page refused for one reason is the configuration.
+    let mut refusals = super::refusals::Refusals::default();
+    for (w, outcome) in &saved {
+        let kind = if w.halo_id.is_none() {
+            "create"
+        } else {
+            "update"
+        };
+        match outcome {
+            Ok(_) => refusals.accepted(kind),
+            Err(reason) => refusals.refused(kind, reason),
+        }
+    }
+    if let Some(msg) = refusals.message("Halo", "users", super::refusals::KEPT_BEFORE_CURSOR) {
+        return Err(RunError::Setup(msg));
     }
     for (w, outcome) in saved {
         let e = &events[w.event];

@@ -395,16 +395,47 @@ pub async fn check_venues(
             ))];
         }
     };
-    o.venues
+    let mut out: Vec<Result<String, String>> = o
+        .venues
         .iter()
         .map(|v| match unit_for(v, o.unit_ids.get(v).copied(), &units) {
+            // An explicit unit ID must be one of the account's units too.
+            Some(id) if o.unit_ids.contains_key(v) && !units.iter().any(|u| u.id == id) => {
+                Err(format!(
+                    "stream {:?}: `airship.unit_ids.\"{v}\"` = {id} is not a unit of this Airship account (its units: {})",
+                    spec.name,
+                    units
+                        .iter()
+                        .map(|u| format!("{} {:?}", u.id, u.name))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            }
             Some(id) => Ok(format!("stream {:?}: venue {v:?} → Airship unit {id}", spec.name)),
             None => Err(format!(
                 "stream {:?}: venue {v:?} has no Airship unit (no unit of that name in /account/units; set `unit_ids.\"{v}\"`)",
                 spec.name
             )),
         })
-        .collect()
+        .collect();
+    // Groups (and their folder) are made by Airship on a unit when a contact first names
+    // them (vendor-apis: `POST /contact`): there is nothing to check before, say so.
+    let mut groups = vec![o.booking_group.clone()];
+    groups.extend(o.event_tags.iter().cloned());
+    out.push(Ok(format!(
+        "stream {:?}: groups {} are created on each unit by Airship when first used{}",
+        spec.name,
+        groups
+            .iter()
+            .map(|g| format!("{g:?}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        o.tag_folder
+            .as_deref()
+            .map(|f| format!(" (tag groups in folder {f:?})"))
+            .unwrap_or_default()
+    )));
+    out
 }
 
 /// The contact a `POST /contact` body is upserted as: e-mail (trimmed, lowercase), else
@@ -1103,11 +1134,23 @@ async fn batch(
         .collect()
         .await;
     let mut fatal = None;
+    let mut refusals = super::refusals::Refusals::default();
     for (r, ev, action, res) in results {
         if res.is_err()
             && let Some(e) = per_event.get_mut(&ev)
         {
             e.1 = false;
+        }
+        let kind = match &action {
+            Action::New { .. } => "new booking",
+            _ => "booking update",
+        };
+        match &res {
+            Ok(_) => refusals.accepted(kind),
+            Err(WriteError::Refused { status, reason, .. }) => {
+                refusals.refused(kind, &format!("HTTP {status}: {reason}"))
+            }
+            Err(_) => {}
         }
         match (action, res) {
             (Action::New { hash, .. }, Ok(id)) => {
@@ -1185,7 +1228,17 @@ async fn batch(
     }
     match fatal {
         Some(e) => Err(RunError::Target(e)),
-        None => Ok(()),
+        // Every booking of the batch refused for one reason (a unit, a source or type ID
+        // Airship does not have): the configuration, not the bookings. They stay owed; the
+        // run stops here with the reason instead of refusing the rest one by one.
+        None => match refusals.message(
+            "Airship",
+            "bookings",
+            "they stay owed and are sent again by the next run",
+        ) {
+            Some(msg) => Err(RunError::Setup(msg)),
+            None => Ok(()),
+        },
     }
 }
 

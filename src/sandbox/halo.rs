@@ -382,6 +382,10 @@ impl HaloFake {
             .route("/auth/token", post(token).layer(layer("halo.token")))
             .route("/api/users", users)
             .route("/api/site", get(sites).layer(layer("halo.site")))
+            .route(
+                "/api/FieldInfo",
+                get(field_info).layer(layer("halo.fieldinfo")),
+            )
             .with_state(self.clone())
     }
 
@@ -523,6 +527,20 @@ async fn save_users(State(f): State<HaloFake>, headers: HeaderMap, body: Bytes) 
     let body = serde_json::to_vec(&saved).expect("serializes");
     drop(i);
     ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+/// The custom fields, as Halo's `FieldInfo` lists them.
+async fn field_info(State(f): State<HaloFake>, headers: HeaderMap) -> Response {
+    if !f.authorized(&headers) {
+        return error(StatusCode::UNAUTHORIZED, "invalid_token");
+    }
+    let i = f.inner.lock().unwrap();
+    let fields: Vec<Value> = i
+        .custom_fields
+        .iter()
+        .map(|(id, name)| json!({"id": id, "name": name, "usage": 1}))
+        .collect();
+    axum::Json(fields).into_response()
 }
 
 async fn sites(State(f): State<HaloFake>, headers: HeaderMap) -> Response {
