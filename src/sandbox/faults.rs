@@ -14,6 +14,9 @@ use axum::response::{IntoResponse, Response};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Fault {
+    /// No fault: the request is handled as usual (to space faults out in a queue, e.g.
+    /// four of these and a `Status(500)` for a 20 % error rate).
+    Pass,
     /// Answer with this status and a short JSON error.
     Status(u16),
     /// 429 or 509 with `Retry-After` in seconds.
@@ -145,7 +148,7 @@ pub async fn layer(
         .or_else(|| faults.take(&format!("{route}:{method}")));
     let index = faults.log(route, arrived, fault.clone());
     let resp = match fault {
-        None => next.run(req).await,
+        None | Some(Fault::Pass) => next.run(req).await,
         Some(Fault::Status(s)) => json_error(s, "injected failure"),
         Some(Fault::RateLimited {
             status,
