@@ -35,6 +35,57 @@ pub struct Registry {
     pub heartbeat: AtomicU64,
     // S-360: the webhook receiver's connections and refusals.
     pub receiver: ReceiverMetrics,
+    /// Whether the state can be written (for /healthz, `usher status` and the scheduler).
+    pub state: StateHealth,
+    /// Log lines that could not be written (stdout closed or full, the log directory full).
+    pub log_write_errors: AtomicU64,
+}
+
+/// The state's last write failure, until a write goes through again. Set and cleared by
+/// `Store::call` from the result of every statement, so it is the truth of the last write.
+#[derive(Default)]
+pub struct StateHealth {
+    error: Mutex<Option<StateError>>,
+    /// Failed statements on the state (any kind of storage fault), since the start.
+    pub errors_total: AtomicU64,
+    /// Bumped at every change of `error`, so that the daemon passes changes on cheaply.
+    pub generation: AtomicU64,
+}
+
+/// Since when the state cannot be written, and the last error.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StateError {
+    pub since: DateTime<Utc>,
+    pub last: DateTime<Utc>,
+    pub error: String,
+}
+
+impl StateHealth {
+    /// A statement failed on a storage fault (disk full, I/O error, damage, permissions).
+    pub fn failed(&self, error: String) {
+        self.errors_total.fetch_add(1, Ordering::Relaxed);
+        let now = Utc::now();
+        let mut e = self.error.lock().unwrap_or_else(|p| p.into_inner());
+        let since = e.as_ref().map_or(now, |e| e.since);
+        *e = Some(StateError {
+            since,
+            last: now,
+            error,
+        });
+        self.generation.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A write went through: the state can be written again.
+    pub fn written(&self) {
+        let mut e = self.error.lock().unwrap_or_else(|p| p.into_inner());
+        if e.take().is_some() {
+            self.generation.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn error(&self) -> Option<StateError> {
+        self.error.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
 }
 
 /// The S-360 receiver under load: what it accepted, closed and refused. Counters only grow;
@@ -415,6 +466,21 @@ impl Registry {
                 );
             }
         }
+        let _ = writeln!(
+            out,
+            "# HELP usher_state_writable 1 while the state database can be written, 0 since a write failed and until one goes through.\n# TYPE usher_state_writable gauge\nusher_state_writable {}",
+            u8::from(self.state.error().is_none())
+        );
+        let _ = writeln!(
+            out,
+            "# HELP usher_state_errors_total Statements on the state database that failed on a storage fault (disk full, I/O, permissions, damage).\n# TYPE usher_state_errors_total counter\nusher_state_errors_total {}",
+            self.state.errors_total.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP usher_log_write_errors_total Log lines that could not be written.\n# TYPE usher_log_write_errors_total counter\nusher_log_write_errors_total {}",
+            self.log_write_errors.load(Ordering::Relaxed)
+        );
         self.receiver.render(&mut out);
         process_metrics(&mut out);
         out

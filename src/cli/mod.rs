@@ -1,5 +1,8 @@
-//! The subcommands. Each returns an exit code: 0 fine, 1 failed, 65 the state database is
-//! unusable, 78 (EX_CONFIG) the configuration is invalid.
+//! The subcommands. Each returns an exit code: 0 fine, 1 failed, 65 (EX_DATAERR) the state
+//! database cannot be used (damaged, written by a newer usher, not usher's, moved away from
+//! under the daemon), 75 (EX_TEMPFAIL) the state cannot be used for now (the disk full, an
+//! I/O error, the file busy: systemd starts usher again), 77 (EX_NOPERM) usher may not open
+//! or write the state, 78 (EX_CONFIG) the configuration is invalid.
 
 mod bench;
 mod demo;
@@ -22,13 +25,25 @@ use crate::config::{self, LogFormat, Problem};
 pub const EX_OK: i32 = 0;
 pub const EX_FAIL: i32 = 1;
 pub const EX_DATAERR: i32 = 65;
+pub const EX_TEMPFAIL: i32 = 75;
+pub const EX_NOPERM: i32 = 77;
 pub const EX_CONFIG: i32 = 78;
+
+/// The exit code for a state that cannot be used, by what is at fault.
+pub fn fault_code(f: crate::store::Fault) -> i32 {
+    match f {
+        crate::store::Fault::Transient => EX_TEMPFAIL,
+        crate::store::Fault::Permission => EX_NOPERM,
+        crate::store::Fault::Unusable => EX_DATAERR,
+    }
+}
 
 #[derive(Parser, Debug)]
 #[command(
     name = "usher",
     version,
-    about = "Moves people and bookings between ticketing systems and the systems around them, on a schedule, without losing or duplicating a record."
+    about = "Moves people and bookings between ticketing systems and the systems around them, on a schedule, without losing or duplicating a record.",
+    after_help = "Exit codes: 0 done; 1 failed; 65 the state database cannot be used (damaged, from a newer usher, moved away under the daemon); 75 the state cannot be used for now (disk full, I/O error, busy: systemd restarts usher); 77 no permission on the state; 78 the configuration is invalid."
 )]
 pub struct Cli {
     /// The main configuration file; drop-ins are read from `usher.d/` beside it.

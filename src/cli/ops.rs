@@ -20,7 +20,20 @@ pub(super) fn load(source: &config::Source) -> Result<Config, i32> {
 
 pub(super) fn store_error(e: &StoreError) -> i32 {
     eprintln!("usher: {e}");
-    EX_DATAERR
+    let fault = e.fault();
+    if fault == crate::store::Fault::Transient {
+        eprintln!(
+            "usher: this may pass (exit 75: systemd starts usher again); free space or fix the disk and it goes on by itself"
+        );
+    }
+    super::fault_code(fault)
+}
+
+/// A state-directory lock that could not be taken: 1 when another process holds it, else
+/// by what is at fault (as the state's own errors).
+fn lock_error(e: &LockError) -> i32 {
+    eprintln!("usher: {e}");
+    e.fault().map_or(EX_FAIL, super::fault_code)
 }
 
 pub async fn run(source: config::Source, format: LogFormat) -> i32 {
@@ -37,23 +50,32 @@ pub async fn run(source: config::Source, format: LogFormat) -> i32 {
         Ok(l) => l,
         Err(e) => {
             tracing::error!(error = %e, "not starting");
-            eprintln!("usher: {e}");
-            return EX_FAIL;
+            return lock_error(&e);
         }
     };
-    let store = match Store::open(&state_dir) {
+    let checked = Instant::now();
+    let store = match Store::open_checked(&state_dir) {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(error = %e, "not starting");
             return store_error(&e);
         }
     };
+    tracing::debug!(
+        seconds = checked.elapsed().as_secs_f64(),
+        "state database checked (quick_check) and migrated"
+    );
     match daemon::run(source, config, store, lock).await {
-        Ok(()) => EX_OK,
+        Ok(daemon::Ended::Clean) => EX_OK,
+        Ok(daemon::Ended::Abandoned) => EX_FAIL,
+        Ok(daemon::Ended::StateGone) => EX_DATAERR,
         Err(e) => {
             tracing::error!(error = %e, "the daemon failed");
             eprintln!("usher: {e:#}");
-            EX_FAIL
+            match e.downcast_ref::<StoreError>() {
+                Some(se) => super::fault_code(se.fault()),
+                None => EX_FAIL,
+            }
         }
     }
 }
@@ -149,7 +171,8 @@ pub fn status(source: config::Source, json: bool) -> i32 {
         Err(e) => return store_error(&e),
     };
     let pid = lock::holder(state_dir);
-    let status = match crate::status::collect(&config, store.as_ref(), pid) {
+    let state_error = lock::state_note(state_dir);
+    let status = match crate::status::collect(&config, store.as_ref(), pid, state_error) {
         Ok(s) => s,
         Err(e) => return store_error(&e),
     };
@@ -278,10 +301,7 @@ pub fn cursor_reset(source: config::Source, stream: &str) -> i32 {
         Err(LockError::Held { pid: Some(pid), .. }) => {
             via_daemon(&state_dir, pid, Action::Reset, stream, "cursor reset")
         }
-        Err(e) => {
-            eprintln!("usher: {e}");
-            EX_FAIL
-        }
+        Err(e) => lock_error(&e),
     }
 }
 
@@ -305,10 +325,7 @@ pub async fn trigger(source: config::Source, stream: &str) -> i32 {
                 via_daemon(&state_dir, pid, Action::Trigger, stream, "trigger")
             });
         }
-        Err(e) => {
-            eprintln!("usher: {e}");
-            return EX_FAIL;
-        }
+        Err(e) => return lock_error(&e),
     };
     let config = match load(&source) {
         Ok(c) => c,

@@ -63,6 +63,24 @@ struct Armed {
 const MAX_EARLY_WAIT: Duration = Duration::from_secs(5);
 /// A difference between wall-clock and monotonic time elapsed beyond this is a clock jump.
 const CLOCK_JUMP: chrono::TimeDelta = chrono::TimeDelta::seconds(2);
+/// A stream whose run could not be recorded (the state cannot be written) tries again after
+/// this, then after twice as long each time, up to [`STATE_BACKOFF_MAX`], or at its next
+/// slot when that is later: not at every slot, and not long after the state is back.
+pub const STATE_BACKOFF_FIRST: Duration = Duration::from_secs(2);
+pub const STATE_BACKOFF_MAX: Duration = Duration::from_secs(300);
+
+/// How the daemon ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// Every run reached a safe point (committed, or stopped between pages).
+    Clean,
+    /// Runs were abandoned where they were (a second SIGTERM, or `shutdown_timeout`): what
+    /// they had not committed is pulled again at the next start.
+    Abandoned,
+    /// The state database at the configured path is no longer the one the daemon opened
+    /// (moved or deleted under it).
+    StateGone,
+}
 
 enum Event {
     /// A schedule fired. The generation tells stale jobs (from before a reload) apart.
@@ -70,6 +88,12 @@ enum Event {
     /// The stream's run lock was released (a run ended, or an operator action on it did):
     /// a trigger that found it held runs now.
     Free(String),
+    /// A run ended; `recorded` is false when the state could not record its start (so it
+    /// did not run, and the stream backs off).
+    RunEnded {
+        stream: String,
+        recorded: bool,
+    },
     ControlDone(PathBuf),
 }
 
@@ -95,7 +119,10 @@ pub struct Daemon {
     shared: Arc<std::sync::RwLock<Arc<Config>>>,
     // S-360: the webhook receiver (when `[receiver]` is configured).
     receiver: Option<crate::receiver::Receiver>,
-    _lock: StateLock,
+    /// Streams whose last run could not be recorded: how long they wait before the next try.
+    backoff: HashMap<String, Duration>,
+    /// Also where `usher status` learns that the state cannot be written.
+    lock: StateLock,
 }
 
 /// Starts the daemon and runs it until SIGTERM/SIGINT. Returns once every run has reached
@@ -105,7 +132,7 @@ pub async fn run(
     config: Config,
     store: Store,
     lock: StateLock,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Ended> {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let sched = JobScheduler::new().await?;
     sched.start().await?;
@@ -133,7 +160,8 @@ pub async fn run(
         tracker: TaskTracker::new(),
         in_progress: HashSet::new(),
         receiver: None,
-        _lock: lock,
+        backoff: HashMap::new(),
+        lock,
     };
     // S-360: start receiving before READY=1; a bind failure is a start-up error.
     d.receiver =
@@ -185,6 +213,7 @@ pub async fn run(
     control_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
     let mut clocks = (Utc::now(), std::time::Instant::now());
+    let mut state_generation = 0;
 
     loop {
         tokio::select! {
@@ -212,10 +241,12 @@ pub async fn run(
                 Event::ControlDone(path) => {
                     d.in_progress.remove(&path);
                 }
+                Event::RunEnded { stream, recorded } => d.on_run_ended(&stream, recorded).await,
             },
             _ = control_tick.tick() => d.process_control(),
             _ = heartbeat.tick() => {
                 crate::metrics::METRICS.beat();
+                d.note_state(&mut state_generation);
                 if let Some(jump) = clock_jump(&mut clocks) {
                     tracing::warn!(
                         jump_secs = jump.num_milliseconds() as f64 / 1000.0,
@@ -251,7 +282,7 @@ pub async fn run(
         );
     }
     tracing::info!("stopped");
-    Ok(())
+    Ok(Ended::Clean)
 }
 
 /// The wall clock's jump since the last check, when it is larger than [`CLOCK_JUMP`]: the
@@ -399,6 +430,59 @@ impl Daemon {
         self.arm(stream, next).await;
     }
 
+    /// A run ended. One whose start the state could not record did not run: the stream
+    /// waits before it tries again (doubling, see [`STATE_BACKOFF_FIRST`]) instead of trying
+    /// at every slot; one that was recorded ends the wait.
+    async fn on_run_ended(&mut self, stream: &str, recorded: bool) {
+        if recorded {
+            if self.backoff.remove(stream).is_some() {
+                tracing::info!(
+                    stream,
+                    "the state can be written again; the stream is back on its schedule"
+                );
+            }
+            return;
+        }
+        let wait = match self.backoff.get(stream) {
+            Some(w) => (*w * 2).min(STATE_BACKOFF_MAX),
+            None => STATE_BACKOFF_FIRST,
+        };
+        self.backoff.insert(stream.to_string(), wait);
+        let Some(armed) = self.jobs.get(stream) else {
+            return;
+        };
+        let retry = Utc::now() + chrono::TimeDelta::from_std(wait).unwrap_or_default();
+        let at = if armed.slot < retry {
+            if let Some(armed) = self.jobs.remove(stream) {
+                let _ = self.sched.remove(&armed.id).await;
+            }
+            self.arm(stream, retry).await;
+            retry
+        } else {
+            armed.slot
+        };
+        tracing::warn!(
+            stream,
+            next_try = %at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            wait_secs = wait.as_secs(),
+            "the state cannot be written: the stream does not run until it can, and tries again then"
+        );
+    }
+
+    /// Passes a change of the state's writability on to the lock file, where `usher status`
+    /// reads it (the database cannot hold it: it is what cannot be written).
+    fn note_state(&self, seen: &mut u64) {
+        let state = &crate::metrics::METRICS.state;
+        let generation = state.generation.load(Ordering::Relaxed);
+        if generation == *seen {
+            return;
+        }
+        *seen = generation;
+        if let Err(e) = self.lock.note_state(state.error().as_ref()) {
+            tracing::warn!(lock = %self.lock.path.display(), error = %e, "cannot note the state's trouble in the lock file for `usher status`");
+        }
+    }
+
     /// Starts a run unless one of the same stream is going.
     fn start_run(&mut self, stream: &str, trigger: &'static str) {
         let Some(spec) = self.config.streams.get(stream).cloned() else {
@@ -449,7 +533,11 @@ impl Daemon {
                 _ = ctx.cancel.cancelled() => None,
             };
             if permit.is_some() {
-                run_stream(&ctx, trigger).await;
+                let report = run_stream(&ctx, trigger).await;
+                let _ = tx.send(Event::RunEnded {
+                    stream: name.clone(),
+                    recorded: report.outcome != super::NOT_RECORDED,
+                });
             }
             drop(permit);
             drop(guard);

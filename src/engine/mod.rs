@@ -153,7 +153,12 @@ pub struct RunReport {
     pub seconds: f64,
 }
 
-/// Runs one stream once and records the run (start, end, outcome, counts, error).
+/// The outcome of a run that did not start because the state could not record its start
+/// (never stored: the state could not take it).
+pub const NOT_RECORDED: &str = "not recorded";
+
+/// Runs one stream once and records the run (start, end, outcome, counts, error). A run
+/// whose start cannot be recorded does not run ([`NOT_RECORDED`]).
 pub async fn run_stream(ctx: &RunCtx, trigger: &str) -> RunReport {
     let started = Instant::now();
     let name = ctx.spec.name.clone();
@@ -169,11 +174,22 @@ pub async fn run_stream(ctx: &RunCtx, trigger: &str) -> RunReport {
             seconds: 0.0,
         };
     }
+    // A run the state cannot record writes to no target: nothing else is tried (the
+    // daemon waits before the stream's next attempt, see `daemon::STATE_BACKOFF_FIRST`).
     let run_id = match ctx.store.run_started(&name, trigger).await {
-        Ok(id) => Some(id),
+        Ok(id) => id,
         Err(e) => {
-            tracing::error!(stream = %name, error = %e, "cannot record the run's start");
-            None
+            tracing::error!(stream = %name, trigger, error = %e,
+                "cannot record the run's start; the run does not start (a run the state cannot record writes to no target)");
+            return RunReport {
+                stream: name,
+                outcome: NOT_RECORDED,
+                counts: Counts::default(),
+                error: Some(format!(
+                    "not run: the state cannot record the run's start: {e}"
+                )),
+                seconds: started.elapsed().as_secs_f64(),
+            };
         }
     };
     tracing::info!(stream = %name, trigger, "run started");
@@ -194,11 +210,10 @@ pub async fn run_stream(ctx: &RunCtx, trigger: &str) -> RunReport {
         }
         Err(e) => ("failed", Some(e.to_string())),
     };
-    if let Some(id) = run_id
-        && let Err(e) = ctx
-            .store
-            .run_finished(id, outcome, counts, error.clone())
-            .await
+    if let Err(e) = ctx
+        .store
+        .run_finished(run_id, outcome, counts, error.clone())
+        .await
     {
         tracing::error!(stream = %name, error = %e, "cannot record the run's end");
     }

@@ -1,0 +1,201 @@
+//! The state and the process (issue 24, items 7–12): a state that cannot be written (a
+//! full disk, for real, on a tmpfs the test mounts), a full disk at start, a state directory
+//! moved or deleted under the daemon, a damaged state and the way back (backup, restore,
+//! start again), and the process's own troubles.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{
+    Env, Tmpfs, crm_stream_config, free_port, get, query_i64, stderr, stdout, wait_until,
+};
+use usher::sandbox::Sandbox;
+
+async fn sandbox(contacts: u64) -> Sandbox {
+    let s = Sandbox::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    s.crm.add_contacts(contacts);
+    s
+}
+
+fn base(s: &Sandbox) -> String {
+    format!("http://{}", s.addr)
+}
+
+fn with_metrics(port: u16, cfg: &str) -> String {
+    format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n{cfg}")
+}
+
+/// Before: with the state's disk full, every slot logged "cannot record the run's start"
+/// and ran anyway, `/healthz` said 200 and `status` showed nothing wrong. Now a run that
+/// cannot record its start does not run, the stream tries again after a growing pause,
+/// `/healthz` and `status` say the state cannot be written, and all of it clears by itself
+/// once there is room again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_run_the_state_cannot_record_does_not_run_and_health_and_status_say_why() {
+    let env = Env::new();
+    let Some(disk) = Tmpfs::mount(&env.state_dir(), "8m") else {
+        return;
+    };
+    let s = sandbox(30).await;
+    let port = free_port();
+    env.write_config(&with_metrics(
+        port,
+        &crm_stream_config(&base(&s), "1s", 10_000, 50),
+    ));
+    let d = env.spawn_daemon();
+    d.wait_ready();
+    assert!(
+        wait_until(Duration::from_secs(20), || s.crm.accepted_records().len()
+            == 30),
+        "{}",
+        d.log()
+    );
+    assert_eq!(get(port, "/healthz").await.0, 200);
+
+    disk.fill();
+    let filled = Instant::now();
+    let log_before = d.log().matches("cannot record the run's start").count();
+    s.crm.add_contacts(20);
+    // /healthz says why (within a slot or two).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let health = loop {
+        let h = get(port, "/healthz").await;
+        if h.0 == 503 || Instant::now() > deadline {
+            break h;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(health.0, 503, "{health:?}; log:\n{}", d.log());
+    assert!(
+        health.1.contains("state cannot be written") && health.1.contains("full"),
+        "{}",
+        health.1
+    );
+    let runs = query_i64(&env.db_path(), "SELECT COUNT(*) FROM runs");
+    // `status` says it too, from what the daemon noted in its lock file.
+    let mut text = String::new();
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            text = stdout(&env.cli(&["status"]));
+            text.contains("the daemon could not write the state database at")
+        }),
+        "{text}"
+    );
+    assert!(text.contains("full"), "{text}");
+    let json: serde_json::Value =
+        serde_json::from_slice(&env.cli(&["status", "--json"]).stdout).unwrap();
+    assert!(json["state_error"]["error"].is_string(), "{json}");
+    let metrics = get(port, "/metrics").await.1;
+    assert!(metrics.contains("usher_state_writable 0"), "{metrics}");
+
+    // Ten seconds of 1 s slots: no run recorded, nothing sent, and a few tries, not ten.
+    tokio::time::sleep(Duration::from_secs(10).saturating_sub(filled.elapsed())).await;
+    assert_eq!(
+        query_i64(&env.db_path(), "SELECT COUNT(*) FROM runs"),
+        runs,
+        "no run started"
+    );
+    assert_eq!(s.crm.accepted_records().len(), 30, "nothing sent");
+    let tries = d.log().matches("cannot record the run's start").count() - log_before;
+    assert!(
+        (1..=5).contains(&tries),
+        "{tries} tries in 10 s of 1 s slots; log:\n{}",
+        d.log()
+    );
+
+    // Room again: the stream goes on by itself, and health and status clear.
+    disk.unfill();
+    assert!(
+        wait_until(Duration::from_secs(40), || s.crm.accepted_records().len()
+            == 50),
+        "{}",
+        d.log()
+    );
+    assert!(
+        {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if get(port, "/healthz").await.0 == 200 {
+                    break true;
+                }
+                if Instant::now() > deadline {
+                    break false;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        },
+        "healthz clears"
+    );
+    assert!(wait_until(Duration::from_secs(5), || !stdout(
+        &env.cli(&["status"])
+    )
+    .contains("could not write the state")));
+    drop(d);
+}
+
+/// Before: a migration on a full disk exited 65, which the unit does not restart, so the
+/// service stayed down after the space came back. Now it exits 75 (EX_TEMPFAIL), which the
+/// unit restarts, and starts once there is room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_disk_at_start_exits_75_and_the_next_start_works() {
+    let env = Env::new();
+    let Some(disk) = Tmpfs::mount(&env.state_dir(), "2m") else {
+        return;
+    };
+    let s = sandbox(5).await;
+    env.write_config(&crm_stream_config(&base(&s), "1h", 10_000, 50));
+    // A state from an earlier start (the lock file stays), then a new database to create
+    // and migrate on a full disk.
+    let mut d = env.spawn_daemon();
+    d.wait_ready();
+    d.signal(rustix::process::Signal::TERM);
+    assert_eq!(d.wait_exit(Duration::from_secs(20)), Some(Some(0)));
+    for f in ["usher.db", "usher.db-wal", "usher.db-shm"] {
+        let _ = std::fs::remove_file(env.state_dir().join(f));
+    }
+    disk.fill();
+    let out = env.cli(&["run"]);
+    assert_eq!(out.status.code(), Some(75), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("full") && stderr(&out).contains("systemd starts usher again"),
+        "{}",
+        stderr(&out)
+    );
+    disk.unfill();
+    let d = env.spawn_daemon();
+    d.wait_ready();
+    assert!(wait_until(Duration::from_secs(20), || s
+        .crm
+        .accepted_records()
+        .len()
+        == 5));
+}
+
+/// The unit restarts what may pass (75) and nothing that cannot (65, 77, 78).
+#[test]
+fn the_unit_restarts_a_temporary_failure_and_not_a_lasting_one() {
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/systemd/usher.service"
+    ))
+    .unwrap();
+    let value = |key: &str| -> Vec<String> {
+        unit.lines()
+            .filter_map(|l| l.strip_prefix(&format!("{key}=")))
+            .flat_map(|v| v.split_whitespace().map(str::to_string))
+            .collect()
+    };
+    assert_eq!(value("Restart"), ["on-failure"]);
+    let prevent = value("RestartPreventExitStatus");
+    for code in ["65", "77", "78"] {
+        assert!(prevent.iter().any(|c| c == code), "{code} in {prevent:?}");
+    }
+    assert!(
+        !prevent.iter().any(|c| c == "75"),
+        "75 must be restarted: {prevent:?}"
+    );
+    assert!(value("SuccessExitStatus").iter().all(|c| c != "75"));
+}
