@@ -199,3 +199,93 @@ fn the_unit_restarts_a_temporary_failure_and_not_a_lasting_one() {
     );
     assert!(value("SuccessExitStatus").iter().all(|c| c != "75"));
 }
+
+/// Before: a state directory moved away under the daemon went unnoticed: it kept
+/// committing into the moved files, `status` said "not running", and a second daemon
+/// started on a fresh state beside it. Now the daemon notices within a second, holds the
+/// configured path while its runs finish their page, and exits 65; a second daemon started
+/// meanwhile is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_state_directory_moved_under_the_daemon_stops_it_and_no_second_daemon_starts() {
+    let s = sandbox(2000).await;
+    // Slow answers: a run is in the middle of a POST when the directory moves, and finishes
+    // it (and its page) before the daemon exits.
+    s.crm.faults.push(
+        "crm.hook",
+        usher::sandbox::Fault::Slow(Duration::from_secs(8)),
+        1000,
+    );
+    let env = Env::new();
+    env.write_config(
+        &crm_stream_config(&base(&s), "1s", 100_000, 25)
+            .replace("timeout = \"3s\"", "timeout = \"30s\""),
+    );
+    let mut d = env.spawn_daemon();
+    d.wait_ready();
+    assert!(wait_until(Duration::from_secs(20), || !s
+        .crm
+        .faults
+        .calls_to("crm.hook")
+        .is_empty()));
+    let moved = env.dir.path().join("state.moved");
+    std::fs::rename(env.state_dir(), &moved).unwrap();
+    assert!(
+        d.wait_log(
+            "is no longer the one this daemon works on",
+            Duration::from_secs(5)
+        ),
+        "{}",
+        d.log()
+    );
+    let log = d.log();
+    assert!(
+        log.contains(&format!("{}/usher.db is gone", env.state_dir().display()))
+            && log.contains(&format!("is now {}/usher.db", moved.display())),
+        "names both paths:\n{log}"
+    );
+    // A second daemon on the configured path, while the first still finishes its page.
+    let out = env.cli(&["run"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!("another usher (pid {})", d.pid())),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        d.wait_exit(Duration::from_secs(30)),
+        Some(Some(65)),
+        "{}",
+        d.log()
+    );
+    // The moved state is whole: its last run stopped at a safe point.
+    let outcome: String = common::db(&moved.join("usher.db"))
+        .query_row(
+            "SELECT outcome FROM runs ORDER BY id DESC LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(outcome, "stopped");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_state_directory_deleted_under_the_daemon_stops_it() {
+    let s = sandbox(5).await;
+    let env = Env::new();
+    env.write_config(&crm_stream_config(&base(&s), "1h", 10_000, 50));
+    let mut d = env.spawn_daemon();
+    d.wait_ready();
+    assert!(wait_until(Duration::from_secs(20), || s
+        .crm
+        .accepted_records()
+        .len()
+        == 5));
+    std::fs::remove_dir_all(env.state_dir()).unwrap();
+    assert_eq!(
+        d.wait_exit(Duration::from_secs(10)),
+        Some(Some(65)),
+        "{}",
+        d.log()
+    );
+    assert!(d.log().contains("usher.db (deleted)"), "{}", d.log());
+}

@@ -69,6 +69,93 @@ const CLOCK_JUMP: chrono::TimeDelta = chrono::TimeDelta::seconds(2);
 pub const STATE_BACKOFF_FIRST: Duration = Duration::from_secs(2);
 pub const STATE_BACKOFF_MAX: Duration = Duration::from_secs(300);
 
+/// The files the daemon works on, as it opened them. Checked against the configured paths
+/// every second: a state directory moved, deleted or replaced under the daemon is noticed,
+/// and the daemon stops instead of working on a state nobody sees (`status` reads the
+/// configured path) beside a second daemon that started a fresh one there.
+struct Identity {
+    db: PathBuf,
+    db_id: (u64, u64),
+    lock: PathBuf,
+    lock_id: (u64, u64),
+}
+
+/// What became of the state at the configured path.
+enum Drift {
+    /// The database there is another file, or none: the daemon stops.
+    Gone(String),
+    /// Only the lock file was removed or replaced: take it again.
+    Lock(String),
+}
+
+fn file_id(p: &std::path::Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(p)?;
+    Ok((m.dev(), m.ino()))
+}
+
+/// Where a file this process has open is now (its descriptor's link in /proc): the new
+/// path of a moved file, or the old one with " (deleted)".
+fn open_path_of(id: (u64, u64)) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir("/proc/self/fd")
+        .ok()?
+        .flatten()
+        .find_map(|e| {
+            let m = std::fs::metadata(e.path()).ok()?;
+            ((m.dev(), m.ino()) == id)
+                .then(|| std::fs::read_link(e.path()).ok())
+                .flatten()
+                .map(|p| p.display().to_string())
+        })
+}
+
+impl Identity {
+    fn new(store: &Store, lock: &StateLock) -> std::io::Result<Identity> {
+        Ok(Identity {
+            db: store.path().to_path_buf(),
+            db_id: file_id(store.path())?,
+            lock: lock.path.clone(),
+            lock_id: lock.identity()?,
+        })
+    }
+
+    fn check(&self) -> Option<Drift> {
+        let now = || {
+            open_path_of(self.db_id)
+                .map(|p| format!("the file this daemon has open is now {p}"))
+                .unwrap_or_else(|| "where the file this daemon has open is now is unknown".into())
+        };
+        match file_id(&self.db) {
+            Ok(id) if id == self.db_id => {}
+            Ok(_) => {
+                return Some(Drift::Gone(format!(
+                    "{} is another file than the one this daemon opened ({})",
+                    self.db.display(),
+                    now()
+                )));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Some(Drift::Gone(format!(
+                    "{} is gone: the state directory was moved or deleted ({})",
+                    self.db.display(),
+                    now()
+                )));
+            }
+            // Another error (an I/O error, permissions): not proof of a move.
+            Err(_) => return None,
+        }
+        match file_id(&self.lock) {
+            Ok(id) if id == self.lock_id => None,
+            Ok(_) => Some(Drift::Lock(format!("{} was replaced", self.lock.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Some(Drift::Lock(format!("{} was removed", self.lock.display())))
+            }
+            Err(_) => None,
+        }
+    }
+}
+
 /// How the daemon ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ended {
@@ -214,6 +301,11 @@ pub async fn run(
     let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
     let mut clocks = (Utc::now(), std::time::Instant::now());
     let mut state_generation = 0;
+    let mut identity = Identity::new(&d.store, &d.lock)?;
+    let mut ended = Ended::Clean;
+    // Held while stopping when the state directory was moved away, so that a second daemon
+    // started on the configured path meanwhile refuses instead of running beside this one.
+    let mut guard = None;
 
     loop {
         tokio::select! {
@@ -247,6 +339,36 @@ pub async fn run(
             _ = heartbeat.tick() => {
                 crate::metrics::METRICS.beat();
                 d.note_state(&mut state_generation);
+                match identity.check() {
+                    None => {}
+                    Some(Drift::Lock(what)) => match super::lock::acquire(&state_dir) {
+                        Ok(l) => {
+                            tracing::warn!(problem = %what, lock = %l.path.display(), "the lock file was taken again");
+                            if let Ok(id) = l.identity() {
+                                identity.lock_id = id;
+                            }
+                            d.lock = l;
+                        }
+                        Err(e) => {
+                            tracing::error!(problem = %what, error = %e,
+                                "the state directory's lock is no longer this daemon's; stopping so that two daemons never work on one state");
+                            ended = Ended::StateGone;
+                            break;
+                        }
+                    },
+                    Some(Drift::Gone(what)) => {
+                        guard = super::lock::acquire(&state_dir).ok();
+                        tracing::error!(
+                            problem = %what,
+                            state = %state_dir.display(),
+                            "the state database at the configured path is no longer the one this daemon works on; \
+                             stopping (runs finish their page in the file they have open; exit 65). Put the state \
+                             directory back and start usher again, or start it to begin a new state there (README, State)"
+                        );
+                        ended = Ended::StateGone;
+                        break;
+                    }
+                }
                 if let Some(jump) = clock_jump(&mut clocks) {
                     tracing::warn!(
                         jump_secs = jump.num_milliseconds() as f64 / 1000.0,
@@ -282,7 +404,8 @@ pub async fn run(
         );
     }
     tracing::info!("stopped");
-    Ok(Ended::Clean)
+    drop(guard);
+    Ok(ended)
 }
 
 /// The wall clock's jump since the last check, when it is larger than [`CLOCK_JUMP`]: the

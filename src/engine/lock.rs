@@ -118,6 +118,13 @@ fn block(pid: u32, state: Option<&crate::metrics::StateError>) -> Vec<u8> {
 }
 
 impl StateLock {
+    /// The lock file's device and inode, as this process holds it.
+    pub fn identity(&self) -> std::io::Result<(u64, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        let m = self.file.metadata()?;
+        Ok((m.dev(), m.ino()))
+    }
+
     /// Tells the CLI (through the lock file) that the state cannot be written, or no longer.
     /// Overwrites the block in place: no new space is needed on a full disk.
     pub fn note_state(&self, state: Option<&crate::metrics::StateError>) -> std::io::Result<()> {
