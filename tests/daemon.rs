@@ -465,3 +465,117 @@ async fn a_refused_payload_is_resent_identical_and_first() {
     assert_eq!(rec[1].status, 200);
     assert_all_once(&s, 130);
 }
+
+/// The CRM stream with one webhook POST taking `slow` (the hub's timeout raised above it),
+/// a daemon started on it, and the moment the first POST arrived.
+async fn slow_hook_daemon(
+    slow: Duration,
+    shutdown_timeout: &str,
+) -> (Sandbox, Env, common::Daemon) {
+    let s = sandbox(100).await;
+    s.crm.faults.push("crm.hook", Fault::Slow(slow), 1000);
+    let env = Env::new();
+    env.write_config(
+        &crm_stream_config(&base(&s), "1h", 100_000, 25)
+            .replace("timeout = \"3s\"", "timeout = \"60s\""),
+    );
+    let text = std::fs::read_to_string(env.config_path()).unwrap();
+    std::fs::write(
+        env.config_path(),
+        text.replace(
+            "shutdown_timeout = \"20s\"",
+            &format!("shutdown_timeout = \"{shutdown_timeout}\""),
+        ),
+    )
+    .unwrap();
+    let d = env.spawn_daemon();
+    d.wait_ready();
+    assert!(
+        wait_until(Duration::from_secs(20), || !s
+            .crm
+            .faults
+            .calls_to("crm.hook")
+            .is_empty()),
+        "{}",
+        d.log()
+    );
+    (s, env, d)
+}
+
+fn outbox_payloads(env: &Env) -> i64 {
+    query_i64(&env.db_path(), "SELECT COUNT(*) FROM outbox")
+}
+
+/// SIGTERM while a POST is in flight: it is answered and recorded, then the run stops
+/// between payloads (each one is a safe point), and the daemon exits 0. (A page whose
+/// writes are not committed one by one finishes whole: `seatgeek_halo.rs`,
+/// `sigterm_mid_page_finishes_the_page_and_commits_it`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_lets_the_page_in_flight_finish_and_exits_0() {
+    let (s, env, mut d) = slow_hook_daemon(Duration::from_secs(3), "20s").await;
+    d.signal(Signal::TERM);
+    assert_eq!(
+        d.wait_exit(Duration::from_secs(15)),
+        Some(Some(0)),
+        "{}",
+        d.log()
+    );
+    assert_eq!(
+        s.crm.accepted_records().len(),
+        25,
+        "the POST in flight was answered"
+    );
+    // Of the page's two payloads, the one delivered is recorded; the other waits.
+    assert_eq!(outbox_payloads(&env), 1);
+    let outcome: String = common::db(&env.db_path())
+        .query_row(
+            "SELECT outcome FROM runs ORDER BY id DESC LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(outcome, "stopped");
+}
+
+/// Before: a second SIGTERM did not hurry a stuck shutdown, and the forced exit after
+/// `shutdown_timeout` returned 0. Now a second SIGTERM abandons the runs at once and the
+/// daemon exits 1; nothing is lost (the payload stays in the outbox).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_second_sigterm_abandons_the_runs_and_exits_1() {
+    let (s, env, mut d) = slow_hook_daemon(Duration::from_secs(30), "50s").await;
+    d.signal(Signal::TERM);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        d.child.try_wait().unwrap(),
+        None,
+        "still finishing its page"
+    );
+    let second = std::time::Instant::now();
+    d.signal(Signal::TERM);
+    assert_eq!(
+        d.wait_exit(Duration::from_secs(10)),
+        Some(Some(1)),
+        "{}",
+        d.log()
+    );
+    assert!(second.elapsed() < Duration::from_secs(8));
+    assert!(d.log().contains("a second SIGTERM arrived"), "{}", d.log());
+    assert!(s.crm.accepted_records().is_empty());
+    assert_eq!(outbox_payloads(&env), 2, "nothing lost");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_shutdown_past_its_timeout_abandons_the_runs_and_exits_1() {
+    let (_s, env, mut d) = slow_hook_daemon(Duration::from_secs(30), "2s").await;
+    let term = std::time::Instant::now();
+    d.signal(Signal::TERM);
+    assert_eq!(
+        d.wait_exit(Duration::from_secs(12)),
+        Some(Some(1)),
+        "{}",
+        d.log()
+    );
+    assert!(term.elapsed() >= Duration::from_secs(2));
+    assert!(d.log().contains("shutdown_timeout (2s)"), "{}", d.log());
+    assert_eq!(outbox_payloads(&env), 2, "nothing lost");
+}

@@ -344,9 +344,13 @@ pub async fn trigger(source: config::Source, stream: &str) -> i32 {
             "run now, in the CLI (no daemon running)",
         )
         .await;
-    let cancel = CancellationToken::new();
-    let c = cancel.clone();
+    // Ctrl-C: as SIGTERM to the daemon, the page in flight finishes; a second one abandons it.
+    let (stop, cancel) = (CancellationToken::new(), CancellationToken::new());
+    let (s, c) = (stop.clone(), cancel.clone());
     tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        s.cancel();
+        eprintln!("usher: stopping after the page in flight (Ctrl-C again to abandon it)");
         let _ = tokio::signal::ctrl_c().await;
         c.cancel();
     });
@@ -364,6 +368,7 @@ pub async fn trigger(source: config::Source, stream: &str) -> i32 {
         config,
         http,
         cancel,
+        stop,
         interrupt: Default::default(),
         clock: crate::clock::Clock::process(),
         backfill: None,

@@ -196,7 +196,11 @@ pub struct Daemon {
     jobs: HashMap<String, Armed>,
     generation: u64,
     events: mpsc::UnboundedSender<Event>,
+    /// SIGTERM: stop scheduling; runs stop at their next safe point (the page in flight
+    /// finishes). Also stops the receiver and the health server.
     shutdown: CancellationToken,
+    /// A second SIGTERM or `shutdown_timeout`: runs drop their requests in flight now.
+    abandon: CancellationToken,
     tracker: TaskTracker,
     /// Control files being acted on (so that a poll does not pick them up twice).
     in_progress: HashSet<PathBuf>,
@@ -212,8 +216,10 @@ pub struct Daemon {
     lock: StateLock,
 }
 
-/// Starts the daemon and runs it until SIGTERM/SIGINT. Returns once every run has reached
-/// a committed point or the shutdown timeout has passed.
+/// Starts the daemon and runs it until SIGTERM/SIGINT (or until its state directory is
+/// moved away). Returns once every run has reached a safe point ([`Ended::Clean`]), or,
+/// after a second SIGTERM/SIGINT or `shutdown_timeout`, once the runs were abandoned
+/// ([`Ended::Abandoned`]).
 pub async fn run(
     source: config::Source,
     config: Config,
@@ -244,6 +250,7 @@ pub async fn run(
         generation: 0,
         events: tx,
         shutdown: CancellationToken::new(),
+        abandon: CancellationToken::new(),
         tracker: TaskTracker::new(),
         in_progress: HashSet::new(),
         receiver: None,
@@ -389,23 +396,62 @@ pub async fn run(
     let timeout = d.config.daemon.shutdown_timeout;
     tracing::info!(
         timeout_secs = timeout.as_secs(),
-        "stopping: runs finish their page and commit"
+        "stopping: each run finishes the page it is on and commits (a second SIGTERM abandons them now)"
     );
     d.shutdown.cancel();
     let _ = d.sched.shutdown().await;
     d.tracker.close();
-    if tokio::time::timeout(timeout, d.tracker.wait())
-        .await
-        .is_err()
-    {
-        tracing::error!(
-            "runs did not stop within {}s; exiting anyway (uncommitted pages are pulled again at the next start)",
+    let abandon = tokio::select! {
+        _ = d.tracker.wait() => None,
+        _ = tokio::time::sleep(timeout) => Some(format!(
+            "runs did not reach a safe point within shutdown_timeout ({}s)",
             timeout.as_secs()
+        )),
+        Some(sig) = next_stop(&mut signals) => Some(format!("a second {} arrived", signal_name(sig))),
+    };
+    if let Some(why) = abandon {
+        tracing::error!(
+            reason = %why,
+            "abandoning the runs in flight: their uncommitted pages are pulled again at the next start, and a write whose answer was lost stays in doubt until it can no longer land; exit 1"
         );
+        d.abandon.cancel();
+        if tokio::time::timeout(ABANDON_GRACE, d.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::error!(
+                "runs did not stop within {}s of being abandoned; exiting",
+                ABANDON_GRACE.as_secs()
+            );
+        }
+        if ended == Ended::Clean {
+            ended = Ended::Abandoned;
+        }
     }
     tracing::info!("stopped");
     drop(guard);
     Ok(ended)
+}
+
+/// How long abandoned runs get to drop their requests and record that they stopped.
+const ABANDON_GRACE: Duration = Duration::from_secs(5);
+
+/// The next SIGTERM or SIGINT (others are ignored while stopping).
+async fn next_stop(signals: &mut signal_hook_tokio::Signals) -> Option<i32> {
+    while let Some(sig) = signals.next().await {
+        if sig == SIGTERM || sig == SIGINT {
+            return Some(sig);
+        }
+    }
+    None
+}
+
+fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        SIGTERM => "SIGTERM",
+        SIGINT => "SIGINT",
+        _ => "signal",
+    }
 }
 
 /// The wall clock's jump since the last check, when it is larger than [`CLOCK_JUMP`]: the
@@ -642,7 +688,8 @@ impl Daemon {
             doubt: InDoubt::new(&self.store, &spec.name, self.config.daemon.settle_margin),
             spec,
             http: self.http.clone(),
-            cancel: self.shutdown.clone(),
+            cancel: self.abandon.clone(),
+            stop: self.shutdown.clone(),
             interrupt: slot.interrupt.clone(),
             clock: crate::clock::Clock::process(),
             backfill: None,
@@ -653,7 +700,7 @@ impl Daemon {
         self.tracker.spawn(async move {
             let permit = tokio::select! {
                 p = permits.acquire_owned() => p.ok(),
-                _ = ctx.cancel.cancelled() => None,
+                _ = ctx.stopping() => None,
             };
             if permit.is_some() {
                 let report = run_stream(&ctx, trigger).await;

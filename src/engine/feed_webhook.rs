@@ -190,7 +190,7 @@ pub(super) async fn deliver(
             return Ok(Flow::Done);
         }
         for row in rows {
-            if ctx.cancel.is_cancelled() {
+            if ctx.should_stop() {
                 return Ok(Flow::Stopped);
             }
             match target

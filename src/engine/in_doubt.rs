@@ -120,7 +120,7 @@ impl InDoubt {
             "waiting for an unanswered write to settle before looking its records up");
         tokio::select! {
             _ = tokio::time::sleep(left) => Ok(true),
-            _ = ctx.cancel.cancelled() => Ok(false),
+            _ = ctx.stopping() => Ok(false),
         }
     }
 
@@ -195,7 +195,7 @@ pub async fn settle_previous(ctx: &RunCtx) -> Result<bool, RunError> {
             "writes of an earlier run may still land; waiting for them to settle before this run looks at the target");
         tokio::select! {
             _ = tokio::time::sleep(left) => {}
-            _ = ctx.cancel.cancelled() => return Ok(false),
+            _ = ctx.stopping() => return Ok(false),
         }
     }
     ctx.store.doubt_clear(stream).await?;

@@ -4,7 +4,10 @@
 //!
 //! **A run stops only at a page boundary** (after a commit, or before a page's commit when
 //! the page is abandoned): shutdown and operator actions are checked between pages, never
-//! in the middle of one. Whatever a page did not commit is pulled again by the next run.
+//! in the middle of one. At SIGTERM ([`RunCtx::stop`]) the page in flight finishes with
+//! its requests and its commit; only abandoning ([`RunCtx::cancel`]: a second SIGTERM, or
+//! `shutdown_timeout`) drops requests in flight. Whatever a page did not commit is pulled
+//! again by the next run.
 
 pub mod budget_log;
 pub mod control;
@@ -102,8 +105,13 @@ pub struct RunCtx {
     pub config: Arc<Config>,
     pub spec: Arc<StreamSpec>,
     pub http: Http,
-    /// Shutdown: stop at the next safe point.
+    /// Abandon the run where it is (a second SIGTERM, or `shutdown_timeout` passed):
+    /// requests in flight are dropped, the page is not committed. Handed to `http`.
     pub cancel: CancellationToken,
+    /// Shutdown (SIGTERM): stop at the next safe point. The page in flight finishes (its
+    /// requests and its commit); waits that hold no request (for a write in doubt to
+    /// settle, for a run permit) end at once.
+    pub stop: CancellationToken,
     /// An operator action (cursor reset) waits for this stream: stop at the next page boundary.
     pub interrupt: Arc<AtomicBool>,
     /// "now" for this run (the system clock unless `--now` set it).
@@ -126,7 +134,17 @@ pub struct Backfill {
 
 impl RunCtx {
     pub fn should_stop(&self) -> bool {
-        self.cancel.is_cancelled() || self.interrupt.load(Ordering::SeqCst)
+        self.stop.is_cancelled()
+            || self.cancel.is_cancelled()
+            || self.interrupt.load(Ordering::SeqCst)
+    }
+
+    /// Resolves when the run should stop waiting: shutdown or abandon.
+    pub async fn stopping(&self) {
+        tokio::select! {
+            _ = self.stop.cancelled() => {}
+            _ = self.cancel.cancelled() => {}
+        }
     }
 
     /// What the run's target endpoints tell about their writes (see [`in_doubt`]).

@@ -58,7 +58,8 @@ pub enum HttpError {
         what: String,
         wait_secs: u64,
     },
-    #[error("stopped by shutdown before {what} could be sent")]
+    /// Shutdown: `what` was not sent, or (abandoned) its answer was not awaited.
+    #[error("stopped by shutdown: {what} was not sent or not waited for")]
     Cancelled { what: String },
     /// The state could not record that a write was about to leave, so it was not sent:
     /// a write usher cannot account for after a crash is not made.
@@ -560,16 +561,29 @@ impl Endpoint {
                     reason,
                 });
             }
-            let result = match rb.send().await {
-                Ok(resp) => {
-                    let status = resp.status();
-                    let headers = resp.headers().clone();
-                    match resp.bytes().await {
-                        Ok(body) => Ok((status, headers, body)),
-                        Err(e) => Err(classify(&e)),
+            let exchange = async {
+                match rb.send().await {
+                    Ok(resp) => {
+                        let status = resp.status();
+                        let headers = resp.headers().clone();
+                        match resp.bytes().await {
+                            Ok(body) => Ok((status, headers, body)),
+                            Err(e) => Err(classify(&e)),
+                        }
                     }
+                    Err(e) => Err(classify(&e)),
                 }
-                Err(e) => Err(classify(&e)),
+            };
+            // `cancel` is the run's abandon (a second SIGTERM, `shutdown_timeout`): the
+            // request is dropped where it is; a write's answer is then unseen (in doubt).
+            let result = tokio::select! {
+                r = exchange => r,
+                _ = cancel.cancelled() => {
+                    if let Some(r) = recorder {
+                        r.unanswered(deadline);
+                    }
+                    return Err(HttpError::Cancelled { what });
+                }
             };
             if let Some(r) = recorder {
                 let unseen = match &result {
