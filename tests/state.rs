@@ -289,3 +289,48 @@ async fn a_state_directory_deleted_under_the_daemon_stops_it() {
     );
     assert!(d.log().contains("usher.db (deleted)"), "{}", d.log());
 }
+
+/// Every contact 1..=n reached the CRM at least once (a state started afresh sends again).
+fn assert_all_reached(s: &Sandbox, n: u64) {
+    let got: std::collections::HashSet<String> = s
+        .crm
+        .accepted_records()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap().to_string())
+        .collect();
+    for i in 1..=n {
+        assert!(
+            got.contains(&format!("CRM-{i}")),
+            "CRM-{i} never reached the CRM"
+        );
+    }
+}
+
+/// Before: an Idempotency-Key was `usher-<stream>-<outbox id>`, and outbox ids start again
+/// at 1 in a state started afresh: the CRM, which drops a key it already accepted, dropped
+/// the new state's payloads, new records with them. Now each payload's key has its own
+/// random part.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_state_started_afresh_sends_what_the_target_would_have_dropped_as_resends() {
+    let s = sandbox(10).await;
+    let env = Env::new();
+    env.write_config(&crm_stream_config(&base(&s), "1h", 10_000, 10));
+    let trigger = |env: &Env| {
+        let out = env.cli(&["trigger", "contacts"]);
+        assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    };
+    trigger(&env);
+    // Small payloads as records trickle in: outbox ids 2..=6.
+    for _ in 0..5 {
+        s.crm.add_contacts(2);
+        trigger(&env);
+    }
+    assert_all_reached(&s, 20);
+    for f in ["usher.db", "usher.db-wal", "usher.db-shm"] {
+        let _ = std::fs::remove_file(env.state_dir().join(f));
+    }
+    s.crm.add_contacts(10);
+    // The fresh state reads all 30 again, in payloads of 10 with ids 1..=3.
+    trigger(&env);
+    assert_all_reached(&s, 30);
+}

@@ -194,7 +194,7 @@ pub(super) async fn deliver(
                 return Ok(Flow::Stopped);
             }
             match target
-                .deliver(name, row.id, &row.body, &ctx.cancel)
+                .deliver(&row.key, &row.body, &ctx.cancel)
                 .await
                 .map_err(RunError::Target)?
             {

@@ -350,6 +350,18 @@ pub struct OutboxRow {
     pub body: Vec<u8>,
     pub records: u64,
     pub attempts: u64,
+    /// The payload's `Idempotency-Key`, the same at every resend and in every copy of the
+    /// state, never the same for two payloads (see migration 10).
+    pub key: String,
+}
+
+/// `usher-<stream>-<outbox id>-<nonce>`; rows queued before migration 10 keep
+/// `usher-<stream>-<outbox id>`.
+fn outbox_key(stream: &str, id: i64, nonce: Option<&str>) -> String {
+    match nonce {
+        Some(n) => format!("usher-{stream}-{id}-{n}"),
+        None => format!("usher-{stream}-{id}"),
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -832,14 +844,16 @@ impl Store {
         let stream = stream.to_string();
         self.call(move |c| {
             let mut st = c.prepare_cached(
-                "SELECT id, body, records, attempts FROM outbox WHERE stream = ?1 ORDER BY id LIMIT 1000",
+                "SELECT id, body, records, attempts, nonce FROM outbox WHERE stream = ?1 ORDER BY id LIMIT 1000",
             )?;
             let rows = st.query_map(params![stream], |r| {
+                let id = r.get(0)?;
                 Ok(OutboxRow {
-                    id: r.get(0)?,
+                    id,
                     body: r.get(1)?,
                     records: r.get::<_, i64>(2)? as u64,
                     attempts: r.get::<_, i64>(3)? as u64,
+                    key: outbox_key(&stream, id, r.get::<_, Option<String>>(4)?.as_deref()),
                 })
             })?;
             let mut out = Vec::new();
@@ -1289,10 +1303,11 @@ mod q {
         }
         {
             let mut st = tx.prepare_cached(
-                "INSERT INTO outbox (stream, body, records, created_at) VALUES (?1, ?2, ?3, ?4)",
+                "INSERT INTO outbox (stream, body, records, created_at, nonce) VALUES (?1, ?2, ?3, ?4, ?5)",
             )?;
             for (body, records) in &p.outbox {
-                st.execute(params![p.stream, body, *records as i64, now])?;
+                let nonce = format!("{:016x}", rand::random::<u64>());
+                st.execute(params![p.stream, body, *records as i64, now, nonce])?;
             }
         }
         {
