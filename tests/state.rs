@@ -151,6 +151,11 @@ async fn a_full_disk_at_start_exits_75_and_the_next_start_works() {
     // and migrate on a full disk.
     let mut d = env.spawn_daemon();
     d.wait_ready();
+    assert!(wait_until(Duration::from_secs(20), || s
+        .crm
+        .accepted_records()
+        .len()
+        == 5));
     d.signal(rustix::process::Signal::TERM);
     assert_eq!(d.wait_exit(Duration::from_secs(20)), Some(Some(0)));
     for f in ["usher.db", "usher.db-wal", "usher.db-shm"] {
@@ -165,13 +170,16 @@ async fn a_full_disk_at_start_exits_75_and_the_next_start_works() {
         stderr(&out)
     );
     disk.unfill();
+    s.crm.add_contacts(3);
     let d = env.spawn_daemon();
     d.wait_ready();
-    assert!(wait_until(Duration::from_secs(20), || s
-        .crm
-        .accepted_records()
-        .len()
-        == 5));
+    assert!(
+        wait_until(Duration::from_secs(20), || s.crm.accepted_records().len()
+            == 13),
+        "{}",
+        d.log()
+    );
+    assert_all_reached(&s, 8);
 }
 
 /// The unit restarts what may pass (75) and nothing that cannot (65, 77, 78).
@@ -333,4 +341,137 @@ async fn a_state_started_afresh_sends_what_the_target_would_have_dropped_as_rese
     // The fresh state reads all 30 again, in payloads of 10 with ids 1..=3.
     trigger(&env);
     assert_all_reached(&s, 30);
+}
+
+/// Overwrites the root page of `table` with garbage (the file closed, its WAL folded in).
+fn damage(db: &std::path::Path, table: &str) {
+    let c = rusqlite::Connection::open(db).unwrap();
+    c.pragma_update(None, "journal_mode", "DELETE").unwrap();
+    let (root, size): (i64, i64) = (
+        c.query_row(
+            "SELECT rootpage FROM sqlite_master WHERE name = ?1",
+            [table],
+            |r| r.get(0),
+        )
+        .unwrap(),
+        c.query_row("PRAGMA page_size", [], |r| r.get(0)).unwrap(),
+    );
+    drop(c);
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(db).unwrap();
+    f.write_all_at(&vec![0xA5u8; size as usize], ((root - 1) * size) as u64)
+        .unwrap();
+    f.sync_all().unwrap();
+}
+
+/// Before: a file damaged inside started, and every run failed while `status` refused it.
+/// Now `quick_check` at start refuses it (65) with the next step, `state check` says so,
+/// and the way back README gives (move it aside, start again) delivers everything, new
+/// records included, with no second order or user (see the S-360 and Halo tests).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_damaged_state_is_refused_at_start_with_the_next_step_and_starting_again_works() {
+    let s = sandbox(40).await;
+    let env = Env::new();
+    env.write_config(&crm_stream_config(&base(&s), "1h", 10_000, 10));
+    assert_eq!(env.cli(&["trigger", "contacts"]).status.code(), Some(0));
+    damage(&env.db_path(), "runs");
+
+    let out = env.cli(&["run"]);
+    assert_eq!(out.status.code(), Some(65), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("is damaged (quick_check")
+            && err.contains("move usher.db, usher.db-wal and usher.db-shm aside and start again"),
+        "{err}"
+    );
+    let out = env.cli(&["state", "check"]);
+    assert_eq!(out.status.code(), Some(65), "{}", stderr(&out));
+    assert!(stderr(&out).contains("is damaged"), "{}", stderr(&out));
+    let out = env.cli(&["status"]);
+    assert_eq!(out.status.code(), Some(65), "{}", stderr(&out));
+    assert!(stderr(&out).contains("start again"), "{}", stderr(&out));
+
+    // The way back: move it aside (with -wal and -shm), start again.
+    for f in ["usher.db", "usher.db-wal", "usher.db-shm"] {
+        let p = env.state_dir().join(f);
+        if p.exists() {
+            std::fs::rename(&p, env.state_dir().join(format!("{f}.damaged"))).unwrap();
+        }
+    }
+    s.crm.add_contacts(10);
+    let d = env.spawn_daemon();
+    d.wait_ready();
+    assert!(
+        wait_until(Duration::from_secs(20), || s.crm.accepted_records().len()
+            >= 90),
+        "{}",
+        d.log()
+    );
+    assert_all_reached(&s, 50);
+    let check = stdout(&env.cli(&["state", "check"]));
+    assert!(check.contains(": ok (quick_check"), "{check}");
+}
+
+/// `usher state backup FILE` while the daemon commits: a consistent copy (0600, checked)
+/// that a daemon then starts on and goes on from, delivering what came after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backup_taken_while_the_daemon_commits_is_a_state_a_daemon_starts_on() {
+    let s = sandbox(3000).await;
+    s.crm.faults.push(
+        "crm.hook",
+        usher::sandbox::Fault::Slow(Duration::from_millis(50)),
+        10_000,
+    );
+    let env = Env::new();
+    env.write_config(&crm_stream_config(&base(&s), "1s", 100_000, 25));
+    let mut d = env.spawn_daemon();
+    d.wait_ready();
+    assert!(wait_until(Duration::from_secs(30), || s
+        .crm
+        .accepted_records()
+        .len()
+        >= 300));
+    let copy = env.dir.path().join("backup.db");
+    let out = env.cli(&["state", "backup", copy.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).contains("written to"), "{}", stdout(&out));
+    let during = s.crm.accepted_records().len();
+    assert!(during < 3000, "the daemon was still committing ({during})");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&copy).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    // Refuses to overwrite.
+    let out = env.cli(&["state", "backup", copy.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("exists already"), "{}", stderr(&out));
+    d.signal(rustix::process::Signal::TERM);
+    assert_eq!(d.wait_exit(Duration::from_secs(30)), Some(Some(0)));
+
+    // Restore into another state directory, as README says: the file, no -wal or -shm.
+    let env2 = Env::new();
+    std::fs::copy(&copy, env2.db_path()).unwrap();
+    env2.write_config(&crm_stream_config(&base(&s), "1s", 100_000, 25));
+    s.crm.faults.clear();
+    s.crm.add_contacts(20);
+    let d2 = env2.spawn_daemon();
+    d2.wait_ready();
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            let ids: std::collections::HashSet<String> = s
+                .crm
+                .accepted_records()
+                .iter()
+                .map(|r| r["id"].as_str().unwrap().to_string())
+                .collect();
+            ids.len() == 3020
+        }),
+        "{}",
+        d2.log()
+    );
+    assert_all_reached(&s, 3020);
+    // It went on from the copy's cursor, not from the start.
+    let resent = s.crm.accepted_records().len() - 3020;
+    assert!(resent < 3000, "resent {resent}: went on from the copy");
 }

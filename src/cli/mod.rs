@@ -10,6 +10,7 @@ mod demo;
 mod bench_s360;
 mod demo_s360;
 mod ops;
+mod state;
 // Ticket Co x Airship
 mod backfill;
 // SeatGeek / Halo
@@ -102,6 +103,11 @@ pub enum Command {
     },
     /// Run a stream now (through the daemon when one runs, else in this process).
     Trigger { stream: String },
+    /// Back up or check the state database (while the daemon runs, too).
+    State {
+        #[command(subcommand)]
+        action: StateAction,
+    },
     /// List, retry or drop the records a stream set aside.
     DeadLetters {
         #[command(subcommand)]
@@ -205,6 +211,21 @@ pub enum DeadLetterAction {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum StateAction {
+    /// Write a consistent copy of the state database to FILE (mode 0600), while the daemon
+    /// runs: a snapshot at one instant, compacted, checked with `quick_check`. FILE must not
+    /// exist. To restore it: stop usher, replace usher.db with it, delete usher.db-wal and
+    /// usher.db-shm, start usher (README, "Backup and restore").
+    Backup { file: PathBuf },
+    /// Check the state database for damage (`quick_check`; `--full`: `integrity_check`,
+    /// which also compares every index with its table and takes longer). Exit 65 if damaged.
+    Check {
+        #[arg(long)]
+        full: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 pub enum CursorAction {
     Show {
         stream: String,
@@ -281,6 +302,10 @@ pub fn main() -> i32 {
             CursorAction::Reset { stream } => ops::cursor_reset(state_only, &stream),
         },
         Command::DeadLetters { action } => ops::dead_letters(state_only, action),
+        Command::State { action } => match action {
+            StateAction::Backup { file } => state::backup(state_only, &file),
+            StateAction::Check { full } => state::check(state_only, full),
+        },
         Command::Trigger { stream } => runtime.block_on(ops::trigger(source, &stream)),
         // SeatGeek / Halo
         Command::Import {

@@ -344,6 +344,14 @@ pub struct DeadLetter {
     pub reason: String,
 }
 
+/// What `usher state backup` wrote.
+#[derive(Debug, Clone)]
+pub struct BackupInfo {
+    pub bytes: u64,
+    /// The copy's schema (`PRAGMA user_version`).
+    pub schema: i64,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct OutboxRow {
     pub id: i64,
@@ -527,12 +535,13 @@ fn observed<T>(
     f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
 ) -> Result<T> {
     let before = c.total_changes();
-    let result = f(c).map_err(sql_err(path));
+    let result = f(c).map_err(sql_err(path)).map_err(StoreError::damaged);
     let state = &crate::metrics::METRICS.state;
     match &result {
         Err(e @ StoreError::Sqlite { source, .. }) if sqlite_fault(source).is_some() => {
             state.failed(e.to_string())
         }
+        Err(e @ StoreError::Damaged { .. }) => state.failed(e.to_string()),
         Ok(_) if c.total_changes() != before => state.written(),
         _ => {}
     }
@@ -578,6 +587,107 @@ impl Store {
         })
     }
 
+    /// A consistent copy of the state database at `dest`, taken while a daemon may be
+    /// writing it: `VACUUM INTO` reads the database in one read transaction (a snapshot; in
+    /// WAL mode the daemon's commits go on meanwhile) and writes a compact copy, here into a
+    /// temporary file beside `dest` created 0600, which is synced, checked with
+    /// `quick_check` and renamed to `dest`. Refuses a `dest` that exists.
+    pub fn backup(state_dir: &Path, dest: &Path) -> Result<BackupInfo> {
+        let path = state_dir.join(DB_FILE);
+        if !path.exists() {
+            return Err(StoreError::Io {
+                path: path.display().to_string(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no state database here (check --state-dir or daemon.state_dir)",
+                ),
+            });
+        }
+        let dest_err = |source| StoreError::Io {
+            path: dest.display().to_string(),
+            source,
+        };
+        if dest.exists() {
+            return Err(dest_err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "exists already; remove it or name another file",
+            )));
+        }
+        let name = dest
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_else(|| "usher-backup".into());
+        let tmp = dest.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(|e| StoreError::Io {
+                path: tmp.display().to_string(),
+                source: explain_access(e, &tmp, false),
+            })?;
+        let result = (|| {
+            let conn = Connection::open_with_flags(
+                &path,
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE
+                    | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )
+            .map_err(sql_err(&path))?;
+            conn.busy_timeout(Duration::from_secs(10))
+                .map_err(sql_err(&path))?;
+            let schema: i64 = conn
+                .query_row("PRAGMA user_version", [], |r| r.get(0))
+                .map_err(sql_err(&path))?;
+            conn.execute("VACUUM INTO ?1", params![tmp.display().to_string()])
+                .map_err(sql_err(&path))
+                .map_err(StoreError::damaged)?;
+            drop(conn);
+            let copy = Connection::open(&tmp).map_err(sql_err(&tmp))?;
+            quick_check(&copy, &tmp)?;
+            drop(copy);
+            let f = std::fs::File::open(&tmp).map_err(dest_err)?;
+            f.sync_all().map_err(dest_err)?;
+            let bytes = f.metadata().map_err(dest_err)?.len();
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+                .map_err(dest_err)?;
+            std::fs::rename(&tmp, dest).map_err(dest_err)?;
+            if let Some(dir) = dest.parent().filter(|d| !d.as_os_str().is_empty())
+                && let Ok(d) = std::fs::File::open(dir)
+            {
+                let _ = d.sync_all();
+            }
+            Ok(BackupInfo { bytes, schema })
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    /// `quick_check` (or, `full`, `integrity_check`) of the state database, read while a
+    /// daemon may be writing it.
+    pub fn check(state_dir: &Path, full: bool) -> Result<()> {
+        let path = state_dir.join(DB_FILE);
+        let conn = Connection::open_with_flags(
+            &path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(sql_err(&path))
+        .map_err(StoreError::damaged)?;
+        conn.busy_timeout(Duration::from_secs(10))
+            .map_err(sql_err(&path))?;
+        check_with(
+            &conn,
+            &path,
+            if full {
+                "integrity_check"
+            } else {
+                "quick_check"
+            },
+        )
+    }
+
     /// Opens an existing database for reading and small CLI changes, without migrating it.
     /// Used by `status` and `cursor show` while a daemon may be running.
     pub fn open_existing(state_dir: &Path) -> Result<Option<Store>> {
@@ -590,7 +700,8 @@ impl Store {
             .map_err(sql_err(&path))?;
         let version: i64 = conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .map_err(sql_err(&path))?;
+            .map_err(sql_err(&path))
+            .map_err(StoreError::damaged)?;
         if version > MIGRATIONS.len() as i64 {
             return Err(StoreError::TooNew {
                 path: path.display().to_string(),
