@@ -31,7 +31,8 @@ pub struct StreamMetrics {
 pub struct Registry {
     streams: Mutex<BTreeMap<String, StreamMetrics>>,
     retries: Mutex<BTreeMap<String, u64>>,
-    /// Unix seconds of the daemon main loop's last turn (for /healthz).
+    /// Milliseconds since the process started (monotonic) of the daemon main loop's last
+    /// turn (for /healthz; not wall-clock seconds, which a clock step moves).
     pub heartbeat: AtomicU64,
     // S-360: the webhook receiver's connections and refusals.
     pub receiver: ReceiverMetrics,
@@ -301,8 +302,16 @@ impl Registry {
     }
 
     pub fn beat(&self) {
-        self.heartbeat
-            .store(Utc::now().timestamp() as u64, Ordering::Relaxed);
+        self.heartbeat.store(
+            MONOTONIC_START.elapsed().as_millis() as u64,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// How long ago the daemon main loop last turned.
+    pub fn since_beat(&self) -> std::time::Duration {
+        let beat = std::time::Duration::from_millis(self.heartbeat.load(Ordering::Relaxed));
+        MONOTONIC_START.elapsed().saturating_sub(beat)
     }
 
     pub fn stream(&self, stream: &str) -> StreamMetrics {
@@ -531,6 +540,7 @@ fn process_metrics(out: &mut String) {
 }
 
 pub static START: LazyLock<DateTime<Utc>> = LazyLock::new(Utc::now);
+static MONOTONIC_START: LazyLock<std::time::Instant> = LazyLock::new(std::time::Instant::now);
 
 /// The few fields of /proc/PID/stat and status that matter here.
 #[derive(Debug, Clone, Copy, Default)]

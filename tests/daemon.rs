@@ -579,3 +579,132 @@ async fn a_shutdown_past_its_timeout_abandons_the_runs_and_exits_1() {
     assert!(d.log().contains("shutdown_timeout (2s)"), "{}", d.log());
     assert_eq!(outbox_payloads(&env), 2, "nothing lost");
 }
+
+/// libfaketime, to step the daemon's wall clock while it runs (Debian: `faketime`).
+/// `None` (the test is skipped, saying so) where it is not installed, unless
+/// `USHER_TEST_FAKETIME=required` (CI installs it).
+fn faketime() -> Option<&'static str> {
+    const LIB: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+    if std::path::Path::new(LIB).exists() {
+        return Some(LIB);
+    }
+    if std::env::var("USHER_TEST_FAKETIME").as_deref() == Ok("required") {
+        panic!("{LIB} is missing: apt-get install faketime");
+    }
+    eprintln!("SKIPPED: this test steps the wall clock with libfaketime; apt-get install faketime");
+    None
+}
+
+fn finished_runs(env: &Env) -> i64 {
+    query_i64(
+        &env.db_path(),
+        "SELECT COUNT(*) FROM runs WHERE outcome != 'running'",
+    )
+}
+
+/// The wall clock stepped back an hour under a 2 s stream (an NTP step, a VM restored):
+/// the slots keep coming on time (they are timed on the monotonic clock between wall-clock
+/// checks), and the log says once that the clock jumped. Before the jump check, the armed
+/// slots waited out the hour (0 runs in 31 s with 3 slots due).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_wall_clock_stepped_back_an_hour_does_not_stall_the_schedule() {
+    let Some(lib) = faketime() else {
+        return;
+    };
+    let s = sandbox(5).await;
+    let env = Env::new();
+    env.write_config(&crm_stream_config(&base(&s), "2s", 10_000, 50));
+    let offset = env.dir.path().join("faketime");
+    std::fs::write(&offset, "+0\n").unwrap();
+    let offset_text = offset.display().to_string();
+    let d = env.spawn_daemon_with(
+        &[],
+        &[
+            ("LD_PRELOAD", lib),
+            ("FAKETIME_TIMESTAMP_FILE", &offset_text),
+            ("FAKETIME_NO_CACHE", "1"),
+            ("DONT_FAKE_MONOTONIC", "1"),
+        ],
+    );
+    d.wait_ready();
+    assert!(
+        wait_until(Duration::from_secs(20), || finished_runs(&env) >= 2),
+        "{}",
+        d.log()
+    );
+    std::fs::write(&offset, "-1h\n").unwrap();
+    let before = finished_runs(&env);
+    assert!(
+        d.wait_log("the wall clock jumped", Duration::from_secs(5)),
+        "{}",
+        d.log()
+    );
+    std::thread::sleep(Duration::from_secs(10));
+    let after = finished_runs(&env);
+    assert!(
+        after - before >= 3,
+        "{} runs in 10 s of 2 s slots after the step; log:\n{}",
+        after - before,
+        d.log()
+    );
+    assert_eq!(
+        d.log().matches("the wall clock jumped").count(),
+        1,
+        "logged once"
+    );
+}
+
+/// A daemon killed while a POST was in flight leaves it in doubt until its deadline plus
+/// the settle margin, in wall-clock time. A restart on a clock stepped back an hour since
+/// then would have waited that hour more; it now waits at most what the record allowed
+/// when it was written (the hub's 3 s timeout + 1 s + the 5 s margin).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writes_in_doubt_from_before_a_clock_step_back_do_not_stall_the_stream() {
+    let Some(lib) = faketime() else {
+        return;
+    };
+    let s = sandbox(30).await;
+    s.crm
+        .faults
+        .push("crm.hook", Fault::Slow(Duration::from_secs(2)), 1);
+    let env = Env::new();
+    env.write_config(&crm_stream_config(&base(&s), "1h", 10_000, 50));
+    let mut d = env.spawn_daemon();
+    d.wait_ready();
+    assert!(wait_until(Duration::from_secs(20), || !s
+        .crm
+        .faults
+        .calls_to("crm.hook")
+        .is_empty()));
+    d.kill9();
+    assert_eq!(
+        query_i64(&env.db_path(), "SELECT COUNT(*) FROM in_doubt"),
+        1,
+        "the POST in flight is in doubt"
+    );
+    let offset = env.dir.path().join("faketime");
+    std::fs::write(&offset, "-1h\n").unwrap();
+    let offset_text = offset.display().to_string();
+    let d = env.spawn_daemon_with(
+        &[],
+        &[
+            ("LD_PRELOAD", lib),
+            ("FAKETIME_TIMESTAMP_FILE", &offset_text),
+            ("FAKETIME_NO_CACHE", "1"),
+            ("DONT_FAKE_MONOTONIC", "1"),
+        ],
+    );
+    d.wait_ready();
+    assert!(
+        wait_until(Duration::from_secs(25), || s.crm.accepted_records().len()
+            >= 30),
+        "{}",
+        d.log()
+    );
+    assert!(
+        d.log()
+            .contains("the wall clock is behind the time the writes in doubt were recorded"),
+        "{}",
+        d.log()
+    );
+}

@@ -72,8 +72,7 @@ async fn metrics(State(st): State<HealthState>) -> Response {
 pub async fn reasons(st: &HealthState) -> Vec<String> {
     let config = st.config();
     let mut reasons = Vec::new();
-    let beat = METRICS.heartbeat.load(std::sync::atomic::Ordering::Relaxed) as i64;
-    let age = chrono::Utc::now().timestamp() - beat;
+    let age = METRICS.since_beat().as_secs();
     if age > 10 {
         reasons.push(format!("the scheduler loop has not turned for {age}s"));
     }
