@@ -475,3 +475,56 @@ async fn a_backup_taken_while_the_daemon_commits_is_a_state_a_daemon_starts_on()
     let resent = s.crm.accepted_records().len() - 3020;
     assert!(resent < 3000, "resent {resent}: went on from the copy");
 }
+
+/// Before: a connection that could not be made because the process had no descriptor left
+/// was reported as "could not connect", which sends a sysadmin to the network. Now it says
+/// "too many open files". `usher trigger` under a descriptor limit just large enough to
+/// start and read the feed, so that the POST to another host finds none left (the limit
+/// that does it depends on the machine: a range is tried).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_connection_without_a_descriptor_says_too_many_open_files() {
+    let source = sandbox(5).await;
+    let target = sandbox(0).await;
+    let env = Env::new();
+    env.write_config(
+        &crm_stream_config(&base(&source), "1h", 10_000, 50).replace(
+            &format!(
+                "[connections.hub]\nkind = \"crm\"\nbase_url = \"{}/crm\"",
+                base(&source)
+            ),
+            &format!(
+                "[connections.hub]\nkind = \"crm\"\nbase_url = \"{}/crm\"\nmax_retries = 0",
+                base(&target)
+            ),
+        ),
+    );
+    let mut said = Vec::new();
+    for n in 10..=40 {
+        let _ = std::fs::remove_dir_all(env.state_dir());
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("ulimit -n {n} && exec \"$0\" \"$@\""))
+            .arg(common::bin())
+            .arg("--config")
+            .arg(env.config_path())
+            .args(["trigger", "contacts"])
+            .env_remove("RUST_LOG")
+            .output()
+            .unwrap();
+        let text = format!("{}{}", stdout(&out), stderr(&out));
+        assert!(
+            !text.contains("could not connect"),
+            "ulimit -n {n}: the sandbox listens, so only a lack of descriptors stops a connection:\n{text}"
+        );
+        if text.contains("too many open files: no descriptor left for a connection") {
+            said.push(n);
+        }
+        if out.status.code() == Some(0) {
+            break;
+        }
+    }
+    assert!(
+        !said.is_empty(),
+        "no limit ran out of descriptors at a connection"
+    );
+}

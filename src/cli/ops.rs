@@ -23,7 +23,7 @@ pub(super) fn store_error(e: &StoreError) -> i32 {
     let fault = e.fault();
     if fault == crate::store::Fault::Transient {
         eprintln!(
-            "usher: this may pass (exit 75: systemd starts usher again); free space or fix the disk and it goes on by itself"
+            "usher: this may pass (exit 75: systemd starts usher again); once the disk has room, the I/O error is gone or the file is free, it goes on by itself"
         );
     }
     super::fault_code(fault)
