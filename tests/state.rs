@@ -528,3 +528,76 @@ async fn a_connection_without_a_descriptor_says_too_many_open_files() {
         "no limit ran out of descriptors at a connection"
     );
 }
+
+/// `usher run` as a user who does not own the state: as root, through `setpriv` as
+/// nobody; as anyone else, as that user (the test then takes the rights away with chmod).
+fn run_as_stranger(env: &Env) -> std::process::Output {
+    use std::os::unix::fs::PermissionsExt;
+    for p in [env.dir.path().to_path_buf(), env.dir.path().join("etc")] {
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    std::fs::set_permissions(env.config_path(), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut cmd = if rustix::process::geteuid().is_root() {
+        let mut c = std::process::Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(common::bin());
+        c
+    } else {
+        std::process::Command::new(common::bin())
+    };
+    cmd.arg("--config")
+        .arg(env.config_path())
+        .arg("run")
+        .env_remove("RUST_LOG")
+        .env_remove("NOTIFY_SOCKET")
+        .output()
+        .unwrap()
+}
+
+/// Before: a state file usher may not open was reported as "state directory …: Permission
+/// denied" (the wrong object) with exit 65. Now the message names the file or the
+/// directory at fault, its owner and mode, and whom usher runs as, and exits 77.
+#[test]
+fn permission_errors_name_the_file_or_the_directory_at_fault() {
+    use std::os::unix::fs::PermissionsExt;
+    let root = rustix::process::geteuid().is_root();
+    let env = Env::new();
+    env.write_config("");
+    let state = env.state_dir();
+
+    // The directory: not searchable by usher's user.
+    std::fs::set_permissions(
+        &state,
+        std::fs::Permissions::from_mode(if root { 0o700 } else { 0o500 }),
+    )
+    .unwrap();
+    let out = run_as_stranger(&env);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(77), "{err}");
+    assert!(
+        err.contains(&format!(
+            "the directory {} is owned by uid",
+            state.display()
+        )) && err.contains("usher runs as uid"),
+        "{err}"
+    );
+
+    // The file: the directory is open to all, the database is not usher's.
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let db = env.db_path();
+    std::fs::write(&db, b"").unwrap();
+    std::fs::set_permissions(
+        &db,
+        std::fs::Permissions::from_mode(if root { 0o600 } else { 0o400 }),
+    )
+    .unwrap();
+    let _ = std::fs::remove_file(state.join("usher.lock"));
+    let out = run_as_stranger(&env);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(77), "{err}");
+    assert!(
+        err.contains(&format!("the file {} is owned by uid", db.display()))
+            && err.contains("with mode 0"),
+        "{err}"
+    );
+}

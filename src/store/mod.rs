@@ -136,6 +136,10 @@ fn sqlite_fault(e: &rusqlite::Error) -> Option<Fault> {
 /// The fault behind an error of the file system.
 pub fn io_fault(e: &std::io::Error) -> Fault {
     use rustix::io::Errno;
+    // An error explained by `explain_access` keeps its kind, not its number.
+    if e.kind() == std::io::ErrorKind::PermissionDenied {
+        return Fault::Permission;
+    }
     match e.raw_os_error().map(Errno::from_raw_os_error) {
         Some(Errno::ACCESS | Errno::PERM) => Fault::Permission,
         Some(
