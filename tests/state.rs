@@ -601,3 +601,83 @@ fn permission_errors_name_the_file_or_the_directory_at_fault() {
         "{err}"
     );
 }
+
+/// Before: a log line that could not be written (stdout full or closed) was dropped
+/// silently. Now the daemon says so once on stderr and counts them in /metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_log_that_cannot_be_written_is_said_once_on_stderr_and_counted() {
+    let s = sandbox(5).await;
+    let env = Env::new();
+    let port = free_port();
+    env.write_config(&with_metrics(
+        port,
+        &crm_stream_config(&base(&s), "1s", 10_000, 50),
+    ));
+    let err_path = env.dir.path().join("stderr");
+    let mut child = std::process::Command::new(common::bin())
+        .arg("--config")
+        .arg(env.config_path())
+        .args(["--log-format", "json", "run"])
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open("/dev/full")
+                .unwrap(),
+        )
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut metrics = String::new();
+    while Instant::now() < deadline {
+        if let Ok(r) = reqwest::Client::new()
+            .get(format!("http://127.0.0.1:{port}/metrics"))
+            .send()
+            .await
+        {
+            metrics = r.text().await.unwrap();
+            if s.crm.accepted_records().len() == 5
+                && !metrics.contains("usher_log_write_errors_total 0")
+            {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(s.crm.accepted_records().len(), 5, "the daemon works on");
+    let count: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("usher_log_write_errors_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no usher_log_write_errors_total in:\n{metrics}"));
+    assert!(count >= 2, "{count} lines counted");
+    let err = std::fs::read_to_string(&err_path).unwrap();
+    assert_eq!(
+        err.matches("cannot write the log to stdout").count(),
+        1,
+        "said once:\n{err}"
+    );
+    assert!(err.contains("No space left on device"), "{err}");
+}
+
+/// Before: a `log.directory` usher could not create files in panicked at start. Now it is
+/// said on stderr and the daemon logs to stdout only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_log_directory_that_cannot_be_used_does_not_stop_the_daemon() {
+    let s = sandbox(1).await;
+    let env = Env::new();
+    let not_a_dir = env.dir.path().join("a-file");
+    std::fs::write(&not_a_dir, b"").unwrap();
+    env.write_config(&format!(
+        "[log]\ndirectory = {:?}\n{}",
+        not_a_dir.join("logs").display().to_string(),
+        crm_stream_config(&base(&s), "1h", 10_000, 50)
+    ));
+    let d = env.spawn_daemon();
+    d.wait_ready();
+    assert!(d.log().contains("cannot write log files in"), "{}", d.log());
+}
