@@ -681,3 +681,51 @@ async fn a_log_directory_that_cannot_be_used_does_not_stop_the_daemon() {
     d.wait_ready();
     assert!(d.log().contains("cannot write log files in"), "{}", d.log());
 }
+
+fn temporary_control_files(env: &Env) -> Vec<String> {
+    std::fs::read_dir(env.state_dir().join("control"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with(".tmp-"))
+        .collect()
+}
+
+/// Before: a trigger whose control file could not be written (the disk full) left its
+/// `.tmp-…` file behind. Now nothing is left, and the daemon removes old ones a killed CLI
+/// left at its start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_trigger_leaves_no_temporary_control_file() {
+    let env = Env::new();
+    let Some(disk) = Tmpfs::mount(&env.state_dir(), "4m") else {
+        return;
+    };
+    let s = sandbox(5).await;
+    env.write_config(&crm_stream_config(&base(&s), "1h", 10_000, 50));
+    // One left by a CLI killed long ago.
+    std::fs::create_dir_all(env.state_dir().join("control")).unwrap();
+    let stale = env.state_dir().join("control/.tmp-1-trigger.contacts");
+    std::fs::write(&stale, "someone\n").unwrap();
+    assert!(
+        std::process::Command::new("touch")
+            .args(["-d", "2 hours ago"])
+            .arg(&stale)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let d = env.spawn_daemon();
+    d.wait_ready();
+    assert!(temporary_control_files(&env).is_empty(), "swept at start");
+    disk.fill();
+    let out = env.cli(&["trigger", "contacts"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("cannot write the control file"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(temporary_control_files(&env), Vec::<String>::new());
+    disk.unfill();
+    drop(d);
+}

@@ -232,6 +232,13 @@ pub async fn run(
     let mut signals = signal_hook_tokio::Signals::new([SIGHUP, SIGTERM, SIGINT, SIGUSR1])?;
     let state_dir = config.daemon.state_dir.clone();
     control::ensure_dir(&state_dir)?;
+    let swept = control::sweep(&state_dir, Duration::from_secs(600));
+    if swept > 0 {
+        tracing::info!(
+            files = swept,
+            "removed temporary control files left by interrupted CLI commands"
+        );
+    }
     let permits = Arc::new(tokio::sync::Semaphore::new(
         config.daemon.max_concurrent_runs as usize,
     ));
