@@ -729,3 +729,52 @@ async fn a_failed_trigger_leaves_no_temporary_control_file() {
     disk.unfill();
     drop(d);
 }
+
+/// Before: `usher trigger` waited silently (up to two minutes) on a daemon that was
+/// stopped. Now it says after two seconds what it waits for, and why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_cli_says_what_it_waits_for_when_the_daemon_is_stopped() {
+    let s = sandbox(5).await;
+    let env = Env::new();
+    env.write_config(&crm_stream_config(&base(&s), "1h", 10_000, 50));
+    let d = env.spawn_daemon();
+    d.wait_ready();
+    assert!(wait_until(Duration::from_secs(20), || s
+        .crm
+        .accepted_records()
+        .len()
+        == 5));
+    d.signal(rustix::process::Signal::STOP);
+    let err_path = env.dir.path().join("cli-stderr");
+    let mut cli = std::process::Command::new(common::bin())
+        .arg("--config")
+        .arg(env.config_path())
+        .args(["trigger", "contacts"])
+        .env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .spawn()
+        .unwrap();
+    let said = wait_until(Duration::from_secs(10), || {
+        std::fs::read_to_string(&err_path)
+            .unwrap_or_default()
+            .contains(&format!("waiting for the daemon (pid {})", d.pid()))
+    });
+    let err = std::fs::read_to_string(&err_path).unwrap_or_default();
+    d.signal(rustix::process::Signal::CONT);
+    assert!(said, "{err}");
+    assert!(
+        err.contains("it is stopped") && err.contains(&format!("kill -CONT {}", d.pid())),
+        "{err}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(st) = cli.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "the CLI finished after SIGCONT");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(0));
+}

@@ -228,9 +228,42 @@ pub fn cursor_show(source: config::Source, stream: &str) -> i32 {
     EX_OK
 }
 
+/// What the daemon is doing, from /proc: `Some('T')` stopped (SIGSTOP), `Some('t')` traced,
+/// `Some('R')`, `Some('S')`, …; `None` when it is gone.
+fn process_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "PID (comm) STATE …": comm may hold spaces and parentheses; the state follows the last ')'.
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
+/// Why the CLI is still waiting for the daemon, in words (after a second or two of it).
+fn waiting_for(pid: u32, poll: Duration) -> (String, bool) {
+    match process_state(pid) {
+        Some('T') | Some('t') => (
+            format!(
+                "it is stopped (SIGSTOP or a debugger) and takes the request once it is continued (kill -CONT {pid})"
+            ),
+            false,
+        ),
+        None | Some('Z') | Some('X') => (
+            "it is no longer running; the next daemon started on this state takes the request"
+                .to_string(),
+            true,
+        ),
+        Some(_) => (
+            format!(
+                "it looks for requests every {} (daemon.control_poll) and acts at the stream's next page boundary, after a run in flight's page or an operator action on the stream",
+                humantime::format_duration(poll)
+            ),
+            false,
+        ),
+    }
+}
+
 /// Hands a request to the running daemon: control file, SIGUSR1, wait for it to be done.
 fn via_daemon(
     state_dir: &std::path::Path,
+    poll: Duration,
     pid: u32,
     action: Action,
     stream: &str,
@@ -249,8 +282,25 @@ fn via_daemon(
     if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
         let _ = rustix::process::kill_process(pid, rustix::process::Signal::USR1);
     }
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(120);
+    let mut said = false;
     while path.exists() {
+        if !said && started.elapsed() >= Duration::from_secs(2) {
+            said = true;
+            let (why, gone) = waiting_for(pid, poll);
+            if gone {
+                eprintln!(
+                    "usher: the daemon (pid {pid}) has not taken {}: {why}",
+                    path.display()
+                );
+                return EX_FAIL;
+            }
+            eprintln!(
+                "usher: waiting for the daemon (pid {pid}) to take {}: {why}. Ctrl-C stops waiting; the request stays",
+                path.display()
+            );
+        }
         if Instant::now() > deadline {
             eprintln!(
                 "usher: the daemon (pid {pid}) has not picked up {} yet; it will at the stream's next safe point",
@@ -298,9 +348,14 @@ pub fn cursor_reset(source: config::Source, stream: &str) -> i32 {
                 Err(e) => store_error(&e),
             }
         }
-        Err(LockError::Held { pid: Some(pid), .. }) => {
-            via_daemon(&state_dir, pid, Action::Reset, stream, "cursor reset")
-        }
+        Err(LockError::Held { pid: Some(pid), .. }) => via_daemon(
+            &state_dir,
+            config.daemon.control_poll,
+            pid,
+            Action::Reset,
+            stream,
+            "cursor reset",
+        ),
         Err(e) => lock_error(&e),
     }
 }
@@ -322,7 +377,14 @@ pub async fn trigger(source: config::Source, stream: &str) -> i32 {
         Ok(l) => l,
         Err(LockError::Held { pid: Some(pid), .. }) => {
             return tokio::task::block_in_place(|| {
-                via_daemon(&state_dir, pid, Action::Trigger, stream, "trigger")
+                via_daemon(
+                    &state_dir,
+                    config.daemon.control_poll,
+                    pid,
+                    Action::Trigger,
+                    stream,
+                    "trigger",
+                )
             });
         }
         Err(e) => return lock_error(&e),
