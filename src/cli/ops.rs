@@ -54,14 +54,14 @@ pub async fn run(source: config::Source, format: LogFormat) -> i32 {
         }
     };
     let checked = Instant::now();
-    let store = match Store::open_checked(&state_dir) {
+    let store = match open_checked(&state_dir).await {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(error = %e, "not starting");
             return store_error(&e);
         }
     };
-    tracing::debug!(
+    tracing::info!(
         seconds = checked.elapsed().as_secs_f64(),
         "state database checked (quick_check) and migrated"
     );
@@ -75,6 +75,27 @@ pub async fn run(source: config::Source, format: LogFormat) -> i32 {
             match e.downcast_ref::<StoreError>() {
                 Some(se) => super::fault_code(se.fault()),
                 None => EX_FAIL,
+            }
+        }
+    }
+}
+
+/// [`Store::open_checked`] on the blocking pool. `quick_check` reads the whole file (about
+/// 3 s a GB from the page cache, 30 s a GB from a slow disk): meanwhile systemd is told to
+/// extend its start timeout, every 10 s, so that a large state does not fail the start.
+async fn open_checked(state_dir: &std::path::Path) -> Result<Store, StoreError> {
+    let dir = state_dir.to_path_buf();
+    let mut task = tokio::task::spawn_blocking(move || Store::open_checked(&dir));
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            r = &mut task => return r.map_err(|e| StoreError::Task(e.to_string()))?,
+            _ = tick.tick() => {
+                let _ = sd_notify::notify(&[
+                    sd_notify::NotifyState::ExtendTimeoutUsec(30_000_000),
+                    sd_notify::NotifyState::Status("checking the state database (quick_check)"),
+                ]);
             }
         }
     }
