@@ -419,7 +419,7 @@ async fn a_backup_taken_while_the_daemon_commits_is_a_state_a_daemon_starts_on()
     let s = sandbox(3000).await;
     s.crm.faults.push(
         "crm.hook",
-        usher::sandbox::Fault::Slow(Duration::from_millis(50)),
+        usher::sandbox::Fault::Slow(Duration::from_millis(100)),
         10_000,
     );
     let env = Env::new();
@@ -432,11 +432,11 @@ async fn a_backup_taken_while_the_daemon_commits_is_a_state_a_daemon_starts_on()
         .len()
         >= 300));
     let copy = env.dir.path().join("backup.db");
+    let before = s.crm.accepted_records().len();
+    assert!(before < 3000, "the daemon is still committing ({before})");
     let out = env.cli(&["state", "backup", copy.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(stdout(&out).contains("written to"), "{}", stdout(&out));
-    let during = s.crm.accepted_records().len();
-    assert!(during < 3000, "the daemon was still committing ({during})");
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(
         std::fs::metadata(&copy).unwrap().permissions().mode() & 0o777,
