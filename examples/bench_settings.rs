@@ -114,6 +114,7 @@ async fn main() {
             config: cfg.clone(),
             http: Http::new(),
             cancel: CancellationToken::new(),
+            stop: CancellationToken::new(),
             interrupt: Default::default(),
             clock: usher::clock::Clock::process(),
             backfill: None,

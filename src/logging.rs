@@ -6,9 +6,14 @@
 //! **No value from outside can forge a text log line**: the text format escapes control
 //! characters (newline, ESC, …) in every message and field value ([`EscapeControl`]); the
 //! JSON format escapes them by being JSON.
+//!
+//! **A log line that cannot be written is not silent** ([`Counted`]): stdout closed or
+//! full, the log directory full or gone. Each is counted in `usher_log_write_errors_total`
+//! and said once on stderr (which journald keeps apart when stdout is the broken one).
 
 use std::fmt;
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tracing::field::{Field, Visit};
 use tracing_appender::non_blocking::WorkerGuard;
@@ -32,12 +37,28 @@ pub fn init(settings: &LogSettings, format: LogFormat) -> LogGuard {
         other => other,
     };
     let tty = std::io::stdout().is_terminal();
-    let (file_layer, guard) = match &settings.directory {
-        Some(dir) => {
-            let appender = tracing_appender::rolling::daily(dir, &settings.file_prefix);
+    let appender = settings.directory.as_ref().and_then(|dir| {
+        tracing_appender::rolling::RollingFileAppender::builder()
+            .rotation(tracing_appender::rolling::Rotation::DAILY)
+            .filename_prefix(&settings.file_prefix)
+            .build(dir)
+            .map_err(|e| {
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "usher: cannot write log files in {}: {e}; logging to stdout only",
+                    dir.display()
+                );
+            })
+            .ok()
+    });
+    let (file_layer, guard) = match appender {
+        Some(appender) => {
             let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
                 .lossy(false)
-                .finish(appender);
+                .finish(Counted {
+                    inner: appender,
+                    sink: Sink::File,
+                });
             let layer = tracing_subscriber::fmt::layer()
                 .with_ansi(false)
                 .with_writer(writer)
@@ -54,7 +75,7 @@ pub fn init(settings: &LogSettings, format: LogFormat) -> LogGuard {
                 tracing_subscriber::fmt::layer()
                     .json()
                     .flatten_event(true)
-                    .with_writer(std::io::stdout.with_max_level(tracing::Level::TRACE)),
+                    .with_writer(counted_stdout.with_max_level(tracing::Level::TRACE)),
             )
             .try_init()
     } else {
@@ -63,7 +84,8 @@ pub fn init(settings: &LogSettings, format: LogFormat) -> LogGuard {
                 tracing_subscriber::fmt::layer()
                     .fmt_fields(EscapeControl(DefaultFields::new()))
                     .with_ansi(tty)
-                    .with_target(false),
+                    .with_target(false)
+                    .with_writer(counted_stdout),
             )
             .try_init()
     };
@@ -71,6 +93,58 @@ pub fn init(settings: &LogSettings, format: LogFormat) -> LogGuard {
         eprintln!("usher: logging was already set up: {e}");
     }
     LogGuard(guard)
+}
+
+/// Where log lines go, for the count and the one warning of each.
+#[derive(Clone, Copy)]
+enum Sink {
+    Stdout,
+    File,
+}
+
+static WARNED_STDOUT: AtomicBool = AtomicBool::new(false);
+static WARNED_FILE: AtomicBool = AtomicBool::new(false);
+
+/// A log writer whose failures are counted and said once on stderr.
+pub struct Counted<W> {
+    inner: W,
+    sink: Sink,
+}
+
+fn counted_stdout() -> Counted<std::io::Stdout> {
+    Counted {
+        inner: std::io::stdout(),
+        sink: Sink::Stdout,
+    }
+}
+
+impl<W> Counted<W> {
+    fn failed(&self, e: &std::io::Error) {
+        crate::metrics::METRICS
+            .log_write_errors
+            .fetch_add(1, Ordering::Relaxed);
+        let (warned, what) = match self.sink {
+            Sink::Stdout => (&WARNED_STDOUT, "stdout"),
+            Sink::File => (&WARNED_FILE, "the log file"),
+        };
+        if !warned.swap(true, Ordering::Relaxed) {
+            // Not eprintln!: a broken stderr must not panic the daemon.
+            let _ = writeln!(
+                std::io::stderr(),
+                "usher: cannot write the log to {what}: {e}; usher goes on, and counts the lines it could not write in usher_log_write_errors_total (/metrics); this is said once"
+            );
+        }
+    }
+}
+
+impl<W: Write> Write for Counted<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.inner.write(buf).inspect_err(|e| self.failed(e))
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush().inspect_err(|e| self.failed(e))
+    }
 }
 
 /// The configured level, with tokio-cron-scheduler held to warnings: it logs "Job creator

@@ -31,10 +31,62 @@ pub struct StreamMetrics {
 pub struct Registry {
     streams: Mutex<BTreeMap<String, StreamMetrics>>,
     retries: Mutex<BTreeMap<String, u64>>,
-    /// Unix seconds of the daemon main loop's last turn (for /healthz).
+    /// Milliseconds since the process started (monotonic) of the daemon main loop's last
+    /// turn (for /healthz; not wall-clock seconds, which a clock step moves).
     pub heartbeat: AtomicU64,
     // S-360: the webhook receiver's connections and refusals.
     pub receiver: ReceiverMetrics,
+    /// Whether the state can be written (for /healthz, `usher status` and the scheduler).
+    pub state: StateHealth,
+    /// Log lines that could not be written (stdout closed or full, the log directory full).
+    pub log_write_errors: AtomicU64,
+}
+
+/// The state's last write failure, until a write goes through again. Set and cleared by
+/// `Store::call` from the result of every statement, so it is the truth of the last write.
+#[derive(Default)]
+pub struct StateHealth {
+    error: Mutex<Option<StateError>>,
+    /// Failed statements on the state (any kind of storage fault), since the start.
+    pub errors_total: AtomicU64,
+    /// Bumped at every change of `error`, so that the daemon passes changes on cheaply.
+    pub generation: AtomicU64,
+}
+
+/// Since when the state cannot be written, and the last error.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StateError {
+    pub since: DateTime<Utc>,
+    pub last: DateTime<Utc>,
+    pub error: String,
+}
+
+impl StateHealth {
+    /// A statement failed on a storage fault (disk full, I/O error, damage, permissions).
+    pub fn failed(&self, error: String) {
+        self.errors_total.fetch_add(1, Ordering::Relaxed);
+        let now = Utc::now();
+        let mut e = self.error.lock().unwrap_or_else(|p| p.into_inner());
+        let since = e.as_ref().map_or(now, |e| e.since);
+        *e = Some(StateError {
+            since,
+            last: now,
+            error,
+        });
+        self.generation.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A write went through: the state can be written again.
+    pub fn written(&self) {
+        let mut e = self.error.lock().unwrap_or_else(|p| p.into_inner());
+        if e.take().is_some() {
+            self.generation.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn error(&self) -> Option<StateError> {
+        self.error.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
 }
 
 /// The S-360 receiver under load: what it accepted, closed and refused. Counters only grow;
@@ -250,8 +302,16 @@ impl Registry {
     }
 
     pub fn beat(&self) {
-        self.heartbeat
-            .store(Utc::now().timestamp() as u64, Ordering::Relaxed);
+        self.heartbeat.store(
+            MONOTONIC_START.elapsed().as_millis() as u64,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// How long ago the daemon main loop last turned.
+    pub fn since_beat(&self) -> std::time::Duration {
+        let beat = std::time::Duration::from_millis(self.heartbeat.load(Ordering::Relaxed));
+        MONOTONIC_START.elapsed().saturating_sub(beat)
     }
 
     pub fn stream(&self, stream: &str) -> StreamMetrics {
@@ -415,6 +475,21 @@ impl Registry {
                 );
             }
         }
+        let _ = writeln!(
+            out,
+            "# HELP usher_state_writable 1 while the state database can be written, 0 since a write failed and until one goes through.\n# TYPE usher_state_writable gauge\nusher_state_writable {}",
+            u8::from(self.state.error().is_none())
+        );
+        let _ = writeln!(
+            out,
+            "# HELP usher_state_errors_total Statements on the state database that failed on a storage fault (disk full, I/O, permissions, damage).\n# TYPE usher_state_errors_total counter\nusher_state_errors_total {}",
+            self.state.errors_total.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP usher_log_write_errors_total Log lines that could not be written.\n# TYPE usher_log_write_errors_total counter\nusher_log_write_errors_total {}",
+            self.log_write_errors.load(Ordering::Relaxed)
+        );
         self.receiver.render(&mut out);
         process_metrics(&mut out);
         out
@@ -465,6 +540,7 @@ fn process_metrics(out: &mut String) {
 }
 
 pub static START: LazyLock<DateTime<Utc>> = LazyLock::new(Utc::now);
+static MONOTONIC_START: LazyLock<std::time::Instant> = LazyLock::new(std::time::Instant::now);
 
 /// The few fields of /proc/PID/stat and status that matter here.
 #[derive(Debug, Clone, Copy, Default)]

@@ -55,6 +55,10 @@ impl InDoubtStatus {
 pub struct Status {
     pub daemon_pid: Option<u32>,
     pub state_dir: String,
+    /// The running daemon cannot write the state database: since when, and why (from the
+    /// lock file: the database cannot hold it). Runs do not start meanwhile.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state_error: Option<crate::metrics::StateError>,
     pub streams: Vec<StreamStatus>,
     /// Integration settings: each company's integration blocks, and each connection's last
     /// online check.
@@ -77,6 +81,7 @@ pub fn collect(
     config: &Config,
     store: Option<&Store>,
     daemon_pid: Option<u32>,
+    state_error: Option<crate::metrics::StateError>,
 ) -> crate::store::Result<Status> {
     let mut streams = Vec::new();
     let pauses = match store {
@@ -117,6 +122,7 @@ pub fn collect(
     Ok(Status {
         daemon_pid,
         state_dir: config.daemon.state_dir.display().to_string(),
+        state_error,
         streams,
         integrations: config.settings.integrations.clone(),
         connections: connection_statuses(config, checks),
@@ -238,6 +244,16 @@ pub fn print_text(s: &Status, out: &mut impl Write, colour: bool) -> std::io::Re
             paint("not running".into(), "33"),
             s.state_dir
         )?,
+    }
+    if let Some(e) = &s.state_error {
+        writeln!(
+            out,
+            "{} the daemon could not write the state database at {} (failing since {}): {}; runs do not start until it can (each stream tries again after a pause that doubles up to 5 min)",
+            paint("!".into(), "31"),
+            e.last.format("%Y-%m-%d %H:%M:%S"),
+            e.since.format("%Y-%m-%d %H:%M:%S"),
+            e.error
+        )?;
     }
     let header = [
         "STREAM",
@@ -437,6 +453,7 @@ mod tests {
         Status {
             daemon_pid: None,
             state_dir: "/var/lib/usher".into(),
+            state_error: None,
             streams: vec![StreamStatus {
                 stream: "s".into(),
                 enabled: true,

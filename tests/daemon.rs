@@ -465,3 +465,246 @@ async fn a_refused_payload_is_resent_identical_and_first() {
     assert_eq!(rec[1].status, 200);
     assert_all_once(&s, 130);
 }
+
+/// The CRM stream with one webhook POST taking `slow` (the hub's timeout raised above it),
+/// a daemon started on it, and the moment the first POST arrived.
+async fn slow_hook_daemon(
+    slow: Duration,
+    shutdown_timeout: &str,
+) -> (Sandbox, Env, common::Daemon) {
+    let s = sandbox(100).await;
+    s.crm.faults.push("crm.hook", Fault::Slow(slow), 1000);
+    let env = Env::new();
+    env.write_config(
+        &crm_stream_config(&base(&s), "1h", 100_000, 25)
+            .replace("timeout = \"3s\"", "timeout = \"60s\""),
+    );
+    let text = std::fs::read_to_string(env.config_path()).unwrap();
+    std::fs::write(
+        env.config_path(),
+        text.replace(
+            "shutdown_timeout = \"20s\"",
+            &format!("shutdown_timeout = \"{shutdown_timeout}\""),
+        ),
+    )
+    .unwrap();
+    let d = env.spawn_daemon();
+    d.wait_ready();
+    assert!(
+        wait_until(Duration::from_secs(20), || !s
+            .crm
+            .faults
+            .calls_to("crm.hook")
+            .is_empty()),
+        "{}",
+        d.log()
+    );
+    (s, env, d)
+}
+
+fn outbox_payloads(env: &Env) -> i64 {
+    query_i64(&env.db_path(), "SELECT COUNT(*) FROM outbox")
+}
+
+/// SIGTERM while a POST is in flight: it is answered and recorded, then the run stops
+/// between payloads (each one is a safe point), and the daemon exits 0. (A page whose
+/// writes are not committed one by one finishes whole: `seatgeek_halo.rs`,
+/// `sigterm_mid_page_finishes_the_page_and_commits_it`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_lets_the_page_in_flight_finish_and_exits_0() {
+    let (s, env, mut d) = slow_hook_daemon(Duration::from_secs(3), "20s").await;
+    d.signal(Signal::TERM);
+    assert_eq!(
+        d.wait_exit(Duration::from_secs(15)),
+        Some(Some(0)),
+        "{}",
+        d.log()
+    );
+    assert_eq!(
+        s.crm.accepted_records().len(),
+        25,
+        "the POST in flight was answered"
+    );
+    // Of the page's two payloads, the one delivered is recorded; the other waits.
+    assert_eq!(outbox_payloads(&env), 1);
+    let outcome: String = common::db(&env.db_path())
+        .query_row(
+            "SELECT outcome FROM runs ORDER BY id DESC LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(outcome, "stopped");
+}
+
+/// Before: a second SIGTERM did not hurry a stuck shutdown, and the forced exit after
+/// `shutdown_timeout` returned 0. Now a second SIGTERM abandons the runs at once and the
+/// daemon exits 1; nothing is lost (the payload stays in the outbox).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_second_sigterm_abandons_the_runs_and_exits_1() {
+    let (s, env, mut d) = slow_hook_daemon(Duration::from_secs(30), "50s").await;
+    d.signal(Signal::TERM);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        d.child.try_wait().unwrap(),
+        None,
+        "still finishing its page"
+    );
+    let second = std::time::Instant::now();
+    d.signal(Signal::TERM);
+    assert_eq!(
+        d.wait_exit(Duration::from_secs(10)),
+        Some(Some(1)),
+        "{}",
+        d.log()
+    );
+    assert!(second.elapsed() < Duration::from_secs(8));
+    assert!(d.log().contains("a second SIGTERM arrived"), "{}", d.log());
+    assert!(s.crm.accepted_records().is_empty());
+    assert_eq!(outbox_payloads(&env), 2, "nothing lost");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_shutdown_past_its_timeout_abandons_the_runs_and_exits_1() {
+    let (_s, env, mut d) = slow_hook_daemon(Duration::from_secs(30), "2s").await;
+    let term = std::time::Instant::now();
+    d.signal(Signal::TERM);
+    assert_eq!(
+        d.wait_exit(Duration::from_secs(12)),
+        Some(Some(1)),
+        "{}",
+        d.log()
+    );
+    assert!(term.elapsed() >= Duration::from_secs(2));
+    assert!(d.log().contains("shutdown_timeout (2s)"), "{}", d.log());
+    assert_eq!(outbox_payloads(&env), 2, "nothing lost");
+}
+
+/// libfaketime, to step the daemon's wall clock while it runs (Debian: `faketime`).
+/// `None` (the test is skipped, saying so) where it is not installed, unless
+/// `USHER_TEST_FAKETIME=required` (CI installs it).
+fn faketime() -> Option<&'static str> {
+    const LIB: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+    if std::path::Path::new(LIB).exists() {
+        return Some(LIB);
+    }
+    if std::env::var("USHER_TEST_FAKETIME").as_deref() == Ok("required") {
+        panic!("{LIB} is missing: apt-get install faketime");
+    }
+    eprintln!("SKIPPED: this test steps the wall clock with libfaketime; apt-get install faketime");
+    None
+}
+
+fn finished_runs(env: &Env) -> i64 {
+    query_i64(
+        &env.db_path(),
+        "SELECT COUNT(*) FROM runs WHERE outcome != 'running'",
+    )
+}
+
+/// The wall clock stepped back an hour under a 2 s stream (an NTP step, a VM restored):
+/// the slots keep coming on time (they are timed on the monotonic clock between wall-clock
+/// checks), and the log says once that the clock jumped. Before the jump check, the armed
+/// slots waited out the hour (0 runs in 31 s with 3 slots due).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_wall_clock_stepped_back_an_hour_does_not_stall_the_schedule() {
+    let Some(lib) = faketime() else {
+        return;
+    };
+    let s = sandbox(5).await;
+    let env = Env::new();
+    env.write_config(&crm_stream_config(&base(&s), "2s", 10_000, 50));
+    let offset = env.dir.path().join("faketime");
+    std::fs::write(&offset, "+0\n").unwrap();
+    let offset_text = offset.display().to_string();
+    let d = env.spawn_daemon_with(
+        &[],
+        &[
+            ("LD_PRELOAD", lib),
+            ("FAKETIME_TIMESTAMP_FILE", &offset_text),
+            ("FAKETIME_NO_CACHE", "1"),
+            ("DONT_FAKE_MONOTONIC", "1"),
+        ],
+    );
+    d.wait_ready();
+    assert!(
+        wait_until(Duration::from_secs(20), || finished_runs(&env) >= 2),
+        "{}",
+        d.log()
+    );
+    std::fs::write(&offset, "-1h\n").unwrap();
+    let before = finished_runs(&env);
+    assert!(
+        d.wait_log("the wall clock jumped", Duration::from_secs(5)),
+        "{}",
+        d.log()
+    );
+    std::thread::sleep(Duration::from_secs(10));
+    let after = finished_runs(&env);
+    assert!(
+        after - before >= 3,
+        "{} runs in 10 s of 2 s slots after the step; log:\n{}",
+        after - before,
+        d.log()
+    );
+    assert_eq!(
+        d.log().matches("the wall clock jumped").count(),
+        1,
+        "logged once"
+    );
+}
+
+/// A daemon killed while a POST was in flight leaves it in doubt until its deadline plus
+/// the settle margin, in wall-clock time. A restart on a clock stepped back an hour since
+/// then would have waited that hour more; it now waits at most what the record allowed
+/// when it was written (the hub's 3 s timeout + 1 s + the 5 s margin).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writes_in_doubt_from_before_a_clock_step_back_do_not_stall_the_stream() {
+    let Some(lib) = faketime() else {
+        return;
+    };
+    let s = sandbox(30).await;
+    s.crm
+        .faults
+        .push("crm.hook", Fault::Slow(Duration::from_secs(2)), 1);
+    let env = Env::new();
+    env.write_config(&crm_stream_config(&base(&s), "1h", 10_000, 50));
+    let mut d = env.spawn_daemon();
+    d.wait_ready();
+    assert!(wait_until(Duration::from_secs(20), || !s
+        .crm
+        .faults
+        .calls_to("crm.hook")
+        .is_empty()));
+    d.kill9();
+    assert_eq!(
+        query_i64(&env.db_path(), "SELECT COUNT(*) FROM in_doubt"),
+        1,
+        "the POST in flight is in doubt"
+    );
+    let offset = env.dir.path().join("faketime");
+    std::fs::write(&offset, "-1h\n").unwrap();
+    let offset_text = offset.display().to_string();
+    let d = env.spawn_daemon_with(
+        &[],
+        &[
+            ("LD_PRELOAD", lib),
+            ("FAKETIME_TIMESTAMP_FILE", &offset_text),
+            ("FAKETIME_NO_CACHE", "1"),
+            ("DONT_FAKE_MONOTONIC", "1"),
+        ],
+    );
+    d.wait_ready();
+    assert!(
+        wait_until(Duration::from_secs(25), || s.crm.accepted_records().len()
+            >= 30),
+        "{}",
+        d.log()
+    );
+    assert!(
+        d.log()
+            .contains("the wall clock is behind the time the writes in doubt were recorded"),
+        "{}",
+        d.log()
+    );
+}

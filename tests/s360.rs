@@ -773,7 +773,58 @@ every = "1h"
         vec!["OFF-1", "OFF-2", "OFF-3", "OFF-4"],
         "still one order per offer"
     );
-    assert!(d2.log().contains("an earlier attempt had made the order"));
+    assert!(d2.log().contains("S-360 already has the order"));
+}
+
+/// The way back from a damaged state (README, "Starting again"): a state started afresh
+/// reads every offer again, and before, each became a second order (only an offer whose
+/// ledger row said "attempt" was looked up). Now an offer the ledger does not know is
+/// looked up at S-360 by its external reference first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn offers_read_again_by_a_state_started_afresh_are_not_ordered_twice() {
+    let s = sandbox().await;
+    s.crm.add_offers(3);
+    let env = Env::new();
+    let port = free_port();
+    let mut cfg = head(&env, &s, port, "");
+    cfg += r#"
+[streams.crm-offers]
+source = "crm"
+entity = "offer"
+target = "s360"
+every = "1h"
+"#;
+    env.write_config(&cfg);
+    let trigger = |env: &Env| {
+        let out = env.cli(&["trigger", "crm-offers"]);
+        assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    };
+    trigger(&env);
+    assert_eq!(s.s360.orders().len(), 3);
+    for f in ["usher.db", "usher.db-wal", "usher.db-shm"] {
+        let _ = std::fs::remove_file(env.state_dir().join(f));
+    }
+    s.crm.add_offers(1);
+    trigger(&env);
+    let refs: Vec<String> = s
+        .s360
+        .orders()
+        .iter()
+        .map(|o| o.external_reference.clone().unwrap())
+        .collect();
+    assert_eq!(
+        refs,
+        ["OFF-1", "OFF-2", "OFF-3", "OFF-4"],
+        "one order per offer"
+    );
+    assert_eq!(
+        query_i64(
+            &env.db_path(),
+            "SELECT COUNT(*) FROM ledger WHERE status = 'done'"
+        ),
+        4,
+        "the three known orders are recorded, with their S-360 ids"
+    );
 }
 
 /// Each CRM target auth (none, Basic, bearer, API-key header, OAuth2 client credentials)

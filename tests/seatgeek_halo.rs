@@ -809,3 +809,49 @@ max_retries = 0
         "{text}"
     );
 }
+
+/// Before: SIGTERM while a page's Halo batches waited for their rate budget abandoned the
+/// page (README said runs finish it): the batches sent were written, the others not, and
+/// the page was pulled and looked up again at the next start. Now the page finishes and
+/// commits, then the run stops, and the daemon exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_mid_page_finishes_the_page_and_commits_it() {
+    let s = sandbox().await;
+    s.seatgeek.add_generated(100, 100, 7);
+    let env = Env::new();
+    env.write_config(
+        &config(&env, &s, "")
+            .replace("batch_size = 100", "batch_size = 10")
+            .replace(
+                "timeout = \"5s\"",
+                "timeout = \"5s\"\nrate_limit = { calls = 4, per = \"1s\" }",
+            ),
+    );
+    let mut d = env.spawn_daemon();
+    d.wait_ready();
+    assert!(
+        wait_until(Duration::from_secs(20), || s
+            .halo
+            .faults
+            .calls_to("halo.users.post")
+            .len()
+            >= 2),
+        "{}",
+        d.log()
+    );
+    d.signal(rustix::process::Signal::TERM);
+    assert_eq!(
+        d.wait_exit(Duration::from_secs(20)),
+        Some(Some(0)),
+        "{}",
+        d.log()
+    );
+    assert_eq!(s.halo.faults.calls_to("halo.users.post").len(), 10);
+    assert_each_once(&s, 100, "");
+    let cursor: Option<String> = common::db(&env.db_path())
+        .query_row("SELECT cursor FROM cursors WHERE stream = 'sg'", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert!(cursor.is_some(), "the page was committed");
+}

@@ -97,6 +97,7 @@ pub async fn backfill(source: config::Source, stream: &str, from: NaiveDate) -> 
         spec: config.streams[stream].clone(),
         config,
         http,
+        stop: cancel.clone(),
         cancel,
         interrupt: Default::default(),
         clock: crate::clock::Clock::process(),

@@ -236,6 +236,7 @@ url = "/hooks/relay"
         spec: config.streams["relay"].clone(),
         http: Http::new(),
         cancel: CancellationToken::new(),
+        stop: CancellationToken::new(),
         interrupt: Default::default(),
         clock: crate::clock::Clock::process(),
         backfill: None,

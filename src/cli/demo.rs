@@ -156,6 +156,7 @@ pub async fn demo(demo_config: PathBuf, contacts: u64, state_override: Option<Pa
             spec: spec.clone(),
             http: http.clone(),
             cancel: cancel.clone(),
+            stop: cancel.clone(),
             interrupt: Default::default(),
             clock: crate::clock::Clock::process(),
             backfill: None,

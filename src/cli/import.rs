@@ -100,6 +100,7 @@ pub async fn import(source: config::Source, stream: &str, limit: u64, dry_run: b
             tracing::warn!(error = %e, "cannot read the saved rate budgets; starting them empty");
             Http::new()
         }),
+        stop: cancel.clone(),
         cancel,
         interrupt: Default::default(),
         clock: crate::clock::Clock::process(),

@@ -1,5 +1,8 @@
-//! The subcommands. Each returns an exit code: 0 fine, 1 failed, 65 the state database is
-//! unusable, 78 (EX_CONFIG) the configuration is invalid.
+//! The subcommands. Each returns an exit code: 0 fine, 1 failed, 65 (EX_DATAERR) the state
+//! database cannot be used (damaged, written by a newer usher, not usher's, moved away from
+//! under the daemon), 75 (EX_TEMPFAIL) the state cannot be used for now (the disk full, an
+//! I/O error, the file busy: systemd starts usher again), 77 (EX_NOPERM) usher may not open
+//! or write the state, 78 (EX_CONFIG) the configuration is invalid.
 
 mod bench;
 mod demo;
@@ -7,6 +10,7 @@ mod demo;
 mod bench_s360;
 mod demo_s360;
 mod ops;
+mod state;
 // Ticket Co x Airship
 mod backfill;
 // SeatGeek / Halo
@@ -22,13 +26,25 @@ use crate::config::{self, LogFormat, Problem};
 pub const EX_OK: i32 = 0;
 pub const EX_FAIL: i32 = 1;
 pub const EX_DATAERR: i32 = 65;
+pub const EX_TEMPFAIL: i32 = 75;
+pub const EX_NOPERM: i32 = 77;
 pub const EX_CONFIG: i32 = 78;
+
+/// The exit code for a state that cannot be used, by what is at fault.
+pub fn fault_code(f: crate::store::Fault) -> i32 {
+    match f {
+        crate::store::Fault::Transient => EX_TEMPFAIL,
+        crate::store::Fault::Permission => EX_NOPERM,
+        crate::store::Fault::Unusable => EX_DATAERR,
+    }
+}
 
 #[derive(Parser, Debug)]
 #[command(
     name = "usher",
     version,
-    about = "Moves people and bookings between ticketing systems and the systems around them, on a schedule, without losing or duplicating a record."
+    about = "Moves people and bookings between ticketing systems and the systems around them, on a schedule, without losing or duplicating a record.",
+    after_help = "Exit codes: 0 done; 1 failed; 65 the state database cannot be used (damaged, from a newer usher, moved away under the daemon); 75 the state cannot be used for now (disk full, I/O error, busy: systemd restarts usher); 77 no permission on the state; 78 the configuration is invalid."
 )]
 pub struct Cli {
     /// The main configuration file; drop-ins are read from `usher.d/` beside it.
@@ -87,6 +103,11 @@ pub enum Command {
     },
     /// Run a stream now (through the daemon when one runs, else in this process).
     Trigger { stream: String },
+    /// Back up or check the state database (while the daemon runs, too).
+    State {
+        #[command(subcommand)]
+        action: StateAction,
+    },
     /// List, retry or drop the records a stream set aside.
     DeadLetters {
         #[command(subcommand)]
@@ -190,6 +211,21 @@ pub enum DeadLetterAction {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum StateAction {
+    /// Write a consistent copy of the state database to FILE (mode 0600), while the daemon
+    /// runs: a snapshot at one instant, compacted, checked with `quick_check`. FILE must not
+    /// exist. To restore it: stop usher, replace usher.db with it, delete usher.db-wal and
+    /// usher.db-shm, start usher (README, "Backup and restore").
+    Backup { file: PathBuf },
+    /// Check the state database for damage (`quick_check`; `--full`: `integrity_check`,
+    /// which also compares every index with its table and takes longer). Exit 65 if damaged.
+    Check {
+        #[arg(long)]
+        full: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 pub enum CursorAction {
     Show {
         stream: String,
@@ -266,6 +302,10 @@ pub fn main() -> i32 {
             CursorAction::Reset { stream } => ops::cursor_reset(state_only, &stream),
         },
         Command::DeadLetters { action } => ops::dead_letters(state_only, action),
+        Command::State { action } => match action {
+            StateAction::Backup { file } => state::backup(state_only, &file),
+            StateAction::Check { full } => state::check(state_only, full),
+        },
         Command::Trigger { stream } => runtime.block_on(ops::trigger(source, &stream)),
         // SeatGeek / Halo
         Command::Import {

@@ -20,7 +20,20 @@ pub(super) fn load(source: &config::Source) -> Result<Config, i32> {
 
 pub(super) fn store_error(e: &StoreError) -> i32 {
     eprintln!("usher: {e}");
-    EX_DATAERR
+    let fault = e.fault();
+    if fault == crate::store::Fault::Transient {
+        eprintln!(
+            "usher: this may pass (exit 75: systemd starts usher again); once the disk has room, the I/O error is gone or the file is free, it goes on by itself"
+        );
+    }
+    super::fault_code(fault)
+}
+
+/// A state-directory lock that could not be taken: 1 when another process holds it, else
+/// by what is at fault (as the state's own errors).
+fn lock_error(e: &LockError) -> i32 {
+    eprintln!("usher: {e}");
+    e.fault().map_or(EX_FAIL, super::fault_code)
 }
 
 pub async fn run(source: config::Source, format: LogFormat) -> i32 {
@@ -37,23 +50,53 @@ pub async fn run(source: config::Source, format: LogFormat) -> i32 {
         Ok(l) => l,
         Err(e) => {
             tracing::error!(error = %e, "not starting");
-            eprintln!("usher: {e}");
-            return EX_FAIL;
+            return lock_error(&e);
         }
     };
-    let store = match Store::open(&state_dir) {
+    let checked = Instant::now();
+    let store = match open_checked(&state_dir).await {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(error = %e, "not starting");
             return store_error(&e);
         }
     };
+    tracing::info!(
+        seconds = checked.elapsed().as_secs_f64(),
+        "state database checked (quick_check) and migrated"
+    );
     match daemon::run(source, config, store, lock).await {
-        Ok(()) => EX_OK,
+        Ok(daemon::Ended::Clean) => EX_OK,
+        Ok(daemon::Ended::Abandoned) => EX_FAIL,
+        Ok(daemon::Ended::StateGone) => EX_DATAERR,
         Err(e) => {
             tracing::error!(error = %e, "the daemon failed");
             eprintln!("usher: {e:#}");
-            EX_FAIL
+            match e.downcast_ref::<StoreError>() {
+                Some(se) => super::fault_code(se.fault()),
+                None => EX_FAIL,
+            }
+        }
+    }
+}
+
+/// [`Store::open_checked`] on the blocking pool. `quick_check` reads the whole file (about
+/// 3 s a GB from the page cache, 30 s a GB from a slow disk): meanwhile systemd is told to
+/// extend its start timeout, every 10 s, so that a large state does not fail the start.
+async fn open_checked(state_dir: &std::path::Path) -> Result<Store, StoreError> {
+    let dir = state_dir.to_path_buf();
+    let mut task = tokio::task::spawn_blocking(move || Store::open_checked(&dir));
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            r = &mut task => return r.map_err(|e| StoreError::Task(e.to_string()))?,
+            _ = tick.tick() => {
+                let _ = sd_notify::notify(&[
+                    sd_notify::NotifyState::ExtendTimeoutUsec(30_000_000),
+                    sd_notify::NotifyState::Status("checking the state database (quick_check)"),
+                ]);
+            }
         }
     }
 }
@@ -157,7 +200,8 @@ pub fn status(source: config::Source, json: bool) -> i32 {
         Err(e) => return store_error(&e),
     };
     let pid = lock::holder(state_dir);
-    let status = match crate::status::collect(&config, store.as_ref(), pid) {
+    let state_error = lock::state_note(state_dir);
+    let status = match crate::status::collect(&config, store.as_ref(), pid, state_error) {
         Ok(s) => s,
         Err(e) => return store_error(&e),
     };
@@ -213,9 +257,42 @@ pub fn cursor_show(source: config::Source, stream: &str) -> i32 {
     EX_OK
 }
 
+/// What the daemon is doing, from /proc: `Some('T')` stopped (SIGSTOP), `Some('t')` traced,
+/// `Some('R')`, `Some('S')`, …; `None` when it is gone.
+fn process_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "PID (comm) STATE …": comm may hold spaces and parentheses; the state follows the last ')'.
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
+/// Why the CLI is still waiting for the daemon, in words (after a second or two of it).
+fn waiting_for(pid: u32, poll: Duration) -> (String, bool) {
+    match process_state(pid) {
+        Some('T') | Some('t') => (
+            format!(
+                "it is stopped (SIGSTOP or a debugger) and takes the request once it is continued (kill -CONT {pid})"
+            ),
+            false,
+        ),
+        None | Some('Z') | Some('X') => (
+            "it is no longer running; the next daemon started on this state takes the request"
+                .to_string(),
+            true,
+        ),
+        Some(_) => (
+            format!(
+                "it looks for requests every {} (daemon.control_poll) and acts at the stream's next page boundary, after a run in flight's page or an operator action on the stream",
+                humantime::format_duration(poll)
+            ),
+            false,
+        ),
+    }
+}
+
 /// Hands a request to the running daemon: control file, SIGUSR1, wait for it to be done.
 fn via_daemon(
     state_dir: &std::path::Path,
+    poll: Duration,
     pid: u32,
     action: Action,
     stream: &str,
@@ -234,8 +311,25 @@ fn via_daemon(
     if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
         let _ = rustix::process::kill_process(pid, rustix::process::Signal::USR1);
     }
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(120);
+    let mut said = false;
     while path.exists() {
+        if !said && started.elapsed() >= Duration::from_secs(2) {
+            said = true;
+            let (why, gone) = waiting_for(pid, poll);
+            if gone {
+                eprintln!(
+                    "usher: the daemon (pid {pid}) has not taken {}: {why}",
+                    path.display()
+                );
+                return EX_FAIL;
+            }
+            eprintln!(
+                "usher: waiting for the daemon (pid {pid}) to take {}: {why}. Ctrl-C stops waiting; the request stays",
+                path.display()
+            );
+        }
         if Instant::now() > deadline {
             eprintln!(
                 "usher: the daemon (pid {pid}) has not picked up {} yet; it will at the stream's next safe point",
@@ -283,13 +377,15 @@ pub fn cursor_reset(source: config::Source, stream: &str) -> i32 {
                 Err(e) => store_error(&e),
             }
         }
-        Err(LockError::Held { pid: Some(pid), .. }) => {
-            via_daemon(&state_dir, pid, Action::Reset, stream, "cursor reset")
-        }
-        Err(e) => {
-            eprintln!("usher: {e}");
-            EX_FAIL
-        }
+        Err(LockError::Held { pid: Some(pid), .. }) => via_daemon(
+            &state_dir,
+            config.daemon.control_poll,
+            pid,
+            Action::Reset,
+            stream,
+            "cursor reset",
+        ),
+        Err(e) => lock_error(&e),
     }
 }
 
@@ -310,13 +406,17 @@ pub async fn trigger(source: config::Source, stream: &str) -> i32 {
         Ok(l) => l,
         Err(LockError::Held { pid: Some(pid), .. }) => {
             return tokio::task::block_in_place(|| {
-                via_daemon(&state_dir, pid, Action::Trigger, stream, "trigger")
+                via_daemon(
+                    &state_dir,
+                    config.daemon.control_poll,
+                    pid,
+                    Action::Trigger,
+                    stream,
+                    "trigger",
+                )
             });
         }
-        Err(e) => {
-            eprintln!("usher: {e}");
-            return EX_FAIL;
-        }
+        Err(e) => return lock_error(&e),
     };
     let config = match load(&source) {
         Ok(c) => c,
@@ -335,9 +435,13 @@ pub async fn trigger(source: config::Source, stream: &str) -> i32 {
             "run now, in the CLI (no daemon running)",
         )
         .await;
-    let cancel = CancellationToken::new();
-    let c = cancel.clone();
+    // Ctrl-C: as SIGTERM to the daemon, the page in flight finishes; a second one abandons it.
+    let (stop, cancel) = (CancellationToken::new(), CancellationToken::new());
+    let (s, c) = (stop.clone(), cancel.clone());
     tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        s.cancel();
+        eprintln!("usher: stopping after the page in flight (Ctrl-C again to abandon it)");
         let _ = tokio::signal::ctrl_c().await;
         c.cancel();
     });
@@ -355,6 +459,7 @@ pub async fn trigger(source: config::Source, stream: &str) -> i32 {
         config,
         http,
         cancel,
+        stop,
         interrupt: Default::default(),
         clock: crate::clock::Clock::process(),
         backfill: None,

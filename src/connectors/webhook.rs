@@ -2,8 +2,10 @@
 //! statuses the stream lists (default 200) mean accepted, anything else means the same
 //! payload, byte for byte, goes again first at the next execution. It is sent once per
 //! execution (`Retry::CreateOnce`); only 429/509 are waited for and repeated, since they mean
-//! "not processed". Each POST carries `Idempotency-Key: usher-<stream>-<outbox id>`, the
-//! same on every resend, so a receiver can drop a redelivery after a crash.
+//! "not processed". Each POST carries `Idempotency-Key: usher-<stream>-<outbox id>-<nonce>`
+//! (the nonce is the payload's own, random, kept in the outbox), the same on every resend,
+//! so a receiver can drop a redelivery after a crash, and never the same for two payloads,
+//! also after the state was started afresh or restored from a backup.
 
 use reqwest::Method;
 use reqwest::header::CONTENT_TYPE;
@@ -27,12 +29,10 @@ pub enum Delivery {
 impl WebhookTarget {
     pub async fn deliver(
         &self,
-        stream: &str,
-        outbox_id: i64,
+        key: &str,
         body: &[u8],
         cancel: &CancellationToken,
     ) -> Result<Delivery, HttpError> {
-        let key = format!("usher-{stream}-{outbox_id}");
         let body = bytes::Bytes::copy_from_slice(body);
         let result = self
             .endpoint
@@ -43,7 +43,7 @@ impl WebhookTarget {
                 cancel,
                 |rb| {
                     rb.header(CONTENT_TYPE, "application/json")
-                        .header("Idempotency-Key", key.as_str())
+                        .header("Idempotency-Key", key)
                         .body(body.clone())
                 },
             )

@@ -111,11 +111,11 @@ pub fn write(
     let d = ensure_dir(state_dir)?;
     let final_path = d.join(format!("{}.{stream}", action.as_str()));
     let tmp = d.join(format!(
-        ".tmp-{}-{}.{stream}",
+        "{TMP_PREFIX}{}-{}.{stream}",
         std::process::id(),
         action.as_str()
     ));
-    {
+    let written = (|| {
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
@@ -124,9 +124,37 @@ pub fn write(
             .open(&tmp)?;
         writeln!(f, "{actor}")?;
         f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, &final_path)
+    })();
+    if let Err(e) = written {
+        // A request that could not be written leaves nothing behind (a full disk, …).
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
     }
-    std::fs::rename(&tmp, &final_path)?;
     Ok(final_path)
+}
+
+/// Temporary files of [`write`], not requests.
+const TMP_PREFIX: &str = ".tmp-";
+
+/// Removes temporary files older than `age` that a CLI killed between writing and renaming
+/// left behind. Returns how many.
+pub fn sweep(state_dir: &Path, age: std::time::Duration) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir(state_dir)) else {
+        return 0;
+    };
+    let now = std::time::SystemTime::now();
+    entries
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(TMP_PREFIX))
+        .filter(|e| {
+            e.metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| now.duration_since(t).is_ok_and(|d| d > age))
+        })
+        .filter(|e| std::fs::remove_file(e.path()).is_ok())
+        .count()
 }
 
 /// Who is running the CLI, for the audit trail.

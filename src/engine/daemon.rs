@@ -63,6 +63,111 @@ struct Armed {
 const MAX_EARLY_WAIT: Duration = Duration::from_secs(5);
 /// A difference between wall-clock and monotonic time elapsed beyond this is a clock jump.
 const CLOCK_JUMP: chrono::TimeDelta = chrono::TimeDelta::seconds(2);
+/// A stream whose run could not be recorded (the state cannot be written) tries again after
+/// this, then after twice as long each time, up to [`STATE_BACKOFF_MAX`], or at its next
+/// slot when that is later: not at every slot, and not long after the state is back.
+pub const STATE_BACKOFF_FIRST: Duration = Duration::from_secs(2);
+pub const STATE_BACKOFF_MAX: Duration = Duration::from_secs(300);
+
+/// The files the daemon works on, as it opened them. Checked against the configured paths
+/// every second: a state directory moved, deleted or replaced under the daemon is noticed,
+/// and the daemon stops instead of working on a state nobody sees (`status` reads the
+/// configured path) beside a second daemon that started a fresh one there.
+struct Identity {
+    db: PathBuf,
+    db_id: (u64, u64),
+    lock: PathBuf,
+    lock_id: (u64, u64),
+}
+
+/// What became of the state at the configured path.
+enum Drift {
+    /// The database there is another file, or none: the daemon stops.
+    Gone(String),
+    /// Only the lock file was removed or replaced: take it again.
+    Lock(String),
+}
+
+fn file_id(p: &std::path::Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(p)?;
+    Ok((m.dev(), m.ino()))
+}
+
+/// Where a file this process has open is now (its descriptor's link in /proc): the new
+/// path of a moved file, or the old one with " (deleted)".
+fn open_path_of(id: (u64, u64)) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir("/proc/self/fd")
+        .ok()?
+        .flatten()
+        .find_map(|e| {
+            let m = std::fs::metadata(e.path()).ok()?;
+            ((m.dev(), m.ino()) == id)
+                .then(|| std::fs::read_link(e.path()).ok())
+                .flatten()
+                .map(|p| p.display().to_string())
+        })
+}
+
+impl Identity {
+    fn new(store: &Store, lock: &StateLock) -> std::io::Result<Identity> {
+        Ok(Identity {
+            db: store.path().to_path_buf(),
+            db_id: file_id(store.path())?,
+            lock: lock.path.clone(),
+            lock_id: lock.identity()?,
+        })
+    }
+
+    fn check(&self) -> Option<Drift> {
+        let now = || {
+            open_path_of(self.db_id)
+                .map(|p| format!("the file this daemon has open is now {p}"))
+                .unwrap_or_else(|| "where the file this daemon has open is now is unknown".into())
+        };
+        match file_id(&self.db) {
+            Ok(id) if id == self.db_id => {}
+            Ok(_) => {
+                return Some(Drift::Gone(format!(
+                    "{} is another file than the one this daemon opened ({})",
+                    self.db.display(),
+                    now()
+                )));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Some(Drift::Gone(format!(
+                    "{} is gone: the state directory was moved or deleted ({})",
+                    self.db.display(),
+                    now()
+                )));
+            }
+            // Another error (an I/O error, permissions): not proof of a move.
+            Err(_) => return None,
+        }
+        match file_id(&self.lock) {
+            Ok(id) if id == self.lock_id => None,
+            Ok(_) => Some(Drift::Lock(format!("{} was replaced", self.lock.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Some(Drift::Lock(format!("{} was removed", self.lock.display())))
+            }
+            Err(_) => None,
+        }
+    }
+}
+
+/// How the daemon ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// Every run reached a safe point (committed, or stopped between pages).
+    Clean,
+    /// Runs were abandoned where they were (a second SIGTERM, or `shutdown_timeout`): what
+    /// they had not committed is pulled again at the next start.
+    Abandoned,
+    /// The state database at the configured path is no longer the one the daemon opened
+    /// (moved or deleted under it).
+    StateGone,
+}
 
 enum Event {
     /// A schedule fired. The generation tells stale jobs (from before a reload) apart.
@@ -70,6 +175,12 @@ enum Event {
     /// The stream's run lock was released (a run ended, or an operator action on it did):
     /// a trigger that found it held runs now.
     Free(String),
+    /// A run ended; `recorded` is false when the state could not record its start (so it
+    /// did not run, and the stream backs off).
+    RunEnded {
+        stream: String,
+        recorded: bool,
+    },
     ControlDone(PathBuf),
 }
 
@@ -85,7 +196,11 @@ pub struct Daemon {
     jobs: HashMap<String, Armed>,
     generation: u64,
     events: mpsc::UnboundedSender<Event>,
+    /// SIGTERM: stop scheduling; runs stop at their next safe point (the page in flight
+    /// finishes). Also stops the receiver and the health server.
     shutdown: CancellationToken,
+    /// A second SIGTERM or `shutdown_timeout`: runs drop their requests in flight now.
+    abandon: CancellationToken,
     tracker: TaskTracker,
     /// Control files being acted on (so that a poll does not pick them up twice).
     in_progress: HashSet<PathBuf>,
@@ -95,23 +210,35 @@ pub struct Daemon {
     shared: Arc<std::sync::RwLock<Arc<Config>>>,
     // S-360: the webhook receiver (when `[receiver]` is configured).
     receiver: Option<crate::receiver::Receiver>,
-    _lock: StateLock,
+    /// Streams whose last run could not be recorded: how long they wait before the next try.
+    backoff: HashMap<String, Duration>,
+    /// Also where `usher status` learns that the state cannot be written.
+    lock: StateLock,
 }
 
-/// Starts the daemon and runs it until SIGTERM/SIGINT. Returns once every run has reached
-/// a committed point or the shutdown timeout has passed.
+/// Starts the daemon and runs it until SIGTERM/SIGINT (or until its state directory is
+/// moved away). Returns once every run has reached a safe point ([`Ended::Clean`]), or,
+/// after a second SIGTERM/SIGINT or `shutdown_timeout`, once the runs were abandoned
+/// ([`Ended::Abandoned`]).
 pub async fn run(
     source: config::Source,
     config: Config,
     store: Store,
     lock: StateLock,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Ended> {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let sched = JobScheduler::new().await?;
     sched.start().await?;
     let mut signals = signal_hook_tokio::Signals::new([SIGHUP, SIGTERM, SIGINT, SIGUSR1])?;
     let state_dir = config.daemon.state_dir.clone();
     control::ensure_dir(&state_dir)?;
+    let swept = control::sweep(&state_dir, Duration::from_secs(600));
+    if swept > 0 {
+        tracing::info!(
+            files = swept,
+            "removed temporary control files left by interrupted CLI commands"
+        );
+    }
     let permits = Arc::new(tokio::sync::Semaphore::new(
         config.daemon.max_concurrent_runs as usize,
     ));
@@ -130,10 +257,12 @@ pub async fn run(
         generation: 0,
         events: tx,
         shutdown: CancellationToken::new(),
+        abandon: CancellationToken::new(),
         tracker: TaskTracker::new(),
         in_progress: HashSet::new(),
         receiver: None,
-        _lock: lock,
+        backoff: HashMap::new(),
+        lock,
     };
     // S-360: start receiving before READY=1; a bind failure is a start-up error.
     d.receiver =
@@ -185,6 +314,12 @@ pub async fn run(
     control_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
     let mut clocks = (Utc::now(), std::time::Instant::now());
+    let mut state_generation = 0;
+    let mut identity = Identity::new(&d.store, &d.lock)?;
+    let mut ended = Ended::Clean;
+    // Held while stopping when the state directory was moved away, so that a second daemon
+    // started on the configured path meanwhile refuses instead of running beside this one.
+    let mut guard = None;
 
     loop {
         tokio::select! {
@@ -212,10 +347,42 @@ pub async fn run(
                 Event::ControlDone(path) => {
                     d.in_progress.remove(&path);
                 }
+                Event::RunEnded { stream, recorded } => d.on_run_ended(&stream, recorded).await,
             },
             _ = control_tick.tick() => d.process_control(),
             _ = heartbeat.tick() => {
                 crate::metrics::METRICS.beat();
+                d.note_state(&mut state_generation);
+                match identity.check() {
+                    None => {}
+                    Some(Drift::Lock(what)) => match super::lock::acquire(&state_dir) {
+                        Ok(l) => {
+                            tracing::warn!(problem = %what, lock = %l.path.display(), "the lock file was taken again");
+                            if let Ok(id) = l.identity() {
+                                identity.lock_id = id;
+                            }
+                            d.lock = l;
+                        }
+                        Err(e) => {
+                            tracing::error!(problem = %what, error = %e,
+                                "the state directory's lock is no longer this daemon's; stopping so that two daemons never work on one state");
+                            ended = Ended::StateGone;
+                            break;
+                        }
+                    },
+                    Some(Drift::Gone(what)) => {
+                        guard = super::lock::acquire(&state_dir).ok();
+                        tracing::error!(
+                            problem = %what,
+                            state = %state_dir.display(),
+                            "the state database at the configured path is no longer the one this daemon works on; \
+                             stopping (runs finish their page in the file they have open; exit 65). Put the state \
+                             directory back and start usher again, or start it to begin a new state there (README, State)"
+                        );
+                        ended = Ended::StateGone;
+                        break;
+                    }
+                }
                 if let Some(jump) = clock_jump(&mut clocks) {
                     tracing::warn!(
                         jump_secs = jump.num_milliseconds() as f64 / 1000.0,
@@ -236,22 +403,62 @@ pub async fn run(
     let timeout = d.config.daemon.shutdown_timeout;
     tracing::info!(
         timeout_secs = timeout.as_secs(),
-        "stopping: runs finish their page and commit"
+        "stopping: each run finishes the page it is on and commits (a second SIGTERM abandons them now)"
     );
     d.shutdown.cancel();
     let _ = d.sched.shutdown().await;
     d.tracker.close();
-    if tokio::time::timeout(timeout, d.tracker.wait())
-        .await
-        .is_err()
-    {
-        tracing::error!(
-            "runs did not stop within {}s; exiting anyway (uncommitted pages are pulled again at the next start)",
+    let abandon = tokio::select! {
+        _ = d.tracker.wait() => None,
+        _ = tokio::time::sleep(timeout) => Some(format!(
+            "runs did not reach a safe point within shutdown_timeout ({}s)",
             timeout.as_secs()
+        )),
+        Some(sig) = next_stop(&mut signals) => Some(format!("a second {} arrived", signal_name(sig))),
+    };
+    if let Some(why) = abandon {
+        tracing::error!(
+            reason = %why,
+            "abandoning the runs in flight: their uncommitted pages are pulled again at the next start, and a write whose answer was lost stays in doubt until it can no longer land; exit 1"
         );
+        d.abandon.cancel();
+        if tokio::time::timeout(ABANDON_GRACE, d.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::error!(
+                "runs did not stop within {}s of being abandoned; exiting",
+                ABANDON_GRACE.as_secs()
+            );
+        }
+        if ended == Ended::Clean {
+            ended = Ended::Abandoned;
+        }
     }
     tracing::info!("stopped");
-    Ok(())
+    drop(guard);
+    Ok(ended)
+}
+
+/// How long abandoned runs get to drop their requests and record that they stopped.
+const ABANDON_GRACE: Duration = Duration::from_secs(5);
+
+/// The next SIGTERM or SIGINT (others are ignored while stopping).
+async fn next_stop(signals: &mut signal_hook_tokio::Signals) -> Option<i32> {
+    while let Some(sig) = signals.next().await {
+        if sig == SIGTERM || sig == SIGINT {
+            return Some(sig);
+        }
+    }
+    None
+}
+
+fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        SIGTERM => "SIGTERM",
+        SIGINT => "SIGINT",
+        _ => "signal",
+    }
 }
 
 /// The wall clock's jump since the last check, when it is larger than [`CLOCK_JUMP`]: the
@@ -399,6 +606,59 @@ impl Daemon {
         self.arm(stream, next).await;
     }
 
+    /// A run ended. One whose start the state could not record did not run: the stream
+    /// waits before it tries again (doubling, see [`STATE_BACKOFF_FIRST`]) instead of trying
+    /// at every slot; one that was recorded ends the wait.
+    async fn on_run_ended(&mut self, stream: &str, recorded: bool) {
+        if recorded {
+            if self.backoff.remove(stream).is_some() {
+                tracing::info!(
+                    stream,
+                    "the state can be written again; the stream is back on its schedule"
+                );
+            }
+            return;
+        }
+        let wait = match self.backoff.get(stream) {
+            Some(w) => (*w * 2).min(STATE_BACKOFF_MAX),
+            None => STATE_BACKOFF_FIRST,
+        };
+        self.backoff.insert(stream.to_string(), wait);
+        let Some(armed) = self.jobs.get(stream) else {
+            return;
+        };
+        let retry = Utc::now() + chrono::TimeDelta::from_std(wait).unwrap_or_default();
+        let at = if armed.slot < retry {
+            if let Some(armed) = self.jobs.remove(stream) {
+                let _ = self.sched.remove(&armed.id).await;
+            }
+            self.arm(stream, retry).await;
+            retry
+        } else {
+            armed.slot
+        };
+        tracing::warn!(
+            stream,
+            next_try = %at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            wait_secs = wait.as_secs(),
+            "the state cannot be written: the stream does not run until it can, and tries again then"
+        );
+    }
+
+    /// Passes a change of the state's writability on to the lock file, where `usher status`
+    /// reads it (the database cannot hold it: it is what cannot be written).
+    fn note_state(&self, seen: &mut u64) {
+        let state = &crate::metrics::METRICS.state;
+        let generation = state.generation.load(Ordering::Relaxed);
+        if generation == *seen {
+            return;
+        }
+        *seen = generation;
+        if let Err(e) = self.lock.note_state(state.error().as_ref()) {
+            tracing::warn!(lock = %self.lock.path.display(), error = %e, "cannot note the state's trouble in the lock file for `usher status`");
+        }
+    }
+
     /// Starts a run unless one of the same stream is going.
     fn start_run(&mut self, stream: &str, trigger: &'static str) {
         let Some(spec) = self.config.streams.get(stream).cloned() else {
@@ -435,7 +695,8 @@ impl Daemon {
             doubt: InDoubt::new(&self.store, &spec.name, self.config.daemon.settle_margin),
             spec,
             http: self.http.clone(),
-            cancel: self.shutdown.clone(),
+            cancel: self.abandon.clone(),
+            stop: self.shutdown.clone(),
             interrupt: slot.interrupt.clone(),
             clock: crate::clock::Clock::process(),
             backfill: None,
@@ -446,10 +707,14 @@ impl Daemon {
         self.tracker.spawn(async move {
             let permit = tokio::select! {
                 p = permits.acquire_owned() => p.ok(),
-                _ = ctx.cancel.cancelled() => None,
+                _ = ctx.stopping() => None,
             };
             if permit.is_some() {
-                run_stream(&ctx, trigger).await;
+                let report = run_stream(&ctx, trigger).await;
+                let _ = tx.send(Event::RunEnded {
+                    stream: name.clone(),
+                    recorded: report.outcome != super::NOT_RECORDED,
+                });
             }
             drop(permit);
             drop(guard);

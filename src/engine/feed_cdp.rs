@@ -197,7 +197,7 @@ async fn deliver(
             return Ok(Flow::Done);
         }
         for row in rows {
-            if ctx.cancel.is_cancelled() {
+            if ctx.should_stop() {
                 return Ok(Flow::Stopped);
             }
             match target

@@ -190,11 +190,11 @@ pub(super) async fn deliver(
             return Ok(Flow::Done);
         }
         for row in rows {
-            if ctx.cancel.is_cancelled() {
+            if ctx.should_stop() {
                 return Ok(Flow::Stopped);
             }
             match target
-                .deliver(name, row.id, &row.body, &ctx.cancel)
+                .deliver(&row.key, &row.body, &ctx.cancel)
                 .await
                 .map_err(RunError::Target)?
             {

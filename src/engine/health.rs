@@ -1,8 +1,9 @@
 //! The loopback HTTP server for `/metrics` (Prometheus text) and `/healthz`.
 //!
-//! `/healthz` answers 200 when the daemon's main loop turned within the last 10 s and every
-//! enabled stream's last run ended well or has failed fewer than `daemon.health_failures`
-//! times in a row; otherwise 503 with the reasons as JSON (`"unhealthy"`). A `refused` run
+//! `/healthz` answers 200 when the daemon's main loop turned within the last 10 s, the state
+//! database can be written (its last write went through) and every enabled stream's last
+//! run ended well or has failed fewer than `daemon.health_failures` times in a row;
+//! otherwise 503 with the reasons as JSON (`"unhealthy"`). A `refused` run
 //! (a payload or a record still waiting) counts as failed; runs stopped at a safe point or
 //! interrupted are passed over (they neither end nor break a streak). While the S-360
 //! receiver is at its connection cap or cannot accept connections (within the last 10 s)
@@ -71,10 +72,17 @@ async fn metrics(State(st): State<HealthState>) -> Response {
 pub async fn reasons(st: &HealthState) -> Vec<String> {
     let config = st.config();
     let mut reasons = Vec::new();
-    let beat = METRICS.heartbeat.load(std::sync::atomic::Ordering::Relaxed) as i64;
-    let age = chrono::Utc::now().timestamp() - beat;
+    let age = METRICS.since_beat().as_secs();
     if age > 10 {
         reasons.push(format!("the scheduler loop has not turned for {age}s"));
+    }
+    if let Some(e) = METRICS.state.error() {
+        reasons.push(format!(
+            "state cannot be written: {} (since {}, last at {}); runs do not start until it can",
+            e.error,
+            crate::store::ts(e.since),
+            crate::store::ts(e.last)
+        ));
     }
     let n = config.daemon.health_failures;
     match st.store.recent_outcomes(n).await {

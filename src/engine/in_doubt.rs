@@ -47,8 +47,11 @@ pub struct InDoubt {
 struct State {
     /// What the state says this run's writes may land until (None: nothing recorded yet).
     recorded: Option<DateTime<Utc>>,
-    /// The latest deadline of a write of this run that went unanswered and was not waited out.
-    unanswered: Option<DateTime<Utc>>,
+    /// The latest deadline of a write of this run that went unanswered and was not waited
+    /// out, and the same instant on the monotonic clock (taken when the write was told
+    /// unanswered), which the run's own wait uses: a wall clock stepped back meanwhile
+    /// would make it wait the size of the step.
+    unanswered: Option<(DateTime<Utc>, std::time::Instant)>,
     /// The last write, for messages ("POST /api/users").
     detail: String,
 }
@@ -90,7 +93,7 @@ impl InDoubt {
             return Ok(false);
         }
         let mut st = lock(&self.state);
-        if st.unanswered == Some(deadline) {
+        if st.unanswered.map(|u| u.0) == Some(deadline.0) {
             st.unanswered = None;
         }
         Ok(true)
@@ -100,13 +103,13 @@ impl InDoubt {
     async fn wait(
         &self,
         ctx: &RunCtx,
-        deadline: DateTime<Utc>,
+        (deadline, at): (DateTime<Utc>, std::time::Instant),
         detail: &str,
     ) -> Result<bool, RunError> {
-        let until = deadline + margin(self.margin);
-        let Ok(left) = (until - Utc::now()).to_std() else {
+        let left = (at + self.margin).saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
             return Ok(true);
-        };
+        }
         // Recorded so that `status` says why the stream waits, and so that a crash during
         // the wait leaves the same deadline for the next process.
         let recorded = lock(&self.state)
@@ -120,7 +123,7 @@ impl InDoubt {
             "waiting for an unanswered write to settle before looking its records up");
         tokio::select! {
             _ = tokio::time::sleep(left) => Ok(true),
-            _ = ctx.cancel.cancelled() => Ok(false),
+            _ = ctx.stopping() => Ok(false),
         }
     }
 
@@ -134,7 +137,7 @@ impl InDoubt {
         if recorded.is_none() {
             return; // nothing written by this run
         }
-        let result = match unanswered {
+        let result = match unanswered.map(|u| u.0) {
             Some(d) => {
                 self.store
                     .doubt_set(&self.stream, d, DoubtState::Unanswered, &detail)
@@ -174,8 +177,12 @@ impl Recorder for InDoubt {
     }
 
     fn unanswered(&self, deadline: DateTime<Utc>) {
+        let at = std::time::Instant::now() + (deadline - Utc::now()).to_std().unwrap_or_default();
         let mut st = lock(&self.state);
-        st.unanswered = Some(st.unanswered.map_or(deadline, |u| u.max(deadline)));
+        st.unanswered = Some(match st.unanswered {
+            Some(u) if u.0 >= deadline => u,
+            _ => (deadline, at),
+        });
     }
 }
 
@@ -187,7 +194,15 @@ pub async fn settle_previous(ctx: &RunCtx) -> Result<bool, RunError> {
         return Ok(true);
     };
     let until = row.until + margin(ctx.config.daemon.settle_margin);
-    if let Ok(left) = (until - Utc::now()).to_std() {
+    if let Ok(mut left) = (until - Utc::now()).to_std() {
+        // Never longer than the row allowed when it was written: a wall clock stepped back
+        // since then would otherwise add the size of the step to the wait.
+        let span = (until - row.recorded_at).to_std().unwrap_or_default();
+        if left > span {
+            tracing::warn!(stream = %stream, wait_secs = span.as_secs(), recorded_at = %row.recorded_at,
+                "the wall clock is behind the time the writes in doubt were recorded at (stepped back?); waiting as long as they allowed then");
+            left = span;
+        }
         ctx.store
             .doubt_set(stream, row.until, DoubtState::Settling, &row.detail)
             .await?;
@@ -195,7 +210,7 @@ pub async fn settle_previous(ctx: &RunCtx) -> Result<bool, RunError> {
             "writes of an earlier run may still land; waiting for them to settle before this run looks at the target");
         tokio::select! {
             _ = tokio::time::sleep(left) => {}
-            _ = ctx.cancel.cancelled() => return Ok(false),
+            _ = ctx.stopping() => return Ok(false),
         }
     }
     ctx.store.doubt_clear(stream).await?;

@@ -1,13 +1,21 @@
 //! One daemon per state directory: an exclusive lock on `<state>/usher.lock`, which also
 //! holds the daemon's PID so that the CLI can signal it. The lock is the kernel's (flock),
 //! so a daemon killed with SIGKILL leaves no stale lock behind.
+//!
+//! The file is also where the daemon tells the CLI what the state database cannot hold:
+//! that the state cannot be written ([`StateLock::note_state`], shown by `usher status`). It
+//! is one block of [`LOCK_SIZE`] bytes, written at start and then only overwritten in place,
+//! so a note still fits when the disk is full.
 
 use std::fs::{File, OpenOptions, TryLockError};
-use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 pub const LOCK_FILE: &str = "usher.lock";
+/// The lock file's size: its first line is the PID, then notes, padded with spaces.
+pub const LOCK_SIZE: usize = 4096;
+const STATE_NOTE: &str = "state-error ";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
@@ -26,6 +34,16 @@ pub enum LockError {
 }
 
 impl LockError {
+    /// What the failure means for the exit code (as the state's own errors).
+    pub fn fault(&self) -> Option<crate::store::Fault> {
+        match self {
+            LockError::Held { .. } => None,
+            LockError::Io { source, .. } => Some(crate::store::io_fault(source)),
+        }
+    }
+}
+
+impl LockError {
     fn held(dir: &Path, lock: &Path, pid: Option<u32>) -> Self {
         LockError::Held {
             dir: dir.display().to_string(),
@@ -39,16 +57,15 @@ impl LockError {
 /// Held for as long as the process works on the state directory.
 #[derive(Debug)]
 pub struct StateLock {
-    _file: File,
+    file: File,
     pub path: PathBuf,
 }
 
 fn open(dir: &Path) -> Result<(File, PathBuf), LockError> {
-    let io = |source| LockError::Io {
+    std::fs::create_dir_all(dir).map_err(|source| LockError::Io {
         dir: dir.display().to_string(),
-        source,
-    };
-    std::fs::create_dir_all(dir).map_err(io)?;
+        source: crate::store::explain_access(source, dir, true),
+    })?;
     let path = dir.join(LOCK_FILE);
     let file = OpenOptions::new()
         .read(true)
@@ -57,15 +74,75 @@ fn open(dir: &Path) -> Result<(File, PathBuf), LockError> {
         .truncate(false)
         .mode(0o600)
         .open(&path)
-        .map_err(io)?;
+        .map_err(|source| LockError::Io {
+            dir: dir.display().to_string(),
+            source: crate::store::explain_access(source, &path, false),
+        })?;
     Ok((file, path))
 }
 
-fn read_pid(file: &mut File) -> Option<u32> {
+fn read_text(file: &mut File) -> Option<String> {
     let mut s = String::new();
     file.seek(SeekFrom::Start(0)).ok()?;
     file.read_to_string(&mut s).ok()?;
-    s.trim().parse().ok()
+    Some(s)
+}
+
+fn read_pid(file: &mut File) -> Option<u32> {
+    read_text(file)?.lines().next()?.trim().parse().ok()
+}
+
+/// The lock file's block: the PID, then the state note if any, padded to [`LOCK_SIZE`].
+fn block(pid: u32, state: Option<&crate::metrics::StateError>) -> Vec<u8> {
+    let mut text = format!("{pid}\n");
+    if let Some(e) = state {
+        let mut e = e.clone();
+        if e.error.len() > LOCK_SIZE / 2 {
+            let mut cut = LOCK_SIZE / 2;
+            while !e.error.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            e.error.truncate(cut);
+        }
+        if let Ok(json) = serde_json::to_string(&e) {
+            text.push_str(STATE_NOTE);
+            text.push_str(&json);
+            text.push('\n');
+        }
+    }
+    let mut b = text.into_bytes();
+    b.truncate(LOCK_SIZE - 1);
+    b.resize(LOCK_SIZE - 1, b' ');
+    b.push(b'\n');
+    b
+}
+
+impl StateLock {
+    /// The lock file's device and inode, as this process holds it.
+    pub fn identity(&self) -> std::io::Result<(u64, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        let m = self.file.metadata()?;
+        Ok((m.dev(), m.ino()))
+    }
+
+    /// Tells the CLI (through the lock file) that the state cannot be written, or no longer.
+    /// Overwrites the block in place: no new space is needed on a full disk.
+    pub fn note_state(&self, state: Option<&crate::metrics::StateError>) -> std::io::Result<()> {
+        self.file.write_all_at(&block(std::process::id(), state), 0)
+    }
+}
+
+/// What the daemon holding the state directory noted about the state: since when, and
+/// why, it cannot write it. `None` when no daemon holds it or it noted nothing.
+pub fn state_note(dir: &Path) -> Option<crate::metrics::StateError> {
+    holder(dir)?;
+    let mut file = OpenOptions::new()
+        .read(true)
+        .open(dir.join(LOCK_FILE))
+        .ok()?;
+    let text = read_text(&mut file)?;
+    let line = text.lines().find_map(|l| l.strip_prefix(STATE_NOTE))?;
+    serde_json::from_str(line).ok()
 }
 
 /// Takes the lock and writes our PID into it, or says who holds it.
@@ -88,11 +165,13 @@ pub fn acquire(dir: &Path) -> Result<StateLock, LockError> {
         dir: dir.display().to_string(),
         source,
     };
-    file.set_len(0).map_err(io)?;
-    file.seek(SeekFrom::Start(0)).map_err(io)?;
-    writeln!(file, "{}", std::process::id()).map_err(io)?;
-    file.flush().map_err(io)?;
-    Ok(StateLock { _file: file, path })
+    // The whole block, written over what was there (never truncated first), and synced, so
+    // that its space is allocated for the notes written over it later.
+    file.write_all_at(&block(std::process::id(), None), 0)
+        .map_err(io)?;
+    file.set_len(LOCK_SIZE as u64).map_err(io)?;
+    file.sync_data().map_err(io)?;
+    Ok(StateLock { file, path })
 }
 
 /// The PID of the daemon holding the state directory, if one does.

@@ -4,7 +4,10 @@
 //!
 //! **A run stops only at a page boundary** (after a commit, or before a page's commit when
 //! the page is abandoned): shutdown and operator actions are checked between pages, never
-//! in the middle of one. Whatever a page did not commit is pulled again by the next run.
+//! in the middle of one. At SIGTERM ([`RunCtx::stop`]) the page in flight finishes with
+//! its requests and its commit; only abandoning ([`RunCtx::cancel`]: a second SIGTERM, or
+//! `shutdown_timeout`) drops requests in flight. Whatever a page did not commit is pulled
+//! again by the next run.
 
 pub mod budget_log;
 pub mod control;
@@ -103,8 +106,13 @@ pub struct RunCtx {
     pub config: Arc<Config>,
     pub spec: Arc<StreamSpec>,
     pub http: Http,
-    /// Shutdown: stop at the next safe point.
+    /// Abandon the run where it is (a second SIGTERM, or `shutdown_timeout` passed):
+    /// requests in flight are dropped, the page is not committed. Handed to `http`.
     pub cancel: CancellationToken,
+    /// Shutdown (SIGTERM): stop at the next safe point. The page in flight finishes (its
+    /// requests and its commit); waits that hold no request (for a write in doubt to
+    /// settle, for a run permit) end at once.
+    pub stop: CancellationToken,
     /// An operator action (cursor reset) waits for this stream: stop at the next page boundary.
     pub interrupt: Arc<AtomicBool>,
     /// "now" for this run (the system clock unless `--now` set it).
@@ -127,7 +135,17 @@ pub struct Backfill {
 
 impl RunCtx {
     pub fn should_stop(&self) -> bool {
-        self.cancel.is_cancelled() || self.interrupt.load(Ordering::SeqCst)
+        self.stop.is_cancelled()
+            || self.cancel.is_cancelled()
+            || self.interrupt.load(Ordering::SeqCst)
+    }
+
+    /// Resolves when the run should stop waiting: shutdown or abandon.
+    pub async fn stopping(&self) {
+        tokio::select! {
+            _ = self.stop.cancelled() => {}
+            _ = self.cancel.cancelled() => {}
+        }
     }
 
     /// What the run's target endpoints tell about their writes (see [`in_doubt`]).
@@ -154,7 +172,12 @@ pub struct RunReport {
     pub seconds: f64,
 }
 
-/// Runs one stream once and records the run (start, end, outcome, counts, error).
+/// The outcome of a run that did not start because the state could not record its start
+/// (never stored: the state could not take it).
+pub const NOT_RECORDED: &str = "not recorded";
+
+/// Runs one stream once and records the run (start, end, outcome, counts, error). A run
+/// whose start cannot be recorded does not run ([`NOT_RECORDED`]).
 pub async fn run_stream(ctx: &RunCtx, trigger: &str) -> RunReport {
     let started = Instant::now();
     let name = ctx.spec.name.clone();
@@ -170,11 +193,22 @@ pub async fn run_stream(ctx: &RunCtx, trigger: &str) -> RunReport {
             seconds: 0.0,
         };
     }
+    // A run the state cannot record writes to no target: nothing else is tried (the
+    // daemon waits before the stream's next attempt, see `daemon::STATE_BACKOFF_FIRST`).
     let run_id = match ctx.store.run_started(&name, trigger).await {
-        Ok(id) => Some(id),
+        Ok(id) => id,
         Err(e) => {
-            tracing::error!(stream = %name, error = %e, "cannot record the run's start");
-            None
+            tracing::error!(stream = %name, trigger, error = %e,
+                "cannot record the run's start; the run does not start (a run the state cannot record writes to no target)");
+            return RunReport {
+                stream: name,
+                outcome: NOT_RECORDED,
+                counts: Counts::default(),
+                error: Some(format!(
+                    "not run: the state cannot record the run's start: {e}"
+                )),
+                seconds: started.elapsed().as_secs_f64(),
+            };
         }
     };
     tracing::info!(stream = %name, trigger, "run started");
@@ -195,11 +229,10 @@ pub async fn run_stream(ctx: &RunCtx, trigger: &str) -> RunReport {
         }
         Err(e) => ("failed", Some(e.to_string())),
     };
-    if let Some(id) = run_id
-        && let Err(e) = ctx
-            .store
-            .run_finished(id, outcome, counts, error.clone())
-            .await
+    if let Err(e) = ctx
+        .store
+        .run_finished(run_id, outcome, counts, error.clone())
+        .await
     {
         tracing::error!(stream = %name, error = %e, "cannot record the run's end");
     }

@@ -597,15 +597,18 @@ pub async fn offers(
                 }
             };
             let hash = hex::encode(Sha256::digest(body.to_string().as_bytes()));
-            // An earlier attempt whose outcome is unknown: S-360 decides before anything is sent.
+            // An earlier attempt whose outcome is unknown, or an offer the ledger does not
+            // know (a new offer, or a state started afresh or restored from a backup, which
+            // re-reads offers already ordered): S-360 decides before anything is sent. One
+            // more call per new offer; never a second order.
             let mut order = None;
-            if prior_status.as_deref() == Some(ATTEMPT) {
+            if prior_status.is_none() || prior_status.as_deref() == Some(ATTEMPT) {
                 order = s360
                     .order_by_reference(&id, &ctx.cancel)
                     .await
                     .map_err(fatal)?;
                 if order.is_some() {
-                    tracing::info!(stream = %spec.name, offer = %id, "an earlier attempt had made the order; recorded, not sent again");
+                    tracing::info!(stream = %spec.name, offer = %id, "S-360 already has the order (an earlier attempt, or a state started afresh); recorded, not sent again");
                 }
             }
             if order.is_none() {

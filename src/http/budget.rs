@@ -115,8 +115,15 @@ impl Budget {
         let mut st = BudgetState::default();
         if let Some(s) = saved {
             let (now, wall) = (Instant::now(), SystemTime::now());
-            let mut calls: Vec<Instant> =
-                s.calls.iter().map(|t| instant_of(*t, now, wall)).collect();
+            // A stamp lies at most RESERVE_AHEAD ahead of the wall clock that wrote it;
+            // further ahead, the clock was stepped back since: it counts from now (a whole
+            // window, careful), not from an hour ahead (a window blocked for the hour).
+            let latest = now + RESERVE_AHEAD;
+            let mut calls: Vec<Instant> = s
+                .calls
+                .iter()
+                .map(|t| instant_of(*t, now, wall).min(latest))
+                .collect();
             calls.sort();
             st.calls = calls.into();
             st.not_before = s
@@ -384,6 +391,31 @@ mod tests {
         assert!(
             Instant::now() - start >= Duration::from_secs(8),
             "the 21st call of the window waited for it to move on"
+        );
+    }
+
+    /// Stamps an hour ahead (saved before the wall clock was stepped back an hour) count
+    /// from now, for one window: not for the hour.
+    #[tokio::test(start_paused = true)]
+    async fn stamps_from_before_a_clock_step_back_block_one_window_not_the_step() {
+        let limit = Some(RateLimit {
+            calls: 2,
+            per: Duration::from_secs(10),
+        });
+        let ahead = SystemTime::now() + Duration::from_secs(3600);
+        let saved = SavedBudget {
+            key: "s360:x".into(),
+            calls: vec![ahead, ahead],
+            not_before: None,
+        };
+        let b = Budget::restored("s360:x".into(), limit, None, Some(&saved));
+        let cancel = CancellationToken::new();
+        let start = Instant::now();
+        b.acquire(&cancel).await.unwrap();
+        let waited = Instant::now() - start;
+        assert!(
+            waited >= Duration::from_secs(10) && waited < Duration::from_secs(13),
+            "waited {waited:?}"
         );
     }
 

@@ -58,7 +58,8 @@ pub enum HttpError {
         what: String,
         wait_secs: u64,
     },
-    #[error("stopped by shutdown before {what} could be sent")]
+    /// Shutdown: `what` was not sent, or (abandoned) its answer was not awaited.
+    #[error("stopped by shutdown: {what} was not sent or not waited for")]
     Cancelled { what: String },
     /// The state could not record that a write was about to leave, so it was not sent:
     /// a write usher cannot account for after a crash is not made.
@@ -74,6 +75,9 @@ pub enum HttpError {
 pub enum TransportKind {
     Timeout,
     Connect,
+    /// The process (EMFILE) or the system (ENFILE) has no descriptor left for a socket:
+    /// nothing was sent, and it is not the vendor's fault.
+    NoDescriptors,
     /// Reset, closed early, or a broken response.
     Broken,
 }
@@ -83,6 +87,9 @@ impl std::fmt::Display for TransportKind {
         f.write_str(match self {
             TransportKind::Timeout => "timed out",
             TransportKind::Connect => "could not connect",
+            TransportKind::NoDescriptors => {
+                "too many open files: no descriptor left for a connection (raise LimitNOFILE, or see process_open_fds in /metrics)"
+            }
             TransportKind::Broken => "connection reset or response broken off",
         })
     }
@@ -434,13 +441,31 @@ pub fn describe(method: &Method, url: &url::Url) -> String {
 }
 
 fn classify(e: &reqwest::Error) -> TransportKind {
-    if e.is_timeout() {
+    if out_of_descriptors(e) {
+        TransportKind::NoDescriptors
+    } else if e.is_timeout() {
         TransportKind::Timeout
     } else if e.is_connect() {
         TransportKind::Connect
     } else {
         TransportKind::Broken
     }
+}
+
+/// Whether an error, or one of its sources, is EMFILE or ENFILE.
+fn out_of_descriptors(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = next {
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && let Some(n) = io.raw_os_error()
+            && (n == rustix::io::Errno::MFILE.raw_os_error()
+                || n == rustix::io::Errno::NFILE.raw_os_error())
+        {
+            return true;
+        }
+        next = err.source();
+    }
+    false
 }
 
 fn backoff(attempt: u32) -> Duration {
@@ -560,21 +585,36 @@ impl Endpoint {
                     reason,
                 });
             }
-            let result = match rb.send().await {
-                Ok(resp) => {
-                    let status = resp.status();
-                    let headers = resp.headers().clone();
-                    match resp.bytes().await {
-                        Ok(body) => Ok((status, headers, body)),
-                        Err(e) => Err(classify(&e)),
+            let exchange = async {
+                match rb.send().await {
+                    Ok(resp) => {
+                        let status = resp.status();
+                        let headers = resp.headers().clone();
+                        match resp.bytes().await {
+                            Ok(body) => Ok((status, headers, body)),
+                            Err(e) => Err(classify(&e)),
+                        }
                     }
+                    Err(e) => Err(classify(&e)),
                 }
-                Err(e) => Err(classify(&e)),
+            };
+            // `cancel` is the run's abandon (a second SIGTERM, `shutdown_timeout`): the
+            // request is dropped where it is; a write's answer is then unseen (in doubt).
+            let result = tokio::select! {
+                r = exchange => r,
+                _ = cancel.cancelled() => {
+                    if let Some(r) = recorder {
+                        r.unanswered(deadline);
+                    }
+                    return Err(HttpError::Cancelled { what });
+                }
             };
             if let Some(r) = recorder {
                 let unseen = match &result {
                     Ok((status, _, _)) => gateway_gave_up(status.as_u16()),
-                    Err(kind) => *kind != TransportKind::Connect,
+                    Err(kind) => {
+                        !matches!(kind, TransportKind::Connect | TransportKind::NoDescriptors)
+                    }
                 };
                 if unseen {
                     r.unanswered(deadline);

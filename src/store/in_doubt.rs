@@ -46,6 +46,8 @@ pub struct Doubt {
     pub state: DoubtState,
     /// The write it is about, e.g. `POST /api/users`.
     pub detail: String,
+    /// When the row was last written (wall clock): `until` lay at most this far ahead then.
+    pub recorded_at: DateTime<Utc>,
 }
 
 impl Store {
@@ -101,19 +103,25 @@ impl Store {
 }
 
 fn q_doubt(c: &rusqlite::Connection, stream: &str) -> rusqlite::Result<Option<Doubt>> {
-    c.prepare_cached("SELECT until, state, detail FROM in_doubt WHERE stream = ?1")?
+    c.prepare_cached("SELECT until, state, detail, updated_at FROM in_doubt WHERE stream = ?1")?
         .query_row(params![stream], |r| {
             let until: String = r.get(0)?;
             let state: String = r.get(1)?;
-            Ok((until, state, r.get::<_, Option<String>>(2)?))
+            let recorded: String = r.get(3)?;
+            Ok((until, state, r.get::<_, Option<String>>(2)?, recorded))
         })
         .optional()
         .map(|row| {
-            row.map(|(until, state, detail)| Doubt {
+            row.map(|(until, state, detail, recorded)| {
                 // An unreadable time is treated as "now": the wait is the margin alone.
-                until: parse_ts(&until).unwrap_or_else(Utc::now),
-                state: DoubtState::parse(&state),
-                detail: detail.unwrap_or_default(),
+                let until = parse_ts(&until).unwrap_or_else(Utc::now);
+                Doubt {
+                    until,
+                    state: DoubtState::parse(&state),
+                    detail: detail.unwrap_or_default(),
+                    // Unreadable: no bound from it (the wait is `until`'s).
+                    recorded_at: parse_ts(&recorded).unwrap_or(DateTime::<Utc>::MIN_UTC),
+                }
             })
         })
 }

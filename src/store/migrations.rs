@@ -170,4 +170,12 @@ pub const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (stream, key)
     ) WITHOUT ROWID;
     "#,
+    // 10: each outbox payload's own random part of its Idempotency-Key. The key was
+    // `usher-<stream>-<outbox id>`, and ids start again at 1 in a state started afresh and
+    // go on from the backup's in a restored one: a receiver that keeps the keys it saw
+    // dropped new payloads as resends. Rows from before keep the old key (NULL here), so a
+    // payload in flight across the upgrade keeps its key.
+    r#"
+    ALTER TABLE outbox ADD COLUMN nonce TEXT;
+    "#,
 ];

@@ -35,11 +35,14 @@ pub const DB_FILE: &str = "usher.db";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("state database {path}: {source}")]
+    #[error("state database {path}: {source}{hint}")]
     Sqlite {
         path: String,
         #[source]
         source: rusqlite::Error,
+        /// What is at fault when SQLite cannot open or write a file (its message does not
+        /// say which): empty otherwise.
+        hint: String,
     },
     #[error("state directory {path}: {source}")]
     Io {
@@ -58,6 +61,102 @@ pub enum StoreError {
     },
     #[error("state database task failed: {0}")]
     Task(String),
+    /// `PRAGMA quick_check` found damage, or SQLite said so (`SQLITE_CORRUPT`, `SQLITE_NOTADB`).
+    #[error(
+        "state database {path} is damaged ({detail}); usher cannot use it as it is: stop usher, \
+         move usher.db, usher.db-wal and usher.db-shm aside and start again (each stream reads its \
+         source again from the start and finds what its target already holds: README, \"State\"), \
+         or restore a backup taken with `usher state backup`"
+    )]
+    Damaged { path: String, detail: String },
+}
+
+/// What a failure of the state means for whoever hit it, and so the exit code of a command
+/// that cannot start without it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// It may pass by itself: the disk full, an I/O error, the file busy, out of
+    /// descriptors. Try again later (exit 75, which systemd restarts).
+    Transient,
+    /// This process may not open or write the file or its directory (exit 77).
+    Permission,
+    /// The state itself cannot be used: damaged, written by a newer usher, not usher's
+    /// (exit 65, not restarted: trying again would not help).
+    Unusable,
+}
+
+impl StoreError {
+    pub fn fault(&self) -> Fault {
+        match self {
+            StoreError::Sqlite { source, .. } => sqlite_fault(source).unwrap_or(Fault::Unusable),
+            StoreError::Io { source, .. } => io_fault(source),
+            StoreError::TooNew { .. } | StoreError::Damaged { .. } => Fault::Unusable,
+            StoreError::Task(_) => Fault::Transient,
+        }
+    }
+
+    /// The damage SQLite reported, as [`StoreError::Damaged`]; other errors as they are.
+    fn damaged(self) -> StoreError {
+        match self {
+            StoreError::Sqlite { path, source, .. } if is_damage(&source) => StoreError::Damaged {
+                path: path
+                    .split(" (migration")
+                    .next()
+                    .unwrap_or(&path)
+                    .to_string(),
+                detail: source.to_string(),
+            },
+            other => other,
+        }
+    }
+}
+
+fn is_damage(e: &rusqlite::Error) -> bool {
+    use rusqlite::ErrorCode::{DatabaseCorrupt, NotADatabase};
+    matches!(e.sqlite_error_code(), Some(DatabaseCorrupt | NotADatabase))
+}
+
+/// The fault behind an SQLite error, when it is one of the state's (not a bug of a query).
+fn sqlite_fault(e: &rusqlite::Error) -> Option<Fault> {
+    use rusqlite::ErrorCode as C;
+    Some(match e.sqlite_error_code()? {
+        C::DiskFull
+        | C::SystemIoFailure
+        | C::DatabaseBusy
+        | C::DatabaseLocked
+        | C::OutOfMemory
+        | C::FileLockingProtocolFailed
+        | C::CannotOpen => Fault::Transient,
+        C::PermissionDenied | C::ReadOnly | C::AuthorizationForStatementDenied => Fault::Permission,
+        C::DatabaseCorrupt | C::NotADatabase => Fault::Unusable,
+        _ => return None,
+    })
+}
+
+/// The fault behind an error of the file system.
+pub fn io_fault(e: &std::io::Error) -> Fault {
+    use rustix::io::Errno;
+    // An error explained by `explain_access` keeps its kind, not its number.
+    if e.kind() == std::io::ErrorKind::PermissionDenied {
+        return Fault::Permission;
+    }
+    match e.raw_os_error().map(Errno::from_raw_os_error) {
+        Some(Errno::ACCESS | Errno::PERM) => Fault::Permission,
+        Some(
+            Errno::NOSPC
+            | Errno::DQUOT
+            | Errno::IO
+            | Errno::BUSY
+            | Errno::AGAIN
+            | Errno::MFILE
+            | Errno::NFILE
+            | Errno::NOMEM
+            | Errno::ROFS
+            | Errno::TXTBSY
+            | Errno::INTR,
+        ) => Fault::Transient,
+        _ => Fault::Unusable,
+    }
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -249,12 +348,32 @@ pub struct DeadLetter {
     pub reason: String,
 }
 
+/// What `usher state backup` wrote.
+#[derive(Debug, Clone)]
+pub struct BackupInfo {
+    pub bytes: u64,
+    /// The copy's schema (`PRAGMA user_version`).
+    pub schema: i64,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct OutboxRow {
     pub id: i64,
     pub body: Vec<u8>,
     pub records: u64,
     pub attempts: u64,
+    /// The payload's `Idempotency-Key`, the same at every resend and in every copy of the
+    /// state, never the same for two payloads (see migration 10).
+    pub key: String,
+}
+
+/// `usher-<stream>-<outbox id>-<nonce>`; rows queued before migration 10 keep
+/// `usher-<stream>-<outbox id>`.
+fn outbox_key(stream: &str, id: i64, nonce: Option<&str>) -> String {
+    match nonce {
+        Some(n) => format!("usher-{stream}-{id}-{n}"),
+        None => format!("usher-{stream}-{id}"),
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -292,33 +411,285 @@ pub struct OutboxSummary {
 fn sql_err(path: &Path) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
     move |source| StoreError::Sqlite {
         path: path.display().to_string(),
+        hint: open_hint(&source, path),
         source,
     }
+}
+
+/// SQLite says "unable to open database file" or "attempt to write a readonly database"
+/// without naming the file: the database, or its `-wal` or `-shm`, which it creates in the
+/// state directory. Says which one is not writable (tried, not guessed from modes).
+fn open_hint(e: &rusqlite::Error, path: &Path) -> String {
+    use rusqlite::ErrorCode as C;
+    if !matches!(
+        e.sqlite_error_code(),
+        Some(C::CannotOpen | C::ReadOnly | C::PermissionDenied)
+    ) {
+        return String::new();
+    }
+    let Some(dir) = path.parent() else {
+        return String::new();
+    };
+    let probe = dir.join(format!(".usher-probe-{}", std::process::id()));
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&probe)
+    {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => {
+            return format!(
+                " (SQLite creates usher.db-wal and usher.db-shm beside it, and cannot create a file in {}: {})",
+                dir.display(),
+                explain_access(e, &probe, false)
+            );
+        }
+    }
+    for f in [
+        path.to_path_buf(),
+        PathBuf::from(format!("{}-wal", path.display())),
+        PathBuf::from(format!("{}-shm", path.display())),
+    ] {
+        if f.exists()
+            && let Err(e) = std::fs::OpenOptions::new().append(true).open(&f)
+        {
+            return format!(" ({})", explain_access(e, &f, false));
+        }
+    }
+    String::new()
+}
+
+/// `PRAGMA quick_check`: every page, b-tree and record of the file is readable and well
+/// formed (it does not compare indexes with their tables, which `integrity_check` does, at
+/// several times the cost). Measured on a 1M-event SeatGeek → Halo state (see
+/// ARCHITECTURE.md, "State faults").
+pub fn quick_check(conn: &Connection, path: &Path) -> Result<()> {
+    check_with(conn, path, "quick_check")
+}
+
+fn check_with(conn: &Connection, path: &Path, pragma: &str) -> Result<()> {
+    let damaged = |detail: String| StoreError::Damaged {
+        path: path.display().to_string(),
+        detail,
+    };
+    let rows: Vec<String> = (|| {
+        let mut st = conn.prepare(&format!("PRAGMA {pragma}(20)"))?;
+        let rows = st.query_map([], |r| r.get::<_, String>(0))?;
+        rows.collect::<rusqlite::Result<Vec<String>>>()
+    })()
+    .map_err(|source| {
+        if is_damage(&source) {
+            damaged(format!("{pragma}: {source}"))
+        } else {
+            sql_err(path)(source)
+        }
+    })?;
+    if rows.len() == 1 && rows[0] == "ok" {
+        return Ok(());
+    }
+    let mut detail = format!("{pragma}: {}", rows.first().cloned().unwrap_or_default());
+    if rows.len() > 1 {
+        detail.push_str(&format!(" (and {} more problem(s))", rows.len() - 1));
+    }
+    Err(damaged(detail))
+}
+
+/// An access error on `path` with what is at fault: the file itself, or the directory it is
+/// in (which must be searchable, and writable to create the file and SQLite's `-wal` and
+/// `-shm` beside it), and whom the process runs as.
+pub fn explain_access(e: std::io::Error, path: &Path, is_dir: bool) -> std::io::Error {
+    use std::os::unix::fs::MetadataExt;
+    if io_fault(&e) != Fault::Permission {
+        return e;
+    }
+    let euid = rustix::process::geteuid().as_raw();
+    let who = |m: &std::fs::Metadata| {
+        format!(
+            "owned by uid {} with mode {:04o}; usher runs as uid {euid}",
+            m.uid(),
+            m.mode() & 0o7777
+        )
+    };
+    let file = (!is_dir).then(|| std::fs::metadata(path).ok()).flatten();
+    let start = if is_dir { Some(path) } else { path.parent() };
+    // The directory at fault: the nearest one that exists (a missing one cannot be created
+    // in its parent).
+    let dir = start.and_then(|d| {
+        d.ancestors()
+            .find_map(|a| std::fs::metadata(a).ok().map(|m| (a.to_path_buf(), m)))
+    });
+    let detail = match (file, dir) {
+        (Some(m), _) => format!("the file {} is {}", path.display(), who(&m)),
+        (None, Some((d, m))) => format!("the directory {} is {}", d.display(), who(&m)),
+        (None, None) => format!("usher runs as uid {euid}"),
+    };
+    std::io::Error::new(e.kind(), format!("{e}: {detail}"))
+}
+
+/// Runs `f` and tells [`crate::metrics::StateHealth`] what it showed of the state: a
+/// storage fault (the disk full, an I/O error, permissions, damage) marks the state
+/// unwritable; a statement that changed rows clears that, since it was written.
+fn observed<T>(
+    c: &mut Connection,
+    path: &Path,
+    f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
+) -> Result<T> {
+    let before = c.total_changes();
+    let result = f(c).map_err(sql_err(path)).map_err(StoreError::damaged);
+    let state = &crate::metrics::METRICS.state;
+    match &result {
+        Err(e @ StoreError::Sqlite { source, .. }) if sqlite_fault(source).is_some() => {
+            state.failed(e.to_string())
+        }
+        Err(e @ StoreError::Damaged { .. }) => state.failed(e.to_string()),
+        Ok(_) if c.total_changes() != before => state.written(),
+        _ => {}
+    }
+    result
 }
 
 impl Store {
     /// Opens (creating if needed) `<state_dir>/usher.db`: mode 0600, WAL, migrations applied.
     pub fn open(state_dir: &Path) -> Result<Store> {
-        let io = |source| StoreError::Io {
+        Self::open_with(state_dir, false)
+    }
+
+    /// [`Store::open`] for the daemon: `PRAGMA quick_check` first, so that a damaged file is
+    /// refused at start (with the next step) instead of failing every run.
+    pub fn open_checked(state_dir: &Path) -> Result<Store> {
+        Self::open_with(state_dir, true)
+    }
+
+    fn open_with(state_dir: &Path, check: bool) -> Result<Store> {
+        std::fs::create_dir_all(state_dir).map_err(|source| StoreError::Io {
             path: state_dir.display().to_string(),
-            source,
-        };
-        std::fs::create_dir_all(state_dir).map_err(io)?;
+            source: explain_access(source, state_dir, true),
+        })?;
         let path = state_dir.join(DB_FILE);
+        let file_err = |source| StoreError::Io {
+            path: path.display().to_string(),
+            source: explain_access(source, &path, false),
+        };
         // Create the file ourselves so that it is 0600 from its first byte.
         std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .mode(0o600)
             .open(&path)
-            .map_err(io)?;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+            .map_err(file_err)?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .map_err(file_err)?;
         let conn = Connection::open(&path).map_err(sql_err(&path))?;
-        Self::prepare(&conn, &path)?;
+        Self::prepare(&conn, &path, check).map_err(StoreError::damaged)?;
         Ok(Store {
             path: Arc::new(path),
             conn: Arc::new(Mutex::new(conn)),
         })
+    }
+
+    /// A consistent copy of the state database at `dest`, taken while a daemon may be
+    /// writing it: `VACUUM INTO` reads the database in one read transaction (a snapshot; in
+    /// WAL mode the daemon's commits go on meanwhile) and writes a compact copy, here into a
+    /// temporary file beside `dest` created 0600, which is synced, checked with
+    /// `quick_check` and renamed to `dest`. Refuses a `dest` that exists.
+    pub fn backup(state_dir: &Path, dest: &Path) -> Result<BackupInfo> {
+        let path = state_dir.join(DB_FILE);
+        if !path.exists() {
+            return Err(StoreError::Io {
+                path: path.display().to_string(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no state database here (check --state-dir or daemon.state_dir)",
+                ),
+            });
+        }
+        let dest_err = |source| StoreError::Io {
+            path: dest.display().to_string(),
+            source,
+        };
+        if dest.exists() {
+            return Err(dest_err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "exists already; remove it or name another file",
+            )));
+        }
+        let name = dest
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_else(|| "usher-backup".into());
+        let tmp = dest.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(|e| StoreError::Io {
+                path: tmp.display().to_string(),
+                source: explain_access(e, &tmp, false),
+            })?;
+        let result = (|| {
+            let conn = Connection::open_with_flags(
+                &path,
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE
+                    | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )
+            .map_err(sql_err(&path))?;
+            conn.busy_timeout(Duration::from_secs(10))
+                .map_err(sql_err(&path))?;
+            let schema: i64 = conn
+                .query_row("PRAGMA user_version", [], |r| r.get(0))
+                .map_err(sql_err(&path))?;
+            conn.execute("VACUUM INTO ?1", params![tmp.display().to_string()])
+                .map_err(sql_err(&path))
+                .map_err(StoreError::damaged)?;
+            drop(conn);
+            let copy = Connection::open(&tmp).map_err(sql_err(&tmp))?;
+            quick_check(&copy, &tmp)?;
+            drop(copy);
+            let f = std::fs::File::open(&tmp).map_err(dest_err)?;
+            f.sync_all().map_err(dest_err)?;
+            let bytes = f.metadata().map_err(dest_err)?.len();
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+                .map_err(dest_err)?;
+            std::fs::rename(&tmp, dest).map_err(dest_err)?;
+            if let Some(dir) = dest.parent().filter(|d| !d.as_os_str().is_empty())
+                && let Ok(d) = std::fs::File::open(dir)
+            {
+                let _ = d.sync_all();
+            }
+            Ok(BackupInfo { bytes, schema })
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    /// `quick_check` (or, `full`, `integrity_check`) of the state database, read while a
+    /// daemon may be writing it.
+    pub fn check(state_dir: &Path, full: bool) -> Result<()> {
+        let path = state_dir.join(DB_FILE);
+        let conn = Connection::open_with_flags(
+            &path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(sql_err(&path))
+        .map_err(StoreError::damaged)?;
+        conn.busy_timeout(Duration::from_secs(10))
+            .map_err(sql_err(&path))?;
+        check_with(
+            &conn,
+            &path,
+            if full {
+                "integrity_check"
+            } else {
+                "quick_check"
+            },
+        )
     }
 
     /// Opens an existing database for reading and small CLI changes, without migrating it.
@@ -333,7 +704,8 @@ impl Store {
             .map_err(sql_err(&path))?;
         let version: i64 = conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .map_err(sql_err(&path))?;
+            .map_err(sql_err(&path))
+            .map_err(StoreError::damaged)?;
         if version > MIGRATIONS.len() as i64 {
             return Err(StoreError::TooNew {
                 path: path.display().to_string(),
@@ -351,9 +723,12 @@ impl Store {
         }))
     }
 
-    fn prepare(conn: &Connection, path: &Path) -> Result<()> {
+    fn prepare(conn: &Connection, path: &Path, check: bool) -> Result<()> {
         let e = sql_err(path);
         conn.busy_timeout(Duration::from_secs(10)).map_err(&e)?;
+        if check {
+            quick_check(conn, path)?;
+        }
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(&e)?;
         // FULL: a commit survives power loss; commits are per page, so the fsync is cheap.
@@ -385,6 +760,7 @@ impl Store {
                 let _ = conn.execute_batch("ROLLBACK");
                 StoreError::Sqlite {
                     path: format!("{} (migration {n})", path.display()),
+                    hint: open_hint(&source, path),
                     source,
                 }
             })?;
@@ -413,7 +789,7 @@ impl Store {
         let path = self.path.clone();
         tokio::task::spawn_blocking(move || {
             let mut c = conn.lock().unwrap_or_else(|p| p.into_inner());
-            f(&mut c).map_err(sql_err(&path))
+            observed(&mut c, &path, f)
         })
         .await
         .map_err(|e| StoreError::Task(e.to_string()))?
@@ -425,7 +801,7 @@ impl Store {
         F: FnOnce(&mut Connection) -> rusqlite::Result<T>,
     {
         let mut c = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        f(&mut c).map_err(sql_err(&self.path))
+        observed(&mut c, &self.path, f)
     }
 
     // ---- cursors ----
@@ -583,14 +959,16 @@ impl Store {
         let stream = stream.to_string();
         self.call(move |c| {
             let mut st = c.prepare_cached(
-                "SELECT id, body, records, attempts FROM outbox WHERE stream = ?1 ORDER BY id LIMIT 1000",
+                "SELECT id, body, records, attempts, nonce FROM outbox WHERE stream = ?1 ORDER BY id LIMIT 1000",
             )?;
             let rows = st.query_map(params![stream], |r| {
+                let id = r.get(0)?;
                 Ok(OutboxRow {
-                    id: r.get(0)?,
+                    id,
                     body: r.get(1)?,
                     records: r.get::<_, i64>(2)? as u64,
                     attempts: r.get::<_, i64>(3)? as u64,
+                    key: outbox_key(&stream, id, r.get::<_, Option<String>>(4)?.as_deref()),
                 })
             })?;
             let mut out = Vec::new();
@@ -1040,10 +1418,11 @@ mod q {
         }
         {
             let mut st = tx.prepare_cached(
-                "INSERT INTO outbox (stream, body, records, created_at) VALUES (?1, ?2, ?3, ?4)",
+                "INSERT INTO outbox (stream, body, records, created_at, nonce) VALUES (?1, ?2, ?3, ?4, ?5)",
             )?;
             for (body, records) in &p.outbox {
-                st.execute(params![p.stream, body, *records as i64, now])?;
+                let nonce = format!("{:016x}", rand::random::<u64>());
+                st.execute(params![p.stream, body, *records as i64, now, nonce])?;
             }
         }
         {

@@ -317,3 +317,95 @@ url = "/hooks/contacts"
 "#
     )
 }
+
+/// A small tmpfs mounted over a folder, so that a test can fill the state's disk for real.
+/// Needs root (CI runs as root). Unmounted (lazily, so that a daemon still inside does not
+/// stop it) when dropped.
+pub struct Tmpfs {
+    pub dir: PathBuf,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (e.g. "4m") at `dir`; `None` (with a line saying the test is
+    /// skipped) where mounting is not allowed, unless `USHER_TEST_MOUNTS=required` (CI).
+    pub fn mount(dir: &Path, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(dir).unwrap();
+        let out = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir)
+            .output();
+        match out {
+            Ok(o) if o.status.success() => Some(Tmpfs {
+                dir: dir.to_path_buf(),
+            }),
+            other => {
+                let why = match other {
+                    Ok(o) => String::from_utf8_lossy(&o.stderr).trim().to_string(),
+                    Err(e) => e.to_string(),
+                };
+                if std::env::var("USHER_TEST_MOUNTS").as_deref() == Ok("required") {
+                    panic!("cannot mount a tmpfs at {} ({why})", dir.display());
+                }
+                eprintln!(
+                    "SKIPPED: this test needs a tmpfs it can fill and cannot mount one at {} ({why}); run it as root",
+                    dir.display()
+                );
+                None
+            }
+        }
+    }
+
+    fn filler(&self) -> PathBuf {
+        self.dir.join("filler")
+    }
+
+    /// Takes every free byte of the tmpfs with a file.
+    pub fn fill(&self) {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.filler())
+            .unwrap();
+        let chunk = vec![0u8; 4096];
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.sync_all();
+    }
+
+    /// Gives the space back.
+    pub fn unfill(&self) {
+        let _ = std::fs::remove_file(self.filler());
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+    }
+}
+
+/// A free TCP port on loopback (for `[metrics] listen`).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// GET `http://127.0.0.1:{port}{path}`: status and body.
+pub async fn get(port: u16, path: &str) -> (u16, String) {
+    let r = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{port}{path}"))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
