@@ -261,7 +261,7 @@ integration {} of company {}: {}",
     }
     println!(
         "\nstate written to {}; try `usher --config {} --state-dir {} status`",
-        store.path().display(),
+        store.describe(),
         demo_config.display(),
         state_dir.display()
     );

@@ -55,7 +55,7 @@ pub(super) fn build(source: &Source, extra: Option<Figment>) -> Result<Config, V
         }
     }
 
-    let daemon = build_daemon(&mut l, source);
+    let daemon = build_daemon(&mut l, source, &config_dir, &mut warnings);
     let log = build_log(&mut l);
     let metrics_listen = build_metrics(&mut l);
     // S-360
@@ -166,7 +166,15 @@ pub(super) fn duration(
 /// after a write went unanswered.
 pub const DEFAULT_SETTLE_MARGIN: Duration = Duration::from_secs(5);
 
-fn build_daemon(l: &mut Layers, source: &Source) -> DaemonSettings {
+/// A lease lasts this long without renewal; the holder renews at a third of it.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
+
+fn build_daemon(
+    l: &mut Layers,
+    source: &Source,
+    config_dir: &Path,
+    warnings: &mut Vec<Problem>,
+) -> DaemonSettings {
     let raw: RawDaemon = l.table("daemon", "daemon").unwrap_or_default();
     let state_dir = source
         .state_dir_override
@@ -215,6 +223,98 @@ fn build_daemon(l: &mut Layers, source: &Source) -> DaemonSettings {
         raw.settle_margin.as_ref(),
         DEFAULT_SETTLE_MARGIN,
     );
+    let postgres = match raw.state.as_deref().map(str::trim) {
+        None | Some("") | Some("sqlite") => {
+            for (k, set) in [
+                ("state_password", raw.state_password.is_some()),
+                ("state_password_file", raw.state_password_file.is_some()),
+                ("state_password_env", raw.state_password_env.is_some()),
+            ] {
+                if set {
+                    l.problem(
+                        "daemon",
+                        &format!("daemon.{k}"),
+                        "only for a PostgreSQL state (`daemon.state = \"postgres://…\"`)",
+                    );
+                }
+            }
+            None
+        }
+        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+            let parsed = url::Url::parse(url);
+            match &parsed {
+                Err(e) => {
+                    l.problem(
+                        "daemon",
+                        "daemon.state",
+                        format!(
+                            "{} is not a URL: {e} (example: \"postgres://usher@db.example/usher\")",
+                            crate::store::pg::redact_url(url)
+                        ),
+                    );
+                    None
+                }
+                Ok(u) if u.password().is_some() => {
+                    l.problem(
+                        "daemon",
+                        "daemon.state",
+                        "the URL holds a password: move it to `state_password_file` (a file, e.g. from systemd's LoadCredential) or `state_password_env`",
+                    );
+                    None
+                }
+                Ok(_) => {
+                    // The state's password is read even for the commands that read no other
+                    // secret (`status`, `cursor`): without it there is no state to show.
+                    let read = l.read_secrets;
+                    l.read_secrets = true;
+                    let any = raw.state_password.is_some()
+                        || raw.state_password_file.is_some()
+                        || raw.state_password_env.is_some();
+                    let password = if any {
+                        secret(
+                            l,
+                            "daemon",
+                            "daemon",
+                            "state_password",
+                            raw.state_password.as_ref(),
+                            raw.state_password_file.as_ref(),
+                            raw.state_password_env.as_ref(),
+                            config_dir,
+                            warnings,
+                        )
+                    } else {
+                        None // trust or peer authentication, or ~/.pgpass is not read
+                    };
+                    l.read_secrets = read;
+                    Some(crate::store::pg::PgSettings {
+                        url: url.to_string(),
+                        password,
+                    })
+                }
+            }
+        }
+        Some(other) => {
+            l.problem(
+                "daemon",
+                "daemon.state",
+                format!(
+                    "{:?} is neither \"sqlite\" nor a postgres:// URL",
+                    crate::store::pg::redact_url(other)
+                ),
+            );
+            None
+        }
+    };
+    let lease = duration(
+        l,
+        "daemon",
+        "daemon.lease",
+        raw.lease.as_ref(),
+        DEFAULT_LEASE,
+    );
+    if lease < Duration::from_secs(3) {
+        l.problem("daemon", "daemon.lease", "must be at least 3s");
+    }
     DaemonSettings {
         state_dir,
         control_poll,
@@ -222,6 +322,8 @@ fn build_daemon(l: &mut Layers, source: &Source) -> DaemonSettings {
         max_concurrent_runs,
         health_failures,
         settle_margin,
+        postgres,
+        lease,
     }
 }
 

@@ -71,6 +71,10 @@ pub struct DaemonSettings {
     /// A write whose answer was not seen is in doubt until its deadline plus this margin:
     /// nothing looks its records up or sends them again before (see `engine::in_doubt`).
     pub settle_margin: Duration,
+    /// The state on PostgreSQL (several instances), or None: SQLite in `state_dir`.
+    pub postgres: Option<crate::store::pg::PgSettings>,
+    /// How long a lease lasts without renewal (renewed at a third of it). PostgreSQL only.
+    pub lease: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -24,6 +24,14 @@ pub struct RawDaemon {
     pub health_failures: Option<u32>,
     /// How long past a write's own timeout it is still treated as in doubt.
     pub settle_margin: Option<String>,
+    /// Where the state lives: absent = SQLite in `state_dir`; `postgres://user@host/db`
+    /// for several instances on one PostgreSQL.
+    pub state: Option<String>,
+    pub state_password: Option<String>,
+    pub state_password_file: Option<String>,
+    pub state_password_env: Option<String>,
+    /// How long a stream's lease lasts without renewal (PostgreSQL only).
+    pub lease: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -16,7 +16,7 @@
 //! new time, instead of waiting out the size of the step.
 
 use std::collections::{HashMap, HashSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -112,9 +112,14 @@ fn open_path_of(id: (u64, u64)) -> Option<String> {
 
 impl Identity {
     fn new(store: &Store, lock: &StateLock) -> std::io::Result<Identity> {
+        // On PostgreSQL there is no file to follow: the lock file alone.
+        let db = store
+            .file()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| lock.path.clone());
         Ok(Identity {
-            db: store.path().to_path_buf(),
-            db_id: file_id(store.path())?,
+            db_id: file_id(&db)?,
+            db,
             lock: lock.path.clone(),
             lock_id: lock.identity()?,
         })

@@ -4,7 +4,6 @@
 //! `engine::budget_log`; read once when a process builds its HTTP client.
 
 use chrono::{DateTime, Utc};
-use rusqlite::params;
 
 use super::{Result, Store, now_text, parse_ts, ts};
 
@@ -18,42 +17,45 @@ pub struct BudgetRow {
 impl Store {
     /// Every saved budget.
     pub async fn rate_budgets(&self) -> Result<Vec<BudgetRow>> {
-        self.call(|c| {
-            let mut st = c.prepare("SELECT key, calls, not_before FROM rate_budgets")?;
-            let rows = st.query_map([], |r| {
-                let calls: String = r.get(1)?;
-                let not_before: Option<String> = r.get(2)?;
-                Ok(BudgetRow {
-                    key: r.get(0)?,
-                    calls: serde_json::from_str::<Vec<String>>(&calls)
-                        .unwrap_or_default()
-                        .iter()
-                        .filter_map(|t| parse_ts(t))
-                        .collect(),
-                    not_before: not_before.as_deref().and_then(parse_ts),
-                })
-            })?;
-            rows.collect()
+        self.read(|db| {
+            db.query(
+                "SELECT key, calls, not_before FROM rate_budgets",
+                p![],
+                |r| {
+                    let calls = r.text(1)?;
+                    let not_before = r.opt_text(2)?;
+                    Ok(BudgetRow {
+                        key: r.text(0)?,
+                        calls: serde_json::from_str::<Vec<String>>(&calls)
+                            .unwrap_or_default()
+                            .iter()
+                            .filter_map(|t| parse_ts(t))
+                            .collect(),
+                        not_before: not_before.as_deref().and_then(parse_ts),
+                    })
+                },
+            )
         })
         .await
     }
 
     /// Replaces what is saved for one budget.
     pub async fn save_rate_budget(&self, row: BudgetRow) -> Result<()> {
-        self.call(move |c| {
+        self.write(move |db| {
             let calls: Vec<String> = row.calls.iter().map(|t| ts(*t)).collect();
-            c.prepare_cached(
+            let calls = serde_json::to_string(&calls).expect("strings serialize");
+            db.execute(
                 "INSERT INTO rate_budgets (key, calls, not_before, updated_at)
                  VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT (key) DO UPDATE SET calls = excluded.calls,
                    not_before = excluded.not_before, updated_at = excluded.updated_at",
-            )?
-            .execute(params![
-                row.key,
-                serde_json::to_string(&calls).expect("strings serialize"),
-                row.not_before.map(ts),
-                now_text()
-            ])
+                p![
+                    &row.key,
+                    &calls,
+                    row.not_before.map(ts).as_deref(),
+                    &now_text()
+                ],
+            )
             .map(|_| ())
         })
         .await

@@ -4,9 +4,9 @@
 //! `engine::in_doubt`), so that a process started after a crash, a kill or a failover waits
 //! for it instead of looking the records up while the vendor may still be saving them.
 
-use rusqlite::{OptionalExtension, params};
 use serde::Serialize;
 
+use super::sql::{DbResult, Sql};
 use super::{Result, Store, now_text, parse_ts, ts};
 use chrono::{DateTime, Utc};
 
@@ -51,7 +51,10 @@ pub struct Doubt {
 }
 
 impl Store {
-    /// Writes of `stream` may land until `until` (sets or moves the row).
+    /// Writes of `stream` may land until `until` (sets or moves the row). Under a lease
+    /// (several instances) the lease is made to last until `until` plus the settle margin
+    /// in the same transaction: no other instance takes the stream over and looks before
+    /// these writes can no longer land.
     pub async fn doubt_set(
         &self,
         stream: &str,
@@ -60,21 +63,21 @@ impl Store {
         detail: &str,
     ) -> Result<()> {
         let (stream, detail) = (stream.to_string(), detail.to_string());
-        self.call(move |c| {
-            c.prepare_cached(
+        let fence = self.fence.clone();
+        self.write(move |db| {
+            if let Some(f) = fence {
+                let now = super::leases::db_now_ms(db)?;
+                let need = until.timestamp_millis() + f.margin_ms - now;
+                super::leases::check_fence(db, &f.fence, need.max(0))?;
+            }
+            db.execute(
                 "INSERT INTO in_doubt (stream, until, state, detail, updated_at)
                  VALUES (?1, ?2, ?3, ?4, ?5)
                  ON CONFLICT (stream) DO UPDATE SET until = excluded.until,
                    state = excluded.state, detail = excluded.detail,
                    updated_at = excluded.updated_at",
-            )?
-            .execute(params![
-                stream,
-                ts(until),
-                state.as_str(),
-                detail,
-                now_text()
-            ])
+                p![&stream, &ts(until), state.as_str(), &detail, &now_text()],
+            )
             .map(|_| ())
         })
         .await
@@ -83,45 +86,39 @@ impl Store {
     /// The stream's writes in doubt, if any are recorded.
     pub async fn doubt(&self, stream: &str) -> Result<Option<Doubt>> {
         let stream = stream.to_string();
-        self.call(move |c| q_doubt(c, &stream)).await
+        self.read(move |db| q_doubt(db, &stream)).await
     }
 
     pub fn doubt_sync(&self, stream: &str) -> Result<Option<Doubt>> {
-        self.call_sync(|c| q_doubt(c, stream))
+        self.read_sync(|db| q_doubt(db, stream))
     }
 
     /// Nothing of the stream is in doubt any more.
     pub async fn doubt_clear(&self, stream: &str) -> Result<()> {
         let stream = stream.to_string();
-        self.call(move |c| {
-            c.prepare_cached("DELETE FROM in_doubt WHERE stream = ?1")?
-                .execute(params![stream])
+        self.write(move |db| {
+            db.execute("DELETE FROM in_doubt WHERE stream = ?1", p![&stream])
                 .map(|_| ())
         })
         .await
     }
 }
 
-fn q_doubt(c: &rusqlite::Connection, stream: &str) -> rusqlite::Result<Option<Doubt>> {
-    c.prepare_cached("SELECT until, state, detail, updated_at FROM in_doubt WHERE stream = ?1")?
-        .query_row(params![stream], |r| {
-            let until: String = r.get(0)?;
-            let state: String = r.get(1)?;
-            let recorded: String = r.get(3)?;
-            Ok((until, state, r.get::<_, Option<String>>(2)?, recorded))
-        })
-        .optional()
-        .map(|row| {
-            row.map(|(until, state, detail, recorded)| {
-                // An unreadable time is treated as "now": the wait is the margin alone.
-                let until = parse_ts(&until).unwrap_or_else(Utc::now);
-                Doubt {
-                    until,
-                    state: DoubtState::parse(&state),
-                    detail: detail.unwrap_or_default(),
-                    // Unreadable: no bound from it (the wait is `until`'s).
-                    recorded_at: parse_ts(&recorded).unwrap_or(DateTime::<Utc>::MIN_UTC),
-                }
-            })
-        })
+fn q_doubt(db: &mut dyn Sql, stream: &str) -> DbResult<Option<Doubt>> {
+    let row = db.query_opt(
+        "SELECT until, state, detail, updated_at FROM in_doubt WHERE stream = ?1",
+        p![stream],
+        |r| Ok((r.text(0)?, r.text(1)?, r.opt_text(2)?, r.text(3)?)),
+    )?;
+    Ok(row.map(|(until, state, detail, recorded)| {
+        // An unreadable time is treated as "now": the wait is the margin alone.
+        let until = parse_ts(&until).unwrap_or_else(Utc::now);
+        Doubt {
+            until,
+            state: DoubtState::parse(&state),
+            detail: detail.unwrap_or_default(),
+            // Unreadable: no bound from it (the wait is `until`'s).
+            recorded_at: parse_ts(&recorded).unwrap_or(DateTime::<Utc>::MIN_UTC),
+        }
+    }))
 }

@@ -1,35 +1,43 @@
-//! The only code that speaks SQL: one SQLite file under the state directory.
+//! The only code that speaks SQL: the state, in one SQLite file under the state directory
+//! (the default; `sqlite.rs`), or in a PostgreSQL database that several instances share
+//! (`pg.rs`, issue 20). Every query is written once, over [`sql::Sql`], and runs on tokio's
+//! blocking pool ([`Store::read`], [`Store::write`]), never on the async executor's threads.
 //!
 //! Tables: cursors, links, outbox, ledger, page_digests, owed, runs, dead_letters, audit,
-//! schedule (see `migrations.rs`). The file is created 0600, in WAL mode, migrated at open.
-//! **A cursor is only ever written by [`Store::commit_page`] (or a reset), in the same
-//! transaction as the links, outbox rows, ledger rows, owed records and dead letters of the
-//! records it covers.** Owed records, too, are only written by `commit_page`. rusqlite is blocking: every call runs on tokio's blocking pool through
-//! [`Store::call`], never on the async executor's threads.
+//! schedule, in_doubt, rate_budgets, leases (see `migrations.rs`). **A cursor is only ever
+//! written by [`Store::commit_page`] (or a reset), in the same transaction as the links,
+//! outbox rows, ledger rows, owed records and dead letters of the records it covers.**
+//! Owed records, too, are only written by `commit_page`. On a fenced store (a run under a
+//! lease, several instances) every write first checks the lease in its own transaction.
 
+#[macro_use]
+pub mod sql;
 mod budgets;
 mod in_doubt;
+pub mod leases;
 mod migrations;
+pub mod pg;
 // S-360
 mod s360;
 // Integration settings branch: online checks and CDP pauses.
 mod settings;
+mod sqlite;
 pub use settings::{OnlineCheck, StreamPause};
+pub use sqlite::{explain_access, quick_check};
 
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde::Serialize;
 
 pub use budgets::BudgetRow;
 pub use in_doubt::{Doubt, DoubtState};
-pub use migrations::MIGRATIONS;
+pub use migrations::{MIGRATIONS, MIGRATIONS_PG};
 // S-360
 pub use s360::{InboxBatch, InboxOutcome, InboxRecord, InboxRow, RecordId};
+use sql::{DbError, DbErrorKind, DbResult, Sql};
 
 pub const DB_FILE: &str = "usher.db";
 
@@ -69,6 +77,15 @@ pub enum StoreError {
          or restore a backup taken with `usher state backup`"
     )]
     Damaged { path: String, detail: String },
+    /// A statement of the store failed (SQLite or PostgreSQL), classified.
+    #[error("state database {what}: {error}{hint}")]
+    Db {
+        /// The file (SQLite) or the server and database (PostgreSQL, no password).
+        what: String,
+        error: sql::DbError,
+        /// What is at fault when SQLite cannot open or write a file: empty otherwise.
+        hint: String,
+    },
 }
 
 /// What a failure of the state means for whoever hit it, and so the exit code of a command
@@ -92,11 +109,22 @@ impl StoreError {
             StoreError::Io { source, .. } => io_fault(source),
             StoreError::TooNew { .. } | StoreError::Damaged { .. } => Fault::Unusable,
             StoreError::Task(_) => Fault::Transient,
+            StoreError::Db { error, .. } => match error.kind {
+                DbErrorKind::Busy | DbErrorKind::Full | DbErrorKind::Io => Fault::Transient,
+                DbErrorKind::LostLease => Fault::Transient,
+                DbErrorKind::Permission => Fault::Permission,
+                _ => Fault::Unusable,
+            },
         }
     }
 
+    /// True when this instance wrote under a lease it no longer holds (several instances).
+    pub fn is_lost_lease(&self) -> bool {
+        matches!(self, StoreError::Db { error, .. } if error.kind == DbErrorKind::LostLease)
+    }
+
     /// The damage SQLite reported, as [`StoreError::Damaged`]; other errors as they are.
-    fn damaged(self) -> StoreError {
+    pub(crate) fn damaged(self) -> StoreError {
         match self {
             StoreError::Sqlite { path, source, .. } if is_damage(&source) => StoreError::Damaged {
                 path: path
@@ -106,12 +134,18 @@ impl StoreError {
                     .to_string(),
                 detail: source.to_string(),
             },
+            StoreError::Db { what, error, .. } if error.kind == DbErrorKind::Corrupt => {
+                StoreError::Damaged {
+                    path: what,
+                    detail: error.message,
+                }
+            }
             other => other,
         }
     }
 }
 
-fn is_damage(e: &rusqlite::Error) -> bool {
+pub(crate) fn is_damage(e: &rusqlite::Error) -> bool {
     use rusqlite::ErrorCode::{DatabaseCorrupt, NotADatabase};
     matches!(e.sqlite_error_code(), Some(DatabaseCorrupt | NotADatabase))
 }
@@ -161,11 +195,42 @@ pub fn io_fault(e: &std::io::Error) -> Fault {
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
-/// A handle to the state database. Cheap to clone; calls are serialized on one connection.
+/// A handle to the state: one SQLite file, or a PostgreSQL database several instances
+/// share. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
-    path: Arc<PathBuf>,
-    conn: Arc<Mutex<Connection>>,
+    db: Arc<Backend>,
+    /// The lease a run writes under (several instances): every write checks it in its own
+    /// transaction (`leases::check_fence`), so an instance that lost it commits nothing.
+    /// None: no lease (SQLite, where one daemon holds everything; the daemon's own
+    /// bookkeeping).
+    fence: Option<Arc<FenceState>>,
+}
+
+/// Where the state is.
+enum Backend {
+    /// One connection, calls serialized on it (SQLite allows one writer anyway).
+    Sqlite {
+        path: PathBuf,
+        conn: Mutex<rusqlite::Connection>,
+    },
+    /// A pool of connections; bodies run on the blocking pool and block on each round trip
+    /// through `rt`.
+    Postgres {
+        pool: deadpool_postgres::Pool,
+        rt: tokio::runtime::Handle,
+        /// `postgres://user@host/db`, for messages (never a password).
+        label: String,
+    },
+}
+
+/// A run's lease, and how far ahead a write of its must keep it.
+#[derive(Debug)]
+pub struct FenceState {
+    pub fence: leases::Fence,
+    /// Added to what a write records as "may land until" (the settle margin): the lease
+    /// must last that long too, so that no other instance looks before it may.
+    pub margin_ms: i64,
 }
 
 pub fn now_text() -> String {
@@ -249,38 +314,36 @@ fn in_list_sql(select: &str) -> String {
 }
 
 /// The stream, then `keys` (at most [`KEYS_PER_LOOKUP`]) padded with the last one.
-fn in_list_params<'a>(
-    stream: &'a String,
-    keys: &'a [String],
-) -> rusqlite::ParamsFromIter<impl Iterator<Item = &'a String>> {
+fn in_list_params<'a>(stream: &'a str, keys: &'a [String]) -> Vec<sql::Param<'a>> {
     let pad = keys
         .last()
         .into_iter()
         .cycle()
         .take(KEYS_PER_LOOKUP - keys.len());
-    rusqlite::params_from_iter(std::iter::once(stream).chain(keys).chain(pad))
+    std::iter::once(stream)
+        .chain(keys.iter().map(String::as_str))
+        .chain(pad.map(String::as_str))
+        .map(sql::Param::Text)
+        .collect()
 }
 
 /// The rows of `{select} IN (…)` for all of `keys`, [`KEYS_PER_LOOKUP`] per statement, in
-/// one read transaction (one lock and one WAL check). `select` binds the stream as `?1`.
+/// the caller's one read transaction. `select` binds the stream as `?1`.
 fn rows_by_keys<T>(
-    c: &mut Connection,
+    db: &mut dyn Sql,
     select: &str,
-    stream: &String,
+    stream: &str,
     keys: &[String],
-    mut row: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
-) -> rusqlite::Result<Vec<T>> {
-    let tx = c.transaction()?;
+    mut row: impl FnMut(&dyn sql::Row) -> DbResult<T>,
+) -> DbResult<Vec<T>> {
+    let sql = in_list_sql(select);
     let mut out = Vec::new();
-    {
-        let mut st = tx.prepare_cached(&in_list_sql(select))?;
-        for chunk in keys.chunks(KEYS_PER_LOOKUP) {
-            for r in st.query_map(in_list_params(stream, chunk), &mut row)? {
-                out.push(r?);
-            }
-        }
+    for chunk in keys.chunks(KEYS_PER_LOOKUP) {
+        db.query_each(&sql, &in_list_params(stream, chunk), &mut |r| {
+            out.push(row(r)?);
+            Ok(())
+        })?;
     }
-    tx.commit()?;
     Ok(out)
 }
 
@@ -408,417 +471,243 @@ pub struct OutboxSummary {
     pub last_error: Option<String>,
 }
 
-fn sql_err(path: &Path) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
-    move |source| StoreError::Sqlite {
-        path: path.display().to_string(),
-        hint: open_hint(&source, path),
-        source,
-    }
-}
-
-/// SQLite says "unable to open database file" or "attempt to write a readonly database"
-/// without naming the file: the database, or its `-wal` or `-shm`, which it creates in the
-/// state directory. Says which one is not writable (tried, not guessed from modes).
-fn open_hint(e: &rusqlite::Error, path: &Path) -> String {
-    use rusqlite::ErrorCode as C;
-    if !matches!(
-        e.sqlite_error_code(),
-        Some(C::CannotOpen | C::ReadOnly | C::PermissionDenied)
-    ) {
-        return String::new();
-    }
-    let Some(dir) = path.parent() else {
-        return String::new();
-    };
-    let probe = dir.join(format!(".usher-probe-{}", std::process::id()));
-    match std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&probe)
-    {
-        Ok(_) => {
-            let _ = std::fs::remove_file(&probe);
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(e) => {
-            return format!(
-                " (SQLite creates usher.db-wal and usher.db-shm beside it, and cannot create a file in {}: {})",
-                dir.display(),
-                explain_access(e, &probe, false)
-            );
-        }
-    }
-    for f in [
-        path.to_path_buf(),
-        PathBuf::from(format!("{}-wal", path.display())),
-        PathBuf::from(format!("{}-shm", path.display())),
-    ] {
-        if f.exists()
-            && let Err(e) = std::fs::OpenOptions::new().append(true).open(&f)
-        {
-            return format!(" ({})", explain_access(e, &f, false));
-        }
-    }
-    String::new()
-}
-
-/// `PRAGMA quick_check`: every page, b-tree and record of the file is readable and well
-/// formed (it does not compare indexes with their tables, which `integrity_check` does, at
-/// several times the cost). Measured on a 1M-event SeatGeek → Halo state (see
-/// ARCHITECTURE.md, "State faults").
-pub fn quick_check(conn: &Connection, path: &Path) -> Result<()> {
-    check_with(conn, path, "quick_check")
-}
-
-fn check_with(conn: &Connection, path: &Path, pragma: &str) -> Result<()> {
-    let damaged = |detail: String| StoreError::Damaged {
-        path: path.display().to_string(),
-        detail,
-    };
-    let rows: Vec<String> = (|| {
-        let mut st = conn.prepare(&format!("PRAGMA {pragma}(20)"))?;
-        let rows = st.query_map([], |r| r.get::<_, String>(0))?;
-        rows.collect::<rusqlite::Result<Vec<String>>>()
-    })()
-    .map_err(|source| {
-        if is_damage(&source) {
-            damaged(format!("{pragma}: {source}"))
-        } else {
-            sql_err(path)(source)
-        }
-    })?;
-    if rows.len() == 1 && rows[0] == "ok" {
-        return Ok(());
-    }
-    let mut detail = format!("{pragma}: {}", rows.first().cloned().unwrap_or_default());
-    if rows.len() > 1 {
-        detail.push_str(&format!(" (and {} more problem(s))", rows.len() - 1));
-    }
-    Err(damaged(detail))
-}
-
-/// An access error on `path` with what is at fault: the file itself, or the directory it is
-/// in (which must be searchable, and writable to create the file and SQLite's `-wal` and
-/// `-shm` beside it), and whom the process runs as.
-pub fn explain_access(e: std::io::Error, path: &Path, is_dir: bool) -> std::io::Error {
-    use std::os::unix::fs::MetadataExt;
-    if io_fault(&e) != Fault::Permission {
-        return e;
-    }
-    let euid = rustix::process::geteuid().as_raw();
-    let who = |m: &std::fs::Metadata| {
-        format!(
-            "owned by uid {} with mode {:04o}; usher runs as uid {euid}",
-            m.uid(),
-            m.mode() & 0o7777
-        )
-    };
-    let file = (!is_dir).then(|| std::fs::metadata(path).ok()).flatten();
-    let start = if is_dir { Some(path) } else { path.parent() };
-    // The directory at fault: the nearest one that exists (a missing one cannot be created
-    // in its parent).
-    let dir = start.and_then(|d| {
-        d.ancestors()
-            .find_map(|a| std::fs::metadata(a).ok().map(|m| (a.to_path_buf(), m)))
-    });
-    let detail = match (file, dir) {
-        (Some(m), _) => format!("the file {} is {}", path.display(), who(&m)),
-        (None, Some((d, m))) => format!("the directory {} is {}", d.display(), who(&m)),
-        (None, None) => format!("usher runs as uid {euid}"),
-    };
-    std::io::Error::new(e.kind(), format!("{e}: {detail}"))
-}
-
-/// Runs `f` and tells [`crate::metrics::StateHealth`] what it showed of the state: a
-/// storage fault (the disk full, an I/O error, permissions, damage) marks the state
-/// unwritable; a statement that changed rows clears that, since it was written.
-fn observed<T>(
-    c: &mut Connection,
-    path: &Path,
-    f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
-) -> Result<T> {
-    let before = c.total_changes();
-    let result = f(c).map_err(sql_err(path)).map_err(StoreError::damaged);
-    let state = &crate::metrics::METRICS.state;
-    match &result {
-        Err(e @ StoreError::Sqlite { source, .. }) if sqlite_fault(source).is_some() => {
-            state.failed(e.to_string())
-        }
-        Err(e @ StoreError::Damaged { .. }) => state.failed(e.to_string()),
-        Ok(_) if c.total_changes() != before => state.written(),
-        _ => {}
-    }
-    result
-}
-
 impl Store {
-    /// Opens (creating if needed) `<state_dir>/usher.db`: mode 0600, WAL, migrations applied.
-    pub fn open(state_dir: &Path) -> Result<Store> {
-        Self::open_with(state_dir, false)
-    }
-
-    /// [`Store::open`] for the daemon: `PRAGMA quick_check` first, so that a damaged file is
-    /// refused at start (with the next step) instead of failing every run.
-    pub fn open_checked(state_dir: &Path) -> Result<Store> {
-        Self::open_with(state_dir, true)
-    }
-
-    fn open_with(state_dir: &Path, check: bool) -> Result<Store> {
-        std::fs::create_dir_all(state_dir).map_err(|source| StoreError::Io {
-            path: state_dir.display().to_string(),
-            source: explain_access(source, state_dir, true),
-        })?;
-        let path = state_dir.join(DB_FILE);
-        let file_err = |source| StoreError::Io {
-            path: path.display().to_string(),
-            source: explain_access(source, &path, false),
-        };
-        // Create the file ourselves so that it is 0600 from its first byte.
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(file_err)?;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-            .map_err(file_err)?;
-        let conn = Connection::open(&path).map_err(sql_err(&path))?;
-        Self::prepare(&conn, &path, check).map_err(StoreError::damaged)?;
-        Ok(Store {
-            path: Arc::new(path),
-            conn: Arc::new(Mutex::new(conn)),
-        })
-    }
-
-    /// A consistent copy of the state database at `dest`, taken while a daemon may be
-    /// writing it: `VACUUM INTO` reads the database in one read transaction (a snapshot; in
-    /// WAL mode the daemon's commits go on meanwhile) and writes a compact copy, here into a
-    /// temporary file beside `dest` created 0600, which is synced, checked with
-    /// `quick_check` and renamed to `dest`. Refuses a `dest` that exists.
-    pub fn backup(state_dir: &Path, dest: &Path) -> Result<BackupInfo> {
-        let path = state_dir.join(DB_FILE);
-        if !path.exists() {
-            return Err(StoreError::Io {
-                path: path.display().to_string(),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::NotFound,
-                    "no state database here (check --state-dir or daemon.state_dir)",
-                ),
-            });
+    pub(crate) fn sqlite(path: PathBuf, conn: rusqlite::Connection) -> Store {
+        Store {
+            db: Arc::new(Backend::Sqlite {
+                path,
+                conn: Mutex::new(conn),
+            }),
+            fence: None,
         }
-        let dest_err = |source| StoreError::Io {
-            path: dest.display().to_string(),
-            source,
-        };
-        if dest.exists() {
-            return Err(dest_err(std::io::Error::new(
-                std::io::ErrorKind::AlreadyExists,
-                "exists already; remove it or name another file",
-            )));
-        }
-        let name = dest
-            .file_name()
-            .map(|n| n.to_string_lossy().to_string())
-            .unwrap_or_else(|| "usher-backup".into());
-        let tmp = dest.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(|e| StoreError::Io {
-                path: tmp.display().to_string(),
-                source: explain_access(e, &tmp, false),
-            })?;
-        let result = (|| {
-            let conn = Connection::open_with_flags(
-                &path,
-                rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE
-                    | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
-            )
-            .map_err(sql_err(&path))?;
-            conn.busy_timeout(Duration::from_secs(10))
-                .map_err(sql_err(&path))?;
-            let schema: i64 = conn
-                .query_row("PRAGMA user_version", [], |r| r.get(0))
-                .map_err(sql_err(&path))?;
-            conn.execute("VACUUM INTO ?1", params![tmp.display().to_string()])
-                .map_err(sql_err(&path))
-                .map_err(StoreError::damaged)?;
-            drop(conn);
-            let copy = Connection::open(&tmp).map_err(sql_err(&tmp))?;
-            quick_check(&copy, &tmp)?;
-            drop(copy);
-            let f = std::fs::File::open(&tmp).map_err(dest_err)?;
-            f.sync_all().map_err(dest_err)?;
-            let bytes = f.metadata().map_err(dest_err)?.len();
-            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
-                .map_err(dest_err)?;
-            std::fs::rename(&tmp, dest).map_err(dest_err)?;
-            if let Some(dir) = dest.parent().filter(|d| !d.as_os_str().is_empty())
-                && let Ok(d) = std::fs::File::open(dir)
-            {
-                let _ = d.sync_all();
-            }
-            Ok(BackupInfo { bytes, schema })
-        })();
-        if result.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        result
     }
 
-    /// `quick_check` (or, `full`, `integrity_check`) of the state database, read while a
-    /// daemon may be writing it.
-    pub fn check(state_dir: &Path, full: bool) -> Result<()> {
-        let path = state_dir.join(DB_FILE);
-        let conn = Connection::open_with_flags(
-            &path,
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(sql_err(&path))
-        .map_err(StoreError::damaged)?;
-        conn.busy_timeout(Duration::from_secs(10))
-            .map_err(sql_err(&path))?;
-        check_with(
-            &conn,
-            &path,
-            if full {
-                "integrity_check"
-            } else {
-                "quick_check"
+    /// Opens the state on PostgreSQL (several instances): a pool, the migrations run under
+    /// an advisory lock (so instances starting together migrate once), a newer schema
+    /// refused. Must run inside the runtime (its connections are tasks on it).
+    pub async fn open_postgres(settings: &pg::PgSettings) -> Result<Store> {
+        let label = pg::redact_url(&settings.url);
+        let pool = pg::pool(settings).map_err(|message| StoreError::Db {
+            what: label.clone(),
+            error: DbError {
+                kind: DbErrorKind::Other,
+                message,
             },
-        )
-    }
-
-    /// Opens an existing database for reading and small CLI changes, without migrating it.
-    /// Used by `status` and `cursor show` while a daemon may be running.
-    pub fn open_existing(state_dir: &Path) -> Result<Option<Store>> {
-        let path = state_dir.join(DB_FILE);
-        if !path.exists() {
-            return Ok(None);
-        }
-        let conn = Connection::open(&path).map_err(sql_err(&path))?;
-        conn.busy_timeout(Duration::from_secs(10))
-            .map_err(sql_err(&path))?;
-        let version: i64 = conn
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .map_err(sql_err(&path))
-            .map_err(StoreError::damaged)?;
-        if version > MIGRATIONS.len() as i64 {
+            hint: String::new(),
+        })?;
+        let store = Store {
+            db: Arc::new(Backend::Postgres {
+                pool,
+                rt: tokio::runtime::Handle::current(),
+                label: label.clone(),
+            }),
+            fence: None,
+        };
+        let known = migrations::MIGRATIONS_PG.len() as i64;
+        let found = store
+            .write(move |db| {
+                db.execute("SELECT pg_advisory_xact_lock(7270031)", p![])?;
+                db.execute(
+                    "CREATE TABLE IF NOT EXISTS usher_schema (version BIGINT NOT NULL)",
+                    p![],
+                )?;
+                let version = db
+                    .query_opt("SELECT version FROM usher_schema", p![], |r| r.i64(0))?
+                    .unwrap_or(0);
+                if version > known {
+                    return Ok(version);
+                }
+                if version == 0 {
+                    db.execute("INSERT INTO usher_schema (version) VALUES (0)", p![])?;
+                }
+                for (i, m) in migrations::MIGRATIONS_PG
+                    .iter()
+                    .enumerate()
+                    .skip(version as usize)
+                {
+                    for stmt in m.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+                        db.execute(stmt, p![])?;
+                    }
+                    db.execute("UPDATE usher_schema SET version = ?1", p![i as i64 + 1])?;
+                }
+                Ok(version)
+            })
+            .await?;
+        if found > known {
             return Err(StoreError::TooNew {
-                path: path.display().to_string(),
-                found: version,
-                known: MIGRATIONS.len() as i64,
-            });
-        }
-        if version < MIGRATIONS.len() as i64 {
-            // Not migrated yet (or empty): treat as "nothing recorded".
-            return Ok(None);
-        }
-        Ok(Some(Store {
-            path: Arc::new(path),
-            conn: Arc::new(Mutex::new(conn)),
-        }))
-    }
-
-    fn prepare(conn: &Connection, path: &Path, check: bool) -> Result<()> {
-        let e = sql_err(path);
-        conn.busy_timeout(Duration::from_secs(10)).map_err(&e)?;
-        if check {
-            quick_check(conn, path)?;
-        }
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(&e)?;
-        // FULL: a commit survives power loss; commits are per page, so the fsync is cheap.
-        conn.pragma_update(None, "synchronous", "FULL")
-            .map_err(&e)?;
-        conn.pragma_update(None, "foreign_keys", "ON").map_err(&e)?;
-        // A fixed 1 MiB page cache (SQLite's default is 2 MiB): the OS caches the file
-        // anyway, and usher's memory then stays the same however large the state grows
-        // (a look-up that misses costs a read from the OS cache, not measurable in the
-        // benchmarks).
-        conn.pragma_update(None, "cache_size", -1024).map_err(&e)?;
-        let version: i64 = conn
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .map_err(&e)?;
-        let known = MIGRATIONS.len() as i64;
-        if version > known {
-            return Err(StoreError::TooNew {
-                path: path.display().to_string(),
-                found: version,
+                path: label,
+                found,
                 known,
             });
         }
-        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-            let n = i as i64 + 1;
-            conn.execute_batch(&format!(
-                "BEGIN IMMEDIATE; {sql}; PRAGMA user_version = {n}; COMMIT;"
-            ))
-            .map_err(|source| {
-                let _ = conn.execute_batch("ROLLBACK");
-                StoreError::Sqlite {
-                    path: format!("{} (migration {n})", path.display()),
-                    hint: open_hint(&source, path),
-                    source,
-                }
-            })?;
-        }
-        // The -wal and -shm files are created by SQLite with the main file's mode; make sure.
-        for suffix in ["-wal", "-shm"] {
-            let p = PathBuf::from(format!("{}{suffix}", path.display()));
-            if p.exists() {
-                let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600));
-            }
-        }
-        Ok(())
+        Ok(store)
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// The state as the configuration says: PostgreSQL, or the SQLite file in `state_dir`.
+    pub async fn open_configured(d: &crate::config::DaemonSettings) -> Result<Store> {
+        match &d.postgres {
+            Some(pg) => Self::open_postgres(pg).await,
+            None => Self::open(&d.state_dir),
+        }
     }
 
-    /// Runs `f` on the blocking pool with the connection.
-    pub async fn call<T, F>(&self, f: F) -> Result<T>
+    /// The same store, its writes checked against `fence` (a run under a lease).
+    pub fn fenced(&self, fence: leases::Fence, margin: Duration) -> Store {
+        Store {
+            db: self.db.clone(),
+            fence: Some(Arc::new(FenceState {
+                fence,
+                margin_ms: margin.as_millis() as i64,
+            })),
+        }
+    }
+
+    /// The lease this store's writes are checked against, if any.
+    pub fn fence(&self) -> Option<&leases::Fence> {
+        self.fence.as_deref().map(|f| &f.fence)
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        matches!(*self.db, Backend::Postgres { .. })
+    }
+
+    /// The SQLite file (None on PostgreSQL).
+    pub fn file(&self) -> Option<&Path> {
+        match &*self.db {
+            Backend::Sqlite { path, .. } => Some(path),
+            Backend::Postgres { .. } => None,
+        }
+    }
+
+    /// Where the state is, for messages: the file, or the server and database.
+    pub fn describe(&self) -> String {
+        match &*self.db {
+            Backend::Sqlite { path, .. } => path.display().to_string(),
+            Backend::Postgres { label, .. } => label.clone(),
+        }
+    }
+
+    /// Reads, in one read transaction, on the blocking pool.
+    pub async fn read<T, F>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,
-        F: FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
+        F: FnOnce(&mut dyn Sql) -> DbResult<T> + Send + 'static,
     {
-        let conn = self.conn.clone();
-        let path = self.path.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut c = conn.lock().unwrap_or_else(|p| p.into_inner());
-            observed(&mut c, &path, f)
-        })
-        .await
-        .map_err(|e| StoreError::Task(e.to_string()))?
+        self.run(false, f).await
     }
 
-    /// The same as [`Store::call`], for code that is not async (the CLI).
-    pub fn call_sync<T, F>(&self, f: F) -> Result<T>
+    /// Writes, in one transaction (SQLite: `BEGIN IMMEDIATE`), on the blocking pool; on a
+    /// fenced store the lease is checked inside it first.
+    pub async fn write<T, F>(&self, f: F) -> Result<T>
     where
-        F: FnOnce(&mut Connection) -> rusqlite::Result<T>,
+        T: Send + 'static,
+        F: FnOnce(&mut dyn Sql) -> DbResult<T> + Send + 'static,
     {
-        let mut c = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        observed(&mut c, &self.path, f)
+        self.run(true, f).await
     }
 
+    async fn run<T, F>(&self, write: bool, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut dyn Sql) -> DbResult<T> + Send + 'static,
+    {
+        let db = self.db.clone();
+        let fence = self.fence.clone();
+        tokio::task::spawn_blocking(move || db.exec(write, fence.as_deref(), f))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    /// [`Store::read`] for code that is not async and not on the runtime (the CLI).
+    pub fn read_sync<T>(&self, f: impl FnOnce(&mut dyn Sql) -> DbResult<T>) -> Result<T> {
+        self.db.exec(false, self.fence.as_deref(), f)
+    }
+
+    /// [`Store::write`] for code that is not async and not on the runtime (the CLI).
+    pub fn write_sync<T>(&self, f: impl FnOnce(&mut dyn Sql) -> DbResult<T>) -> Result<T> {
+        self.db.exec(true, self.fence.as_deref(), f)
+    }
+}
+
+impl Backend {
+    /// Runs `f` in one transaction; records what it showed of the state's health (a storage
+    /// fault marks the state unwritable; a write that went through clears it).
+    fn exec<T>(
+        &self,
+        write: bool,
+        fence: Option<&FenceState>,
+        f: impl FnOnce(&mut dyn Sql) -> DbResult<T>,
+    ) -> Result<T> {
+        let result = match self {
+            Backend::Sqlite { conn, .. } => {
+                let mut c = conn.lock().unwrap_or_else(|p| p.into_inner());
+                (|| {
+                    let tx = c
+                        .transaction_with_behavior(if write {
+                            rusqlite::TransactionBehavior::Immediate
+                        } else {
+                            rusqlite::TransactionBehavior::Deferred
+                        })
+                        .map_err(sql::from_rusqlite)?;
+                    let v = f(&mut sql::Lite(&tx))?;
+                    tx.commit().map_err(sql::from_rusqlite)?;
+                    Ok(v)
+                })()
+            }
+            Backend::Postgres { pool, rt, .. } => pg::transaction(pool, rt, |db| {
+                if write && let Some(fs) = fence {
+                    leases::check_fence(db, &fs.fence, 0)?;
+                }
+                f(db)
+            }),
+        };
+        let state = &crate::metrics::METRICS.state;
+        match result {
+            Ok(v) => {
+                if write {
+                    state.written();
+                }
+                Ok(v)
+            }
+            Err(error) => {
+                let e = self.error(error);
+                if matches!(e.fault(), Fault::Transient | Fault::Permission) && !e.is_lost_lease()
+                    || matches!(e, StoreError::Damaged { .. })
+                {
+                    state.failed(e.to_string());
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn error(&self, error: DbError) -> StoreError {
+        let (what, hint) = match self {
+            Backend::Sqlite { path, .. } => (
+                path.display().to_string(),
+                if matches!(error.kind, DbErrorKind::Io | DbErrorKind::Permission) {
+                    sqlite::access_hint(path)
+                } else {
+                    String::new()
+                },
+            ),
+            Backend::Postgres { label, .. } => (label.clone(), String::new()),
+        };
+        StoreError::Db { what, error, hint }.damaged()
+    }
+}
+
+impl Store {
     // ---- cursors ----
 
     pub async fn cursor(&self, stream: &str) -> Result<Option<String>> {
         let stream = stream.to_string();
-        self.call(move |c| q::cursor(c, &stream)).await
+        self.read(move |db| q::cursor(db, &stream)).await
     }
 
     /// Commits one page: new cursor, links, outbox rows, ledger rows and dead letters, atomically.
     pub async fn commit_page(&self, page: PageCommit) -> Result<()> {
-        self.call(move |c| {
-            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            q::commit_page(&tx, &page)?;
-            tx.commit()
-        })
-        .await
+        self.write(move |db| q::commit_page(db, &page)).await
     }
 
     /// Resets a stream's cursor to the start (links, ledger and outbox are kept, so the
@@ -830,7 +719,7 @@ impl Store {
         detail: &str,
     ) -> Result<Option<String>> {
         let (stream, actor, detail) = (stream.to_string(), actor.to_string(), detail.to_string());
-        self.call(move |c| q::reset_cursor(c, &stream, &actor, &detail))
+        self.write(move |db| q::reset_cursor(db, &stream, &actor, &detail))
             .await
     }
 
@@ -840,11 +729,11 @@ impl Store {
         actor: &str,
         detail: &str,
     ) -> Result<Option<String>> {
-        self.call_sync(|c| q::reset_cursor(c, stream, actor, detail))
+        self.write_sync(|db| q::reset_cursor(db, stream, actor, detail))
     }
 
     pub fn cursor_sync(&self, stream: &str) -> Result<Option<String>> {
-        self.call_sync(|c| q::cursor(c, stream))
+        self.read_sync(|db| q::cursor(db, stream))
     }
 
     // ---- links ----
@@ -855,13 +744,13 @@ impl Store {
         source_ids: Vec<String>,
     ) -> Result<Vec<(String, String)>> {
         let stream = stream.to_string();
-        self.call(move |c| {
+        self.read(move |db| {
             rows_by_keys(
-                c,
+                db,
                 "SELECT source_id, target_id FROM links WHERE stream = ?1 AND source_id",
                 &stream,
                 &source_ids,
-                |r| Ok((r.get(0)?, r.get(1)?)),
+                |r| Ok((r.text(0)?, r.text(1)?)),
             )
         })
         .await
@@ -872,18 +761,18 @@ impl Store {
     /// The ledger rows of `keys` (those that exist), for a daily run to tell new from known.
     pub async fn ledger_get(&self, stream: &str, keys: Vec<String>) -> Result<Vec<LedgerRow>> {
         let stream = stream.to_string();
-        self.call(move |c| {
+        self.read(move |db| {
             rows_by_keys(
-                c,
+                db,
                 "SELECT key, content_hash, target_ids, status FROM ledger WHERE stream = ?1 AND key",
                 &stream,
                 &keys,
                 |r| {
                     Ok(LedgerRow {
-                        key: r.get(0)?,
-                        content_hash: r.get(1)?,
-                        target_ids: r.get(2)?,
-                        status: r.get(3)?,
+                        key: r.text(0)?,
+                        content_hash: r.text(1)?,
+                        target_ids: r.opt_text(2)?,
+                        status: r.opt_text(3)?,
                     })
                 },
             )
@@ -900,17 +789,17 @@ impl Store {
     ) -> Result<std::collections::HashMap<String, PageDigest>> {
         let stream = stream.to_string();
         let rows = self
-            .call(move |c| {
+            .read(move |db| {
                 rows_by_keys(
-                    c,
+                    db,
                     "SELECT scope, digest, records FROM page_digests WHERE stream = ?1 AND scope",
                     &stream,
                     &scopes,
                     |r| {
                         Ok(PageDigest {
-                            scope: r.get(0)?,
-                            digest: r.get(1)?,
-                            records: r.get::<_, i64>(2)? as u64,
+                            scope: r.text(0)?,
+                            digest: r.text(1)?,
+                            records: r.i64(2)? as u64,
                         })
                     },
                 )
@@ -924,25 +813,18 @@ impl Store {
     /// Every record the stream owes, oldest first.
     pub async fn owed(&self, stream: &str) -> Result<Vec<OwedRow>> {
         let stream = stream.to_string();
-        self.call(move |c| q::owed(c, &stream)).await
+        self.read(move |db| q::owed(db, &stream)).await
     }
 
     pub fn owed_sync(&self, stream: &str) -> Result<Vec<OwedRow>> {
-        self.call_sync(|c| q::owed(c, stream))
+        self.read_sync(|db| q::owed(db, stream))
     }
 
     /// How many records the stream owes.
     pub async fn owed_count(&self, stream: &str) -> Result<u64> {
         let stream = stream.to_string();
-        self.call(move |c| {
-            c.query_row(
-                "SELECT COUNT(*) FROM owed WHERE stream = ?1",
-                params![stream],
-                |r| r.get::<_, i64>(0),
-            )
-            .map(|n| n as u64)
-        })
-        .await
+        self.read(move |db| db.count("SELECT COUNT(*) FROM owed WHERE stream = ?1", p![&stream]))
+            .await
     }
 
     // ---- outbox ----
@@ -957,24 +839,24 @@ impl Store {
         at_least_one: bool,
     ) -> Result<Vec<OutboxRow>> {
         let stream = stream.to_string();
-        self.call(move |c| {
-            let mut st = c.prepare_cached(
+        self.read(move |db| {
+            let rows = db.query(
                 "SELECT id, body, records, attempts, nonce FROM outbox WHERE stream = ?1 ORDER BY id LIMIT 1000",
+                p![&stream],
+                |r| {
+                    let id = r.i64(0)?;
+                    Ok(OutboxRow {
+                        id,
+                        body: r.blob(1)?,
+                        records: r.i64(2)? as u64,
+                        attempts: r.i64(3)? as u64,
+                        key: outbox_key(&stream, id, r.opt_text(4)?.as_deref()),
+                    })
+                },
             )?;
-            let rows = st.query_map(params![stream], |r| {
-                let id = r.get(0)?;
-                Ok(OutboxRow {
-                    id,
-                    body: r.get(1)?,
-                    records: r.get::<_, i64>(2)? as u64,
-                    attempts: r.get::<_, i64>(3)? as u64,
-                    key: outbox_key(&stream, id, r.get::<_, Option<String>>(4)?.as_deref()),
-                })
-            })?;
             let mut out = Vec::new();
             let mut total = 0;
             for row in rows {
-                let row = row?;
                 if total + row.records > max_records && !(out.is_empty() && at_least_one) {
                     break;
                 }
@@ -987,21 +869,21 @@ impl Store {
     }
 
     pub async fn outbox_delivered(&self, id: i64) -> Result<()> {
-        self.call(move |c| {
-            c.execute("DELETE FROM outbox WHERE id = ?1", params![id])
+        self.write(move |db| {
+            db.execute("DELETE FROM outbox WHERE id = ?1", p![id])
                 .map(|_| ())
         })
         .await
     }
 
     pub async fn outbox_refused(&self, id: i64, status: Option<u16>, error: String) -> Result<()> {
-        self.call(move |c| {
+        self.write(move |db| {
             let now = now_text();
-            c.execute(
+            db.execute(
                 "UPDATE outbox SET attempts = attempts + 1, last_attempt_at = ?2, last_status = ?3,
                         last_error = ?4, first_refused_at = COALESCE(first_refused_at, ?2)
                  WHERE id = ?1",
-                params![id, now, status.map(i64::from), error],
+                p![id, &now, status.map(i64::from), &error],
             )
             .map(|_| ())
         })
@@ -1010,19 +892,21 @@ impl Store {
 
     pub async fn outbox_summary(&self, stream: &str) -> Result<OutboxSummary> {
         let stream = stream.to_string();
-        self.call(move |c| q::outbox_summary(c, &stream)).await
+        self.read(move |db| q::outbox_summary(db, &stream)).await
     }
 
     // ---- runs ----
 
     pub async fn run_started(&self, stream: &str, trigger: &str) -> Result<i64> {
         let (stream, trigger) = (stream.to_string(), trigger.to_string());
-        self.call(move |c| {
-            c.execute(
-                "INSERT INTO runs (stream, trigger, started_at) VALUES (?1, ?2, ?3)",
-                params![stream, trigger, now_text()],
-            )?;
-            Ok(c.last_insert_rowid())
+        let holder = self.fence().map(|f| f.holder.clone());
+        self.write(move |db| {
+            db.query_one(
+                "INSERT INTO runs (stream, trigger, started_at, holder) VALUES (?1, ?2, ?3, ?4)
+                 RETURNING id",
+                p![&stream, &trigger, &now_text(), holder.as_deref()],
+                |r| r.i64(0),
+            )
         })
         .await
     }
@@ -1035,21 +919,21 @@ impl Store {
         error: Option<String>,
     ) -> Result<()> {
         let outcome = outcome.to_string();
-        self.call(move |c| {
-            c.execute(
+        self.write(move |db| {
+            db.execute(
                 "UPDATE runs SET ended_at = ?2, outcome = ?3, pulled = ?4, created = ?5, updated = ?6,
                         skipped = ?7, failed = ?8, queued = ?9, error = ?10 WHERE id = ?1",
-                params![
+                p![
                     id,
-                    now_text(),
-                    outcome,
-                    counts.pulled as i64,
-                    counts.created as i64,
-                    counts.updated as i64,
-                    counts.skipped as i64,
-                    counts.failed as i64,
-                    counts.queued as i64,
-                    error
+                    &now_text(),
+                    &outcome,
+                    counts.pulled,
+                    counts.created,
+                    counts.updated,
+                    counts.skipped,
+                    counts.failed,
+                    counts.queued,
+                    error.as_deref()
                 ],
             )
             .map(|_| ())
@@ -1057,15 +941,46 @@ impl Store {
         .await
     }
 
-    /// Runs left `running` by a daemon that died are closed as `interrupted` at start.
+    /// Runs left `running` by a daemon that died are closed as `interrupted` at start (on
+    /// SQLite: all of them, one daemon holds the state; on PostgreSQL see
+    /// [`Store::close_runs_of`]).
     pub async fn close_interrupted_runs(&self) -> Result<usize> {
-        self.call(|c| {
-            c.execute(
+        if self.is_postgres() {
+            return Ok(0);
+        }
+        self.write(|db| {
+            db.execute(
                 "UPDATE runs SET outcome = 'interrupted', ended_at = ?1,
                         error = 'the daemon stopped before this run finished; nothing after its last commit was kept'
                  WHERE outcome = 'running'",
-                params![now_text()],
+                p![&now_text()],
             )
+            .map(|n| n as usize)
+        })
+        .await
+    }
+
+    /// Several instances: the runs of `streams` left `running` by another instance (one
+    /// that died, or lost the lease) are closed when their lease is taken over.
+    pub async fn close_runs_of(
+        &self,
+        streams: Vec<String>,
+        not_holder: &str,
+        outcome: &'static str,
+        why: String,
+    ) -> Result<usize> {
+        let not_holder = not_holder.to_string();
+        self.write(move |db| {
+            let mut n = 0;
+            for s in &streams {
+                n += db.execute(
+                    "UPDATE runs SET outcome = ?1, ended_at = ?2, error = ?3
+                     WHERE outcome = 'running' AND stream = ?4
+                       AND (holder IS NULL OR holder != ?5)",
+                    p![outcome, &now_text(), &why, s, &not_holder],
+                )? as usize;
+            }
+            Ok(n)
         })
         .await
     }
@@ -1075,22 +990,31 @@ impl Store {
     pub async fn schedule_inputs(
         &self,
     ) -> Result<std::collections::HashMap<String, (Option<DateTime<Utc>>, bool)>> {
-        self.call(|c| {
-            let mut out: std::collections::HashMap<String, (Option<DateTime<Utc>>, bool)> = Default::default();
-            let mut st = c.prepare(
+        self.read(|db| {
+            let mut out: std::collections::HashMap<String, (Option<DateTime<Utc>>, bool)> =
+                Default::default();
+            db.query_each(
                 "SELECT stream, MAX(started_at) FROM runs WHERE trigger = 'schedule' GROUP BY stream",
+                p![],
+                &mut |r| {
+                    let stream = r.text(0)?;
+                    let started = r.opt_text(1)?;
+                    out.entry(stream).or_default().0 = started.as_deref().and_then(parse_ts);
+                    Ok(())
+                },
             )?;
-            for row in st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?)))? {
-                let (stream, started) = row?;
-                out.entry(stream).or_default().0 = started.as_deref().and_then(parse_ts);
-            }
-            let mut st = c.prepare(
+            db.query_each(
                 "SELECT stream, outcome FROM runs WHERE id IN (SELECT MAX(id) FROM runs GROUP BY stream)",
+                p![],
+                &mut |r| {
+                    let stream = r.text(0)?;
+                    let outcome = r.text(1)?;
+                    out.entry(stream).or_default().1 = outcome == "stopped"
+                        || outcome == "interrupted"
+                        || outcome == "lost lease";
+                    Ok(())
+                },
             )?;
-            for row in st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))? {
-                let (stream, outcome) = row?;
-                out.entry(stream).or_default().1 = outcome == "stopped" || outcome == "interrupted";
-            }
             Ok(out)
         })
         .await
@@ -1098,18 +1022,15 @@ impl Store {
 
     /// Records many next-run times in one transaction.
     pub async fn set_next_runs(&self, rows: Vec<(String, Option<DateTime<Utc>>)>) -> Result<()> {
-        self.call(move |c| {
-            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            {
-                let mut st = tx.prepare_cached(
+        self.write(move |db| {
+            for (stream, at) in &rows {
+                db.execute(
                     "INSERT INTO schedule (stream, next_run_at) VALUES (?1, ?2)
                      ON CONFLICT (stream) DO UPDATE SET next_run_at = excluded.next_run_at",
+                    p![stream, at.map(ts).as_deref()],
                 )?;
-                for (stream, at) in rows {
-                    st.execute(params![stream, at.map(ts)])?;
-                }
             }
-            tx.commit()
+            Ok(())
         })
         .await
     }
@@ -1117,23 +1038,23 @@ impl Store {
     /// Per stream: payloads in the outbox, records in dead letters and owed records (for
     /// /metrics).
     pub async fn gauges(&self) -> Result<std::collections::BTreeMap<String, (u64, u64, u64)>> {
-        self.call(|c| {
+        self.read(|db| {
             let mut out: std::collections::BTreeMap<String, (u64, u64, u64)> = Default::default();
-            let mut st = c.prepare_cached("SELECT stream, COUNT(*) FROM outbox GROUP BY stream")?;
-            for row in st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
-                let (s, n) = row?;
-                out.entry(s).or_default().0 = n as u64;
-            }
-            let mut st =
-                c.prepare_cached("SELECT stream, COUNT(*) FROM dead_letters GROUP BY stream")?;
-            for row in st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
-                let (s, n) = row?;
-                out.entry(s).or_default().1 = n as u64;
-            }
-            let mut st = c.prepare_cached("SELECT stream, COUNT(*) FROM owed GROUP BY stream")?;
-            for row in st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
-                let (s, n) = row?;
-                out.entry(s).or_default().2 = n as u64;
+            for (i, table) in ["outbox", "dead_letters", "owed"].into_iter().enumerate() {
+                db.query_each(
+                    &format!("SELECT stream, COUNT(*) FROM {table} GROUP BY stream"),
+                    p![],
+                    &mut |r| {
+                        let e = out.entry(r.text(0)?).or_default();
+                        let n = r.i64(1)? as u64;
+                        match i {
+                            0 => e.0 = n,
+                            1 => e.1 = n,
+                            _ => e.2 = n,
+                        }
+                        Ok(())
+                    },
+                )?;
             }
             Ok(out)
         })
@@ -1148,42 +1069,44 @@ impl Store {
         &self,
         n: u32,
     ) -> Result<std::collections::HashMap<String, Vec<(String, Option<String>)>>> {
-        self.call(move |c| {
-            let mut out: std::collections::HashMap<String, Vec<(String, Option<String>)>> = Default::default();
-            let mut st = c.prepare_cached(
+        self.read(move |db| {
+            let mut out: std::collections::HashMap<String, Vec<(String, Option<String>)>> =
+                Default::default();
+            db.query_each(
                 "SELECT stream, outcome, error FROM (
                      SELECT stream, outcome, error, ROW_NUMBER() OVER (PARTITION BY stream ORDER BY id DESC) AS rn
-                     FROM runs WHERE outcome IN ('ok', 'failed', 'refused'))
+                     FROM runs WHERE outcome IN ('ok', 'failed', 'refused')) AS recent
                  WHERE rn <= ?1 ORDER BY stream, rn",
+                p![n],
+                &mut |r| {
+                    out.entry(r.text(0)?)
+                        .or_default()
+                        .push((r.text(1)?, r.opt_text(2)?));
+                    Ok(())
+                },
             )?;
-            for row in st.query_map(params![n], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, Option<String>>(2)?))
-            })? {
-                let (s, o, e) = row?;
-                out.entry(s).or_default().push((o, e));
-            }
             Ok(out)
         })
         .await
     }
 
     pub fn last_run_sync(&self, stream: &str) -> Result<Option<RunRow>> {
-        self.call_sync(|c| q::last_run(c, stream))
+        self.read_sync(|db| q::last_run(db, stream))
     }
 
     pub fn runs_sync(&self, stream: &str, limit: u32) -> Result<Vec<RunRow>> {
-        self.call_sync(|c| q::runs(c, stream, limit))
+        self.read_sync(|db| q::runs(db, stream, limit))
     }
 
     // ---- schedule ----
 
     pub async fn set_next_run(&self, stream: &str, at: Option<DateTime<Utc>>) -> Result<()> {
         let stream = stream.to_string();
-        self.call(move |c| {
-            c.execute(
+        self.write(move |db| {
+            db.execute(
                 "INSERT INTO schedule (stream, next_run_at) VALUES (?1, ?2)
                  ON CONFLICT (stream) DO UPDATE SET next_run_at = excluded.next_run_at",
-                params![stream, at.map(ts)],
+                p![&stream, at.map(ts).as_deref()],
             )
             .map(|_| ())
         })
@@ -1205,7 +1128,7 @@ impl Store {
             stream.map(str::to_string),
             detail.to_string(),
         );
-        self.call(move |c| q::audit(c, &actor, &action, stream.as_deref(), &detail))
+        self.write(move |db| q::audit(db, &actor, &action, stream.as_deref(), &detail))
             .await
     }
 
@@ -1216,79 +1139,48 @@ impl Store {
         stream: Option<&str>,
         detail: &str,
     ) -> Result<()> {
-        self.call_sync(|c| q::audit(c, actor, action, stream, detail))
+        self.write_sync(|db| q::audit(db, actor, action, stream, detail))
     }
 
     pub fn audit_rows_sync(&self, limit: u32) -> Result<Vec<AuditRow>> {
-        self.call_sync(|c| {
-            let mut st = c.prepare(
+        self.read_sync(|db| {
+            db.query(
                 "SELECT id, at, actor, action, stream, detail FROM audit ORDER BY id DESC LIMIT ?1",
-            )?;
-            let rows = st.query_map(params![limit], |r| {
-                Ok(AuditRow {
-                    id: r.get(0)?,
-                    at: r.get(1)?,
-                    actor: r.get(2)?,
-                    action: r.get(3)?,
-                    stream: r.get(4)?,
-                    detail: r.get(5)?,
-                })
-            })?;
-            rows.collect()
+                p![limit],
+                |r| {
+                    Ok(AuditRow {
+                        id: r.i64(0)?,
+                        at: r.text(1)?,
+                        actor: r.text(2)?,
+                        action: r.text(3)?,
+                        stream: r.opt_text(4)?,
+                        detail: r.opt_text(5)?,
+                    })
+                },
+            )
         })
     }
 
     /// Everything `status` shows for one stream, in one read.
     pub fn stream_status_sync(&self, stream: &str) -> Result<StreamState> {
-        self.call_sync(|c| {
-            // The last finished run's outcome and error: no error when it ended well, never
-            // an older run's (a run in flight has none yet, so the one before it counts).
-            let finished: Option<(String, Option<String>)> = c
-                .query_row(
-                    "SELECT outcome, error FROM runs WHERE stream = ?1 AND outcome != 'running'
-                     ORDER BY id DESC LIMIT 1",
-                    params![stream],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )
-                .optional()?;
-            Ok(StreamState {
-                cursor: q::cursor(c, stream)?,
-                last_run: q::last_run(c, stream)?,
-                last_outcome: finished.as_ref().map(|f| f.0.clone()),
-                last_error: finished.and_then(|f| f.1),
-                owed: q::owed_summary(c, stream)?,
-                next_run_at: c
-                    .query_row(
-                        "SELECT next_run_at FROM schedule WHERE stream = ?1",
-                        params![stream],
-                        |r| r.get(0),
-                    )
-                    .optional()?
-                    .flatten(),
-                outbox: q::outbox_summary(c, stream)?,
-                dead_letters: c.query_row(
-                    "SELECT COUNT(*) FROM dead_letters WHERE stream = ?1",
-                    params![stream],
-                    |r| r.get::<_, i64>(0),
-                )? as u64,
-                links: c.query_row(
-                    "SELECT COUNT(*) FROM links WHERE stream = ?1",
-                    params![stream],
-                    |r| r.get::<_, i64>(0),
-                )? as u64,
-            })
-        })
+        self.read_sync(|db| q::stream_state(db, stream))
+    }
+
+    /// [`Store::stream_status_sync`] from async code.
+    pub async fn stream_status(&self, stream: &str) -> Result<StreamState> {
+        let stream = stream.to_string();
+        self.read(move |db| q::stream_state(db, &stream)).await
     }
 
     /// Dead letters an operator asked to try again: (id, record JSON).
     pub async fn dead_letters_to_retry(&self, stream: &str) -> Result<Vec<(i64, String)>> {
         let stream = stream.to_string();
-        self.call(move |c| {
-            let mut st = c.prepare_cached(
+        self.read(move |db| {
+            db.query(
                 "SELECT id, record FROM dead_letters WHERE stream = ?1 AND retry_requested = 1 ORDER BY id LIMIT 1000",
-            )?;
-            let rows = st.query_map(params![stream], |r| Ok((r.get(0)?, r.get(1)?)))?;
-            rows.collect()
+                p![&stream],
+                |r| Ok((r.i64(0)?, r.text(1)?)),
+            )
         })
         .await
     }
@@ -1300,18 +1192,16 @@ impl Store {
         id: Option<i64>,
         actor: &str,
     ) -> Result<usize> {
-        self.call_sync(|c| {
-            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let n = tx.execute(
+        self.write_sync(|db| {
+            let n = db.execute(
                 "UPDATE dead_letters SET retry_requested = 1 WHERE stream = ?1 AND (?2 IS NULL OR id = ?2)",
-                params![stream, id],
-            )?;
+                p![stream, id],
+            )? as usize;
             let detail = match id {
                 Some(i) => format!("dead letter {i} marked for retry"),
                 None => format!("{n} dead letters marked for retry"),
             };
-            q::audit(&tx, actor, "dead-letters-retry", Some(stream), &detail)?;
-            tx.commit()?;
+            q::audit(db, actor, "dead-letters-retry", Some(stream), &detail)?;
             Ok(n)
         })
     }
@@ -1323,18 +1213,16 @@ impl Store {
         id: Option<i64>,
         actor: &str,
     ) -> Result<usize> {
-        self.call_sync(|c| {
-            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let n = tx.execute(
+        self.write_sync(|db| {
+            let n = db.execute(
                 "DELETE FROM dead_letters WHERE stream = ?1 AND (?2 IS NULL OR id = ?2)",
-                params![stream, id],
-            )?;
+                p![stream, id],
+            )? as usize;
             let detail = match id {
                 Some(i) => format!("dead letter {i} dropped"),
                 None => format!("{n} dead letters dropped"),
             };
-            q::audit(&tx, actor, "dead-letters-drop", Some(stream), &detail)?;
-            tx.commit()?;
+            q::audit(db, actor, "dead-letters-drop", Some(stream), &detail)?;
             Ok(n)
         })
     }
@@ -1344,23 +1232,23 @@ impl Store {
         stream: &str,
         limit: u32,
     ) -> Result<Vec<(i64, DeadLetter, String)>> {
-        self.call_sync(|c| {
-            let mut st = c.prepare(
+        self.read_sync(|db| {
+            db.query(
                 "SELECT id, source_id, record, reason, created_at FROM dead_letters WHERE stream = ?1
                  ORDER BY id LIMIT ?2",
-            )?;
-            let rows = st.query_map(params![stream, limit], |r| {
-                Ok((
-                    r.get(0)?,
-                    DeadLetter {
-                        source_id: r.get(1)?,
-                        record: r.get(2)?,
-                        reason: r.get(3)?,
-                    },
-                    r.get(4)?,
-                ))
-            })?;
-            rows.collect()
+                p![stream, limit],
+                |r| {
+                    Ok((
+                        r.i64(0)?,
+                        DeadLetter {
+                            source_id: r.opt_text(1)?,
+                            record: r.text(2)?,
+                            reason: r.text(3)?,
+                        },
+                        r.text(4)?,
+                    ))
+                },
+            )
         })
     }
 }
@@ -1381,234 +1269,222 @@ pub struct StreamState {
     pub links: u64,
 }
 
-/// The SQL itself, as plain functions over a connection or transaction.
+/// The SQL itself, as plain functions over a transaction of either backend.
 mod q {
     use super::*;
 
-    pub fn cursor(c: &Connection, stream: &str) -> rusqlite::Result<Option<String>> {
-        Ok(c.query_row(
-            "SELECT cursor FROM cursors WHERE stream = ?1",
-            params![stream],
-            |r| r.get::<_, Option<String>>(0),
-        )
-        .optional()?
-        .flatten())
+    pub fn cursor(db: &mut dyn Sql, stream: &str) -> DbResult<Option<String>> {
+        Ok(db
+            .query_opt(
+                "SELECT cursor FROM cursors WHERE stream = ?1",
+                p![stream],
+                |r| r.opt_text(0),
+            )?
+            .flatten())
     }
 
-    pub fn set_cursor(c: &Connection, stream: &str, cursor: Option<&str>) -> rusqlite::Result<()> {
-        c.execute(
+    pub fn set_cursor(db: &mut dyn Sql, stream: &str, cursor: Option<&str>) -> DbResult<()> {
+        db.execute(
             "INSERT INTO cursors (stream, cursor, updated_at) VALUES (?1, ?2, ?3)
              ON CONFLICT (stream) DO UPDATE SET cursor = excluded.cursor, updated_at = excluded.updated_at",
-            params![stream, cursor, now_text()],
+            p![stream, cursor, &now_text()],
         )
         .map(|_| ())
     }
 
-    pub fn commit_page(tx: &Connection, p: &PageCommit) -> rusqlite::Result<()> {
+    pub fn commit_page(db: &mut dyn Sql, p: &PageCommit) -> DbResult<()> {
         let now = now_text();
-        {
-            let mut st = tx.prepare_cached(
+        let stream = p.stream.as_str();
+        for (s, t) in &p.links {
+            db.execute(
                 "INSERT INTO links (stream, source_id, target_id, updated_at) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT (stream, source_id) DO UPDATE SET target_id = excluded.target_id,
                      updated_at = excluded.updated_at",
+                p![stream, s, t, &now],
             )?;
-            for (s, t) in &p.links {
-                st.execute(params![p.stream, s, t, now])?;
-            }
         }
-        {
-            let mut st = tx.prepare_cached(
+        for (body, records) in &p.outbox {
+            let nonce = format!("{:016x}", rand::random::<u64>());
+            db.execute(
                 "INSERT INTO outbox (stream, body, records, created_at, nonce) VALUES (?1, ?2, ?3, ?4, ?5)",
+                p![stream, body, *records, &now, &nonce],
             )?;
-            for (body, records) in &p.outbox {
-                let nonce = format!("{:016x}", rand::random::<u64>());
-                st.execute(params![p.stream, body, *records as i64, now, nonce])?;
-            }
         }
-        {
-            let mut st = tx.prepare_cached(
+        for l in &p.ledger {
+            db.execute(
                 "INSERT INTO ledger (stream, key, content_hash, target_ids, status, updated_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                  ON CONFLICT (stream, key) DO UPDATE SET content_hash = excluded.content_hash,
                      target_ids = COALESCE(excluded.target_ids, ledger.target_ids),
                      status = excluded.status, updated_at = excluded.updated_at",
+                p![
+                    stream,
+                    &l.key,
+                    &l.content_hash,
+                    l.target_ids.as_deref(),
+                    l.status.as_deref(),
+                    &now
+                ],
             )?;
-            for l in &p.ledger {
-                st.execute(params![
-                    p.stream,
-                    l.key,
-                    l.content_hash,
-                    l.target_ids,
-                    l.status,
-                    now
-                ])?;
-            }
         }
-        {
-            let mut st = tx.prepare_cached(
+        for d in &p.dead_letters {
+            db.execute(
                 "INSERT INTO dead_letters (stream, source_id, record, reason, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                p![stream, d.source_id.as_deref(), &d.record, &d.reason, &now],
             )?;
-            for d in &p.dead_letters {
-                st.execute(params![p.stream, d.source_id, d.record, d.reason, now])?;
-            }
         }
         for id in &p.resolved_dead_letters {
-            tx.execute(
+            db.execute(
                 "DELETE FROM dead_letters WHERE id = ?1 AND stream = ?2",
-                params![id, p.stream],
+                p![*id, stream],
             )?;
         }
         for (id, reason) in &p.failed_again {
-            tx.execute(
+            db.execute(
                 "UPDATE dead_letters SET reason = ?3, retry_requested = 0 WHERE id = ?1 AND stream = ?2",
-                params![id, p.stream, reason],
+                p![*id, stream, reason],
             )?;
         }
-        if !p.settled.is_empty() {
-            let mut st = tx.prepare_cached("DELETE FROM owed WHERE stream = ?1 AND key = ?2")?;
-            for k in &p.settled {
-                st.execute(params![p.stream, k])?;
-            }
+        for k in &p.settled {
+            db.execute(
+                "DELETE FROM owed WHERE stream = ?1 AND key = ?2",
+                p![stream, k],
+            )?;
         }
-        if !p.owed.is_empty() {
-            let mut st = tx.prepare_cached(
+        for o in &p.owed {
+            db.execute(
                 "INSERT INTO owed (stream, key, scope, record, reason, since, attempts, updated_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, 1, ?6)
                  ON CONFLICT (stream, key) DO UPDATE SET scope = excluded.scope,
                      record = excluded.record, reason = excluded.reason,
                      attempts = owed.attempts + 1, updated_at = excluded.updated_at",
+                p![
+                    stream,
+                    &o.key,
+                    o.scope.as_deref(),
+                    &o.record,
+                    &o.reason,
+                    &now
+                ],
             )?;
-            for o in &p.owed {
-                st.execute(params![p.stream, o.key, o.scope, o.record, o.reason, now])?;
-            }
         }
-        if !p.digests.is_empty() {
-            let mut st = tx.prepare_cached(
+        for d in &p.digests {
+            db.execute(
                 "INSERT INTO page_digests (stream, scope, digest, records, updated_at)
                  VALUES (?1, ?2, ?3, ?4, ?5)
                  ON CONFLICT (stream, scope) DO UPDATE SET digest = excluded.digest,
                      records = excluded.records, updated_at = excluded.updated_at",
+                p![stream, &d.scope, &d.digest, d.records, &now],
             )?;
-            for d in &p.digests {
-                st.execute(params![p.stream, d.scope, d.digest, d.records as i64, now])?;
-            }
         }
         if let Some(cur) = &p.cursor {
-            set_cursor(tx, &p.stream, cur.as_deref())?;
+            set_cursor(db, stream, cur.as_deref())?;
         }
         Ok(())
     }
 
     pub fn reset_cursor(
-        c: &mut Connection,
+        db: &mut dyn Sql,
         stream: &str,
         actor: &str,
         detail: &str,
-    ) -> rusqlite::Result<Option<String>> {
-        let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let old = cursor(&tx, stream)?;
-        tx.execute("DELETE FROM cursors WHERE stream = ?1", params![stream])?;
+    ) -> DbResult<Option<String>> {
+        let old = cursor(db, stream)?;
+        db.execute("DELETE FROM cursors WHERE stream = ?1", p![stream])?;
         // A reset run looks at every record again (the ledger still spares duplicates).
-        tx.execute(
-            "DELETE FROM page_digests WHERE stream = ?1",
-            params![stream],
-        )?;
+        db.execute("DELETE FROM page_digests WHERE stream = ?1", p![stream])?;
         let detail = format!(
             "{detail}; cursor was {}",
             old.as_deref()
                 .map(|c| format!("{c:?}"))
                 .unwrap_or_else(|| "at the start".into())
         );
-        audit(&tx, actor, "cursor-reset", Some(stream), &detail)?;
-        tx.commit()?;
+        audit(db, actor, "cursor-reset", Some(stream), &detail)?;
         Ok(old)
     }
 
     pub fn audit(
-        c: &Connection,
+        db: &mut dyn Sql,
         actor: &str,
         action: &str,
         stream: Option<&str>,
         detail: &str,
-    ) -> rusqlite::Result<()> {
-        c.execute(
+    ) -> DbResult<()> {
+        db.execute(
             "INSERT INTO audit (at, actor, action, stream, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![now_text(), actor, action, stream, detail],
+            p![&now_text(), actor, action, stream, detail],
         )
         .map(|_| ())
     }
 
-    fn run_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunRow> {
+    fn run_row(r: &dyn sql::Row) -> DbResult<RunRow> {
         Ok(RunRow {
-            id: r.get(0)?,
-            stream: r.get(1)?,
-            trigger: r.get(2)?,
-            started_at: r.get(3)?,
-            ended_at: r.get(4)?,
-            outcome: r.get(5)?,
+            id: r.i64(0)?,
+            stream: r.text(1)?,
+            trigger: r.text(2)?,
+            started_at: r.text(3)?,
+            ended_at: r.opt_text(4)?,
+            outcome: r.text(5)?,
             counts: Counts {
-                pulled: r.get::<_, i64>(6)? as u64,
-                created: r.get::<_, i64>(7)? as u64,
-                updated: r.get::<_, i64>(8)? as u64,
-                skipped: r.get::<_, i64>(9)? as u64,
-                failed: r.get::<_, i64>(10)? as u64,
-                queued: r.get::<_, i64>(11)? as u64,
+                pulled: r.i64(6)? as u64,
+                created: r.i64(7)? as u64,
+                updated: r.i64(8)? as u64,
+                skipped: r.i64(9)? as u64,
+                failed: r.i64(10)? as u64,
+                queued: r.i64(11)? as u64,
             },
-            error: r.get(12)?,
+            error: r.opt_text(12)?,
         })
     }
 
     const RUN_COLS: &str = "id, stream, trigger, started_at, ended_at, outcome, pulled, created, updated, skipped, failed, queued, error";
 
-    pub fn last_run(c: &Connection, stream: &str) -> rusqlite::Result<Option<RunRow>> {
-        c.query_row(
+    pub fn last_run(db: &mut dyn Sql, stream: &str) -> DbResult<Option<RunRow>> {
+        db.query_opt(
             &format!("SELECT {RUN_COLS} FROM runs WHERE stream = ?1 ORDER BY id DESC LIMIT 1"),
-            params![stream],
+            p![stream],
             run_row,
         )
-        .optional()
     }
 
-    pub fn runs(c: &Connection, stream: &str, limit: u32) -> rusqlite::Result<Vec<RunRow>> {
-        let mut st = c.prepare(&format!(
-            "SELECT {RUN_COLS} FROM runs WHERE stream = ?1 ORDER BY id DESC LIMIT ?2"
-        ))?;
-        let rows = st.query_map(params![stream, limit], run_row)?;
-        rows.collect()
+    pub fn runs(db: &mut dyn Sql, stream: &str, limit: u32) -> DbResult<Vec<RunRow>> {
+        db.query(
+            &format!("SELECT {RUN_COLS} FROM runs WHERE stream = ?1 ORDER BY id DESC LIMIT ?2"),
+            p![stream, limit],
+            run_row,
+        )
     }
 
-    pub fn owed(c: &Connection, stream: &str) -> rusqlite::Result<Vec<OwedRow>> {
-        let mut st = c.prepare_cached(
+    pub fn owed(db: &mut dyn Sql, stream: &str) -> DbResult<Vec<OwedRow>> {
+        db.query(
             "SELECT key, scope, record, reason, since, attempts, updated_at FROM owed
              WHERE stream = ?1 ORDER BY since, key",
-        )?;
-        let rows = st.query_map(params![stream], |r| {
-            Ok(OwedRow {
-                key: r.get(0)?,
-                scope: r.get(1)?,
-                record: r.get(2)?,
-                reason: r.get(3)?,
-                since: r.get(4)?,
-                attempts: r.get::<_, i64>(5)? as u64,
-                updated_at: r.get(6)?,
-            })
-        })?;
-        rows.collect()
+            p![stream],
+            |r| {
+                Ok(OwedRow {
+                    key: r.text(0)?,
+                    scope: r.opt_text(1)?,
+                    record: r.text(2)?,
+                    reason: r.text(3)?,
+                    since: r.text(4)?,
+                    attempts: r.i64(5)? as u64,
+                    updated_at: r.text(6)?,
+                })
+            },
+        )
     }
 
-    pub fn owed_summary(c: &Connection, stream: &str) -> rusqlite::Result<OwedSummary> {
-        let (records, since, attempts): (i64, Option<String>, Option<i64>) = c.query_row(
+    pub fn owed_summary(db: &mut dyn Sql, stream: &str) -> DbResult<OwedSummary> {
+        let (records, since, attempts) = db.query_one(
             "SELECT COUNT(*), MIN(since), MAX(attempts) FROM owed WHERE stream = ?1",
-            params![stream],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            p![stream],
+            |r| Ok((r.i64(0)?, r.opt_text(1)?, r.opt_i64(2)?)),
         )?;
-        let last_reason = c
-            .query_row(
-                "SELECT reason FROM owed WHERE stream = ?1 ORDER BY updated_at DESC, key LIMIT 1",
-                params![stream],
-                |r| r.get(0),
-            )
-            .optional()?;
+        let last_reason = db.query_opt(
+            "SELECT reason FROM owed WHERE stream = ?1 ORDER BY updated_at DESC, key LIMIT 1",
+            p![stream],
+            |r| r.text(0),
+        )?;
         Ok(OwedSummary {
             records: records as u64,
             since,
@@ -1617,27 +1493,25 @@ mod q {
         })
     }
 
-    pub fn outbox_summary(c: &Connection, stream: &str) -> rusqlite::Result<OutboxSummary> {
-        let (payloads, records): (i64, i64) = c.query_row(
-            "SELECT COUNT(*), COALESCE(SUM(records), 0) FROM outbox WHERE stream = ?1",
-            params![stream],
-            |r| Ok((r.get(0)?, r.get(1)?)),
+    pub fn outbox_summary(db: &mut dyn Sql, stream: &str) -> DbResult<OutboxSummary> {
+        let (payloads, records) = db.query_one(
+            "SELECT COUNT(*), CAST(COALESCE(SUM(records), 0) AS BIGINT) FROM outbox WHERE stream = ?1",
+            p![stream],
+            |r| Ok((r.i64(0)?, r.i64(1)?)),
         )?;
-        let head = c
-            .query_row(
-                "SELECT first_refused_at, attempts, last_status, last_error FROM outbox WHERE stream = ?1
-                 ORDER BY id LIMIT 1",
-                params![stream],
-                |r| {
-                    Ok((
-                        r.get::<_, Option<String>>(0)?,
-                        r.get::<_, i64>(1)?,
-                        r.get::<_, Option<i64>>(2)?,
-                        r.get::<_, Option<String>>(3)?,
-                    ))
-                },
-            )
-            .optional()?;
+        let head = db.query_opt(
+            "SELECT first_refused_at, attempts, last_status, last_error FROM outbox WHERE stream = ?1
+             ORDER BY id LIMIT 1",
+            p![stream],
+            |r| {
+                Ok((
+                    r.opt_text(0)?,
+                    r.i64(1)?,
+                    r.opt_i64(2)?,
+                    r.opt_text(3)?,
+                ))
+            },
+        )?;
         let mut s = OutboxSummary {
             payloads: payloads as u64,
             records: records as u64,
@@ -1651,17 +1525,49 @@ mod q {
         }
         Ok(s)
     }
+
+    pub fn stream_state(db: &mut dyn Sql, stream: &str) -> DbResult<StreamState> {
+        // The last finished run's outcome and error: no error when it ended well, never
+        // an older run's (a run in flight has none yet, so the one before it counts).
+        let finished = db.query_opt(
+            "SELECT outcome, error FROM runs WHERE stream = ?1 AND outcome != 'running'
+             ORDER BY id DESC LIMIT 1",
+            p![stream],
+            |r| Ok((r.text(0)?, r.opt_text(1)?)),
+        )?;
+        Ok(StreamState {
+            cursor: cursor(db, stream)?,
+            last_run: last_run(db, stream)?,
+            last_outcome: finished.as_ref().map(|f| f.0.clone()),
+            last_error: finished.and_then(|f| f.1),
+            owed: owed_summary(db, stream)?,
+            next_run_at: db
+                .query_opt(
+                    "SELECT next_run_at FROM schedule WHERE stream = ?1",
+                    p![stream],
+                    |r| r.opt_text(0),
+                )?
+                .flatten(),
+            outbox: outbox_summary(db, stream)?,
+            dead_letters: db.count(
+                "SELECT COUNT(*) FROM dead_letters WHERE stream = ?1",
+                p![stream],
+            )?,
+            links: db.count("SELECT COUNT(*) FROM links WHERE stream = ?1", p![stream])?,
+        })
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[tokio::test]
     async fn cursor_moves_only_with_its_page() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let mode = std::fs::metadata(store.path())
+        let mode = std::fs::metadata(store.file().unwrap())
             .unwrap()
             .permissions()
             .mode()
@@ -1766,7 +1672,7 @@ mod tests {
     fn a_newer_schema_is_refused_with_a_clear_error() {
         let dir = tempfile::tempdir().unwrap();
         drop(Store::open(dir.path()).unwrap());
-        let c = Connection::open(dir.path().join(DB_FILE)).unwrap();
+        let c = rusqlite::Connection::open(dir.path().join(DB_FILE)).unwrap();
         c.pragma_update(None, "user_version", 99).unwrap();
         drop(c);
         let err = Store::open(dir.path()).err().expect("refused");

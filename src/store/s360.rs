@@ -5,9 +5,9 @@
 //! order of `id` after its cursor; the cursor moves with the outbox rows through
 //! `commit_page`, like every other cursor.
 
-use rusqlite::{OptionalExtension, TransactionBehavior, params};
 use sha2::{Digest, Sha256};
 
+use super::sql::{DbError, Dialect};
 use super::{Result, Store, now_text};
 
 /// One received record, ready to store: where its bytes and its ID are in the POST's body.
@@ -75,42 +75,47 @@ impl Store {
     /// same bytes: `content_hash` is the SHA-256 of the record as received) to **any**
     /// version already stored is a resend and is not stored again: S-360 resends whole
     /// payloads, so after v0, v1 a resent v0 must not be relayed after v1 (the CRM would end
-    /// with the stale version).
+    /// with the stale version). On PostgreSQL the receivers of several instances write the
+    /// same inbox: each stream's inserts are serialized by a transaction-level advisory
+    /// lock, so two instances given the same resend at once store it once.
     pub async fn inbox_insert(&self, batches: Vec<InboxBatch>) -> Result<Vec<InboxOutcome>> {
-        self.call(move |c| {
-            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let mut out = Vec::with_capacity(batches.len());
-            {
-                let mut stored = tx.prepare_cached(
-                    "SELECT 1 FROM s360_inbox
-                     WHERE stream = ?1 AND record_id = ?2 AND content_hash = ?3 LIMIT 1",
-                )?;
-                let mut insert = tx.prepare_cached(
-                    "INSERT INTO s360_inbox (stream, record_id, content_hash, body, received_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
-                )?;
-                let now = now_text();
-                for b in &batches {
-                    let mut o = InboxOutcome::default();
-                    for r in &b.records {
-                        let (id, text) = b
-                            .record(r)
-                            .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
-                        let hash: [u8; 32] = Sha256::digest(text.as_bytes()).into();
-                        let seen = stored
-                            .query_row(params![b.stream, id, &hash[..]], |_| Ok(()))
-                            .optional()?;
-                        if seen.is_some() {
-                            o.duplicates += 1;
-                            continue;
-                        }
-                        insert.execute(params![b.stream, id, &hash[..], text, now])?;
-                        o.stored += 1;
-                    }
-                    out.push(o);
+        self.write(move |db| {
+            if db.dialect() == Dialect::Postgres {
+                let mut streams: Vec<&str> = batches.iter().map(|b| b.stream.as_str()).collect();
+                streams.sort_unstable();
+                streams.dedup();
+                for s in streams {
+                    db.execute("SELECT pg_advisory_xact_lock(hashtext(?1))", p![s])?;
                 }
             }
-            tx.commit()?;
+            let mut out = Vec::with_capacity(batches.len());
+            let now = now_text();
+            for b in &batches {
+                let mut o = InboxOutcome::default();
+                for r in &b.records {
+                    let (id, text) = b
+                        .record(r)
+                        .map_err(|e| DbError::other(format!("a received record: {e}")))?;
+                    let hash: [u8; 32] = Sha256::digest(text.as_bytes()).into();
+                    let seen = db.query_opt(
+                        "SELECT 1 FROM s360_inbox
+                         WHERE stream = ?1 AND record_id = ?2 AND content_hash = ?3 LIMIT 1",
+                        p![&b.stream, id, &hash[..]],
+                        |_| Ok(()),
+                    )?;
+                    if seen.is_some() {
+                        o.duplicates += 1;
+                        continue;
+                    }
+                    db.execute(
+                        "INSERT INTO s360_inbox (stream, record_id, content_hash, body, received_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5)",
+                        p![&b.stream, id, &hash[..], text, &now],
+                    )?;
+                    o.stored += 1;
+                }
+                out.push(o);
+            }
             Ok(out)
         })
         .await
@@ -119,19 +124,19 @@ impl Store {
     /// Inbox records of a stream after `after` (an inbox id), oldest first.
     pub async fn inbox_after(&self, stream: &str, after: i64, limit: u32) -> Result<Vec<InboxRow>> {
         let stream = stream.to_string();
-        self.call(move |c| {
-            let mut st = c.prepare_cached(
+        self.read(move |db| {
+            db.query(
                 "SELECT id, record_id, body FROM s360_inbox
                  WHERE stream = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
-            )?;
-            let rows = st.query_map(params![stream, after, limit], |r| {
-                Ok(InboxRow {
-                    id: r.get(0)?,
-                    record_id: r.get(1)?,
-                    body: r.get(2)?,
-                })
-            })?;
-            rows.collect()
+                p![&stream, after, limit],
+                |r| {
+                    Ok(InboxRow {
+                        id: r.i64(0)?,
+                        record_id: r.text(1)?,
+                        body: r.text(2)?,
+                    })
+                },
+            )
         })
         .await
     }
@@ -139,13 +144,11 @@ impl Store {
     /// Records of a stream in the inbox (for tests and status).
     pub async fn inbox_count(&self, stream: &str) -> Result<u64> {
         let stream = stream.to_string();
-        self.call(move |c| {
-            c.query_row(
+        self.read(move |db| {
+            db.count(
                 "SELECT COUNT(*) FROM s360_inbox WHERE stream = ?1",
-                params![stream],
-                |r| r.get::<_, i64>(0),
+                p![&stream],
             )
-            .map(|n| n as u64)
         })
         .await
     }
@@ -157,13 +160,12 @@ impl Store {
         key: &str,
     ) -> Result<Option<(Option<String>, Option<String>)>> {
         let (stream, key) = (stream.to_string(), key.to_string());
-        self.call(move |c| {
-            c.query_row(
+        self.read(move |db| {
+            db.query_opt(
                 "SELECT status, target_ids FROM ledger WHERE stream = ?1 AND key = ?2",
-                params![stream, key],
-                |r| Ok((r.get(0)?, r.get(1)?)),
+                p![&stream, &key],
+                |r| Ok((r.opt_text(0)?, r.opt_text(1)?)),
             )
-            .optional()
         })
         .await
     }

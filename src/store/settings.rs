@@ -3,9 +3,9 @@
 //! a configuration error of their target paused (CDP 400/401/403), until a reload or a
 //! trigger lifts the pause.
 
-use rusqlite::{OptionalExtension, params};
 use serde::Serialize;
 
+use super::sql::{DbResult, Row};
 use super::{Result, Store, now_text};
 
 #[derive(Debug, Clone, Serialize)]
@@ -37,13 +37,13 @@ impl Store {
             kind.to_string(),
             message.to_string(),
         );
-        self.call(move |c| {
-            c.execute(
+        self.write(move |db| {
+            db.execute(
                 "INSERT INTO settings_online_checks (connection, kind, checked_at, valid, message)
                  VALUES (?1, ?2, ?3, ?4, ?5)
                  ON CONFLICT (connection) DO UPDATE SET kind = excluded.kind,
                    checked_at = excluded.checked_at, valid = excluded.valid, message = excluded.message",
-                params![connection, kind, now_text(), valid, message],
+                p![&connection, &kind, &now_text(), valid, &message],
             )
             .map(|_| ())
         })
@@ -51,30 +51,30 @@ impl Store {
     }
 
     pub fn online_checks_sync(&self) -> Result<Vec<OnlineCheck>> {
-        self.call_sync(|c| {
-            let mut st = c.prepare(
+        self.read_sync(|db| {
+            db.query(
                 "SELECT connection, kind, checked_at, valid, message FROM settings_online_checks ORDER BY connection",
-            )?;
-            let rows = st.query_map([], |r| {
-                Ok(OnlineCheck {
-                    connection: r.get(0)?,
-                    kind: r.get(1)?,
-                    checked_at: r.get(2)?,
-                    valid: r.get(3)?,
-                    message: r.get(4)?,
-                })
-            })?;
-            rows.collect()
+                p![],
+                |r| {
+                    Ok(OnlineCheck {
+                        connection: r.text(0)?,
+                        kind: r.text(1)?,
+                        checked_at: r.text(2)?,
+                        valid: r.i64(3)? != 0,
+                        message: r.text(4)?,
+                    })
+                },
+            )
         })
     }
 
     pub async fn pause_stream(&self, stream: &str, reason: &str) -> Result<()> {
         let (stream, reason) = (stream.to_string(), reason.to_string());
-        self.call(move |c| {
-            c.execute(
+        self.write(move |db| {
+            db.execute(
                 "INSERT INTO cdp_stream_pauses (stream, paused_at, reason) VALUES (?1, ?2, ?3)
                  ON CONFLICT (stream) DO UPDATE SET paused_at = excluded.paused_at, reason = excluded.reason",
-                params![stream, now_text(), reason],
+                p![&stream, &now_text(), &reason],
             )
             .map(|_| ())
         })
@@ -83,19 +83,12 @@ impl Store {
 
     pub async fn stream_pause(&self, stream: &str) -> Result<Option<StreamPause>> {
         let stream = stream.to_string();
-        self.call(move |c| {
-            c.query_row(
+        self.read(move |db| {
+            db.query_opt(
                 "SELECT stream, paused_at, reason FROM cdp_stream_pauses WHERE stream = ?1",
-                params![stream],
-                |r| {
-                    Ok(StreamPause {
-                        stream: r.get(0)?,
-                        paused_at: r.get(1)?,
-                        reason: r.get(2)?,
-                    })
-                },
+                p![&stream],
+                pause_row,
             )
-            .optional()
         })
         .await
     }
@@ -103,29 +96,31 @@ impl Store {
     /// Lifts the pause of one stream (`None`: of every stream, as a reload does).
     pub async fn lift_pauses(&self, stream: Option<&str>) -> Result<usize> {
         let stream = stream.map(str::to_string);
-        self.call(move |c| match stream {
-            Some(s) => c.execute(
-                "DELETE FROM cdp_stream_pauses WHERE stream = ?1",
-                params![s],
-            ),
-            None => c.execute("DELETE FROM cdp_stream_pauses", []),
+        self.write(move |db| {
+            match stream {
+                Some(s) => db.execute("DELETE FROM cdp_stream_pauses WHERE stream = ?1", p![&s]),
+                None => db.execute("DELETE FROM cdp_stream_pauses", p![]),
+            }
+            .map(|n| n as usize)
         })
         .await
     }
 
     pub fn pauses_sync(&self) -> Result<Vec<StreamPause>> {
-        self.call_sync(|c| {
-            let mut st = c.prepare(
+        self.read_sync(|db| {
+            db.query(
                 "SELECT stream, paused_at, reason FROM cdp_stream_pauses ORDER BY stream",
-            )?;
-            let rows = st.query_map([], |r| {
-                Ok(StreamPause {
-                    stream: r.get(0)?,
-                    paused_at: r.get(1)?,
-                    reason: r.get(2)?,
-                })
-            })?;
-            rows.collect()
+                p![],
+                pause_row,
+            )
         })
     }
+}
+
+fn pause_row(r: &dyn Row) -> DbResult<StreamPause> {
+    Ok(StreamPause {
+        stream: r.text(0)?,
+        paused_at: r.text(1)?,
+        reason: r.text(2)?,
+    })
 }

@@ -1,0 +1,317 @@
+//! The PostgreSQL backend (issue 20): a pool of tokio-postgres connections (deadpool), the
+//! [`Sql`] of a transaction on one of them, and the connection settings.
+//!
+//! A store body runs on tokio's blocking pool, like SQLite's; here it blocks on each round
+//! trip with `Handle::block_on` while the connection's task runs on the runtime's workers.
+//! Statements are prepared once per connection (deadpool's statement cache), with SQLite's
+//! `?N` placeholders turned into `$N`.
+//!
+//! TLS: `sslmode=disable` (the default here, for a server on the same host or network) or
+//! `require`/`verify-full` through rustls with the platform's roots. The password never
+//! sits in the URL: it comes from `[daemon] state_password_file` (or `_env`), like every
+//! other secret, and no message shows it.
+
+use std::str::FromStr;
+
+use bytes::BytesMut;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio::runtime::Handle;
+use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
+
+use super::sql::{DbError, DbErrorKind, DbResult, Dialect, Param, Row, Sql, to_postgres};
+use crate::secret::Secret;
+
+/// Connections in the pool: a daemon's runs, its receiver's writer and its lease keeper.
+const POOL_SIZE: usize = 8;
+
+/// Where the state lives on PostgreSQL, as configured.
+#[derive(Clone)]
+pub struct PgSettings {
+    /// `postgres://user@host:port/db?sslmode=…`, without a password.
+    pub url: String,
+    pub password: Option<Secret>,
+}
+
+impl std::fmt::Debug for PgSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgSettings")
+            .field("url", &redact_url(&self.url))
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .finish()
+    }
+}
+
+/// The URL as a message may show it: no password, whatever was written.
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) => {
+            if u.password().is_some() {
+                let _ = u.set_password(Some("***"));
+            }
+            u.to_string()
+        }
+        Err(_) => "(an unreadable postgres:// URL)".to_string(),
+    }
+}
+
+fn pg_err(e: tokio_postgres::Error) -> DbError {
+    use tokio_postgres::error::SqlState as S;
+    let kind = match e.code() {
+        Some(c) if *c == S::DISK_FULL || *c == S::OUT_OF_MEMORY => DbErrorKind::Full,
+        Some(c)
+            if *c == S::T_R_SERIALIZATION_FAILURE
+                || *c == S::T_R_DEADLOCK_DETECTED
+                || *c == S::LOCK_NOT_AVAILABLE
+                || *c == S::TOO_MANY_CONNECTIONS =>
+        {
+            DbErrorKind::Busy
+        }
+        Some(c) if c.code().starts_with("23") => DbErrorKind::Constraint,
+        Some(c) if *c == S::DATA_CORRUPTED || *c == S::INDEX_CORRUPTED => DbErrorKind::Corrupt,
+        Some(_) => DbErrorKind::Other,
+        // No SQLSTATE: the connection, not the statement.
+        None if e.is_closed() => DbErrorKind::Io,
+        None => DbErrorKind::Io,
+    };
+    // The server's message (never the connection string).
+    let message = match e.as_db_error() {
+        Some(db) => format!("{}: {}", db.code().code(), db.message()),
+        None => e.to_string(),
+    };
+    DbError { kind, message }
+}
+
+fn pool_err(e: deadpool_postgres::PoolError) -> DbError {
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => pg_err(e),
+        other => DbError {
+            kind: DbErrorKind::Io,
+            message: format!("cannot get a connection to PostgreSQL: {other}"),
+        },
+    }
+}
+
+/// Builds the pool (connections are opened when first needed).
+pub fn pool(settings: &PgSettings) -> Result<Pool, String> {
+    let mut cfg = tokio_postgres::Config::from_str(&settings.url)
+        .map_err(|e| format!("state URL {}: {e}", redact_url(&settings.url)))?;
+    if let Some(p) = &settings.password {
+        cfg.password(p.expose());
+    }
+    if cfg.get_application_name().is_none() {
+        cfg.application_name("usher");
+    }
+    if cfg.get_connect_timeout().is_none() {
+        cfg.connect_timeout(std::time::Duration::from_secs(10));
+    }
+    let mgr_cfg = ManagerConfig {
+        recycling_method: RecyclingMethod::Fast,
+    };
+    let mgr = match cfg.get_ssl_mode() {
+        tokio_postgres::config::SslMode::Disable => {
+            Manager::from_config(cfg, tokio_postgres::NoTls, mgr_cfg)
+        }
+        _ => {
+            use rustls_platform_verifier::ConfigVerifierExt;
+            let tls = rustls::ClientConfig::with_platform_verifier()
+                .map_err(|e| format!("TLS for PostgreSQL: {e}"))?;
+            Manager::from_config(
+                cfg,
+                tokio_postgres_rustls::MakeRustlsConnect::new(tls),
+                mgr_cfg,
+            )
+        }
+    };
+    Pool::builder(mgr)
+        .max_size(POOL_SIZE)
+        .build()
+        .map_err(|e| format!("PostgreSQL pool: {e}"))
+}
+
+/// Runs `f` in one transaction on a pooled connection, from a blocking thread.
+pub fn transaction<T>(
+    pool: &Pool,
+    rt: &Handle,
+    f: impl FnOnce(&mut dyn Sql) -> DbResult<T>,
+) -> DbResult<T> {
+    let mut client = rt.block_on(pool.get()).map_err(pool_err)?;
+    let tx = rt
+        .block_on(client.build_transaction().start())
+        .map_err(pg_err)?;
+    let out = {
+        let mut sql = PgSql { tx: &tx, rt };
+        f(&mut sql)
+    };
+    match out {
+        Ok(v) => {
+            rt.block_on(tx.commit()).map_err(pg_err)?;
+            Ok(v)
+        }
+        Err(e) => {
+            let _ = rt.block_on(tx.rollback());
+            Err(e)
+        }
+    }
+}
+
+struct PgSql<'t> {
+    tx: &'t deadpool_postgres::Transaction<'t>,
+    rt: &'t Handle,
+}
+
+impl ToSql for Param<'_> {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        match *self {
+            Param::Null => Ok(IsNull::Yes),
+            Param::I64(v) => match *ty {
+                Type::INT2 => i16::try_from(v)?.to_sql(ty, out),
+                Type::INT4 => i32::try_from(v)?.to_sql(ty, out),
+                Type::BOOL => (v != 0).to_sql(ty, out),
+                Type::TEXT | Type::VARCHAR => v.to_string().to_sql(ty, out),
+                _ => v.to_sql(ty, out),
+            },
+            Param::Text(s) => match *ty {
+                Type::BYTEA => s.as_bytes().to_sql(ty, out),
+                _ => s.to_sql(ty, out),
+            },
+            Param::Blob(b) => match *ty {
+                Type::TEXT | Type::VARCHAR => std::str::from_utf8(b)?.to_sql(ty, out),
+                _ => b.to_sql(ty, out),
+            },
+        }
+    }
+
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+
+    to_sql_checked!();
+}
+
+impl Sql for PgSql<'_> {
+    fn dialect(&self) -> Dialect {
+        Dialect::Postgres
+    }
+
+    fn execute(&mut self, sql: &str, params: &[Param<'_>]) -> DbResult<u64> {
+        let args: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as _).collect();
+        self.rt.block_on(async {
+            let st = self
+                .tx
+                .prepare_cached(&to_postgres(sql))
+                .await
+                .map_err(pg_err)?;
+            self.tx.execute(&st, &args).await.map_err(pg_err)
+        })
+    }
+
+    fn query_each(
+        &mut self,
+        sql: &str,
+        params: &[Param<'_>],
+        each: &mut dyn FnMut(&dyn Row) -> DbResult<()>,
+    ) -> DbResult<()> {
+        let args: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as _).collect();
+        let rows = self.rt.block_on(async {
+            let st = self
+                .tx
+                .prepare_cached(&to_postgres(sql))
+                .await
+                .map_err(pg_err)?;
+            self.tx.query(&st, &args).await.map_err(pg_err)
+        })?;
+        for r in &rows {
+            each(&PgRow(r))?;
+        }
+        Ok(())
+    }
+}
+
+struct PgRow<'r>(&'r tokio_postgres::Row);
+
+fn type_err(i: usize, want: &str, e: impl std::fmt::Display) -> DbError {
+    DbError {
+        kind: DbErrorKind::Type,
+        message: format!("column {i}: expected {want}: {e}"),
+    }
+}
+
+impl Row for PgRow<'_> {
+    fn i64(&self, i: usize) -> DbResult<i64> {
+        self.opt_i64(i)?
+            .ok_or_else(|| type_err(i, "a number", "NULL"))
+    }
+
+    fn opt_i64(&self, i: usize) -> DbResult<Option<i64>> {
+        let ty = self.0.columns().get(i).map(|c| c.type_().clone());
+        match ty {
+            Some(Type::INT4) => self
+                .0
+                .try_get::<_, Option<i32>>(i)
+                .map(|v| v.map(i64::from))
+                .map_err(|e| type_err(i, "a number", e)),
+            Some(Type::INT2) => self
+                .0
+                .try_get::<_, Option<i16>>(i)
+                .map(|v| v.map(i64::from))
+                .map_err(|e| type_err(i, "a number", e)),
+            Some(Type::BOOL) => self
+                .0
+                .try_get::<_, Option<bool>>(i)
+                .map(|v| v.map(i64::from))
+                .map_err(|e| type_err(i, "a number", e)),
+            _ => self
+                .0
+                .try_get::<_, Option<i64>>(i)
+                .map_err(|e| type_err(i, "a number", e)),
+        }
+    }
+
+    fn text(&self, i: usize) -> DbResult<String> {
+        self.opt_text(i)?.ok_or_else(|| type_err(i, "text", "NULL"))
+    }
+
+    fn opt_text(&self, i: usize) -> DbResult<Option<String>> {
+        self.0
+            .try_get::<_, Option<String>>(i)
+            .map_err(|e| type_err(i, "text", e))
+    }
+
+    fn blob(&self, i: usize) -> DbResult<Vec<u8>> {
+        let ty = self.0.columns().get(i).map(|c| c.type_().clone());
+        match ty {
+            Some(Type::TEXT) | Some(Type::VARCHAR) => self
+                .0
+                .try_get::<_, Option<String>>(i)
+                .map(|v| v.unwrap_or_default().into_bytes())
+                .map_err(|e| type_err(i, "bytes", e)),
+            _ => self
+                .0
+                .try_get::<_, Option<Vec<u8>>>(i)
+                .map(Option::unwrap_or_default)
+                .map_err(|e| type_err(i, "bytes", e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_url_never_shows_its_password() {
+        let r = redact_url("postgres://usher:s3cret@db.example:5432/usher");
+        assert!(!r.contains("s3cret"), "{r}");
+        assert!(r.contains("usher@") || r.contains("usher:***@"), "{r}");
+        let s = PgSettings {
+            url: "postgres://u:pw@h/db".into(),
+            password: Some(Secret::new("other")),
+        };
+        let d = format!("{s:?}");
+        assert!(!d.contains("pw@") && !d.contains("other"), "{d}");
+    }
+}
