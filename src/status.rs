@@ -24,6 +24,22 @@ pub struct StreamStatus {
     /// Writes of the stream that may still land at the target (see `engine::in_doubt`):
     /// a run waits for them before it looks their records up.
     pub in_doubt: Option<InDoubtStatus>,
+    /// Several instances (PostgreSQL): which instance holds the stream's lease.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lease: Option<LeaseStatus>,
+}
+
+/// A stream's lease, as the state holds it (several instances).
+#[derive(Debug, Serialize)]
+pub struct LeaseStatus {
+    /// The stream's group (the streams that share a rate budget are leased together).
+    pub group: String,
+    /// `host:pid:random` of the holding instance; None: nobody holds it (it is taken at an
+    /// instance's next turn).
+    pub holder: Option<String>,
+    /// Seconds until the lease runs out without renewal (negative: it ran out).
+    pub expires_in_secs: i64,
+    pub epoch: i64,
 }
 
 #[derive(Debug, Serialize)]
@@ -92,6 +108,16 @@ pub fn collect(
         Some(s) => s.online_checks_sync()?,
         None => Vec::new(),
     };
+    // Several instances: the leases, by group.
+    let leases = match store {
+        Some(s) if s.is_postgres() => Some(s.read_sync(crate::store::leases::all)?),
+        _ => None,
+    };
+    let groups = crate::engine::lease::groups(config);
+    let group_of: std::collections::HashMap<&str, &str> = groups
+        .iter()
+        .flat_map(|(k, ss)| ss.iter().map(move |s| (s.as_str(), k.as_str())))
+        .collect();
     for spec in config.streams.values() {
         let state = match store {
             Some(s) => Some(s.stream_status_sync(&spec.name)?),
@@ -117,6 +143,16 @@ pub fn collect(
                     .map(|p| format!("since {}: {}", short_time(&p.paused_at), p.reason))
             }),
             in_doubt,
+            lease: leases.as_ref().and_then(|(now, rows)| {
+                let group = group_of.get(spec.name.as_str())?;
+                let row = rows.iter().find(|r| r.key == *group);
+                Some(LeaseStatus {
+                    group: group.to_string(),
+                    holder: row.and_then(|r| r.holder.clone()),
+                    expires_in_secs: row.map_or(0, |r| (r.expires_ms - now) / 1000),
+                    epoch: row.map_or(0, |r| r.epoch),
+                })
+            }),
         });
     }
     Ok(Status {
@@ -255,7 +291,9 @@ pub fn print_text(s: &Status, out: &mut impl Write, colour: bool) -> std::io::Re
             e.error
         )?;
     }
-    let header = [
+    // Several instances: who holds each stream's lease, and for how long yet.
+    let leased = s.streams.iter().any(|st| st.lease.is_some());
+    let mut header = vec![
         "STREAM",
         "STATE",
         "SCHEDULE",
@@ -269,13 +307,16 @@ pub fn print_text(s: &Status, out: &mut impl Write, colour: bool) -> std::io::Re
         "NEXT RUN (UTC)",
         "CURSOR",
     ];
+    if leased {
+        header.push("HOLDER (LEASE LEFT)");
+    }
     let mut rows: Vec<Vec<String>> = Vec::new();
     let mut notes: Vec<String> = Vec::new();
     for st in &s.streams {
         let state = st.state.as_ref();
         let last = state.and_then(|x| x.last_run.as_ref());
         let outbox = state.map(|x| &x.outbox);
-        rows.push(vec![
+        let mut row = vec![
             st.stream.clone(),
             if st.paused.is_some() {
                 "paused".into()
@@ -320,7 +361,21 @@ pub fn print_text(s: &Status, out: &mut impl Write, colour: bool) -> std::io::Re
                 .and_then(|x| x.cursor.as_deref())
                 .map(|c| clip(c, 24))
                 .unwrap_or_else(|| "(start)".into()),
-        ]);
+        ];
+        if leased {
+            row.push(match &st.lease {
+                Some(LeaseStatus {
+                    holder: Some(h),
+                    expires_in_secs,
+                    ..
+                }) if *expires_in_secs > 0 => format!("{h} ({expires_in_secs} s)"),
+                Some(LeaseStatus {
+                    holder: Some(h), ..
+                }) => format!("{h} (ran out)"),
+                _ => "nobody".into(),
+            });
+        }
+        rows.push(row);
         if let Some(p) = &st.paused {
             notes.push(format!("{}: paused: {p}", st.stream));
         }
@@ -478,6 +533,7 @@ mod tests {
                 }),
                 paused: None,
                 in_doubt: None,
+                lease: None,
             }],
             integrations: Vec::new(),
             connections: Vec::new(),

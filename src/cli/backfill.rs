@@ -54,7 +54,7 @@ pub async fn backfill(source: config::Source, stream: &str, from: NaiveDate) -> 
         }
     };
     crate::logging::init_cli();
-    let store = match Store::open(&state_dir) {
+    let store = match Store::open_configured(&config.daemon).await {
         Ok(s) => s,
         Err(e) => return store_error(&e),
     };

@@ -47,7 +47,16 @@ pub async fn import(source: config::Source, stream: &str, limit: u64, dry_run: b
     // A dry run reads the state (links, cursor) and writes nothing, so it needs no lock.
     let mut scratch = None;
     let mut _lock = None;
-    let store = if dry_run {
+    let store = if dry_run && config.daemon.postgres.is_some() {
+        // A dry run on PostgreSQL reads the shared state and writes nothing to it.
+        match Store::open_configured(&config.daemon).await {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("usher: {e}");
+                return EX_DATAERR;
+            }
+        }
+    } else if dry_run {
         match Store::open_existing(&state_dir) {
             Ok(Some(s)) => s,
             Ok(None) => {
@@ -76,7 +85,7 @@ pub async fn import(source: config::Source, stream: &str, limit: u64, dry_run: b
                 return EX_FAIL;
             }
         }
-        match Store::open(&state_dir) {
+        match Store::open_configured(&config.daemon).await {
             Ok(s) => s,
             Err(e) => {
                 eprintln!("usher: {e}");

@@ -253,6 +253,40 @@ fn worker_threads(env: Option<&str>, default: usize) -> Result<usize, String> {
     }
 }
 
+/// The runtime of this process, for the commands that run outside it (`status`, `cursor`,
+/// `dead-letters`) and still reach a PostgreSQL state through it.
+static RUNTIME: std::sync::OnceLock<tokio::runtime::Handle> = std::sync::OnceLock::new();
+
+/// The state the configuration names, for a command that only reads or marks it: None when
+/// nothing was recorded yet (SQLite: no file). Not async: on PostgreSQL it blocks on this
+/// process's runtime (called from outside it).
+pub(crate) fn open_existing_state(
+    d: &crate::config::DaemonSettings,
+) -> Result<Option<crate::store::Store>, crate::store::StoreError> {
+    match &d.postgres {
+        None => crate::store::Store::open_existing(&d.state_dir),
+        Some(pg) => RUNTIME
+            .get()
+            .expect("the runtime is built before any command runs")
+            .block_on(crate::store::Store::open_postgres(pg))
+            .map(Some),
+    }
+}
+
+/// The state the configuration names, created and migrated if needed, from outside the
+/// runtime (see [`open_existing_state`]).
+pub(crate) fn open_state_blocking(
+    d: &crate::config::DaemonSettings,
+) -> Result<crate::store::Store, crate::store::StoreError> {
+    match &d.postgres {
+        None => crate::store::Store::open(&d.state_dir),
+        Some(pg) => RUNTIME
+            .get()
+            .expect("the runtime is built before any command runs")
+            .block_on(crate::store::Store::open_postgres(pg)),
+    }
+}
+
 pub fn main() -> i32 {
     let cli = Cli::parse();
     // Ticket Co x Airship (generic): `--now` sets the clock every run reads.
@@ -282,6 +316,7 @@ pub fn main() -> i32 {
             return EX_FAIL;
         }
     };
+    let _ = RUNTIME.set(runtime.handle().clone());
     let source = config::Source {
         main_file: cli.config.clone(),
         env_overrides: true,

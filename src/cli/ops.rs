@@ -54,7 +54,11 @@ pub async fn run(source: config::Source, format: LogFormat) -> i32 {
         }
     };
     let checked = Instant::now();
-    let store = match open_checked(&state_dir).await {
+    let opened = match &config.daemon.postgres {
+        None => open_checked(&state_dir).await,
+        Some(pg) => Store::open_postgres(pg).await,
+    };
+    let store = match opened {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(error = %e, "not starting");
@@ -63,7 +67,8 @@ pub async fn run(source: config::Source, format: LogFormat) -> i32 {
     };
     tracing::info!(
         seconds = checked.elapsed().as_secs_f64(),
-        "state database checked (quick_check) and migrated"
+        state = %store.describe(),
+        "state database checked and migrated"
     );
     match daemon::run(source, config, store, lock).await {
         Ok(daemon::Ended::Clean) => EX_OK,
@@ -134,9 +139,12 @@ pub async fn validate(source: config::Source, online: bool) -> i32 {
     let cancel = CancellationToken::new();
     let mut bad = 0;
     // The result is kept in the state (when it exists) so that `status` can show it.
-    let store = Store::open_existing(&config.daemon.state_dir)
-        .ok()
-        .flatten();
+    let store = match &config.daemon.postgres {
+        None => Store::open_existing(&config.daemon.state_dir)
+            .ok()
+            .flatten(),
+        Some(pg) => Store::open_postgres(pg).await.ok(),
+    };
     for conn in config.connections.values() {
         let verdict =
             crate::connectors::check_online_with(&http, conn, &config.settings, &cancel).await;
@@ -195,7 +203,7 @@ pub fn status(source: config::Source, json: bool) -> i32 {
         Err(code) => return code,
     };
     let state_dir = &config.daemon.state_dir;
-    let store = match Store::open_existing(state_dir) {
+    let store = match super::open_existing_state(&config.daemon) {
         Ok(s) => s,
         Err(e) => return store_error(&e),
     };
@@ -245,7 +253,7 @@ pub fn cursor_show(source: config::Source, stream: &str) -> i32 {
     if let Err(code) = known_stream(&config, stream) {
         return code;
     }
-    match Store::open_existing(&config.daemon.state_dir) {
+    match super::open_existing_state(&config.daemon) {
         Ok(None) => println!("{stream}: at the start (nothing recorded yet)"),
         Ok(Some(s)) => match s.cursor_sync(stream) {
             Ok(Some(c)) => println!("{stream}: {c}"),
@@ -357,7 +365,7 @@ pub fn cursor_reset(source: config::Source, stream: &str) -> i32 {
     let state_dir = config.daemon.state_dir.clone();
     match lock::acquire(&state_dir) {
         Ok(_lock) => {
-            let store = match Store::open(&state_dir) {
+            let store = match super::open_state_blocking(&config.daemon) {
                 Ok(s) => s,
                 Err(e) => return store_error(&e),
             };
@@ -423,7 +431,7 @@ pub async fn trigger(source: config::Source, stream: &str) -> i32 {
         Err(code) => return code,
     };
     crate::logging::init_cli();
-    let store = match Store::open(&state_dir) {
+    let store = match Store::open_configured(&config.daemon).await {
         Ok(s) => s,
         Err(e) => return store_error(&e),
     };
@@ -508,7 +516,7 @@ pub fn dead_letters(source: config::Source, action: super::DeadLetterAction) -> 
     if let Err(code) = known_stream(&config, &stream) {
         return code;
     }
-    let store = match Store::open_existing(&config.daemon.state_dir) {
+    let store = match super::open_existing_state(&config.daemon) {
         Ok(Some(s)) => s,
         Ok(None) => {
             println!("{stream}: no dead letters (nothing recorded yet)");

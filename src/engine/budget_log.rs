@@ -31,7 +31,13 @@ impl BudgetLog for StateBudgets {
 
 /// The process's HTTP client, its budgets restored from and saved to `store`.
 pub async fn http_client(store: &Store) -> Result<Http, StoreError> {
-    let saved = store
+    let saved = saved_budgets(store).await?;
+    Ok(Http::new().with_budget_log(Arc::new(StateBudgets(store.clone())), saved))
+}
+
+/// Every budget as the state holds it now.
+pub async fn saved_budgets(store: &Store) -> Result<Vec<SavedBudget>, StoreError> {
+    Ok(store
         .rate_budgets()
         .await?
         .into_iter()
@@ -40,6 +46,5 @@ pub async fn http_client(store: &Store) -> Result<Http, StoreError> {
             calls: r.calls.into_iter().map(SystemTime::from).collect(),
             not_before: r.not_before.map(SystemTime::from),
         })
-        .collect();
-    Ok(Http::new().with_budget_log(Arc::new(StateBudgets(store.clone())), saved))
+        .collect())
 }

@@ -219,6 +219,9 @@ pub struct Daemon {
     backoff: HashMap<String, Duration>,
     /// Also where `usher status` learns that the state cannot be written.
     lock: StateLock,
+    /// Several instances on PostgreSQL: the leases of this instance's stream groups. None
+    /// on SQLite (one daemon holds every stream).
+    leases: Option<super::lease::Keeper>,
 }
 
 /// Starts the daemon and runs it until SIGTERM/SIGINT (or until its state directory is
@@ -268,6 +271,7 @@ pub async fn run(
         receiver: None,
         backoff: HashMap::new(),
         lock,
+        leases: None,
     };
     // S-360: start receiving before READY=1; a bind failure is a start-up error.
     d.receiver =
@@ -278,6 +282,13 @@ pub async fn run(
             runs = closed,
             "closed runs left unfinished by a previous daemon"
         );
+    }
+    // Several instances: take this instance's share of the stream groups before arming.
+    if d.store.is_postgres() {
+        let keeper = super::lease::Keeper::new(d.store.clone(), &d.config);
+        tracing::info!(instance = %keeper.me, lease_secs = d.config.daemon.lease.as_secs(), "several instances: streams are leased through the state");
+        d.leases = Some(keeper);
+        d.lease_turn().await;
     }
     crate::metrics::METRICS.beat();
     if let Some(addr) = d.config.metrics_listen {
@@ -318,6 +329,14 @@ pub async fn run(
     let mut control_tick = tokio::time::interval(d.config.daemon.control_poll);
     control_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
+    let mut lease_tick = tokio::time::interval(
+        d.leases
+            .as_ref()
+            .map(|k| k.period())
+            .unwrap_or(Duration::from_secs(3600)),
+    );
+    lease_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    lease_tick.tick().await;
     let mut clocks = (Utc::now(), std::time::Instant::now());
     let mut state_generation = 0;
     let mut identity = Identity::new(&d.store, &d.lock)?;
@@ -355,6 +374,11 @@ pub async fn run(
                 Event::RunEnded { stream, recorded } => d.on_run_ended(&stream, recorded).await,
             },
             _ = control_tick.tick() => d.process_control(),
+            _ = lease_tick.tick() => {
+                if d.leases.is_some() {
+                    d.lease_turn().await;
+                }
+            }
             _ = heartbeat.tick() => {
                 crate::metrics::METRICS.beat();
                 d.note_state(&mut state_generation);
@@ -439,6 +463,10 @@ pub async fn run(
         if ended == Ended::Clean {
             ended = Ended::Abandoned;
         }
+    }
+    // Several instances: give the leases back, so that others take the streams at once.
+    if let Some(mut keeper) = d.leases.take() {
+        keeper.release_all().await;
     }
     tracing::info!("stopped");
     drop(guard);
@@ -664,6 +692,127 @@ impl Daemon {
         }
     }
 
+    /// Several instances: one turn of the lease keeper, and what its changes mean here.
+    async fn lease_turn(&mut self) {
+        let Some(mut keeper) = self.leases.take() else {
+            return;
+        };
+        // Groups with a run going (never given back mid-run).
+        let running: HashSet<String> = self
+            .slots
+            .iter()
+            .filter(|(_, slot)| slot.run_lock.try_lock().is_err())
+            .filter_map(|(s, _)| keeper.group_of(s).map(str::to_string))
+            .collect();
+        let busy = |key: &str| running.contains(key);
+        let changes = match keeper.turn(&busy).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot renew or take leases; this instance's runs stop at their next write if its leases run out");
+                Vec::new()
+            }
+        };
+        let me = keeper.me.clone();
+        self.leases = Some(keeper);
+        for change in changes {
+            match change {
+                super::lease::Change::Acquired { lease, streams } => {
+                    self.took_over(&me, lease, streams).await
+                }
+                super::lease::Change::Lost { key, streams } => {
+                    tracing::warn!(group = %key, streams = ?streams,
+                        "lost the lease of a stream group (this instance could not renew it in time): another instance runs these streams now; a run of ours commits nothing more");
+                }
+                super::lease::Change::Released { key } => {
+                    tracing::info!(group = %key, "gave a stream group back (more than this instance's share): another instance takes it");
+                }
+            }
+        }
+    }
+
+    /// A lease just taken. When its holder let it expire (it died, or was paused or cut
+    /// off) while writing to a stream (its `in_doubt` row is there), that holder's writes
+    /// may still land until its lease's expiry plus the longest timeout of the stream's
+    /// connections: the row is moved to then (a run waits for it, plus the settle margin).
+    /// A stream it was not writing to has nothing in doubt and runs at once. Its runs left
+    /// open are closed as `lost lease`, and a stream whose run was cut short runs now. The group's rate budgets are taken in as
+    /// the state holds them (the calls the old holder made still count).
+    async fn took_over(
+        &mut self,
+        me: &str,
+        lease: crate::store::leases::Acquired,
+        streams: Vec<String>,
+    ) {
+        tracing::info!(group = %lease.key, epoch = lease.epoch, streams = ?streams,
+            previous = lease.previous_holder.as_deref().unwrap_or("none"), "took the lease of a stream group");
+        if let Ok(saved) = super::budget_log::saved_budgets(&self.store).await {
+            self.http.restore_budgets(saved);
+        }
+        let Some(previous) = lease.previous_holder.clone() else {
+            return;
+        };
+        if let Some(expiry_ms) = lease.previous_expiry_ms {
+            for s in &streams {
+                let Some(spec) = self.config.streams.get(s) else {
+                    continue;
+                };
+                let longest = [&spec.source, &spec.target]
+                    .into_iter()
+                    .filter_map(|c| self.config.connections.get(c))
+                    .map(|c| c.timeout)
+                    .max()
+                    .unwrap_or_default();
+                let Some(until) = chrono::DateTime::<Utc>::from_timestamp_millis(expiry_ms)
+                    .map(|t| t + chrono::TimeDelta::from_std(longest).unwrap_or_default())
+                else {
+                    continue;
+                };
+                // Only a stream the old holder was writing to (its run left a row in
+                // `in_doubt`: a run that saw every answer clears it) has writes in doubt.
+                let later = match self.store.doubt(s).await {
+                    Ok(Some(d)) => d.until < until,
+                    Ok(None) => false,
+                    Err(_) => true,
+                };
+                if later
+                    && until > Utc::now()
+                    && let Err(e) = self
+                        .store
+                        .doubt_set(
+                            s,
+                            until,
+                            crate::store::DoubtState::Unanswered,
+                            &format!("writes of instance {previous}, whose lease ran out"),
+                        )
+                        .await
+                {
+                    tracing::error!(stream = %s, error = %e, "cannot record the previous holder's writes as in doubt");
+                }
+            }
+        }
+        match self
+            .store
+            .close_runs_of(
+                streams.clone(),
+                me,
+                "lost lease",
+                format!("instance {previous} lost the lease of this stream's group before the run finished; nothing after its last commit was kept"),
+            )
+            .await
+        {
+            Ok(n) if n > 0 => {
+                tracing::warn!(group = %lease.key, runs = n, previous = %previous, "closed runs the previous holder left open; running their streams now");
+                for s in &streams {
+                    if self.config.streams.get(s).is_some_and(|spec| spec.enabled) {
+                        self.start_run(s, "schedule");
+                    }
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "cannot close the previous holder's runs"),
+        }
+    }
+
     /// Starts a run unless one of the same stream is going.
     fn start_run(&mut self, stream: &str, trigger: &'static str) {
         let Some(spec) = self.config.streams.get(stream).cloned() else {
@@ -673,6 +822,24 @@ impl Daemon {
         if self.shutdown.is_cancelled() {
             return;
         }
+        // Several instances: only the holder of the stream's group runs it, on a store
+        // whose every write checks that lease.
+        let store = match &self.leases {
+            None => self.store.clone(),
+            Some(k) => match k.fence(stream) {
+                Some(f) => self.store.fenced(f, self.config.daemon.settle_margin),
+                None => {
+                    tracing::debug!(stream, "not run here: another instance holds its lease");
+                    if trigger != "schedule" {
+                        tracing::info!(
+                            stream,
+                            "triggered, but another instance holds the stream's lease: it runs there"
+                        );
+                    }
+                    return;
+                }
+            },
+        };
         let slot = self.slot(stream);
         // An operator action waiting for the stream (a reset) counts as holding it: a run
         // started now would stop at its first page boundary.
@@ -695,9 +862,9 @@ impl Daemon {
             return;
         };
         let ctx = RunCtx {
-            store: self.store.clone(),
+            doubt: InDoubt::new(&store, &spec.name, self.config.daemon.settle_margin),
+            store,
             config: self.config.clone(),
-            doubt: InDoubt::new(&self.store, &spec.name, self.config.daemon.settle_margin),
             spec,
             http: self.http.clone(),
             cancel: self.abandon.clone(),
@@ -765,6 +932,9 @@ impl Daemon {
                     Err(e) => tracing::warn!(error = %e, "cannot lift paused streams"),
                 }
                 let previous = std::mem::replace(&mut self.config, Arc::new(new));
+                if let Some(k) = self.leases.as_mut() {
+                    k.regroup(&self.config);
+                }
                 *self.shared.write().unwrap_or_else(|p| p.into_inner()) = self.config.clone();
                 // S-360
                 if let Some(r) = &self.receiver {

@@ -17,6 +17,7 @@ mod feed_webhook;
 pub mod feed_cdp;
 pub mod health;
 pub mod in_doubt;
+pub mod lease;
 pub mod lock;
 pub mod owed;
 pub mod refusals;
@@ -175,6 +176,8 @@ pub struct RunReport {
 /// The outcome of a run that did not start because the state could not record its start
 /// (never stored: the state could not take it).
 pub const NOT_RECORDED: &str = "not recorded";
+/// The outcome of a run whose instance lost the stream's lease (several instances).
+pub const LOST_LEASE: &str = "lost lease";
 
 /// Runs one stream once and records the run (start, end, outcome, counts, error). A run
 /// whose start cannot be recorded does not run ([`NOT_RECORDED`]).
@@ -226,6 +229,15 @@ pub async fn run_stream(ctx: &RunCtx, trigger: &str) -> RunReport {
         Err(RunError::Target(HttpError::Cancelled { .. }))
         | Err(RunError::Source(SourceError::Http(HttpError::Cancelled { .. }))) => {
             ("stopped", None)
+        }
+        // Several instances: another instance holds the stream's lease now (seen by a write
+        // of the state, or by the write to the target that could not be recorded).
+        Err(RunError::Store(e)) if e.is_lost_lease() => (LOST_LEASE, Some(e.to_string())),
+        Err(e)
+            if e.to_string()
+                .contains(crate::store::leases::LOST_LEASE_TEXT) =>
+        {
+            (LOST_LEASE, Some(e.to_string()))
         }
         Err(e) => ("failed", Some(e.to_string())),
     };

@@ -95,6 +95,28 @@ fn wall_of(i: Instant, now: Instant, wall: SystemTime) -> SystemTime {
     }
 }
 
+/// Adds saved calls and a saved `Retry-After` to a budget's state.
+fn merge_saved(st: &mut BudgetState, s: &SavedBudget) {
+    let (now, wall) = (Instant::now(), SystemTime::now());
+    // A stamp lies at most RESERVE_AHEAD ahead of the wall clock that wrote it; further
+    // ahead, the clock was stepped back since: it counts from now (a whole window,
+    // careful), not from an hour ahead (a window blocked for the hour).
+    let latest = now + RESERVE_AHEAD;
+    let mut calls: Vec<Instant> = st.calls.iter().copied().collect();
+    calls.extend(
+        s.calls
+            .iter()
+            .map(|t| instant_of(*t, now, wall).min(latest)),
+    );
+    calls.sort();
+    st.calls = calls.into();
+    let saved_nb = s
+        .not_before
+        .map(|t| instant_of(t, now, wall))
+        .filter(|t| *t > now);
+    st.not_before = st.not_before.max(saved_nb);
+}
+
 /// 2% of a rate window, at least 50 ms: slack for network jitter between us and the vendor.
 pub(super) fn window_margin(per: Duration) -> Duration {
     (per / 50).max(Duration::from_millis(50))
@@ -114,22 +136,7 @@ impl Budget {
     ) -> Self {
         let mut st = BudgetState::default();
         if let Some(s) = saved {
-            let (now, wall) = (Instant::now(), SystemTime::now());
-            // A stamp lies at most RESERVE_AHEAD ahead of the wall clock that wrote it;
-            // further ahead, the clock was stepped back since: it counts from now (a whole
-            // window, careful), not from an hour ahead (a window blocked for the hour).
-            let latest = now + RESERVE_AHEAD;
-            let mut calls: Vec<Instant> = s
-                .calls
-                .iter()
-                .map(|t| instant_of(*t, now, wall).min(latest))
-                .collect();
-            calls.sort();
-            st.calls = calls.into();
-            st.not_before = s
-                .not_before
-                .map(|t| instant_of(t, now, wall))
-                .filter(|t| *t > now);
+            merge_saved(&mut st, s);
         }
         Budget {
             key,
@@ -138,6 +145,12 @@ impl Budget {
             log,
             saving: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// Takes in what the state holds for this budget (another instance spent it until it
+    /// lost the lease): its calls count too, and its `Retry-After` holds.
+    pub fn restore(&self, saved: &SavedBudget) {
+        merge_saved(&mut self.lock(), saved);
     }
 
     pub(super) fn set_limit(&self, limit: Option<RateLimit>) {

@@ -297,7 +297,7 @@ pub struct Http {
     /// Where budgets are kept between processes (the state), and what it held at start:
     /// a budget starts from its saved calls and `Retry-After` (see `budget.rs`).
     budget_log: Option<Arc<dyn BudgetLog>>,
-    saved_budgets: Arc<HashMap<String, SavedBudget>>,
+    saved_budgets: Arc<Mutex<HashMap<String, SavedBudget>>>,
     /// OAuth2 tokens per (connection, token URL, client ID), so that a token is reused
     /// across runs until shortly before it expires, not fetched once per run.
     tokens: Arc<Mutex<TokenSlots>>,
@@ -322,7 +322,7 @@ impl Http {
             client,
             budgets: Arc::new(Mutex::new(HashMap::new())),
             budget_log: None,
-            saved_budgets: Arc::new(HashMap::new()),
+            saved_budgets: Arc::new(Mutex::new(HashMap::new())),
             tokens: Arc::new(Mutex::new(HashMap::new())),
         }
     }
@@ -330,8 +330,25 @@ impl Http {
     /// The same client, with rate budgets that start from `saved` and are saved to `log`.
     pub fn with_budget_log(mut self, log: Arc<dyn BudgetLog>, saved: Vec<SavedBudget>) -> Self {
         self.budget_log = Some(log);
-        self.saved_budgets = Arc::new(saved.into_iter().map(|b| (b.key.clone(), b)).collect());
+        self.saved_budgets = Arc::new(Mutex::new(
+            saved.into_iter().map(|b| (b.key.clone(), b)).collect(),
+        ));
         self
+    }
+
+    /// Takes in budgets as the state holds them now (several instances: a group of streams
+    /// this instance just took over was spending them elsewhere).
+    pub fn restore_budgets(&self, saved: Vec<SavedBudget>) {
+        let budgets = self.budgets.lock().unwrap_or_else(|p| p.into_inner());
+        let mut later = self.saved_budgets.lock().unwrap_or_else(|p| p.into_inner());
+        for s in saved {
+            match budgets.get(&s.key) {
+                Some(b) => b.restore(&s),
+                None => {
+                    later.insert(s.key.clone(), s);
+                }
+            }
+        }
     }
 
     /// Calls left in each connection's rate window (None: no limit).
@@ -349,7 +366,10 @@ impl Http {
                     conn.to_string(),
                     limit,
                     self.budget_log.clone(),
-                    self.saved_budgets.get(conn),
+                    self.saved_budgets
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get(conn),
                 ))
             })
             .clone();

@@ -19,6 +19,9 @@ pub fn db_now_ms(db: &mut dyn Sql) -> DbResult<i64> {
     db.query_one(sql, p![], |r| r.i64(0))
 }
 
+/// What a lost lease's message says (the run's outcome is told by it).
+pub const LOST_LEASE_TEXT: &str = "no longer holds the lease";
+
 /// The lease a run writes under.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fence {
@@ -57,7 +60,7 @@ pub fn check_fence(db: &mut dyn Sql, f: &Fence, min_left_ms: i64) -> DbResult<()
         _ => Err(DbError {
             kind: DbErrorKind::LostLease,
             message: format!(
-                "this instance ({}) no longer holds the lease of {:?} (epoch {}); nothing of this write was kept",
+                "this instance ({}) {LOST_LEASE_TEXT} of {:?} (epoch {}); nothing of this write was kept",
                 f.holder, f.key, f.epoch
             ),
         }),
