@@ -88,7 +88,14 @@ pub fn layers(main_file: &Path, env_overrides: bool) -> Layers {
         }
     }
     if env_overrides {
-        figment = figment.merge(Env::prefixed("USHER_").split("__"));
+        // Only `USHER_<SECTION>__<KEY>` is an override: a variable without `__` (such as
+        // `USHER_TEST_POSTGRES` or a wrapper script's own `USHER_HOME`) names no key and
+        // is none of the configuration's business.
+        figment = figment.merge(
+            Env::prefixed("USHER_")
+                .filter(|key| key.as_str().contains("__"))
+                .split("__"),
+        );
     }
     Layers {
         figment,
