@@ -5,9 +5,15 @@
 //! fakes' CPU seconds (from /proc), for each size, and usher's CPU over the fakes' (the fakes
 //! do the same work every run, so that ratio compares runs on hosts of different speed).
 //!
+//! With `BENCH_POSTGRES=postgres://…` (e.g. `scripts/pg-test-cluster.sh start`) each size
+//! runs twice more, interleaved: SQLite, PostgreSQL, SQLite, PostgreSQL (a fresh schema
+//! each time), and the PostgreSQL server's CPU (every `postgres` process, from /proc) is
+//! printed beside usher's, with PostgreSQL's wall over SQLite's.
+//!
 //! ```text
 //! cargo build --release && cargo run --release --example bench_seatgeek_halo
 //! cargo run --release --example bench_seatgeek_halo -- 100000:20000 1000000:200000
+//! BENCH_POSTGRES=$(scripts/pg-test-cluster.sh start) cargo run --release --example bench_seatgeek_halo -- 1000000:200000
 //! ```
 
 use std::io::{BufRead, BufReader};
@@ -34,6 +40,37 @@ fn proc_cpu(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// CPU seconds of every PostgreSQL server process (the postmaster and its backends).
+fn postgres_cpu() -> f64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim() == "postgres")
+        })
+        .map(proc_cpu)
+        .sum()
+}
+
+/// A fresh schema on the server for one run; the URL that puts usher in it.
+fn pg_schema(base: &str, n: u32) -> String {
+    let schema = format!("bench_{}_{n}", std::process::id());
+    let ok = Command::new("psql")
+        .args(["-X", "-q", "-c"])
+        .arg(format!(
+            "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}"
+        ))
+        .arg(base)
+        .status()
+        .expect("psql");
+    assert!(ok.success(), "psql could not create {schema}");
+    let sep = if base.contains('?') { '&' } else { '?' };
+    format!("{base}{sep}options=-csearch_path%3D{schema}")
+}
+
 fn field<'a>(text: &'a str, label: &str) -> &'a str {
     text.lines()
         .find_map(|l| l.trim().strip_prefix(label))
@@ -48,7 +85,8 @@ fn wall_secs(s: &str) -> f64 {
     })
 }
 
-fn run(events: u64, users: u64) {
+/// One run; returns its wall seconds.
+fn run(events: u64, users: u64, postgres: Option<&str>) -> f64 {
     let bin = usher_bin();
     let mut sandbox = Command::new(&bin)
         .args(["sandbox", "--listen", "127.0.0.1:0", "--contacts", "0"])
@@ -82,6 +120,7 @@ fn run(events: u64, users: u64) {
             r#"
 [daemon]
 state_dir = "{state}"
+{pg}
 
 [log]
 level = "warn"
@@ -117,10 +156,14 @@ batch_size = 500
 [streams.bench.halo.custom_fields]
 CFMarketingOptIn = "marketing_opt_in | string"
 "#,
-            state = dir.join("state").display()
+            state = dir.join("state").display(),
+            pg = postgres
+                .map(|u| format!("state = {u:?}"))
+                .unwrap_or_default()
         ),
     )
     .unwrap();
+    let pg_cpu_before = postgres.map(|_| postgres_cpu());
     let started = Instant::now();
     let out = Command::new("/usr/bin/time")
         .arg("-v")
@@ -154,7 +197,12 @@ CFMarketingOptIn = "marketing_opt_in | string"
         .lines()
         .find(|l| l.starts_with("bench:"))
         .unwrap_or("?");
-    println!("{events} events for {users} users:");
+    let backend = if postgres.is_some() {
+        "PostgreSQL"
+    } else {
+        "SQLite"
+    };
+    println!("{events} events for {users} users, state on {backend}:");
     println!("  usher: {summary}");
     println!(
         "  wall {elapsed:.2} s ({wall:.2} s with process start), {:.0} events/s",
@@ -167,6 +215,12 @@ CFMarketingOptIn = "marketing_opt_in | string"
     );
     println!("  usher peak RSS {:.1} MB", rss_kb / 1024.0);
     println!("  fakes' CPU during the run {fake_cpu:.2} s (separate process)");
+    if let Some(before) = pg_cpu_before {
+        println!(
+            "  PostgreSQL's CPU during the run {:.2} s (every postgres process)",
+            postgres_cpu() - before
+        );
+    }
     // The hosts these run on differ in speed by up to 2x from one day to the next; the fakes
     // do the same work every time, so usher's CPU over theirs compares runs across hosts.
     println!(
@@ -177,6 +231,7 @@ CFMarketingOptIn = "marketing_opt_in | string"
         println!("  usher exited with {:?}: {stdout}", out.status.code());
     }
     let _ = std::fs::remove_dir_all(&dir);
+    elapsed
 }
 
 fn main() {
@@ -191,7 +246,32 @@ fn main() {
             })
             .collect()
     };
+    let postgres = std::env::var("BENCH_POSTGRES")
+        .ok()
+        .filter(|s| !s.is_empty());
+    let mut n = 0;
     for (e, u) in sizes {
-        run(e, u);
+        match &postgres {
+            None => {
+                run(e, u, None);
+            }
+            Some(base) => {
+                let (mut lite, mut pg) = (Vec::new(), Vec::new());
+                for _ in 0..2 {
+                    lite.push(run(e, u, None));
+                    n += 1;
+                    pg.push(run(e, u, Some(&pg_schema(base, n))));
+                }
+                let ratios: Vec<String> = lite
+                    .iter()
+                    .zip(&pg)
+                    .map(|(l, p)| format!("{:.2}", p / l.max(0.001)))
+                    .collect();
+                println!(
+                    "{e} events: PostgreSQL wall / SQLite wall, pair by pair: {}",
+                    ratios.join(", ")
+                );
+            }
+        }
     }
 }

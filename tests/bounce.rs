@@ -396,6 +396,12 @@ Seq = "seq"
     }
 
     fn start(&mut self, round: u32) -> Proc {
+        self.start_sender();
+        self.spawn(round)
+    }
+
+    /// S-360's sender (the relay only), once.
+    fn start_sender(&mut self) {
         if self.kind == Kind::Relay && self.sender.is_none() {
             // S-360's sender: payloads of 50, each resent until a 200, through every kill.
             let mut snd = S360Sender::new(&format!(
@@ -419,6 +425,9 @@ Seq = "seq"
                 eprintln!("sender: {posts} posts, {resends} resends");
             }));
         }
+    }
+
+    fn spawn(&self, round: u32) -> Proc {
         match self.kind {
             Kind::TicketCoToAirship => Proc::Cli(
                 Command::new(common::bin())
@@ -432,13 +441,22 @@ Seq = "seq"
                     ])
                     .env_remove("RUST_LOG")
                     .stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
+                    .stdout(self.cli_log(round))
+                    .stderr(self.cli_log(round))
                     .spawn()
                     .unwrap(),
             ),
             _ => Proc::Daemon(self.env.spawn_daemon()),
         }
+    }
+
+    /// Where a CLI run's output goes (appended; read back when a run fails).
+    fn cli_log(&self, round: u32) -> std::fs::File {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.env.dir.path().join(format!("cli-{round}.log")))
+            .unwrap()
     }
 
     fn progress(&self) -> usize {
@@ -462,7 +480,7 @@ Seq = "seq"
     /// The stream has nothing left to do.
     fn done(&self) -> bool {
         let db = self.env.db_path();
-        if !db.exists() {
+        if common::postgres().is_none() && !db.exists() {
             return false;
         }
         match self.kind {
@@ -782,11 +800,12 @@ async fn bounce(kind: Kind) {
     match &mut p {
         Proc::Cli(child) => {
             let status = tokio::task::block_in_place(|| child.wait()).unwrap();
-            assert!(status.success(), "the last run failed");
+            let log = std::fs::read_to_string(c.env.dir.path().join(format!("cli-{rounds}.log")));
+            assert!(status.success(), "the last run failed: {log:?}");
         }
         Proc::Daemon(d) => {
             let ok =
-                tokio::task::block_in_place(|| wait_until(Duration::from_secs(90), || c.done()));
+                tokio::task::block_in_place(|| wait_until(Duration::from_secs(150), || c.done()));
             assert!(ok, "not done: {} in the target\n{}", c.progress(), d.log());
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
@@ -794,6 +813,129 @@ async fn bounce(kind: Kind) {
     tokio::task::block_in_place(|| c.check());
     eprintln!("{kind:?}: {kills} kills, {} records, all once", c.n);
     p.kill9();
+}
+
+/// Rounds of the several-instance bounce per stream kind (five kinds: 100 in all).
+const SEVERAL_ROUNDS: u32 = 20;
+
+/// One of three instances on the environment's PostgreSQL state: its own state folder (the
+/// lock), a 3 s lease, and (instance 0 on the case's port) its own receiver port.
+fn spawn_instance(c: &Case, i: usize, ports: &[u16]) -> Daemon {
+    let dir = c.env.dir.path().join(format!("state-{i}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let listen = format!("127.0.0.1:{}", ports[i]);
+    let mut vars = vec![
+        ("USHER_DAEMON__STATE_DIR", dir.to_str().unwrap().to_string()),
+        ("USHER_DAEMON__LEASE", "3s".to_string()),
+    ];
+    if c.kind == Kind::Relay {
+        vars.push(("USHER_RECEIVER__LISTEN", listen));
+    }
+    let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    c.env.spawn_daemon_with(&[], &vars)
+}
+
+/// Issue 20: three instances on one PostgreSQL, random SIGKILL and SIGSTOP/SIGCONT of
+/// instances during runs, then the same identities as the one-instance bounce: every
+/// record in the target once, the cursor at the end, the runs reconciling. Needs
+/// PostgreSQL (`USHER_TEST_POSTGRES`); says SKIPPED otherwise.
+async fn bounce_several(kind: Kind) {
+    if common::postgres().is_none() {
+        eprintln!("SKIPPED: several instances need PostgreSQL (USHER_TEST_POSTGRES)");
+        return;
+    }
+    let rounds: u32 = std::env::var("SOAK_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(SEVERAL_ROUNDS);
+    let (_, seed) = soak();
+    eprintln!("{kind:?} on three instances: {rounds} rounds, seed {seed}");
+    let mut rng = Rng(seed ^ (kind as u64 + 100));
+    let mut c = Case::new(kind).await;
+    let ports = [c.port, free_port(), free_port()];
+    c.start_sender();
+    let mut instances: Vec<Daemon> = (0..3).map(|i| spawn_instance(&c, i, &ports)).collect();
+    let (mut kills, mut stops) = (0, 0);
+    for round in 0..rounds {
+        c.slow_target();
+        tokio::time::sleep(Duration::from_millis(100 + rng.next(900))).await;
+        let i = rng.next(3) as usize;
+        if rng.next(3) == 0 {
+            // Paused for less or more than its lease (3 s), then woken up.
+            let pause = Duration::from_millis(500 + rng.next(4000));
+            instances[i].signal(rustix::process::Signal::STOP);
+            tokio::time::sleep(pause).await;
+            instances[i].signal(rustix::process::Signal::CONT);
+            stops += 1;
+            eprintln!(
+                "{kind:?} round {round}: instance {i} stopped for {pause:?}, {} in the target",
+                c.progress()
+            );
+        } else {
+            instances[i].kill9();
+            kills += 1;
+            eprintln!(
+                "{kind:?} round {round}: instance {i} killed, {} in the target",
+                c.progress()
+            );
+            if rng.next(3) != 0 {
+                tokio::time::sleep(Duration::from_millis(rng.next(300))).await;
+            }
+            instances[i] = spawn_instance(&c, i, &ports);
+        }
+        c.clear_faults();
+    }
+    let ok = tokio::task::block_in_place(|| wait_until(Duration::from_secs(120), || c.done()));
+    let logs = || {
+        instances
+            .iter()
+            .enumerate()
+            .map(|(i, d)| format!("--- instance {i}\n{}", d.log()))
+            .collect::<String>()
+    };
+    assert!(ok, "not done: {} in the target\n{}", c.progress(), logs());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::task::block_in_place(|| c.check());
+    // Every run of the stream was recorded by the holder of its lease at the time, and the
+    // runs cut short by a lost lease or a kill committed nothing the check above missed.
+    let holders = common::column(
+        &c.env.db_path(),
+        &format!("SELECT DISTINCT holder FROM runs WHERE stream = '{STREAM}'"),
+    );
+    assert!(holders.iter().all(Option::is_some), "{holders:?}");
+    eprintln!(
+        "{kind:?} on three instances: {kills} kills, {stops} stops, {} holders, {} records, all once",
+        holders.len(),
+        c.n
+    );
+    for d in &mut instances {
+        d.kill9();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn several_instances_bounce_s360_to_crm_relay() {
+    bounce_several(Kind::Relay).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn several_instances_bounce_crm_contacts_to_s360() {
+    bounce_several(Kind::CrmContactsToS360).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn several_instances_bounce_crm_offers_to_s360() {
+    bounce_several(Kind::CrmOffersToS360).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn several_instances_bounce_crm_to_cdp() {
+    bounce_several(Kind::CrmToCdp).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn several_instances_bounce_seatgeek_to_halo() {
+    bounce_several(Kind::SeatGeekToHalo).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -6,7 +6,8 @@
 //! 2. Relay: `--relay` contacts (default 100 000) stored in the inbox are forwarded to the
 //!    fake CRM in payloads of 50, in one execution; prints the time and records per second.
 //!
-//! Run it in release mode: `cargo run --release -- bench-s360`.
+//! Run it in release mode: `cargo run --release -- bench-s360`; `--postgres URL` keeps the
+//! state on PostgreSQL (an empty database or schema) instead of SQLite.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,14 +35,14 @@ fn contact_json(seq: u64) -> String {
     )
 }
 
-pub async fn bench(clients: usize, seconds: u64, relay: u64) -> i32 {
+pub async fn bench(clients: usize, seconds: u64, relay: u64, postgres: Option<String>) -> i32 {
     let dir = std::env::temp_dir().join(format!("usher-bench-s360-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     if let Err(e) = std::fs::create_dir_all(&dir) {
         eprintln!("bench: {e}");
         return EX_FAIL;
     }
-    let result = run(&dir, clients, seconds, relay).await;
+    let result = run(&dir, clients, seconds, relay, postgres).await;
     let _ = std::fs::remove_dir_all(&dir);
     match result {
         Ok(()) => EX_OK,
@@ -57,6 +58,7 @@ async fn run(
     clients: usize,
     seconds: u64,
     relay: u64,
+    postgres: Option<String>,
 ) -> Result<(), String> {
     let sandbox = Sandbox::start("127.0.0.1:0".parse().expect("static"))
         .await
@@ -116,7 +118,17 @@ url = "/hooks/relay"
             .collect::<Vec<_>>()
             .join("; ")
     })?;
-    let store = Store::open(&config.daemon.state_dir).map_err(|e| e.to_string())?;
+    let store = match &postgres {
+        None => Store::open(&config.daemon.state_dir),
+        Some(url) => {
+            Store::open_postgres(&crate::store::pg::PgSettings {
+                url: url.clone(),
+                password: None,
+            })
+            .await
+        }
+    }
+    .map_err(|e| e.to_string())?;
     let tracker = TaskTracker::new();
     let stop = CancellationToken::new();
     let receiver = crate::receiver::start(&config, store.clone(), stop.clone(), &tracker)
@@ -126,7 +138,12 @@ url = "/hooks/relay"
 
     // 1. The receiver under load.
     println!(
-        "receiver: {clients} concurrent senders, arrays of 50 new contacts, {seconds}s, durable commits (WAL, synchronous=FULL)"
+        "receiver: {clients} concurrent senders, arrays of 50 new contacts, {seconds}s, durable commits ({})",
+        if postgres.is_some() {
+            "PostgreSQL"
+        } else {
+            "SQLite WAL, synchronous=FULL"
+        }
     );
     let url = format!("http://{}/s360/bench/contacts", receiver.addr);
     let seq = Arc::new(AtomicU64::new(0));

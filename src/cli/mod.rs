@@ -181,6 +181,9 @@ pub enum Command {
         seconds: u64,
         #[arg(long, default_value_t = 100_000)]
         relay: u64,
+        /// The state on this PostgreSQL database (an empty schema) instead of SQLite.
+        #[arg(long, value_name = "URL")]
+        postgres: Option<String>,
     },
 }
 
@@ -222,6 +225,18 @@ pub enum StateAction {
     Check {
         #[arg(long)]
         full: bool,
+    },
+    /// Copy this host's SQLite state (cursors, links, outbox, ledger, dead letters, runs,
+    /// audit…) into an empty PostgreSQL database, to move to several instances without
+    /// re-importing or re-sending anything. Stop usher first. Refuses a database that holds
+    /// state already. Then set `[daemon] state` to the URL and start the instances.
+    Migrate {
+        /// The PostgreSQL database, `postgres://user@host:port/db` (no password in it).
+        #[arg(long, value_name = "URL")]
+        to: String,
+        /// A file holding the database user's password (else none, or PGPASSWORD's).
+        #[arg(long, value_name = "FILE")]
+        password_file: Option<PathBuf>,
     },
 }
 
@@ -275,6 +290,14 @@ pub(crate) fn open_existing_state(
 
 /// The state the configuration names, created and migrated if needed, from outside the
 /// runtime (see [`open_existing_state`]).
+/// Runs a future to its end from code outside the runtime (the synchronous commands).
+pub(crate) fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    RUNTIME
+        .get()
+        .expect("the runtime is built before any command runs")
+        .block_on(f)
+}
+
 pub(crate) fn open_state_blocking(
     d: &crate::config::DaemonSettings,
 ) -> Result<crate::store::Store, crate::store::StoreError> {
@@ -340,6 +363,9 @@ pub fn main() -> i32 {
         Command::State { action } => match action {
             StateAction::Backup { file } => state::backup(state_only, &file),
             StateAction::Check { full } => state::check(state_only, full),
+            StateAction::Migrate { to, password_file } => {
+                state::migrate(state_only, &to, password_file.as_deref())
+            }
         },
         Command::Trigger { stream } => runtime.block_on(ops::trigger(source, &stream)),
         // SeatGeek / Halo
@@ -363,7 +389,8 @@ pub fn main() -> i32 {
             clients,
             seconds,
             relay,
-        } => runtime.block_on(bench_s360::bench(clients, seconds, relay)),
+            postgres,
+        } => runtime.block_on(bench_s360::bench(clients, seconds, relay, postgres)),
         Command::Sandbox {
             listen,
             contacts,

@@ -354,6 +354,73 @@ fn via_daemon(
     EX_OK
 }
 
+/// Several instances (PostgreSQL): the request is written to the state, and the instance
+/// that holds the stream's lease carries it out at the stream's next safe point (the same
+/// point as for a control file), closes it with its name and the outcome, and audits it
+/// with the host that asked. Works from any host with the configuration; no daemon needs
+/// to run here.
+async fn via_state(config: &Config, action: Action, stream: &str, command: &str) -> i32 {
+    let store = match Store::open_configured(&config.daemon).await {
+        Ok(s) => s,
+        Err(e) => return store_error(&e),
+    };
+    let host = control::host_name();
+    let actor = control::cli_actor(command);
+    let id = match store.request(stream, action.as_str(), &actor, &host).await {
+        Ok(id) => id,
+        Err(e) => return store_error(&e),
+    };
+    let within = config.daemon.lease;
+    let live = crate::engine::lease::Keeper::new(store.clone(), config)
+        .for_cli()
+        .live_daemons()
+        .await
+        .unwrap_or_default();
+    if live.is_empty() {
+        eprintln!(
+            "usher: no instance has been seen on this state in the last {}: request {id} ({} {stream}) is stored and the first instance to start carries it out",
+            humantime::format_duration(within),
+            action.as_str()
+        );
+        return EX_FAIL;
+    }
+    let started = Instant::now();
+    let mut said = false;
+    loop {
+        match store.request_get(id).await {
+            Ok(Some(r)) if r.done_at.is_some() => {
+                let by = r.done_by.unwrap_or_default();
+                let result = r.result.unwrap_or_default();
+                println!(
+                    "{stream}: {} done by instance {by}: {result}",
+                    action.as_str()
+                );
+                return if result.starts_with("refused") {
+                    EX_FAIL
+                } else {
+                    EX_OK
+                };
+            }
+            Ok(_) => {}
+            Err(e) => return store_error(&e),
+        }
+        if !said && started.elapsed() >= Duration::from_secs(2) {
+            said = true;
+            eprintln!(
+                "usher: waiting for the instance that holds {stream}'s lease to take request {id}: instances look for requests every {} (daemon.control_poll) and act at the stream's next page boundary. Ctrl-C stops waiting; the request stays",
+                humantime::format_duration(config.daemon.control_poll)
+            );
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            eprintln!(
+                "usher: request {id} has not been taken yet; the stream's holder carries it out at its next safe point"
+            );
+            return EX_OK;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 pub fn cursor_reset(source: config::Source, stream: &str) -> i32 {
     let config = match load(&source) {
         Ok(c) => c,
@@ -361,6 +428,9 @@ pub fn cursor_reset(source: config::Source, stream: &str) -> i32 {
     };
     if let Err(code) = known_stream(&config, stream) {
         return code;
+    }
+    if config.daemon.postgres.is_some() {
+        return super::block_on(via_state(&config, Action::Reset, stream, "cursor reset"));
     }
     let state_dir = config.daemon.state_dir.clone();
     match lock::acquire(&state_dir) {
@@ -409,32 +479,91 @@ pub async fn trigger(source: config::Source, stream: &str) -> i32 {
     if let Err(code) = known_stream(&config, stream) {
         return code;
     }
-    let state_dir = config.daemon.state_dir.clone();
-    let _lock = match lock::acquire(&state_dir) {
-        Ok(l) => l,
-        Err(LockError::Held { pid: Some(pid), .. }) => {
-            return tokio::task::block_in_place(|| {
-                via_daemon(
-                    &state_dir,
-                    config.daemon.control_poll,
-                    pid,
-                    Action::Trigger,
-                    stream,
-                    "trigger",
-                )
-            });
+    // Several instances: a running instance carries the trigger out; with none running,
+    // this process runs the stream under its group's lease.
+    let mut _lock = None;
+    if config.daemon.postgres.is_some() {
+        let store = match Store::open_configured(&config.daemon).await {
+            Ok(s) => s,
+            Err(e) => return store_error(&e),
+        };
+        let k = crate::engine::lease::Keeper::new(store, &config).for_cli();
+        match k.live_daemons().await {
+            Ok(live) if !live.is_empty() => {
+                return via_state(&config, Action::Trigger, stream, "trigger").await;
+            }
+            Ok(_) => {}
+            Err(e) => return store_error(&e),
         }
-        Err(e) => return lock_error(&e),
-    };
+    } else {
+        let state_dir = config.daemon.state_dir.clone();
+        _lock = match lock::acquire(&state_dir) {
+            Ok(l) => Some(l),
+            Err(LockError::Held { pid: Some(pid), .. }) => {
+                return tokio::task::block_in_place(|| {
+                    via_daemon(
+                        &state_dir,
+                        config.daemon.control_poll,
+                        pid,
+                        Action::Trigger,
+                        stream,
+                        "trigger",
+                    )
+                });
+            }
+            Err(e) => return lock_error(&e),
+        };
+    }
     let config = match load(&source) {
         Ok(c) => c,
         Err(code) => return code,
     };
     crate::logging::init_cli();
-    let store = match Store::open_configured(&config.daemon).await {
+    let mut store = match Store::open_configured(&config.daemon).await {
         Ok(s) => s,
         Err(e) => return store_error(&e),
     };
+    let mut keeper = None;
+    if store.is_postgres() {
+        let mut k = crate::engine::lease::Keeper::new(store.clone(), &config).for_cli();
+        let lease = match k.take_group_of(stream).await {
+            Ok(Some(l)) => l,
+            Ok(None) => {
+                eprintln!(
+                    "usher: another process holds the lease of {stream}'s group (an instance that stopped renewing it, or another `usher trigger`); try again once it expires (daemon.lease, {})",
+                    humantime::format_duration(config.daemon.lease)
+                );
+                return EX_FAIL;
+            }
+            Err(e) => return store_error(&e),
+        };
+        let streams = k.streams_of(&lease.key);
+        if let Err(e) =
+            crate::engine::lease::inherit(&store, &config, &k.me, &lease, &streams).await
+        {
+            return store_error(&e);
+        }
+        let Some(fence) = k.fence(stream) else {
+            return EX_FAIL;
+        };
+        store = store.fenced(fence, config.daemon.settle_margin);
+        // Renewed every third of its length while the run goes; given back after.
+        let k = Arc::new(tokio::sync::Mutex::new(k));
+        let (period, renewer) = (config.daemon.lease / 3, k.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(period).await;
+                match renewer.lock().await.renew_held().await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::error!("lost the stream's lease: the run commits nothing more")
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot renew the stream's lease"),
+                }
+            }
+        });
+        keeper = Some((k, task));
+    }
     let _ = store
         .audit(
             &control::cli_actor("trigger"),
@@ -481,6 +610,10 @@ pub async fn trigger(source: config::Source, stream: &str) -> i32 {
             return EX_FAIL;
         }
     };
+    if let Some((k, task)) = keeper {
+        task.abort();
+        k.lock().await.release_all().await;
+    }
     let c = report.counts;
     println!(
         "{}: {} in {:.1}s: pulled {}, created {}, updated {}, skipped {}, failed {}, queued {}",

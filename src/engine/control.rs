@@ -157,13 +157,21 @@ pub fn sweep(state_dir: &Path, age: std::time::Duration) -> usize {
         .count()
 }
 
-/// Who is running the CLI, for the audit trail.
+/// This machine's name (the audit trail and the leases say which host acted).
+pub fn host_name() -> String {
+    rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Who is running the CLI, and on which host, for the audit trail.
 pub fn cli_actor(command: &str) -> String {
     let user = std::env::var("SUDO_USER")
         .or_else(|_| std::env::var("USER"))
         .or_else(|_| std::env::var("LOGNAME"))
         .unwrap_or_else(|_| format!("uid {}", rustix::process::getuid().as_raw()));
-    format!("{user} via `usher {command}`")
+    format!("{user}@{} via `usher {command}`", host_name())
 }
 
 #[cfg(test)]

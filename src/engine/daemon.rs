@@ -186,7 +186,38 @@ enum Event {
         stream: String,
         recorded: bool,
     },
-    ControlDone(PathBuf),
+    ControlDone(Origin),
+}
+
+/// Where an operator request came from: a control file in this host's state folder, or a
+/// request row in the state (several instances).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Origin {
+    File(PathBuf),
+    State(i64),
+}
+
+/// An operator request about to be carried out.
+struct Pending {
+    origin: Origin,
+    action: Action,
+    stream: String,
+    actor: String,
+}
+
+/// Closes a request once it is carried out: the control file is removed, the request row
+/// gets who did it and the outcome.
+async fn close(store: &Store, origin: &Origin, me: &str, result: &str) {
+    match origin {
+        Origin::File(path) => {
+            let _ = std::fs::remove_file(path);
+        }
+        Origin::State(id) => {
+            if let Err(e) = store.request_done(*id, me, result).await {
+                tracing::error!(request = id, error = %e, "cannot close the operator request in the state");
+            }
+        }
+    }
 }
 
 pub struct Daemon {
@@ -207,8 +238,8 @@ pub struct Daemon {
     /// A second SIGTERM or `shutdown_timeout`: runs drop their requests in flight now.
     abandon: CancellationToken,
     tracker: TaskTracker,
-    /// Control files being acted on (so that a poll does not pick them up twice).
-    in_progress: HashSet<PathBuf>,
+    /// Operator requests being acted on (so that a poll does not pick them up twice).
+    in_progress: HashSet<Origin>,
     /// Caps how many runs go at once; the others wait for a permit.
     permits: Arc<tokio::sync::Semaphore>,
     /// The configuration as /metrics and /healthz see it (updated on reload).
@@ -368,12 +399,15 @@ pub async fn run(
                             d.start_run(&stream, "trigger");
                         }
                 }
-                Event::ControlDone(path) => {
-                    d.in_progress.remove(&path);
+                Event::ControlDone(origin) => {
+                    d.in_progress.remove(&origin);
                 }
                 Event::RunEnded { stream, recorded } => d.on_run_ended(&stream, recorded).await,
             },
-            _ = control_tick.tick() => d.process_control(),
+            _ = control_tick.tick() => {
+                d.process_control();
+                d.process_requests().await;
+            }
             _ = lease_tick.tick() => {
                 if d.leases.is_some() {
                     d.lease_turn().await;
@@ -748,60 +782,9 @@ impl Daemon {
         if let Ok(saved) = super::budget_log::saved_budgets(&self.store).await {
             self.http.restore_budgets(saved);
         }
-        let Some(previous) = lease.previous_holder.clone() else {
-            return;
-        };
-        if let Some(expiry_ms) = lease.previous_expiry_ms {
-            for s in &streams {
-                let Some(spec) = self.config.streams.get(s) else {
-                    continue;
-                };
-                let longest = [&spec.source, &spec.target]
-                    .into_iter()
-                    .filter_map(|c| self.config.connections.get(c))
-                    .map(|c| c.timeout)
-                    .max()
-                    .unwrap_or_default();
-                let Some(until) = chrono::DateTime::<Utc>::from_timestamp_millis(expiry_ms)
-                    .map(|t| t + chrono::TimeDelta::from_std(longest).unwrap_or_default())
-                else {
-                    continue;
-                };
-                // Only a stream the old holder was writing to (its run left a row in
-                // `in_doubt`: a run that saw every answer clears it) has writes in doubt.
-                let later = match self.store.doubt(s).await {
-                    Ok(Some(d)) => d.until < until,
-                    Ok(None) => false,
-                    Err(_) => true,
-                };
-                if later
-                    && until > Utc::now()
-                    && let Err(e) = self
-                        .store
-                        .doubt_set(
-                            s,
-                            until,
-                            crate::store::DoubtState::Unanswered,
-                            &format!("writes of instance {previous}, whose lease ran out"),
-                        )
-                        .await
-                {
-                    tracing::error!(stream = %s, error = %e, "cannot record the previous holder's writes as in doubt");
-                }
-            }
-        }
-        match self
-            .store
-            .close_runs_of(
-                streams.clone(),
-                me,
-                "lost lease",
-                format!("instance {previous} lost the lease of this stream's group before the run finished; nothing after its last commit was kept"),
-            )
-            .await
-        {
+        match super::lease::inherit(&self.store, &self.config, me, &lease, &streams).await {
             Ok(n) if n > 0 => {
-                tracing::warn!(group = %lease.key, runs = n, previous = %previous, "closed runs the previous holder left open; running their streams now");
+                tracing::warn!(group = %lease.key, runs = n, previous = lease.previous_holder.as_deref().unwrap_or("none"), "closed runs the previous holder left open; running their streams now");
                 for s in &streams {
                     if self.config.streams.get(s).is_some_and(|spec| spec.enabled) {
                         self.start_run(s, "schedule");
@@ -957,7 +940,8 @@ impl Daemon {
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     }
 
-    /// Acts on waiting control files.
+    /// Acts on waiting control files. Several instances: a file for a stream another
+    /// instance holds is forwarded to it through the state (a request row).
     fn process_control(&mut self) {
         let state_dir = self.config.daemon.state_dir.clone();
         // Resets before triggers: "reset, then run now" given together runs once, from the
@@ -965,16 +949,18 @@ impl Daemon {
         let mut requests = control::pending(&state_dir);
         requests.sort_by_key(|r| r.action != Ok(Action::Reset));
         for req in requests {
-            if self.in_progress.contains(&req.path) {
+            let origin = Origin::File(req.path.clone());
+            if self.in_progress.contains(&origin) {
                 continue;
             }
             let action = match req.action {
                 Ok(a) => a,
                 Err(ref bad) => {
                     tracing::error!(file = %req.path.display(), action = %bad, "unknown control action (reset or trigger); file removed");
-                    self.audit_and_remove(
-                        req.clone(),
-                        "control-rejected",
+                    self.refuse(
+                        origin,
+                        req.actor,
+                        req.stream,
                         format!("unknown action {bad:?}"),
                     );
                     continue;
@@ -982,64 +968,181 @@ impl Daemon {
             };
             if !self.config.streams.contains_key(&req.stream) {
                 tracing::error!(file = %req.path.display(), stream = %req.stream, "control file names an unknown stream; file removed");
-                self.audit_and_remove(
-                    req.clone(),
-                    "control-rejected",
-                    format!("unknown stream {:?}", req.stream),
-                );
+                let why = format!("unknown stream {:?}", req.stream);
+                self.refuse(origin, req.actor, req.stream, why);
                 continue;
             }
-            self.in_progress.insert(req.path.clone());
-            match action {
-                Action::Trigger => {
-                    tracing::info!(stream = %req.stream, by = %req.actor, "trigger requested");
-                    self.start_run(&req.stream, "trigger");
-                    let store = self.store.clone();
-                    let tx = self.events.clone();
-                    self.tracker.spawn(async move {
-                        if let Err(e) = store
-                            .audit(&req.actor, "trigger", Some(&req.stream), "run now")
-                            .await
-                        {
-                            tracing::error!(error = %e, "cannot write the audit trail");
-                        }
-                        let _ = std::fs::remove_file(&req.path);
-                        let _ = tx.send(Event::ControlDone(req.path));
-                    });
+            let elsewhere = self
+                .leases
+                .as_ref()
+                .is_some_and(|k| k.fence(&req.stream).is_none());
+            if elsewhere {
+                self.forward(req, action);
+                continue;
+            }
+            self.carry_out(Pending {
+                origin,
+                action,
+                stream: req.stream,
+                actor: req.actor,
+            });
+        }
+    }
+
+    /// Several instances: the requests in the state for streams this instance holds
+    /// (written by `usher cursor reset` or `trigger` on any host, or forwarded from another
+    /// instance's control file).
+    async fn process_requests(&mut self) {
+        let Some(keeper) = &self.leases else {
+            return;
+        };
+        let held: Vec<(i64, String, Result<Action, String>, String)> =
+            match self.store.requests_open().await {
+                Ok(rows) => rows
+                    .into_iter()
+                    .filter(|r| {
+                        !self.config.streams.contains_key(&r.stream)
+                            || keeper.fence(&r.stream).is_some()
+                    })
+                    .map(|r| {
+                        let action = match r.action.as_str() {
+                            "reset" => Ok(Action::Reset),
+                            "trigger" => Ok(Action::Trigger),
+                            other => Err(other.to_string()),
+                        };
+                        (r.id, r.stream, action, r.actor)
+                    })
+                    .collect(),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the operator requests in the state");
+                    return;
                 }
-                Action::Reset => {
-                    let slot = self.slot(&req.stream);
-                    let store = self.store.clone();
-                    let tx = self.events.clone();
-                    slot.interrupt.store(true, Ordering::SeqCst);
-                    self.tracker.spawn(async move {
-                        // Waits for a run in flight to reach its page boundary.
-                        let guard = slot.run_lock.clone().lock_owned().await;
-                        match store.reset_cursor(&req.stream, &req.actor, "cursor reset by control file").await {
-                            Ok(old) => tracing::info!(stream = %req.stream, by = %req.actor, old_cursor = ?old, "cursor reset; the next run starts from the beginning"),
-                            Err(e) => tracing::error!(stream = %req.stream, error = %e, "cursor reset failed"),
-                        }
-                        slot.interrupt.store(false, Ordering::SeqCst);
-                        drop(guard);
-                        let _ = std::fs::remove_file(&req.path);
-                        let _ = tx.send(Event::Free(req.stream.clone()));
-                        let _ = tx.send(Event::ControlDone(req.path));
-                    });
+            };
+        let mut held = held;
+        held.sort_by_key(|(id, _, action, _)| (*action != Ok(Action::Reset), *id));
+        for (id, stream, action, actor) in held {
+            let origin = Origin::State(id);
+            if self.in_progress.contains(&origin) {
+                continue;
+            }
+            match action {
+                Err(bad) => self.refuse(origin, actor, stream, format!("unknown action {bad:?}")),
+                Ok(_) if !self.config.streams.contains_key(&stream) => {
+                    let why =
+                        format!("unknown stream {stream:?} (not in this instance's configuration)");
+                    self.refuse(origin, actor, stream, why)
+                }
+                Ok(action) => {
+                    tracing::info!(request = id, stream = %stream, by = %actor, action = action.as_str(), "operator request from the state");
+                    self.carry_out(Pending {
+                        origin,
+                        action,
+                        stream,
+                        actor,
+                    })
                 }
             }
         }
     }
 
-    fn audit_and_remove(&mut self, req: control::Request, action: &'static str, detail: String) {
+    /// This instance's name in `done_by` and the logs.
+    fn me(&self) -> String {
+        match &self.leases {
+            Some(k) => k.me.clone(),
+            None => format!("pid {}", std::process::id()),
+        }
+    }
+
+    /// A control file for a stream another instance holds: stored as a request for it.
+    fn forward(&mut self, req: control::Request, action: Action) {
+        let origin = Origin::File(req.path.clone());
+        self.in_progress.insert(origin.clone());
         let store = self.store.clone();
-        self.in_progress.insert(req.path.clone());
         let tx = self.events.clone();
+        let actor = format!("{} (control file on {})", req.actor, control::host_name());
+        self.tracker.spawn(async move {
+            match store
+                .request(&req.stream, action.as_str(), &actor, &control::host_name())
+                .await
+            {
+                Ok(id) => {
+                    tracing::info!(stream = %req.stream, request = id, action = action.as_str(), "another instance holds the stream's lease: the control file is passed on to it through the state");
+                    let _ = std::fs::remove_file(&req.path);
+                }
+                Err(e) => tracing::error!(stream = %req.stream, error = %e, "cannot pass the control file on to the stream's holder; it stays"),
+            }
+            let _ = tx.send(Event::ControlDone(origin));
+        });
+    }
+
+    /// Carries out a reset or a trigger at the stream's next safe point, then closes the
+    /// request (removes the file, or writes the outcome into the state's request row).
+    fn carry_out(&mut self, p: Pending) {
+        self.in_progress.insert(p.origin.clone());
+        let (store, tx, me) = (self.store.clone(), self.events.clone(), self.me());
+        match p.action {
+            Action::Trigger => {
+                tracing::info!(stream = %p.stream, by = %p.actor, "trigger requested");
+                self.start_run(&p.stream, "trigger");
+                self.tracker.spawn(async move {
+                    if let Err(e) = store
+                        .audit(&p.actor, "trigger", Some(&p.stream), "run now")
+                        .await
+                    {
+                        tracing::error!(error = %e, "cannot write the audit trail");
+                    }
+                    close(
+                        &store,
+                        &p.origin,
+                        &me,
+                        "run started (or runs as soon as the stream is free)",
+                    )
+                    .await;
+                    let _ = tx.send(Event::ControlDone(p.origin));
+                });
+            }
+            Action::Reset => {
+                let slot = self.slot(&p.stream);
+                // Under a lease the reset is written through the stream's fence: an
+                // instance that lost the lease meanwhile writes nothing.
+                let store_w = match self.leases.as_ref().and_then(|k| k.fence(&p.stream)) {
+                    Some(f) => self.store.fenced(f, self.config.daemon.settle_margin),
+                    None => self.store.clone(),
+                };
+                slot.interrupt.store(true, Ordering::SeqCst);
+                self.tracker.spawn(async move {
+                    // Waits for a run in flight to reach its page boundary.
+                    let guard = slot.run_lock.clone().lock_owned().await;
+                    let result = match store_w.reset_cursor(&p.stream, &p.actor, "cursor reset by an operator request").await {
+                        Ok(old) => {
+                            tracing::info!(stream = %p.stream, by = %p.actor, old_cursor = ?old, "cursor reset; the next run starts from the beginning");
+                            format!("cursor reset (was {})", old.map(|c| format!("{c:?}")).unwrap_or_else(|| "at the start".into()))
+                        }
+                        Err(e) => {
+                            tracing::error!(stream = %p.stream, error = %e, "cursor reset failed");
+                            format!("failed: {e}")
+                        }
+                    };
+                    slot.interrupt.store(false, Ordering::SeqCst);
+                    drop(guard);
+                    close(&store, &p.origin, &me, &result).await;
+                    let _ = tx.send(Event::Free(p.stream.clone()));
+                    let _ = tx.send(Event::ControlDone(p.origin));
+                });
+            }
+        }
+    }
+
+    /// A request that names an unknown action or stream: audited, closed as refused.
+    fn refuse(&mut self, origin: Origin, actor: String, stream: String, why: String) {
+        self.in_progress.insert(origin.clone());
+        let (store, tx, me) = (self.store.clone(), self.events.clone(), self.me());
         self.tracker.spawn(async move {
             let _ = store
-                .audit(&req.actor, action, Some(&req.stream), &detail)
+                .audit(&actor, "control-rejected", Some(&stream), &why)
                 .await;
-            let _ = std::fs::remove_file(&req.path);
-            let _ = tx.send(Event::ControlDone(req.path));
+            close(&store, &origin, &me, &format!("refused: {why}")).await;
+            let _ = tx.send(Event::ControlDone(origin));
         });
     }
 }

@@ -53,6 +53,9 @@ pub struct Keeper {
     pub me: String,
     host: String,
     pid: u32,
+    /// The kernel's boot id: instances of one machine and boot tell each other's death.
+    boot: String,
+    role: leases::Role,
     length: Duration,
     /// Lease key → its streams.
     groups: BTreeMap<String, Vec<String>>,
@@ -124,11 +127,16 @@ impl Keeper {
             .into_owned();
         let pid = std::process::id();
         let me = format!("{host}:{pid}:{:08x}", rand::random::<u32>());
+        let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|b| b.trim().to_string())
+            .unwrap_or_default();
         let mut k = Keeper {
             store,
             me,
             host,
             pid,
+            boot,
+            role: leases::Role::Daemon,
             length: config.daemon.lease,
             groups: BTreeMap::new(),
             group_of: HashMap::new(),
@@ -184,7 +192,7 @@ impl Keeper {
     /// `busy` says whether a group has a run going (such a lease is never given back).
     pub async fn turn(&mut self, busy: &dyn Fn(&str) -> bool) -> Result<Vec<Change>, StoreError> {
         let me = self.me.clone();
-        let (host, pid) = (self.host.clone(), self.pid);
+        let (host, pid, boot, role) = (self.host.clone(), self.pid, self.boot.clone(), self.role);
         let length_ms = self.length.as_millis() as i64;
         let keys: Vec<String> = self.groups.keys().cloned().collect();
         let held: Vec<(String, i64)> = self
@@ -193,18 +201,21 @@ impl Keeper {
             .map(|(k, h)| (k.clone(), h.epoch))
             .collect();
         // Alive, renewed, and who else is.
-        let (renewed, live, all) = self
+        let (renewed, live, all, dead) = self
             .store
             .write(move |db| {
-                leases::heartbeat(db, &me, &host, pid)?;
+                leases::heartbeat(db, &me, &host, pid, &boot, role)?;
                 leases::ensure(db, &keys)?;
                 let renewed = leases::renew(db, &me, &held, length_ms)?;
+                // Killed instances of this machine: their leases are over now.
+                let dead = leases::dead_local_instances(db, &me, &boot, &process_exists)?;
                 // An instance is live while it renews (every third of a lease): seen within
                 // one lease length. One that was not is gone by the time its leases expire.
-                let live = leases::live_instances(db, length_ms)?;
+                let mut live = leases::live_instances(db, length_ms)?;
+                live.retain(|id| !dead.contains(id));
                 leases::forget_instances(db, 24 * 3600 * 1000)?;
                 let (now, all) = leases::all(db)?;
-                Ok((renewed, live, (now, all)))
+                Ok((renewed, live, (now, all), dead))
             })
             .await?;
         let mut changes = Vec::new();
@@ -229,7 +240,11 @@ impl Keeper {
         let takeable: Vec<String> = rows
             .iter()
             .filter(|r| self.groups.contains_key(&r.key) && !self.held.contains_key(&r.key))
-            .filter(|r| r.holder.is_none() || r.expires_ms <= now)
+            .filter(|r| {
+                r.holder.is_none()
+                    || r.expires_ms <= now
+                    || r.holder.as_ref().is_some_and(|h| dead.contains(h))
+            })
             .map(|r| r.key.clone())
             .collect();
         for key in takeable {
@@ -238,9 +253,10 @@ impl Keeper {
             }
             let me = self.me.clone();
             let k = key.clone();
+            let dead = dead.clone();
             let got = self
                 .store
-                .write(move |db| leases::acquire(db, &me, &k, length_ms))
+                .write(move |db| leases::acquire(db, &me, &k, length_ms, &dead))
                 .await?;
             if let Some(a) = got {
                 self.held.insert(key.clone(), Held { epoch: a.epoch });
@@ -279,6 +295,157 @@ impl Keeper {
                 Ok(())
             })
             .await;
+    }
+}
+
+/// Whether a process of this machine exists (running, or stopped: a stopped process may
+/// wake up and its lease must then run out as usual).
+/// A zombie (dead, not yet reaped) counts as gone.
+fn process_exists(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // "PID (comm) STATE …": the state follows the last ')'.
+    !matches!(
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next()),
+        Some('Z') | Some('X')
+    )
+}
+
+/// A lease just taken from another holder. When that holder let it expire (it died, or
+/// was paused or cut off) while writing to a stream (its `in_doubt` row is there), its
+/// writes may still land until its lease's expiry plus the longest timeout of the stream's
+/// connections: the row is moved to then (a run waits for it, plus the settle margin). A
+/// stream it was not writing to has nothing in doubt. Its runs left open are closed as
+/// `lost lease`; returns how many (their streams should run now).
+pub async fn inherit(
+    store: &Store,
+    config: &Config,
+    me: &str,
+    lease: &Acquired,
+    streams: &[String],
+) -> Result<usize, StoreError> {
+    let Some(previous) = lease.previous_holder.clone() else {
+        return Ok(0);
+    };
+    if let Some(expiry_ms) = lease.previous_expiry_ms {
+        for s in streams {
+            let Some(spec) = config.streams.get(s) else {
+                continue;
+            };
+            let longest = [&spec.source, &spec.target]
+                .into_iter()
+                .filter_map(|c| config.connections.get(c))
+                .map(|c| c.timeout)
+                .max()
+                .unwrap_or_default();
+            let Some(until) = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(expiry_ms)
+                .map(|t| t + chrono::TimeDelta::from_std(longest).unwrap_or_default())
+            else {
+                continue;
+            };
+            // Only a stream the old holder was writing to (its run left a row in
+            // `in_doubt`: a run that saw every answer clears it) has writes in doubt.
+            let later = match store.doubt(s).await {
+                Ok(Some(d)) => d.until < until,
+                Ok(None) => false,
+                Err(_) => true,
+            };
+            if later
+                && until > chrono::Utc::now()
+                && let Err(e) = store
+                    .doubt_set(
+                        s,
+                        until,
+                        crate::store::DoubtState::Unanswered,
+                        &format!("writes of instance {previous}, whose lease ran out"),
+                    )
+                    .await
+            {
+                tracing::error!(stream = %s, error = %e, "cannot record the previous holder's writes as in doubt");
+            }
+        }
+    }
+    store
+        .close_runs_of(
+            streams.to_vec(),
+            me,
+            "lost lease",
+            format!("instance {previous} lost the lease of this stream's group before the run finished; nothing after its last commit was kept"),
+        )
+        .await
+}
+
+impl Keeper {
+    /// A keeper for the CLI's own run of one stream: it says it is alive as the CLI, so
+    /// that it is not taken for a daemon that carries out requests.
+    pub fn for_cli(mut self) -> Keeper {
+        self.role = leases::Role::Cli;
+        self
+    }
+
+    /// The daemons alive on the state (within a lease length), after forgetting the ones
+    /// of this machine whose process is gone.
+    pub async fn live_daemons(&self) -> Result<Vec<String>, StoreError> {
+        let (me, boot) = (self.me.clone(), self.boot.clone());
+        let length_ms = self.length.as_millis() as i64;
+        self.store
+            .write(move |db| {
+                let dead = leases::dead_local_instances(db, &me, &boot, &process_exists)?;
+                let mut live = leases::live_instances(db, length_ms)?;
+                live.retain(|id| !dead.contains(id));
+                Ok(live)
+            })
+            .await
+    }
+
+    /// The CLI's own run (`usher trigger` when no instance is running): takes the lease of
+    /// `stream`'s group for this process, if it is free or expired.
+    pub async fn take_group_of(&mut self, stream: &str) -> Result<Option<Acquired>, StoreError> {
+        let Some(key) = self.group_of.get(stream).cloned() else {
+            return Ok(None);
+        };
+        let (me, host, pid) = (self.me.clone(), self.host.clone(), self.pid);
+        let (boot, role) = (self.boot.clone(), self.role);
+        let length_ms = self.length.as_millis() as i64;
+        let keys: Vec<String> = self.groups.keys().cloned().collect();
+        let k = key.clone();
+        let got = self
+            .store
+            .write(move |db| {
+                leases::heartbeat(db, &me, &host, pid, &boot, role)?;
+                leases::ensure(db, &keys)?;
+                let dead = leases::dead_local_instances(db, &me, &boot, &process_exists)?;
+                leases::acquire(db, &me, &k, length_ms, &dead)
+            })
+            .await?;
+        if let Some(a) = &got {
+            self.held.insert(key, Held { epoch: a.epoch });
+        }
+        Ok(got)
+    }
+
+    /// Renews what this process holds (the CLI's run: no share taken, none given back);
+    /// false when a lease was lost.
+    pub async fn renew_held(&mut self) -> Result<bool, StoreError> {
+        let (me, host, pid) = (self.me.clone(), self.host.clone(), self.pid);
+        let (boot, role) = (self.boot.clone(), self.role);
+        let length_ms = self.length.as_millis() as i64;
+        let held: Vec<(String, i64)> = self
+            .held
+            .iter()
+            .map(|(k, h)| (k.clone(), h.epoch))
+            .collect();
+        let n = held.len();
+        let renewed = self
+            .store
+            .write(move |db| {
+                leases::heartbeat(db, &me, &host, pid, &boot, role)?;
+                leases::renew(db, &me, &held, length_ms)
+            })
+            .await?;
+        Ok(renewed.len() == n)
     }
 }
 

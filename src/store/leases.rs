@@ -67,22 +67,68 @@ pub fn check_fence(db: &mut dyn Sql, f: &Fence, min_left_ms: i64) -> DbResult<()
     }
 }
 
-/// Says this instance is alive.
-pub fn heartbeat(db: &mut dyn Sql, id: &str, host: &str, pid: u32) -> DbResult<i64> {
+/// Who says it is alive: a daemon, or the CLI running one stream (`usher trigger` with no
+/// daemon up), which holds a lease but takes no share and no requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Daemon,
+    Cli,
+}
+
+/// Says this instance is alive. `boot` is the kernel's boot id of its machine (instances of
+/// one machine and one boot can tell whether each other's processes still exist).
+pub fn heartbeat(
+    db: &mut dyn Sql,
+    id: &str,
+    host: &str,
+    pid: u32,
+    boot: &str,
+    role: Role,
+) -> DbResult<i64> {
     let now = db_now_ms(db)?;
+    let role = match role {
+        Role::Daemon => "daemon",
+        Role::Cli => "cli",
+    };
     db.execute(
-        "INSERT INTO instances (id, host, pid, started_ms, seen_ms) VALUES (?1, ?2, ?3, ?4, ?4)
+        "INSERT INTO instances (id, host, pid, boot, role, started_ms, seen_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)
          ON CONFLICT (id) DO UPDATE SET seen_ms = excluded.seen_ms",
-        p![id, host, pid, now],
+        p![id, host, pid, boot, role, now],
     )?;
     Ok(now)
 }
 
-/// The instances seen within `within_ms`, in order of their ids.
+/// The other instances of this machine and boot whose process no longer exists (killed,
+/// crashed): their leases can be taken at once, and they are not counted as live. A process that
+/// exists (running, or stopped by SIGSTOP) is not dead; its leases run out as usual.
+pub fn dead_local_instances(
+    db: &mut dyn Sql,
+    me: &str,
+    boot: &str,
+    alive: &dyn Fn(u32) -> bool,
+) -> DbResult<Vec<String>> {
+    if boot.is_empty() {
+        return Ok(Vec::new());
+    }
+    let local: Vec<(String, i64)> = db.query(
+        "SELECT id, pid FROM instances WHERE boot = ?1 AND id <> ?2",
+        p![boot, me],
+        |r| Ok((r.text(0)?, r.i64(1)?)),
+    )?;
+    // Kept (not deleted) until `forget_instances`: a lease may still name them.
+    Ok(local
+        .into_iter()
+        .filter(|(_, pid)| !alive(*pid as u32))
+        .map(|(id, _)| id)
+        .collect())
+}
+
+/// The daemons seen within `within_ms`, in order of their ids.
 pub fn live_instances(db: &mut dyn Sql, within_ms: i64) -> DbResult<Vec<String>> {
     let now = db_now_ms(db)?;
     db.query(
-        "SELECT id FROM instances WHERE seen_ms >= ?1 ORDER BY id",
+        "SELECT id FROM instances WHERE seen_ms >= ?1 AND role = 'daemon' ORDER BY id",
         p![now - within_ms],
         |r| r.text(0),
     )
@@ -177,12 +223,14 @@ pub struct Acquired {
     pub now_ms: i64,
 }
 
-/// Takes a lease that nobody holds, or whose holder let it expire.
+/// Takes a lease that nobody holds, or whose holder let it expire, or whose holder is one of
+/// `dead` (a process of this machine that no longer exists: its lease is over now).
 pub fn acquire(
     db: &mut dyn Sql,
     holder: &str,
     key: &str,
     length_ms: i64,
+    dead: &[String],
 ) -> DbResult<Option<Acquired>> {
     let now = db_now_ms(db)?;
     let before = db.query_opt(
@@ -190,16 +238,17 @@ pub fn acquire(
         p![key],
         |r| Ok((r.opt_text(0)?, r.i64(1)?)),
     )?;
-    let Some((old_holder, old_expiry)) = before else {
+    let Some((old_holder, mut old_expiry)) = before else {
         return Ok(None);
     };
-    if old_holder.is_some() && old_expiry > now {
+    let from_dead = old_holder.as_ref().is_some_and(|h| dead.contains(h));
+    if old_holder.is_some() && old_expiry > now && !from_dead {
         return Ok(None);
     }
     let n = db.execute(
         "UPDATE leases SET holder = ?2, epoch = epoch + 1, expires_ms = ?3,
                 previous_holder = holder, previous_expiry = expires_ms
-         WHERE key = ?1 AND (holder IS NULL OR expires_ms <= ?4)
+         WHERE key = ?1 AND (holder IS NULL OR expires_ms <= ?4 OR ?7 = 1)
            AND holder IS NOT DISTINCT FROM ?5 AND expires_ms = ?6",
         p![
             key,
@@ -207,9 +256,14 @@ pub fn acquire(
             now + length_ms,
             now,
             old_holder.as_deref(),
-            old_expiry
+            old_expiry,
+            from_dead
         ],
     )?;
+    if from_dead {
+        // Its writes were bound to end when it died (before now), not at its lease's end.
+        old_expiry = old_expiry.min(now);
+    }
     if n != 1 {
         return Ok(None); // someone else was quicker
     }
@@ -265,11 +319,11 @@ mod tests {
         let mut l = Lite(&c);
         let db: &mut dyn Sql = &mut l;
         ensure(db, &["g".into()]).unwrap();
-        let a = acquire(db, "A", "g", 60_000).unwrap().expect("free");
+        let a = acquire(db, "A", "g", 60_000, &[]).unwrap().expect("free");
         assert_eq!(a.epoch, 1);
         assert_eq!(a.previous_holder, None);
         assert!(
-            acquire(db, "B", "g", 60_000).unwrap().is_none(),
+            acquire(db, "B", "g", 60_000, &[]).unwrap().is_none(),
             "held by A"
         );
         let fence_a = Fence {
@@ -281,7 +335,9 @@ mod tests {
         // A's lease runs out (as if it were paused): B takes it, A can no longer write.
         db.execute("UPDATE leases SET expires_ms = 1 WHERE key = 'g'", p![])
             .unwrap();
-        let b = acquire(db, "B", "g", 60_000).unwrap().expect("expired");
+        let b = acquire(db, "B", "g", 60_000, &[])
+            .unwrap()
+            .expect("expired");
         assert_eq!(b.epoch, 2);
         assert_eq!(b.previous_holder.as_deref(), Some("A"));
         assert_eq!(b.previous_expiry_ms, Some(1));
@@ -304,7 +360,46 @@ mod tests {
         assert!(rows[0].expires_ms >= now + 119_000);
         // Given back between runs: the next holder has nothing to wait for.
         assert!(release(db, "B", "g", 2).unwrap());
-        let c2 = acquire(db, "C", "g", 60_000).unwrap().expect("released");
+        let c2 = acquire(db, "C", "g", 60_000, &[])
+            .unwrap()
+            .expect("released");
         assert_eq!(c2.previous_expiry_ms, None);
+    }
+
+    #[test]
+    fn a_dead_local_holder_s_lease_is_taken_at_once_and_a_live_one_s_is_not() {
+        let c = db();
+        let mut l = Lite(&c);
+        let db: &mut dyn Sql = &mut l;
+        ensure(db, &["g".into(), "h".into()]).unwrap();
+        heartbeat(db, "host:1:a", "host", 1, "boot-1", Role::Daemon).unwrap();
+        heartbeat(db, "host:2:b", "host", 2, "boot-1", Role::Daemon).unwrap();
+        heartbeat(db, "other:1:c", "other", 1, "boot-2", Role::Daemon).unwrap();
+        acquire(db, "host:1:a", "g", 60_000, &[]).unwrap().unwrap();
+        acquire(db, "other:1:c", "h", 60_000, &[]).unwrap().unwrap();
+        // Seen from host:3:d on boot-1: pid 1 is gone, pid 2 is alive; "other" is another
+        // machine, never judged from here.
+        heartbeat(db, "host:3:d", "host", 3, "boot-1", Role::Cli).unwrap();
+        let dead = dead_local_instances(db, "host:3:d", "boot-1", &|pid| pid != 1).unwrap();
+        assert_eq!(dead, vec!["host:1:a".to_string()]);
+        let a = acquire(db, "host:3:d", "g", 60_000, &dead)
+            .unwrap()
+            .expect("its holder is dead");
+        assert_eq!(a.previous_holder.as_deref(), Some("host:1:a"));
+        assert!(
+            a.previous_expiry_ms.unwrap() <= a.now_ms,
+            "its writes ended by now"
+        );
+        assert!(
+            acquire(db, "host:3:d", "h", 60_000, &dead)
+                .unwrap()
+                .is_none()
+        );
+        // An unknown boot judges nothing.
+        assert!(
+            dead_local_instances(db, "x", "", &|_| false)
+                .unwrap()
+                .is_empty()
+        );
     }
 }

@@ -187,6 +187,8 @@ pub const MIGRATIONS: &[&str] = &[
         id          TEXT PRIMARY KEY,
         host        TEXT NOT NULL,
         pid         INTEGER NOT NULL,
+        boot        TEXT NOT NULL DEFAULT '',
+        role        TEXT NOT NULL DEFAULT 'daemon',
         started_ms  INTEGER NOT NULL,
         seen_ms     INTEGER NOT NULL
     );
@@ -387,6 +389,8 @@ pub const MIGRATIONS_PG: &[&str] = &[
         id          TEXT PRIMARY KEY,
         host        TEXT NOT NULL,
         pid         BIGINT NOT NULL,
+        boot        TEXT NOT NULL DEFAULT '',
+        role        TEXT NOT NULL DEFAULT 'daemon',
         started_ms  BIGINT NOT NULL,
         seen_ms     BIGINT NOT NULL
     );

@@ -13,10 +13,12 @@
 #[macro_use]
 pub mod sql;
 mod budgets;
+mod copy;
 mod in_doubt;
 pub mod leases;
 mod migrations;
 pub mod pg;
+mod requests;
 // S-360
 mod s360;
 // Integration settings branch: online checks and CDP pauses.
@@ -33,8 +35,10 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
 
 pub use budgets::BudgetRow;
+pub use copy::Copied;
 pub use in_doubt::{Doubt, DoubtState};
 pub use migrations::{MIGRATIONS, MIGRATIONS_PG};
+pub use requests::OperatorRequest;
 // S-360
 pub use s360::{InboxBatch, InboxOutcome, InboxRecord, InboxRow, RecordId};
 use sql::{DbError, DbErrorKind, DbResult, Sql};

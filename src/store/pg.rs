@@ -81,6 +81,16 @@ fn pg_err(e: tokio_postgres::Error) -> DbError {
     DbError { kind, message }
 }
 
+/// A statement the server would not prepare is usher's own mistake: the message names it
+/// (statements hold no values; those are parameters).
+fn unprepared(e: tokio_postgres::Error, sql: &str) -> DbError {
+    let mut err = pg_err(e);
+    let statement: String = sql.split_whitespace().collect::<Vec<_>>().join(" ");
+    let statement: String = statement.chars().take(300).collect();
+    err.message = format!("{} (in `{statement}`)", err.message);
+    err
+}
+
 fn pool_err(e: deadpool_postgres::PoolError) -> DbError {
     match e {
         deadpool_postgres::PoolError::Backend(e) => pg_err(e),
@@ -204,7 +214,7 @@ impl Sql for PgSql<'_> {
                 .tx
                 .prepare_cached(&to_postgres(sql))
                 .await
-                .map_err(pg_err)?;
+                .map_err(|e| unprepared(e, sql))?;
             self.tx.execute(&st, &args).await.map_err(pg_err)
         })
     }
@@ -221,7 +231,7 @@ impl Sql for PgSql<'_> {
                 .tx
                 .prepare_cached(&to_postgres(sql))
                 .await
-                .map_err(pg_err)?;
+                .map_err(|e| unprepared(e, sql))?;
             self.tx.query(&st, &args).await.map_err(pg_err)
         })?;
         for r in &rows {

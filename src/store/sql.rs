@@ -224,6 +224,8 @@ fn first_line(sql: &str) -> &str {
 pub fn to_postgres(sql: &str) -> String {
     let mut out = String::with_capacity(sql.len() + 8);
     let mut quoted = false;
+    // SQLite's rule for a bare `?`: one more than the largest number given so far.
+    let mut largest = 0u32;
     let mut chars = sql.chars().peekable();
     while let Some(c) = chars.next() {
         match c {
@@ -231,7 +233,20 @@ pub fn to_postgres(sql: &str) -> String {
                 quoted = !quoted;
                 out.push(c);
             }
-            '?' if !quoted && chars.peek().is_some_and(|n| n.is_ascii_digit()) => out.push('$'),
+            '?' if !quoted => {
+                let mut digits = String::new();
+                while let Some(d) = chars.peek().copied().filter(char::is_ascii_digit) {
+                    digits.push(d);
+                    chars.next();
+                }
+                let n = match digits.parse::<u32>() {
+                    Ok(n) => n,
+                    Err(_) => largest + 1,
+                };
+                largest = largest.max(n);
+                out.push('$');
+                out.push_str(&n.to_string());
+            }
             _ => out.push(c),
         }
     }
@@ -355,6 +370,11 @@ mod tests {
         assert_eq!(
             to_postgres("SELECT a FROM t WHERE b = ?1 AND c = '?2' AND d IN (?2,?10)"),
             "SELECT a FROM t WHERE b = $1 AND c = '?2' AND d IN ($2,$10)"
+        );
+        // A bare `?` is one more than the largest number so far, as in SQLite.
+        assert_eq!(
+            to_postgres("WHERE s = ?1 AND id IN (?,?,?) AND x = ?7 AND y = ?"),
+            "WHERE s = $1 AND id IN ($2,$3,$4) AND x = $7 AND y = $8"
         );
     }
 
