@@ -232,17 +232,19 @@ pub(super) fn known_stream(config: &Config, stream: &str) -> Result<(), i32> {
     if config.streams.contains_key(stream) {
         Ok(())
     } else {
-        eprintln!(
-            "usher: no stream {stream:?} in the configuration (streams: {})",
-            config
-                .streams
-                .keys()
-                .cloned()
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
+        eprintln!("{}", no_stream(config, stream));
         Err(EX_FAIL)
     }
+}
+
+/// "no stream X", with the nearest name when one is near and the names there are.
+pub(super) fn no_stream(config: &Config, stream: &str) -> String {
+    let names: Vec<&str> = config.streams.keys().map(String::as_str).collect();
+    format!(
+        "usher: no stream {stream:?} in the configuration{} (streams: {})",
+        config::suggest::did_you_mean(stream, &names),
+        names.join(", ")
+    )
 }
 
 pub fn cursor_show(source: config::Source, stream: &str) -> i32 {

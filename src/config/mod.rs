@@ -15,6 +15,8 @@ mod s360;
 mod ticketco_airship;
 // Integration settings, CM.com CDP and seats.io.
 mod settings;
+// "Did you mean" for misspelt keys, kinds, transforms and names.
+pub mod suggest;
 pub use settings::{
     CONFLICTS, CdpAccount, INTEGRATIONS, IntegrationState, SeatsioAccount, Settings,
     basic_user_only, is_guid,
