@@ -1149,7 +1149,14 @@ fn build_stream(
     };
     let page_size = limit(l, "page_size", raw.page_size, 100, 1000);
     let max_per_run = limit(l, "max_per_run", raw.max_per_run, 500, 1_000_000);
-    let max_per_payload = limit(l, "max_per_payload", raw.max_per_payload, 50, 10_000);
+    // Unwritten, a payload is at most a run.
+    let max_per_payload = limit(
+        l,
+        "max_per_payload",
+        raw.max_per_payload,
+        50.min(max_per_run),
+        10_000,
+    );
 
     let mut mapping = Mapping::default();
     for (target_field, expr) in raw.mapping.iter().flatten() {
@@ -1301,7 +1308,7 @@ fn build_stream(
             "`feed` applies only to a source of kind crm",
         );
     }
-    if max_per_payload > max_per_run {
+    if raw.max_per_payload.is_some() && max_per_payload > max_per_run {
         l.problem(
             &scope,
             &key("max_per_payload"),
@@ -1382,6 +1389,9 @@ fn build_stream(
             "`airship` applies only to a stream from a ticketco source to an airship target",
         );
     }
+    if let Some(k) = &kind {
+        unused_keys(l, &scope, &prefix, &raw, k);
+    }
     if raw.entity.is_none() {
         l.problem(
             &scope,
@@ -1409,6 +1419,63 @@ fn build_stream(
         matching: raw.matching.unwrap_or_default(),
         kind: kind?,
     })
+}
+
+/// The generic stream keys that a kind's runs do not read, and the kind's name. A key that
+/// validates must do something: written on a stream whose runs ignore it, it is refused.
+pub(super) fn unused_keys_of(kind: &StreamKind) -> (&'static str, &'static [&'static str]) {
+    match kind {
+        StreamKind::FeedToWebhook { .. } => ("crm → crm webhook", &[]),
+        // S-360
+        StreamKind::S360Relay { .. } => ("s360 → crm relay", &["matching"]),
+        // One call per record: no payloads.
+        StreamKind::CrmToS360Contacts { .. } => {
+            ("crm → s360 contacts", &["max_per_payload", "matching"])
+        }
+        StreamKind::CrmOffersToS360 { .. } => {
+            ("crm → s360 offers", &["max_per_payload", "matching"])
+        }
+        // Ticket Co x Airship: a window of dates, its own options (`[streams.X.airship]`).
+        StreamKind::TicketCoToAirship(_) => (
+            "ticketco → airship",
+            &[
+                "page_size",
+                "max_per_run",
+                "max_per_payload",
+                "oldest",
+                "on_bad_record",
+                "matching",
+                "mapping",
+                "static",
+            ],
+        ),
+        StreamKind::FeedToCdp { .. } => ("crm → cdp", &["matching"]),
+        // SeatGeek / Halo: users per POST is `halo.batch_size`.
+        StreamKind::SeatGeekToHalo(_) => ("seatgeek → halo", &["max_per_payload", "matching"]),
+    }
+}
+
+fn unused_keys(l: &mut Layers, scope: &str, prefix: &str, raw: &RawStream, kind: &StreamKind) {
+    let written = [
+        ("page_size", raw.page_size.is_some()),
+        ("max_per_run", raw.max_per_run.is_some()),
+        ("max_per_payload", raw.max_per_payload.is_some()),
+        ("oldest", raw.oldest.is_some()),
+        ("on_bad_record", raw.on_bad_record.is_some()),
+        ("matching", raw.matching.is_some()),
+        ("mapping", raw.mapping.is_some()),
+        ("static", raw.statics.is_some()),
+    ];
+    let (name, unused) = unused_keys_of(kind);
+    for (k, set) in written {
+        if set && unused.contains(&k) {
+            l.problem(
+                scope,
+                &format!("{prefix}.{k}"),
+                format!("`{k}` does not apply to a {name} stream (its runs do not read it)"),
+            );
+        }
+    }
 }
 
 /// Fills `{stream}`, `{institution}` and `{entity}` in a URL template.

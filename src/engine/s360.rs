@@ -256,14 +256,22 @@ pub async fn contacts(
     let source = source(ctx, feed)?;
     let s360 = client(ctx)?;
     let mut cursor = ctx.store.cursor(&spec.name).await?;
+    // `max_per_run`: the run takes at most this many records from the feed; the last page
+    // asks for only what is left, so the cursor ends right after the last record handled.
+    let mut left = u64::from(spec.max_per_run);
     loop {
+        if left == 0 {
+            return Ok(Flow::Done);
+        }
         if ctx.should_stop() {
             return Ok(Flow::Stopped);
         }
+        let want = left.min(u64::from(spec.page_size)) as u32;
         let page = source
-            .pull(&spec.name, cursor.as_deref(), spec.page_size, &ctx.cancel)
+            .pull(&spec.name, cursor.as_deref(), want, &ctx.cancel)
             .await?;
         counts.pulled += page.records.len() as u64;
+        left = left.saturating_sub(page.records.len() as u64);
         super::check_not_stuck(&spec.source, &cursor, &page)?;
         let ids: Vec<String> = page
             .records
@@ -541,14 +549,22 @@ pub async fn offers(
     let source = source(ctx, feed)?;
     let s360 = client(ctx)?;
     let mut cursor = ctx.store.cursor(&spec.name).await?;
+    // `max_per_run`: the run takes at most this many records from the feed; the last page
+    // asks for only what is left, so the cursor ends right after the last record handled.
+    let mut left = u64::from(spec.max_per_run);
     loop {
+        if left == 0 {
+            return Ok(Flow::Done);
+        }
         if ctx.should_stop() {
             return Ok(Flow::Stopped);
         }
+        let want = left.min(u64::from(spec.page_size)) as u32;
         let page = source
-            .pull(&spec.name, cursor.as_deref(), spec.page_size, &ctx.cancel)
+            .pull(&spec.name, cursor.as_deref(), want, &ctx.cancel)
             .await?;
         counts.pulled += page.records.len() as u64;
+        left = left.saturating_sub(page.records.len() as u64);
         super::check_not_stuck(&spec.source, &cursor, &page)?;
         let mut ledger = Vec::new();
         let mut links = Vec::new();
