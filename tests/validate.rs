@@ -550,3 +550,32 @@ fn a_shell_validate_reads_a_relative_secret_from_the_credentials_folder_as_the_s
     let out = env.cli(&["validate"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
 }
+
+#[test]
+fn status_shows_the_state_beside_the_problems_of_an_invalid_config() {
+    let env = Env::new();
+    env.write_config(&format!(
+        "{GOOD}\n[streams.broken]\nsource = \"crm\"\nentity = \"contact\"\ntarget = \"crm\"\nevery = \"often\"\n[streams.broken.webhook]\nurl = \"/h\"\n"
+    ));
+    let out = env.cli(&["status"]);
+    let (text, err) = (stdout(&out), stderr(&out));
+    assert_eq!(out.status.code(), Some(78), "{text}{err}");
+    assert!(
+        text.contains("contacts"),
+        "the valid stream is shown: {text}"
+    );
+    assert!(
+        err.contains("key `streams.broken.every`: invalid duration \"often\""),
+        "{err}"
+    );
+
+    let out = env.cli(&["status", "--json"]);
+    let json: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(json["streams"][0]["stream"], "contacts", "{json}");
+    assert!(
+        json["config_problems"][0]
+            .as_str()
+            .is_some_and(|p| p.contains("streams.broken.every")),
+        "{json}"
+    );
+}

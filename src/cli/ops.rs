@@ -198,10 +198,23 @@ pub async fn validate(source: config::Source, online: bool) -> i32 {
 }
 
 pub fn status(source: config::Source, json: bool) -> i32 {
-    let config = match load(&source) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
+    // An invalid configuration does not hide the state: the streams and connections that
+    // are valid are shown, and the problems beside them (exit 78 still says it is invalid).
+    let (config, problems) = config::load_partial(&source);
+    let shown = status_of(&config, &problems, json);
+    if !problems.is_empty() {
+        if !json {
+            println!();
+        }
+        eprintln!(
+            "usher: the configuration is invalid; the state above shows only the streams and connections that are valid"
+        );
+        return report_problems(&problems);
+    }
+    shown
+}
+
+fn status_of(config: &Config, problems: &[config::Problem], json: bool) -> i32 {
     let state_dir = &config.daemon.state_dir;
     let store = match super::open_existing_state(&config.daemon) {
         Ok(s) => s,
@@ -209,10 +222,11 @@ pub fn status(source: config::Source, json: bool) -> i32 {
     };
     let pid = lock::holder(state_dir);
     let state_error = lock::state_note(state_dir);
-    let status = match crate::status::collect(&config, store.as_ref(), pid, state_error) {
+    let mut status = match crate::status::collect(config, store.as_ref(), pid, state_error) {
         Ok(s) => s,
         Err(e) => return store_error(&e),
     };
+    status.config_problems = problems.iter().map(ToString::to_string).collect();
     let mut out = std::io::stdout().lock();
     let r = if json {
         serde_json::to_writer_pretty(&mut out, &status)

@@ -30,6 +30,17 @@ const TOP_LEVEL: &[&str] = &[
 ];
 
 pub(super) fn build(source: &Source, extra: Option<Figment>) -> Result<Config, Vec<Problem>> {
+    let (config, problems) = build_partial(source, extra);
+    if problems.is_empty() {
+        Ok(config)
+    } else {
+        Err(problems)
+    }
+}
+
+/// The valid part of the configuration (the streams and connections without problems) and
+/// every problem found.
+pub(super) fn build_partial(source: &Source, extra: Option<Figment>) -> (Config, Vec<Problem>) {
     let mut l = layers(&source.main_file, source.env_overrides);
     l.read_secrets = source.read_secrets;
     if let Some(extra) = extra {
@@ -90,21 +101,18 @@ pub(super) fn build(source: &Source, extra: Option<Figment>) -> Result<Config, V
         &mut warnings,
     );
 
-    if l.problems.is_empty() {
-        Ok(Config {
-            daemon,
-            metrics_listen,
-            log,
-            connections,
-            streams,
-            receiver,
-            files: l.files,
-            warnings,
-            settings,
-        })
-    } else {
-        Err(l.problems)
-    }
+    let config = Config {
+        daemon,
+        metrics_listen,
+        log,
+        connections,
+        streams,
+        receiver,
+        files: l.files,
+        warnings,
+        settings,
+    };
+    (config, l.problems)
 }
 
 /// The names of the entries of a `[section.NAME]` table, checked for a usable spelling.

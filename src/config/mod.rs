@@ -376,6 +376,13 @@ pub fn load(source: &Source) -> Result<Config, Vec<Problem>> {
     build::build(source, None)
 }
 
+/// The valid part of the configuration and every problem (none: as [`load`]). For `status`,
+/// which shows the state also when the configuration has problems: they are what a sysadmin
+/// is looking into when the state is wanted most.
+pub fn load_partial(source: &Source) -> (Config, Vec<Problem>) {
+    build::build_partial(source, None)
+}
+
 /// Like [`load`], with extra layers merged last (used by `usher demo` to point the demo
 /// config's connections at the sandbox's ports).
 pub fn load_with(source: &Source, extra: figment::Figment) -> Result<Config, Vec<Problem>> {
