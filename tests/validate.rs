@@ -579,3 +579,53 @@ fn status_shows_the_state_beside_the_problems_of_an_invalid_config() {
         "{json}"
     );
 }
+
+/// Issue 21: `validate --online` called a CRM "valid (HTTP 405 from /)". It now checks the
+/// feed and webhook paths that the streams use, and says what it checked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn validate_online_checks_a_crms_feed_and_webhook_paths() {
+    let s = usher::sandbox::Sandbox::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    s.crm.add_contacts(3);
+    let env = Env::new();
+    env.write_secret("crm-token", "s3cr3t-token");
+    let good = GOOD.replace("http://127.0.0.1:9/crm", &format!("http://{}/crm", s.addr));
+    let online = |env: Env| async move {
+        tokio::task::spawn_blocking(move || (env.cli(&["validate", "--online"]), env))
+            .await
+            .unwrap()
+    };
+    env.write_config(&good);
+    let (out, env) = online(env).await;
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}{}", stderr(&out));
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("connection \"crm\" (crm): valid"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        line.contains("feed of stream \"contacts\" at /api/changes?entity=contact answered a page"),
+        "{line}"
+    );
+    assert!(
+        line.contains("webhook of stream \"contacts\" at /crm/hooks/contacts is there"),
+        "{line}"
+    );
+    assert!(
+        !text.contains("from /)") && !text.contains("s3cr3t"),
+        "{text}"
+    );
+
+    // A feed path the CRM does not have is not a valid connection.
+    env.write_config(&format!(
+        "{good}\n[streams.contacts.feed]\npath = \"/api/nothing?entity={{entity}}\"\n"
+    ));
+    let (out, _env) = online(env).await;
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(78), "{text}");
+    assert!(
+        text.contains("connection \"crm\" (crm): invalid (feed of stream \"contacts\" at /api/nothing?entity=contact: HTTP 404"),
+        "{text}"
+    );
+}

@@ -247,8 +247,7 @@ integration {} of company {}: {}",
             conn.kind,
             crate::config::ConnectionKind::Seatsio | crate::config::ConnectionKind::Cdp
         ) {
-            let v =
-                crate::connectors::check_online_with(&http, conn, &config.settings, &cancel).await;
+            let v = crate::connectors::check_online_in(&http, conn, &config, &cancel).await;
             let message = match &v {
                 crate::connectors::Verdict::Valid(m) => m.clone(),
                 other => other.to_string(),

@@ -146,8 +146,7 @@ pub async fn validate(source: config::Source, online: bool) -> i32 {
         Some(pg) => Store::open_postgres(pg).await.ok(),
     };
     for conn in config.connections.values() {
-        let verdict =
-            crate::connectors::check_online_with(&http, conn, &config.settings, &cancel).await;
+        let verdict = crate::connectors::check_online_in(&http, conn, &config, &cancel).await;
         if !verdict.is_valid() {
             bad += 1;
         }
