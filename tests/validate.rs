@@ -629,3 +629,48 @@ async fn validate_online_checks_a_crms_feed_and_webhook_paths() {
         "{text}"
     );
 }
+
+#[test]
+fn a_stream_of_a_broken_connection_still_reports_its_own_problems() {
+    let env = Env::new();
+    env.write_config(
+        r#"
+[receiver]
+listen = "127.0.0.1:18360"
+
+[connections.s360]
+kind = "s360"
+institution = "myvenue"
+virtual_operator = "VO"
+partner_name = "usher"
+partner_secret_file = "no-such-partner-secret"
+
+[connections.crm]
+kind = "crm"
+base_url = "http://127.0.0.1:9/crm"
+
+[streams.relay]
+source = "s360"
+entity = "contacts"
+target = "crm"
+every = "soon"
+
+[streams.relay.s360]
+auth = { type = "bearer", token_file = "no-such-hook-token" }
+
+[streams.relay.webhook]
+url = "/hooks/contacts"
+"#,
+    );
+    let out = env.cli(&["validate"]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    for own in [
+        "key `connections.s360.partner_secret_file`: cannot read secret file",
+        "key `streams.relay.every`: invalid duration \"soon\"",
+        "key `streams.relay.s360.auth.token_file`: cannot read secret file",
+    ] {
+        assert!(err.contains(own), "{own:?} in {err}");
+    }
+    assert!(err.contains("has 3 problems\n"), "nothing else: {err}");
+}

@@ -1334,6 +1334,10 @@ fn build_stream(
                 "missing key `entity` (what the source reads, e.g. \"contact\")",
             );
         }
+        // The stream's own secret (what S-360 sends to the receiver) is its own problem.
+        if let Some(a) = raw.s360.as_ref().and_then(|s| s.auth.as_ref()) {
+            build_auth(l, &scope, &key("s360.auth"), a, config_dir, warnings);
+        }
         return None;
     }
     // SeatGeek / Halo

@@ -245,6 +245,9 @@ impl Layers {
             if let Some(md) = self.figment.find_metadata(&at) {
                 match &md.source {
                     Some(Source::File(path)) => break path.clone(),
+                    // A value filled in by usher itself (a default, the demo's ports): its
+                    // table in the file is the place to look.
+                    Some(Source::Code(_)) => {}
                     _ => return Some(describe(md)),
                 }
             }
