@@ -1185,16 +1185,25 @@ async fn long_ids_and_exact_bodies_are_stored_and_relayed_byte_for_byte() {
 }
 
 /// Issue 21: one run pulled 150 with `max_per_run = 25`. A run of a CRM → S-360 contacts
-/// stream takes at most `max_per_run` records; the next run goes on from the last one.
+/// (or offers) stream takes at most `max_per_run` records; the next run goes on from the
+/// last one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn max_per_run_caps_a_crm_to_s360_contacts_run() {
+async fn max_per_run_caps_crm_to_s360_contacts_and_offers_runs() {
     let s = sandbox().await;
     for i in 1..=150 {
         s.crm.push_contact(usher::sandbox::crm::contact(i));
     }
+    s.crm.add_offers(30);
     let env = Env::new();
     let mut cfg = head(&env, &s, free_port(), "");
     cfg += r#"
+[streams.crm-offers]
+source = "crm"
+entity = "offer"
+target = "s360"
+every = "1h"
+max_per_run = 10
+
 [streams.crm-contacts]
 source = "crm"
 entity = "contact"
@@ -1204,6 +1213,9 @@ page_size = 100
 max_per_run = 25
 "#;
     env.write_config(&cfg);
+    let out = env.cli(&["trigger", "crm-offers"]);
+    assert_eq!(out.status.code(), Some(0), "{}", common::stderr(&out));
+    assert_eq!(s.s360.orders().len(), 10, "one run of offers, 10 orders");
     let out = env.cli(&["trigger", "crm-contacts"]);
     assert_eq!(out.status.code(), Some(0), "{}", common::stderr(&out));
     assert_eq!(s.s360.contacts().len(), 25, "one run, 25 records");
