@@ -579,10 +579,13 @@ fn secret_path(
     let beside = config_dir.join(&p);
     match in_folder.try_exists() {
         Ok(true) => in_folder,
+        // A file beside the main file is still read where there is one (as before the
+        // credentials folder was looked at; a service without `LoadCredential=` reads it).
+        _ if beside.exists() => beside,
         // Not readable by this user (root's 0700 folder): name it, so that the message says
         // "permission denied" there rather than "not found" elsewhere.
         Err(_) => in_folder,
-        Ok(false) if folder.is_dir() && !beside.exists() => in_folder,
+        Ok(false) if folder.is_dir() => in_folder,
         Ok(false) => beside,
     }
 }
@@ -1610,6 +1613,14 @@ mod tests {
         assert_eq!(secret_path("t", None, etc, &none), etc.join("t"));
         // The package's folder, once it exists, even before the file is written.
         std::fs::create_dir(etc.join("credentials")).unwrap();
+        assert_eq!(
+            secret_path("t", None, etc, &none),
+            etc.join("credentials/t")
+        );
+        // A file beside the main file is read where the folder has none.
+        std::fs::write(etc.join("t"), "x").unwrap();
+        assert_eq!(secret_path("t", None, etc, &none), etc.join("t"));
+        std::fs::write(etc.join("credentials/t"), "x").unwrap();
         assert_eq!(
             secret_path("t", None, etc, &none),
             etc.join("credentials/t")
