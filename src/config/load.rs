@@ -14,7 +14,8 @@ use serde::de::DeserializeOwned;
 /// One thing wrong with the configuration, with enough context to find and fix it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
-    /// The file (or "environment") the offending key came from, when known.
+    /// Where the offending key came from, when known: `file:line` (the key's line, or its
+    /// table's), or the environment variable(s).
     pub origin: Option<String>,
     /// `stream "x"`, `connection "y"`, or a section name.
     pub scope: String,
@@ -52,6 +53,8 @@ pub struct Layers {
     /// Keys filled from another place (a reseller's shared credentials): a problem of the
     /// filled key is reported under the key the sysadmin wrote, in the file it is in.
     pub aliases: BTreeMap<String, (String, String)>,
+    /// The text of each file a problem was located in, read once (for `line_of`).
+    texts: std::cell::RefCell<BTreeMap<PathBuf, Option<String>>>,
 }
 
 /// Builds the figment: main file, then `usher.d/*.toml` beside it in name order, then the
@@ -144,6 +147,7 @@ pub fn layers(main_file: &Path, env_overrides: bool) -> Layers {
         read_secrets: true,
         merged: None,
         aliases: BTreeMap::new(),
+        texts: Default::default(),
     }
 }
 
@@ -256,9 +260,13 @@ impl Layers {
                 None => break self.files.first()?.clone(),
             }
         };
-        let line = std::fs::read_to_string(&file)
-            .ok()
-            .and_then(|text| line_of(&text, key));
+        let line = self
+            .texts
+            .borrow_mut()
+            .entry(file.clone())
+            .or_insert_with(|| std::fs::read_to_string(&file).ok())
+            .as_deref()
+            .and_then(|text| line_of(text, key));
         Some(match line {
             Some(n) => format!("{}:{n}", file.display()),
             None => file.display().to_string(),
