@@ -1239,4 +1239,10 @@ max_per_run = 25
         err.contains("key `streams.crm-contacts.max_per_payload`: `max_per_payload` does not apply to a crm → s360 contacts stream"),
         "{err}"
     );
+    env.write_config(&format!("{cfg}institution = \"myvenue\"\n"));
+    let err = common::stderr(&env.cli(&["validate"]));
+    assert!(
+        err.contains("key `streams.crm-contacts.institution`: `institution` does not apply to a crm → s360 contacts stream"),
+        "{err}"
+    );
 }

@@ -1443,13 +1443,15 @@ pub(super) fn unused_keys_of(kind: &StreamKind) -> (&'static str, &'static [&'st
         StreamKind::FeedToWebhook { .. } => ("crm → crm webhook", &[]),
         // S-360
         StreamKind::S360Relay { .. } => ("s360 → crm relay", &["matching"]),
-        // One call per record: no payloads.
-        StreamKind::CrmToS360Contacts { .. } => {
-            ("crm → s360 contacts", &["max_per_payload", "matching"])
-        }
-        StreamKind::CrmOffersToS360 { .. } => {
-            ("crm → s360 offers", &["max_per_payload", "matching"])
-        }
+        // One call per record: no payloads; no URL to fill `{institution}` in.
+        StreamKind::CrmToS360Contacts { .. } => (
+            "crm → s360 contacts",
+            &["max_per_payload", "matching", "institution"],
+        ),
+        StreamKind::CrmOffersToS360 { .. } => (
+            "crm → s360 offers",
+            &["max_per_payload", "matching", "institution"],
+        ),
         // Ticket Co x Airship: a window of dates, its own options (`[streams.X.airship]`).
         StreamKind::TicketCoToAirship(_) => (
             "ticketco → airship",
@@ -1462,11 +1464,15 @@ pub(super) fn unused_keys_of(kind: &StreamKind) -> (&'static str, &'static [&'st
                 "matching",
                 "mapping",
                 "static",
+                "institution",
             ],
         ),
-        StreamKind::FeedToCdp { .. } => ("crm → cdp", &["matching"]),
+        StreamKind::FeedToCdp { .. } => ("crm → cdp", &["matching", "institution"]),
         // SeatGeek / Halo: users per POST is `halo.batch_size`.
-        StreamKind::SeatGeekToHalo(_) => ("seatgeek → halo", &["max_per_payload", "matching"]),
+        StreamKind::SeatGeekToHalo(_) => (
+            "seatgeek → halo",
+            &["max_per_payload", "matching", "institution"],
+        ),
     }
 }
 
@@ -1480,6 +1486,7 @@ fn unused_keys(l: &mut Layers, scope: &str, prefix: &str, raw: &RawStream, kind:
         ("matching", raw.matching.is_some()),
         ("mapping", raw.mapping.is_some()),
         ("static", raw.statics.is_some()),
+        ("institution", raw.institution.is_some()),
     ];
     let (name, unused) = unused_keys_of(kind);
     for (k, set) in written {
