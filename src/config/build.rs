@@ -807,7 +807,13 @@ pub(super) fn build_auth(
             l.problem(
                 scope,
                 &format!("{prefix}.type"),
-                format!("unknown auth type {other:?} (none, basic, bearer, api_key or oauth2)"),
+                format!(
+                    "unknown auth type {other:?}{} (none, basic, bearer, api_key or oauth2)",
+                    super::suggest::did_you_mean(
+                        other,
+                        &["none", "basic", "bearer", "api_key", "oauth2"]
+                    )
+                ),
             );
             return None;
         }
@@ -1143,7 +1149,10 @@ fn build_stream(
             l.problem(
                 &scope,
                 &key("on_bad_record"),
-                format!("{other:?} is neither \"dead_letter\" nor \"stop\""),
+                format!(
+                    "{other:?} is neither \"dead_letter\" nor \"stop\"{}",
+                    super::suggest::did_you_mean(other, &["dead_letter", "stop"])
+                ),
             );
             BadRecordPolicy::DeadLetter
         }
