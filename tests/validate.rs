@@ -674,3 +674,17 @@ url = "/hooks/contacts"
     }
     assert!(err.contains("has 3 problems\n"), "nothing else: {err}");
 }
+
+#[test]
+fn a_misspelt_stream_name_on_the_command_line_gets_a_suggestion() {
+    let env = Env::new();
+    env.write_secret("crm-token", "t");
+    env.write_config(GOOD);
+    let out = env.cli(&["cursor", "show", "contact"]);
+    let err = stderr(&out);
+    assert_ne!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("no stream \"contact\" in the configuration; did you mean `contacts`?"),
+        "{err}"
+    );
+}
