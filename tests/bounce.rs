@@ -453,14 +453,10 @@ Seq = "seq"
     }
 
     fn cursor(&self) -> Option<String> {
-        common::db(&self.env.db_path())
-            .query_row(
-                "SELECT cursor FROM cursors WHERE stream = ?1",
-                [STREAM],
-                |r| r.get(0),
-            )
-            .ok()
-            .flatten()
+        common::query_text(
+            &self.env.db_path(),
+            &format!("SELECT cursor FROM cursors WHERE stream = '{STREAM}'"),
+        )
     }
 
     /// The stream has nothing left to do.
@@ -685,31 +681,23 @@ Seq = "seq"
     ///
     /// `failed` = dead-lettered; `skipped` = unchanged or superseded.
     fn reconcile(&self) {
-        let c = common::db(&self.env.db_path());
-        let mut st = c
-            .prepare(
+        let n = |v: &Option<String>| v.as_deref().unwrap_or("0").parse::<i64>().unwrap();
+        let rows: Vec<(i64, String, [i64; 6])> = common::rows(
+            &self.env.db_path(),
+            &format!(
                 "SELECT id, outcome, pulled, created, updated, skipped, failed, queued FROM runs
-                 WHERE stream = ?1 ORDER BY id",
+                 WHERE stream = '{STREAM}' ORDER BY id"
+            ),
+        )
+        .iter()
+        .map(|r| {
+            (
+                n(&r[0]),
+                r[1].clone().unwrap_or_default(),
+                [n(&r[2]), n(&r[3]), n(&r[4]), n(&r[5]), n(&r[6]), n(&r[7])],
             )
-            .unwrap();
-        let rows: Vec<(i64, String, [i64; 6])> = st
-            .query_map([STREAM], |r| {
-                Ok((
-                    r.get(0)?,
-                    r.get(1)?,
-                    [
-                        r.get(2)?,
-                        r.get(3)?,
-                        r.get(4)?,
-                        r.get(5)?,
-                        r.get(6)?,
-                        r.get(7)?,
-                    ],
-                ))
-            })
-            .unwrap()
-            .map(Result::unwrap)
-            .collect();
+        })
+        .collect();
         let ok: Vec<_> = rows.iter().filter(|r| r.1 == "ok").collect();
         assert!(!ok.is_empty(), "a run completed: {rows:?}");
         let mut pulled_total = 0;

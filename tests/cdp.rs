@@ -74,11 +74,9 @@ ContactId = "id"
 }
 
 fn cursor(env: &Env) -> String {
-    let c = common::db(&env.db_path());
-    c.query_row(
+    common::query_text(
+        &env.db_path(),
         "SELECT COALESCE(cursor, '') FROM cursors WHERE stream = 'contacts-to-cdp'",
-        [],
-        |r| r.get(0),
     )
     .unwrap_or_default()
 }
@@ -239,9 +237,8 @@ async fn toggle_off_pauses_without_losing_state_and_on_resumes_across_reloads() 
     // (Reloads also check the connection online with an empty array: not counted.)
     let posts = || s.cdp.calls().iter().filter(|c| c.events > 0).count();
     let calls_off = posts();
-    let outbox_body: Vec<u8> = common::db(&env.db_path())
-        .query_row("SELECT body FROM outbox", [], |r| r.get(0))
-        .unwrap_or_else(|e| panic!("the waiting payload: {e}\n{}", d.log()));
+    let outbox_body: Vec<u8> = common::query_bytes(&env.db_path(), "SELECT body FROM outbox")
+        .unwrap_or_else(|| panic!("the waiting payload\n{}", d.log()));
     s.crm.add_contacts(10);
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(posts(), calls_off, "no call while off");
@@ -257,9 +254,7 @@ async fn toggle_off_pauses_without_losing_state_and_on_resumes_across_reloads() 
     );
     assert_eq!(posts(), calls_off, "no call on a trigger while off");
     assert_eq!(cursor(&env), cursor_off, "cursor kept while off");
-    let body_now: Vec<u8> = common::db(&env.db_path())
-        .query_row("SELECT body FROM outbox", [], |r| r.get(0))
-        .unwrap();
+    let body_now: Vec<u8> = common::query_bytes(&env.db_path(), "SELECT body FROM outbox").unwrap();
     assert_eq!(body_now, outbox_body, "the waiting payload kept while off");
     let status = stdout(&env.cli(&["status"]));
     assert!(

@@ -159,13 +159,11 @@ async fn sigterm_mid_run_then_restart_loses_nothing_and_doubles_nothing() {
     assert_eq!(code, Some(0), "{}", d.log());
     let got = s.crm.accepted_records().len();
     assert!(got < 1500, "stopped in the middle ({got})");
-    let outcome: String = common::db(&env.db_path())
-        .query_row(
-            "SELECT outcome FROM runs ORDER BY id DESC LIMIT 1",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let outcome: String = common::query_text(
+        &env.db_path(),
+        "SELECT outcome FROM runs ORDER BY id DESC LIMIT 1",
+    )
+    .unwrap();
     assert_eq!(outcome, "stopped");
 
     let d2 = env.spawn_daemon();
@@ -319,15 +317,13 @@ async fn a_tick_during_a_run_is_skipped_not_overlapped() {
         .len()
         >= 400));
     // Never two runs at once: each run started after the previous one ended.
-    let c = common::db(&env.db_path());
-    let mut st = c
-        .prepare("SELECT started_at, ended_at FROM runs WHERE ended_at IS NOT NULL ORDER BY id")
-        .unwrap();
-    let rows: Vec<(String, String)> = st
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
+    let rows: Vec<(String, String)> = common::rows(
+        &env.db_path(),
+        "SELECT started_at, ended_at FROM runs WHERE ended_at IS NOT NULL ORDER BY id",
+    )
+    .into_iter()
+    .map(|r| (r[0].clone().unwrap(), r[1].clone().unwrap()))
+    .collect();
     for w in rows.windows(2) {
         assert!(
             w[1].0 >= w[0].1,
@@ -351,15 +347,13 @@ async fn an_every_stream_runs_once_per_slot() {
     let d = env.spawn_daemon_with(&[], &[("RUST_LOG", "")]);
     d.wait_ready();
     std::thread::sleep(Duration::from_secs(14));
-    let c = common::db(&env.db_path());
-    let mut st = c
-        .prepare("SELECT started_at FROM runs WHERE stream = 'contacts' ORDER BY id")
-        .unwrap();
-    let starts: Vec<chrono::DateTime<chrono::Utc>> = st
-        .query_map([], |r| r.get::<_, String>(0))
-        .unwrap()
-        .map(|t| t.unwrap().parse().unwrap())
-        .collect();
+    let starts: Vec<chrono::DateTime<chrono::Utc>> = common::column(
+        &env.db_path(),
+        "SELECT started_at FROM runs WHERE stream = 'contacts' ORDER BY id",
+    )
+    .into_iter()
+    .map(|t| t.unwrap().parse().unwrap())
+    .collect();
     // The first run is the start-up run; then one per 2 s slot.
     assert!(
         (6..=9).contains(&starts.len()),
@@ -527,13 +521,11 @@ async fn sigterm_lets_the_page_in_flight_finish_and_exits_0() {
     );
     // Of the page's two payloads, the one delivered is recorded; the other waits.
     assert_eq!(outbox_payloads(&env), 1);
-    let outcome: String = common::db(&env.db_path())
-        .query_row(
-            "SELECT outcome FROM runs ORDER BY id DESC LIMIT 1",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let outcome: String = common::query_text(
+        &env.db_path(),
+        "SELECT outcome FROM runs ORDER BY id DESC LIMIT 1",
+    )
+    .unwrap();
     assert_eq!(outcome, "stopped");
 }
 

@@ -349,13 +349,11 @@ async fn resuming_from_every_checkpoint_gives_the_full_import() {
     let mut checkpoints = Vec::new();
     for _ in 0..11 {
         assert_eq!(env.cli(&["trigger", "contacts"]).status.code(), Some(0));
-        let c = common::db(&env.db_path())
-            .query_row(
-                "SELECT cursor FROM cursors WHERE stream = 'contacts'",
-                [],
-                |r| r.get::<_, String>(0),
-            )
-            .unwrap();
+        let c = common::query_text(
+            &env.db_path(),
+            "SELECT cursor FROM cursors WHERE stream = 'contacts'",
+        )
+        .unwrap();
         if checkpoints.last() != Some(&c) {
             checkpoints.push(c);
         }

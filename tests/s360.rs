@@ -470,14 +470,13 @@ page_size = 5
         d.log()
     );
     let outcomes: Vec<String> = {
-        let c = common::db(&db);
-        let mut st = c
-            .prepare("SELECT outcome || ' ' || COALESCE(error, '') FROM runs")
-            .unwrap();
-        st.query_map([], |r| r.get(0))
-            .unwrap()
-            .map(Result::unwrap)
-            .collect()
+        common::column(
+            &db,
+            "SELECT outcome || ' ' || COALESCE(error, '') FROM runs",
+        )
+        .into_iter()
+        .map(Option::unwrap_or_default)
+        .collect()
     };
     assert!(
         outcomes.iter().all(|o| o.starts_with("ok")),
@@ -506,25 +505,24 @@ page_size = 5
     // Matching: person1 → the known contact; contact 3 → its carried number; person2 →
     // ambiguous (dead letter); one refused by S-360 (dead letter with statusDetail); rest created.
     let link = |id: &str| -> String {
-        common::db(&db)
-            .query_row(
-                "SELECT target_id FROM links WHERE stream = 'crm-contacts' AND source_id = ?1",
-                [id],
-                |r| r.get(0),
-            )
-            .unwrap()
+        common::query_text(
+            &db,
+            &format!(
+                "SELECT target_id FROM links WHERE stream = 'crm-contacts' AND source_id = '{id}'"
+            ),
+        )
+        .unwrap()
     };
     assert_eq!(link("CRM-1"), known);
     assert_eq!(link("CRM-3"), numbered);
     let reasons: Vec<String> = {
-        let c = common::db(&db);
-        let mut st = c
-            .prepare("SELECT source_id || ': ' || reason FROM dead_letters WHERE stream = 'crm-contacts' ORDER BY id")
-            .unwrap();
-        st.query_map([], |r| r.get(0))
-            .unwrap()
-            .map(Result::unwrap)
-            .collect()
+        common::column(
+            &db,
+            "SELECT source_id || ': ' || reason FROM dead_letters WHERE stream = 'crm-contacts' ORDER BY id",
+        )
+        .into_iter()
+        .map(Option::unwrap_or_default)
+        .collect()
     };
     assert_eq!(reasons.len(), 2, "{reasons:?}");
     assert!(
@@ -1065,13 +1063,9 @@ async fn sigterm_while_s360_posts_loses_nothing() {
         "some POSTs went unanswered during the restart"
     );
     let ids: Vec<i64> = {
-        let c = common::db(&db);
-        let mut st = c
-            .prepare("SELECT CAST(record_id AS INTEGER) FROM s360_inbox ORDER BY id")
-            .unwrap();
-        st.query_map([], |r| r.get(0))
-            .unwrap()
-            .map(Result::unwrap)
+        common::column(&db, "SELECT record_id FROM s360_inbox ORDER BY id")
+            .into_iter()
+            .map(|v| v.unwrap().parse::<i64>().unwrap())
             .collect()
     };
     assert_eq!(
@@ -1133,14 +1127,13 @@ async fn long_ids_and_exact_bodies_are_stored_and_relayed_byte_for_byte() {
     let (_, again) = post(body).await;
     assert!(again.contains("\"duplicates\":3"), "{again}");
 
-    let db = common::db(&env.db_path());
-    let stored: Vec<(String, String)> = db
-        .prepare("SELECT record_id, body FROM s360_inbox ORDER BY id")
-        .unwrap()
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
+    let stored: Vec<(String, String)> = common::rows(
+        &env.db_path(),
+        "SELECT record_id, body FROM s360_inbox ORDER BY id",
+    )
+    .into_iter()
+    .map(|r| (r[0].clone().unwrap(), r[1].clone().unwrap()))
+    .collect();
     let expected: Vec<(String, String)> = ids
         .iter()
         .map(|i| i.to_string())

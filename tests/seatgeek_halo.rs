@@ -309,12 +309,10 @@ async fn kill_9_between_halos_answer_and_the_commit_then_restart_creates_nothing
     d2.wait_ready();
     assert!(
         wait_until(Duration::from_secs(90), || {
-            common::db(&env.db_path())
-                .query_row("SELECT COUNT(*) FROM runs WHERE outcome = 'ok'", [], |r| {
-                    r.get::<_, i64>(0)
-                })
-                .unwrap_or(0)
-                >= 1
+            query_i64(
+                &env.db_path(),
+                "SELECT COUNT(*) FROM runs WHERE outcome = 'ok'",
+            ) >= 1
         }),
         "{}",
         d2.log()
@@ -584,15 +582,13 @@ async fn refused_users_and_shared_emails_go_to_dead_letters_and_the_rest_goes_on
     assert!(out.contains("failed 4"), "{out}");
     assert_each_once(&s, 120, "");
     assert_eq!(s.halo.user_count(), 122, "the 120 and the two twins");
-    let c = common::db(&env.db_path());
-    let mut st = c
-        .prepare("SELECT source_id, reason FROM dead_letters ORDER BY id")
-        .unwrap();
-    let rows: Vec<(Option<String>, String)> = st
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
+    let rows: Vec<(Option<String>, String)> = common::rows(
+        &env.db_path(),
+        "SELECT source_id, reason FROM dead_letters ORDER BY id",
+    )
+    .into_iter()
+    .map(|r| (r[0].clone(), r[1].clone().unwrap()))
+    .collect();
     let reason = |id: Option<&str>| {
         rows.iter()
             .find(|r| r.0.as_deref() == id)
@@ -865,10 +861,9 @@ async fn sigterm_mid_page_finishes_the_page_and_commits_it() {
     );
     assert_eq!(s.halo.faults.calls_to("halo.users.post").len(), 10);
     assert_each_once(&s, 100, "");
-    let cursor: Option<String> = common::db(&env.db_path())
-        .query_row("SELECT cursor FROM cursors WHERE stream = 'sg'", [], |r| {
-            r.get(0)
-        })
-        .unwrap();
+    let cursor: Option<String> = common::query_text(
+        &env.db_path(),
+        "SELECT cursor FROM cursors WHERE stream = 'sg'",
+    );
     assert!(cursor.is_some(), "the page was committed");
 }

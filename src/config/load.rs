@@ -125,7 +125,9 @@ pub fn layers(main_file: &Path, env_overrides: bool) -> Layers {
                 }
             }
         }
-        // Only `USHER_` variables with a `__` are overrides: `USHER_LOG` and the like are not.
+        // Only `USHER_<SECTION>__<KEY>` is an override: a variable without `__` (such as
+        // `USHER_TEST_POSTGRES` or a wrapper script's own `USHER_HOME`) names no key and
+        // is none of the configuration's business.
         figment = figment.merge(
             Env::prefixed("USHER_")
                 .lowercase(false)

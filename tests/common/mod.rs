@@ -1,6 +1,11 @@
 //! Test harness: temporary config and state folders, the real `usher` binary as a child
 //! process (with a NOTIFY_SOCKET the test owns, so READY=1 is observed as systemd would),
 //! signals, and polling helpers. The fakes run in the test process (usher::sandbox).
+//!
+//! Both state backends: with `USHER_TEST_POSTGRES=postgres://…` (scripts/pg-test-cluster.sh
+//! starts a throwaway server and prints one) every [`Env`] keeps its state in a schema of
+//! its own on that server, its configs say so, and the query helpers below read it there;
+//! a test about the SQLite file itself returns early ([`sqlite_only`]).
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
 use std::io::Read;
@@ -16,6 +21,60 @@ pub fn bin() -> &'static str {
 /// A config folder (with `usher.toml`, `usher.d/`, secrets) and a state folder.
 pub struct Env {
     pub dir: tempfile::TempDir,
+    /// The PostgreSQL state of this environment (a schema of its own), when the suite runs
+    /// on PostgreSQL.
+    pub pg: Option<String>,
+}
+
+/// The PostgreSQL server the suite runs on, if any.
+pub fn postgres() -> Option<String> {
+    std::env::var("USHER_TEST_POSTGRES")
+        .ok()
+        .filter(|s| !s.trim().is_empty())
+}
+
+/// True (and says so) when the suite runs on PostgreSQL: for tests of the SQLite file
+/// itself (its mode, its moves, its damage, its backup), which then return early.
+pub fn sqlite_only(what: &str) -> bool {
+    if postgres().is_some() {
+        eprintln!("SKIPPED on PostgreSQL: {what} is about the SQLite state file");
+        return true;
+    }
+    false
+}
+
+/// State database paths (`Env::db_path`) of environments whose state is on PostgreSQL.
+fn pg_states() -> &'static std::sync::Mutex<std::collections::HashMap<PathBuf, String>> {
+    static M: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<PathBuf, String>>> =
+        std::sync::OnceLock::new();
+    M.get_or_init(Default::default)
+}
+
+/// Runs SQL on PostgreSQL with psql: every value as text (NULL as None).
+pub fn psql(url: &str, sql: &str) -> Vec<Vec<Option<String>>> {
+    let out = Command::new("psql")
+        .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
+        .args(["-F", "\u{1f}", "-R", "\u{1e}", "-P", "null=\u{1}"])
+        .arg("-c")
+        .arg(sql)
+        .arg(url)
+        .output()
+        .expect("psql (apt-get install postgresql-client)");
+    assert!(
+        out.status.success(),
+        "psql {sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.trim_end_matches('\n')
+        .split('\u{1e}')
+        .filter(|r| !r.is_empty())
+        .map(|r| {
+            r.split('\u{1f}')
+                .map(|v| (v != "\u{1}").then(|| v.to_string()))
+                .collect()
+        })
+        .collect()
 }
 
 impl Env {
@@ -23,7 +82,38 @@ impl Env {
         let dir = tempfile::tempdir().expect("temp dir");
         std::fs::create_dir_all(dir.path().join("etc/usher.d")).unwrap();
         std::fs::create_dir_all(dir.path().join("state")).unwrap();
-        Env { dir }
+        let pg = postgres().map(|base| {
+            use std::sync::atomic::{AtomicU64, Ordering};
+            static N: AtomicU64 = AtomicU64::new(0);
+            let schema = format!(
+                "t{}_{}_{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::SeqCst),
+                rand_suffix()
+            );
+            psql(&base, &format!("CREATE SCHEMA {schema}"));
+            let sep = if base.contains('?') { '&' } else { '?' };
+            format!("{base}{sep}options=-csearch_path%3D{schema}")
+        });
+        let env = Env { dir, pg };
+        if let Some(url) = &env.pg {
+            pg_states()
+                .lock()
+                .unwrap()
+                .insert(env.db_path(), url.clone());
+        }
+        env
+    }
+
+    /// The `[daemon]` lines that put the state where this environment keeps it.
+    pub fn state_lines(&self) -> String {
+        match &self.pg {
+            Some(url) => format!(
+                "state_dir = {:?}\nstate = {url:?}\n",
+                self.state_dir().display().to_string()
+            ),
+            None => format!("state_dir = {:?}\n", self.state_dir().display().to_string()),
+        }
     }
 
     pub fn config_path(&self) -> PathBuf {
@@ -47,6 +137,12 @@ impl Env {
                 "[daemon]\nstate_dir = {:?}\ncontrol_poll = \"500ms\"\nshutdown_timeout = \"20s\"\n\n{text}",
                 self.state_dir().display().to_string()
             );
+        }
+        // On PostgreSQL: the [daemon] table names this environment's schema.
+        if let Some(url) = &self.pg
+            && !text.contains("\nstate = ")
+        {
+            text = text.replacen("[daemon]\n", &format!("[daemon]\nstate = {url:?}\n"), 1);
         }
         std::fs::write(self.config_path(), text).unwrap();
     }
@@ -264,7 +360,8 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
 }
 
-/// Opens the state database read-only for assertions.
+/// Opens the SQLite state database read-only for assertions (tests of the file itself;
+/// for anything else, [`rows`] and friends read either backend).
 pub fn db(path: &Path) -> rusqlite::Connection {
     let c = rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
         .unwrap();
@@ -272,8 +369,72 @@ pub fn db(path: &Path) -> rusqlite::Connection {
     c
 }
 
+/// The rows of a query on the state of the environment whose `db_path` this is, on
+/// either backend, every value as text (NULL as None). Write SQL both accept.
+pub fn rows(path: &Path, sql: &str) -> Vec<Vec<Option<String>>> {
+    let pg = pg_states().lock().unwrap().get(path).cloned();
+    match pg {
+        Some(url) => psql(&url, sql),
+        None => {
+            let c = db(path);
+            let mut st = c.prepare(sql).unwrap();
+            let n = st.column_count();
+            st.query_map([], |r| {
+                (0..n)
+                    .map(|i| {
+                        Ok(match r.get_ref(i)? {
+                            rusqlite::types::ValueRef::Null => None,
+                            rusqlite::types::ValueRef::Integer(v) => Some(v.to_string()),
+                            rusqlite::types::ValueRef::Real(v) => Some(v.to_string()),
+                            rusqlite::types::ValueRef::Text(t)
+                            | rusqlite::types::ValueRef::Blob(t) => {
+                                Some(String::from_utf8_lossy(t).into_owned())
+                            }
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+        }
+    }
+}
+
+/// The first column of the first row, if any.
+pub fn query_text(path: &Path, sql: &str) -> Option<String> {
+    rows(path, sql)
+        .into_iter()
+        .next()
+        .and_then(|r| r.into_iter().next().flatten())
+}
+
+/// The first column of every row.
+pub fn column(path: &Path, sql: &str) -> Vec<Option<String>> {
+    rows(path, sql)
+        .into_iter()
+        .map(|r| r.into_iter().next().flatten())
+        .collect()
+}
+
+/// A single number (`SELECT COUNT(*) …`).
 pub fn query_i64(path: &Path, sql: &str) -> i64 {
-    db(path).query_row(sql, [], |r| r.get(0)).unwrap()
+    let v = query_text(path, sql).unwrap_or_default();
+    v.parse::<f64>()
+        .map(|f| f as i64)
+        .unwrap_or_else(|_| panic!("{sql}: not a number: {v:?}"))
+}
+
+/// A byte column (a payload body): SQLite's blob, PostgreSQL's bytea (`\x…` in text).
+pub fn query_bytes(path: &Path, sql: &str) -> Option<Vec<u8>> {
+    if !pg_states().lock().unwrap().contains_key(path) {
+        return db(path).query_row(sql, [], |r| r.get(0)).ok();
+    }
+    let v = query_text(path, sql)?;
+    Some(match v.strip_prefix("\\x") {
+        Some(hex) => hex::decode(hex).expect("bytea in hex"),
+        None => v.into_bytes(),
+    })
 }
 
 pub fn stdout(o: &Output) -> String {
