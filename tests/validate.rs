@@ -480,6 +480,17 @@ fn a_secret_file_readable_by_others_is_warned_about() {
     assert!(warning.contains("chmod 600"), "{warning}");
     assert!(!text.contains("s3cr3t-token"));
 
+    // A copy systemd made in $CREDENTIALS_DIRECTORY is systemd's to protect: no warning.
+    let out = std::process::Command::new(common::bin())
+        .arg("--config")
+        .arg(env.config_path())
+        .arg("validate")
+        .env("CREDENTIALS_DIRECTORY", token.parent().unwrap())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(!stdout(&out).contains("warning"), "{}", stdout(&out));
+
     std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
     let text = stdout(&env.cli(&["validate"]));
     assert!(!text.contains("warning"), "{text}");

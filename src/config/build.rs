@@ -468,7 +468,11 @@ pub(super) fn secret(
                     l.problem(scope, &key, format!("secret file {} is empty", p.display()));
                     None
                 } else {
-                    if let Some(mode) = loose_mode(&p) {
+                    // A credential systemd copied is systemd's to protect (its source is not
+                    // ours to see); any other file is the sysadmin's.
+                    let from_systemd = std::env::var_os("CREDENTIALS_DIRECTORY")
+                        .is_some_and(|d| p.starts_with(Path::new(&d)));
+                    if let Some(mode) = loose_mode(&p).filter(|_| !from_systemd) {
                         // As ssh does for a private key, but a warning: the service still starts.
                         warnings.push(l.make(
                             scope,
