@@ -91,6 +91,14 @@ pub enum Command {
         #[arg(long)]
         online: bool,
     },
+    /// Reload the running daemon (the unit's ExecReload): check the configuration as the
+    /// daemon will load it, send it SIGHUP and wait for its verdict. Exits 78 with the
+    /// problems when the configuration is refused (the daemon keeps the old one).
+    Reload {
+        /// How long to wait for the daemon's verdict.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
     /// Show each stream: schedule, last and next run, cursor, outbox, dead letters, owed records.
     Status {
         #[arg(long)]
@@ -331,6 +339,7 @@ pub fn main() -> i32 {
     match cli.command {
         Command::Run => runtime.block_on(ops::run(source, cli.log_format.into())),
         Command::Validate { online } => runtime.block_on(ops::validate(source, online)),
+        Command::Reload { timeout } => ops::reload(source, timeout),
         Command::Status { json } => ops::status(state_only, json),
         Command::Cursor { action } => match action {
             CursorAction::Show { stream } => ops::cursor_show(state_only, &stream),

@@ -1,4 +1,4 @@
-//! `run`, `validate`, `status`, `cursor`, `trigger`.
+//! `run`, `validate`, `reload`, `status`, `cursor`, `trigger`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -195,6 +195,91 @@ pub async fn validate(source: config::Source, online: bool) -> i32 {
         }
     }
     if bad > 0 { EX_CONFIG } else { EX_OK }
+}
+
+/// `usher reload` (the unit's `ExecReload`): the configuration is loaded here exactly as the
+/// daemon will load it (same files, environment and credentials: systemd runs ExecReload
+/// in the service's own context), so a broken one is refused before the daemon is
+/// bothered; then SIGHUP, and the daemon's own verdict (`engine::reload`), which is what
+/// counts. Exit 0 taken, 78 refused (the daemon keeps running the old configuration), 1
+/// no daemon to reload or no verdict in time.
+pub fn reload(source: config::Source, timeout: Duration) -> i32 {
+    use crate::engine::reload;
+    let refused = |code| {
+        eprintln!(
+            "usher: reload refused: the running daemon keeps its configuration; fix the problems above and reload again"
+        );
+        code
+    };
+    let config = match load(&source) {
+        Ok(c) => c,
+        Err(code) => return refused(code),
+    };
+    let state_dir = config.daemon.state_dir.clone();
+    let Some(pid) = lock::holder(&state_dir) else {
+        eprintln!(
+            "usher: no usher daemon runs on the state directory {}; nothing to reload (the configuration is valid)",
+            state_dir.display()
+        );
+        return EX_FAIL;
+    };
+    // Only a daemon that said it is ready handles SIGHUP; before that the signal would end
+    // it (it is still opening the state, or it is an older usher that writes no verdict).
+    let before = match reload::read(&state_dir) {
+        Some(v) if v.pid == pid => v.generation,
+        _ => {
+            eprintln!(
+                "usher: the daemon (pid {pid}) has not said it is ready (no {} of its own): it is still starting, or was started by an older usher; not signalled. Try again once it runs, or restart it (systemctl restart usher)",
+                reload::path(&state_dir).display()
+            );
+            return EX_FAIL;
+        }
+    };
+    let Some(target) = rustix::process::Pid::from_raw(pid as i32) else {
+        return EX_FAIL;
+    };
+    if let Err(e) = rustix::process::kill_process(target, rustix::process::Signal::HUP) {
+        eprintln!("usher: cannot signal the daemon (pid {pid}): {e}");
+        return EX_FAIL;
+    }
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = reload::read(&state_dir)
+            && v.pid == pid
+            && v.generation > before
+        {
+            if v.accepted {
+                println!(
+                    "configuration reloaded by the daemon (pid {pid}): {} stream(s)",
+                    v.streams
+                );
+                for w in &config.warnings {
+                    println!("warning: {w}");
+                }
+                return EX_OK;
+            }
+            for p in &v.problems {
+                eprintln!("{p}");
+            }
+            eprintln!(
+                "usher: the daemon (pid {pid}) found {} problem(s) in the new configuration",
+                v.problems.len()
+            );
+            return refused(EX_CONFIG);
+        }
+        if matches!(process_state(pid), None | Some('Z') | Some('X')) {
+            eprintln!("usher: the daemon (pid {pid}) ended before it answered the reload");
+            return EX_FAIL;
+        }
+        if Instant::now() > deadline {
+            eprintln!(
+                "usher: the daemon (pid {pid}) has not answered the reload within {}; see its log (journalctl -u usher)",
+                humantime::format_duration(timeout)
+            );
+            return EX_FAIL;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 pub fn status(source: config::Source, json: bool) -> i32 {

@@ -21,6 +21,7 @@ pub mod lease;
 pub mod lock;
 pub mod owed;
 pub mod refusals;
+pub mod reload;
 // S-360
 mod s360;
 // Ticket Co x Airship
