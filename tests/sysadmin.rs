@@ -113,3 +113,137 @@ async fn a_refused_reload_fails_and_the_old_config_keeps_running() {
     d.signal(rustix::process::Signal::TERM);
     assert_eq!(d.wait_exit(Duration::from_secs(20)), Some(Some(0)));
 }
+
+/// Starts `usher run` with stdout and stderr in `log`, `JOURNAL_STREAM` set to `journal`
+/// (None: the file's own device and inode, as systemd sets it for the journal's socket),
+/// makes it log an error (a refused reload) and stops it; returns what it wrote.
+fn log_of_a_run(env: &Env, journal: Option<&str>) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let log = env
+        .dir
+        .path()
+        .join(format!("stdout-{}.log", journal.is_some()));
+    let file = std::fs::File::create(&log).unwrap();
+    let m = file.metadata().unwrap();
+    let stream = journal
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("{}:{}", m.dev(), m.ino()));
+    let mut child = std::process::Command::new(common::bin())
+        .arg("--config")
+        .arg(env.config_path())
+        .args(["--log-format", "text", "run"])
+        .env("JOURNAL_STREAM", stream)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(file.try_clone().unwrap())
+        .stderr(file)
+        .spawn()
+        .unwrap();
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        wait_until(Duration::from_secs(30), || read()
+            .contains("usher is ready")),
+        "{}",
+        read()
+    );
+    // `daemon.state_dir` changed (a warning) in a config that is also invalid (errors).
+    let cfg = std::fs::read_to_string(env.config_path()).unwrap();
+    std::fs::write(env.config_path(), format!("{cfg}\n[bogus]\nx = 1\n")).unwrap();
+    let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::HUP).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || read()
+            .contains("reload refused")),
+        "{}",
+        read()
+    );
+    std::fs::write(env.config_path(), cfg).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    assert!(child.wait().unwrap().success());
+    read()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn log_lines_carry_their_priority_when_stdout_is_the_journal() {
+    let s = sandbox(3).await;
+    let env = Env::new();
+    env.write_config(&crm_stream_config(&base(&s), "1h", 1000, 50));
+
+    let text = log_of_a_run(&env, None);
+    let line = |needle: &str| {
+        text.lines()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("{needle} in:\n{text}"))
+            .to_string()
+    };
+    assert!(line("usher is ready").starts_with("<6>"), "{text}");
+    assert!(line("reload refused").starts_with("<3>"), "{text}");
+    assert!(line("configuration problem").starts_with("<3>"), "{text}");
+    assert!(line("stopping:").starts_with("<6>"), "{text}");
+    for l in text.lines().filter(|l| l.contains(" WARN ")) {
+        assert!(l.starts_with("<4>"), "{l}");
+    }
+
+    // JOURNAL_STREAM naming another stream (stderr redirected elsewhere, a child of a
+    // service run by hand): no prefixes.
+    let text = log_of_a_run(&env, Some("1:1"));
+    assert!(text.contains("reload refused"), "{text}");
+    assert!(!text.lines().any(|l| l.starts_with('<')), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn old_log_files_are_pruned_to_keep_files() {
+    let s = sandbox(3).await;
+    let env = Env::new();
+    let logs = env.dir.path().join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    // Five older days, created oldest first (files are pruned by age), and a file of
+    // someone else's that does not start with the prefix.
+    let old = [
+        "2026-01-01",
+        "2026-01-02",
+        "2026-01-03",
+        "2026-01-04",
+        "2026-01-05",
+    ];
+    for day in old {
+        std::fs::write(logs.join(format!("usher.log.{day}")), "{}\n").unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::fs::write(logs.join("notes.txt"), "mine\n").unwrap();
+    env.write_config(&format!(
+        "[log]\ndirectory = {:?}\nkeep_files = 3\n{}",
+        logs.display().to_string(),
+        crm_stream_config(&base(&s), "1h", 1000, 50)
+    ));
+    let mut d = env.spawn_daemon();
+    d.wait_ready();
+    d.signal(rustix::process::Signal::TERM);
+    assert_eq!(d.wait_exit(Duration::from_secs(20)), Some(Some(0)));
+    let mut names: Vec<String> = std::fs::read_dir(&logs)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .collect();
+    names.sort();
+    let today = chrono::Utc::now().format("%Y-%m-%d").to_string();
+    assert_eq!(
+        names,
+        [
+            "notes.txt".to_string(),
+            "usher.log.2026-01-04".into(),
+            "usher.log.2026-01-05".into(),
+            format!("usher.log.{today}"),
+        ],
+        "today's file and the two newest before it"
+    );
+
+    // 0 is refused by validate.
+    env.write_config(&format!(
+        "[log]\ndirectory = {:?}\nkeep_files = 0\n",
+        logs.display().to_string()
+    ));
+    let out = env.cli(&["validate"]);
+    assert_eq!(out.status.code(), Some(78));
+    assert!(stderr(&out).contains("log.keep_files"), "{}", stderr(&out));
+}
