@@ -20,6 +20,7 @@ pub mod in_doubt;
 pub mod lease;
 pub mod lock;
 pub mod owed;
+pub mod progress;
 pub mod refusals;
 pub mod reload;
 // S-360
