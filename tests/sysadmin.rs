@@ -247,3 +247,76 @@ async fn old_log_files_are_pruned_to_keep_files() {
     assert_eq!(out.status.code(), Some(78));
     assert!(stderr(&out).contains("log.keep_files"), "{}", stderr(&out));
 }
+
+/// A CRM feed that answers its first call with 429 and `Retry-After: 2`.
+async fn sandbox_asking_for_a_pause() -> Sandbox {
+    let s = sandbox(5).await;
+    s.crm.faults.push(
+        "crm.feed",
+        usher::sandbox::Fault::RateLimited {
+            status: 429,
+            retry_after_secs: 2,
+        },
+        1,
+    );
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn trigger_says_what_it_waits_for_and_the_pages_it_committed() {
+    let s = sandbox_asking_for_a_pause().await;
+    let env = Env::new();
+    env.write_config(&crm_stream_config(&base(&s), "1h", 1000, 50));
+    // Not a terminal: plain lines on stderr.
+    let out = env.cli(&["trigger", "contacts"]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("usher: contacts: waiting 2 s for the Retry-After of crm"),
+        "{err}"
+    );
+    assert!(
+        err.contains("usher: contacts: 1 page(s) committed: pulled 5"),
+        "{err}"
+    );
+    assert!(stdout(&out).contains("contacts: ok"), "{}", stdout(&out));
+    assert_eq!(s.crm.accepted_records().len(), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn trigger_on_a_terminal_shows_the_wait_on_its_progress_line() {
+    if std::process::Command::new("script")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("SKIPPED: needs script(1) (util-linux) for a terminal");
+        return;
+    }
+    let s = sandbox_asking_for_a_pause().await;
+    let env = Env::new();
+    env.write_config(&crm_stream_config(&base(&s), "1h", 1000, 50));
+    // script(1) gives the command a terminal and copies what it shows.
+    let command = format!(
+        "{} --config {} trigger contacts",
+        common::bin(),
+        env.config_path().display()
+    );
+    let out = std::process::Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let shown = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{shown}");
+    assert!(
+        shown.contains("contacts: waiting 2 s for the Retry-After of crm"),
+        "{shown:?}"
+    );
+    assert!(
+        !shown.contains("usher: contacts: waiting"),
+        "a progress line, not plain lines: {shown:?}"
+    );
+    assert!(shown.contains("contacts: ok"), "{shown:?}");
+}

@@ -557,9 +557,24 @@ pub async fn trigger(source: config::Source, stream: &str) -> i32 {
         clock: crate::clock::Clock::process(),
         backfill: None,
     };
+    // Pages and waits as they happen, so that a long Retry-After reads as a wait.
+    let done = CancellationToken::new();
+    let shown = crate::engine::progress::subscribe().map(|rx| {
+        tokio::spawn(show_progress(
+            rx,
+            stream.to_string(),
+            std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            done.clone(),
+        ))
+    });
     // On a worker of the runtime, as the daemon runs it (the HTTP connections' tasks then
     // share its thread instead of waking the main one for every answer).
-    let report = match tokio::spawn(async move { run_stream(&ctx, "trigger").await }).await {
+    let report = tokio::spawn(async move { run_stream(&ctx, "trigger").await }).await;
+    done.cancel();
+    if let Some(shown) = shown {
+        let _ = shown.await;
+    }
+    let report = match report {
         Ok(r) => r,
         Err(e) => {
             eprintln!("usher: the run of {stream} ended abnormally: {e}");
@@ -586,6 +601,75 @@ pub async fn trigger(source: config::Source, stream: &str) -> i32 {
         EX_OK
     } else {
         EX_FAIL
+    }
+}
+
+/// Shows a run's progress on stderr until `done`: on a terminal a spinner whose line says
+/// the pages committed and the counts so far, or what the run waits for and how long;
+/// elsewhere plain lines (every wait, and the counts at most every 2 s).
+async fn show_progress(
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<crate::engine::progress::Event>,
+    stream: String,
+    tty: bool,
+    done: CancellationToken,
+) {
+    use crate::engine::progress::Event;
+    let bar = tty.then(|| {
+        let pb = indicatif::ProgressBar::new_spinner();
+        pb.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} {msg} [{elapsed}]")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        );
+        pb.enable_steady_tick(Duration::from_millis(120));
+        pb.set_message(format!("{stream}: running"));
+        pb
+    });
+    let mut pages = 0u64;
+    let mut said: Option<Instant> = None;
+    loop {
+        let event = tokio::select! {
+            e = rx.recv() => match e {
+                Some(e) => e,
+                None => break,
+            },
+            _ = done.cancelled() => break,
+        };
+        let (text, always) = match event {
+            Event::Page {
+                stream: s,
+                counts: c,
+            } => {
+                pages += 1;
+                (
+                    format!(
+                        "{s}: {pages} page(s) committed: pulled {}, created {}, updated {}, skipped {}, failed {}, queued {}",
+                        c.pulled, c.created, c.updated, c.skipped, c.failed, c.queued
+                    ),
+                    false,
+                )
+            }
+            Event::Waiting { what, wait } => (
+                format!(
+                    "{stream}: waiting {} s for {what}",
+                    wait.as_secs_f64().ceil() as u64
+                ),
+                true,
+            ),
+        };
+        match &bar {
+            Some(pb) => pb.set_message(text),
+            None => {
+                if always {
+                    eprintln!("usher: {text}");
+                } else if said.is_none_or(|t| t.elapsed() >= Duration::from_secs(2)) {
+                    eprintln!("usher: {text}");
+                    said = Some(Instant::now());
+                }
+            }
+        }
+    }
+    if let Some(pb) = bar {
+        pb.finish_and_clear();
     }
 }
 
