@@ -320,3 +320,145 @@ async fn trigger_on_a_terminal_shows_the_wait_on_its_progress_line() {
     );
     assert!(shown.contains("contacts: ok"), "{shown:?}");
 }
+
+const REFERENCE: &str = include_str!("../doc/configuration.md");
+
+/// The keys of each table of the reference: `[daemon]` → state_dir, control_poll, …
+fn reference_keys() -> std::collections::BTreeMap<String, Vec<String>> {
+    let mut tables = std::collections::BTreeMap::new();
+    let mut table = String::new();
+    for line in REFERENCE.lines() {
+        if let Some(h) = line.strip_prefix("#### ") {
+            table = h
+                .trim_matches(|c| c == '`' || c == '[' || c == ']')
+                .to_string();
+            tables.insert(table.clone(), Vec::new());
+        } else if let Some(row) = line.strip_prefix("| `") {
+            let cell = row.split(" |").next().unwrap();
+            let keys = tables.get_mut(&table).expect("a row under a heading");
+            for k in cell.split([',', '/', '+']) {
+                keys.push(k.trim().trim_matches('`').to_string());
+            }
+        }
+    }
+    tables
+}
+
+#[test]
+fn the_readme_reference_is_doc_configuration_md() {
+    let readme = include_str!("../README.md");
+    let begin = "<!-- BEGIN doc/configuration.md -->\n";
+    let start = readme.find(begin).expect("the README has the reference") + begin.len();
+    let end = readme.find("<!-- END doc/configuration.md -->").unwrap();
+    assert!(
+        readme[start..end] == *REFERENCE,
+        "README.md's configuration reference differs from doc/configuration.md: copy the file between the markers"
+    );
+}
+
+#[test]
+fn every_key_the_loader_knows_is_in_the_reference() {
+    // One unknown key in every table: the loader answers with the keys it knows there.
+    let env = Env::new();
+    let tables = [
+        ("daemon", "[daemon]\nstate_dir = \"STATE\"\n"),
+        ("log", "[log]\n"),
+        ("metrics", "[metrics]\n"),
+        ("receiver", "[receiver]\n"),
+        ("connections.NAME", "[connections.c]\nkind = \"crm\"\n"),
+        (
+            "connections.NAME.auth",
+            "[connections.c.auth]\ntype = \"none\"\n",
+        ),
+        (
+            "streams.NAME",
+            "[streams.s]\nsource = \"c\"\ntarget = \"c\"\nentity = \"contact\"\nevery = \"1m\"\n",
+        ),
+        ("streams.NAME.feed", "[streams.s.feed]\n"),
+        ("streams.NAME.webhook", "[streams.s.webhook]\n"),
+        ("streams.NAME.s360", "[streams.s.s360]\n"),
+        ("streams.NAME.halo", "[streams.s.halo]\n"),
+        ("streams.NAME.airship", "[streams.s.airship]\n"),
+        ("streams.NAME.cdp", "[streams.s.cdp]\n"),
+        ("resellers.NAME", "[resellers.r]\n"),
+        ("companies.NAME", "[companies.x]\n"),
+    ];
+    let mut text = String::new();
+    for (i, (_, toml)) in tables.iter().enumerate() {
+        text.push_str(&toml.replace("STATE", &env.state_dir().display().to_string()));
+        text.push_str(&format!("zz_unknown_{i} = 1\n"));
+    }
+    std::fs::write(env.config_path(), text).unwrap();
+    let err = stderr(&env.cli(&["validate"]));
+    let documented = reference_keys();
+    for (i, (table, _)) in tables.iter().enumerate() {
+        let needle = format!("unknown key `zz_unknown_{i}` (known keys: ");
+        let line = err
+            .lines()
+            .find(|l| l.contains(&needle))
+            .unwrap_or_else(|| panic!("no list of the keys of [{table}] in:\n{err}"));
+        let known = &line[line.find(&needle).unwrap() + needle.len()..];
+        let known = known.trim_end_matches(')');
+        let in_doc = documented
+            .get(*table)
+            .unwrap_or_else(|| panic!("doc/configuration.md has no [{table}]"));
+        for key in known.split(", ") {
+            // A secret `X` is documented once, for X, X_file and X_env.
+            let base = key.trim_end_matches("_file").trim_end_matches("_env");
+            assert!(
+                in_doc.iter().any(|k| k == key || k == base),
+                "[{table}] {key} is not in doc/configuration.md (it documents {in_doc:?})"
+            );
+        }
+    }
+}
+
+#[test]
+fn man_pages_have_files_signals_exit_status_and_usher_toml_5() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(common::bin())
+        .arg("generate-assets")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let usher1 = std::fs::read_to_string(dir.path().join("man/usher.1")).unwrap();
+    for section in [
+        ".SH \"FILES\"",
+        ".SH \"SIGNALS\"",
+        ".SH \"EXIT STATUS\"",
+        ".SH \"SEE ALSO\"",
+    ] {
+        assert!(usher1.contains(section), "{section} in usher.1");
+    }
+    assert!(usher1.contains("\\fB78\\fR"), "exit 78 explained");
+    assert!(usher1.contains("\\fBSIGHUP\\fR"));
+    let usher5 = std::fs::read_to_string(dir.path().join("man5/usher.toml.5")).unwrap();
+    assert!(usher5.starts_with(".TH USHER.TOML 5"), "{usher5}");
+    for (table, keys) in reference_keys() {
+        assert!(usher5.contains(&format!(".SH \"[{table}]\"")), "[{table}]");
+        for key in keys {
+            let shown = format!("\\fB{}", key.replace('-', "\\-"));
+            assert!(usher5.contains(&shown), "[{table}] {key} in usher.toml.5");
+        }
+    }
+    // groff reads both without a warning.
+    for page in [
+        dir.path().join("man/usher.1"),
+        dir.path().join("man5/usher.toml.5"),
+    ] {
+        match std::process::Command::new("groff")
+            .args(["-k", "-man", "-Tutf8", "-ww", "-z"])
+            .arg(&page)
+            .output()
+        {
+            Ok(o) => assert!(
+                o.stderr.is_empty(),
+                "{}: {}",
+                page.display(),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+            Err(_) => eprintln!("SKIPPED: groff is not installed; the pages were not rendered"),
+        }
+    }
+}

@@ -6,6 +6,7 @@
 
 mod bench;
 mod demo;
+mod man;
 // S-360
 mod bench_s360;
 mod demo_s360;
@@ -412,7 +413,9 @@ pub fn report_problems(problems: &[Problem]) -> i32 {
     EX_CONFIG
 }
 
-/// Man pages (one per subcommand) and bash/zsh/fish completions, from the CLI definition.
+/// Man pages (one per subcommand, usher(1) with FILES, SIGNALS and EXIT STATUS, and
+/// usher.toml(5)) and bash/zsh/fish completions, from the CLI definition and the
+/// configuration reference.
 fn generate_assets(dir: &std::path::Path) -> i32 {
     use clap::CommandFactory;
     let result = (|| -> std::io::Result<()> {
@@ -422,6 +425,14 @@ fn generate_assets(dir: &std::path::Path) -> i32 {
         std::fs::create_dir_all(&comp)?;
         let cmd = Cli::command();
         clap_mangen::generate_to(cmd.clone(), &man)?;
+        // usher(1) with FILES, SIGNALS and EXIT STATUS; usher.toml(5) from the reference.
+        std::fs::write(man.join("usher.1"), man::usher_1(cmd.clone())?)?;
+        let man5 = dir.join("man5");
+        std::fs::create_dir_all(&man5)?;
+        std::fs::write(
+            man5.join("usher.toml.5"),
+            man::usher_toml_5(man::CONFIG_REFERENCE, env!("CARGO_PKG_VERSION")),
+        )?;
         for shell in [
             clap_complete::Shell::Bash,
             clap_complete::Shell::Zsh,
