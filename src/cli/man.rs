@@ -182,7 +182,8 @@ fn strip_code(s: &str) -> String {
     s.replace('`', "")
 }
 
-/// Text for roff: backslashes escaped, a leading `.` or `'` made literal.
+/// Text for roff: backslashes and hyphens escaped, a leading `.` or `'` (a request at the
+/// start of a line) made literal.
 fn roff(s: &str) -> String {
     let s = s.replace('\\', "\\e").replace('-', "\\-");
     if s.starts_with('.') || s.starts_with('\'') {
@@ -192,14 +193,19 @@ fn roff(s: &str) -> String {
     }
 }
 
+/// [`roff`] for text inside a line: no leading-dot escape.
+fn roff_mid(s: &str) -> String {
+    s.replace('\\', "\\e").replace('-', "\\-")
+}
+
 /// [`roff`], with `code` in bold.
 fn roff_inline(s: &str) -> String {
     let mut out = String::new();
     for (i, part) in s.split('`').enumerate() {
         if i % 2 == 1 {
-            out.push_str(&format!("\\fB{}\\fR", roff(part)));
+            out.push_str(&format!("\\fB{}\\fR", roff_mid(part)));
         } else {
-            out.push_str(&roff(part));
+            out.push_str(&roff_mid(part));
         }
     }
     if out.starts_with('.') || out.starts_with('\'') {
