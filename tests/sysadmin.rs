@@ -462,3 +462,107 @@ fn man_pages_have_files_signals_exit_status_and_usher_toml_5() {
         }
     }
 }
+
+#[test]
+fn the_demo_runs_from_any_folder_and_writes_nothing_there() {
+    let cwd = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(common::bin())
+        .args(["demo", "--contacts", "20"])
+        .current_dir(cwd.path())
+        .env("TMPDIR", tmp.path())
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}\n{}", stderr(&out));
+    assert!(
+        text.contains(&format!(
+            "usher demo: configuration {}/usher-demo-",
+            tmp.path().display()
+        )),
+        "{text}"
+    );
+    assert_eq!(
+        std::fs::read_dir(cwd.path()).unwrap().count(),
+        0,
+        "nothing written in the working folder"
+    );
+    // The status command it suggests shows what the demo recorded.
+    let hint = text
+        .lines()
+        .find_map(|l| l.split("try `").nth(1))
+        .and_then(|l| l.strip_suffix("`"))
+        .unwrap_or_else(|| panic!("a status command in:\n{text}"));
+    let args: Vec<&str> = hint.split_whitespace().skip(1).collect();
+    let status = std::process::Command::new(common::bin())
+        .args(&args)
+        .current_dir(cwd.path())
+        .output()
+        .unwrap();
+    assert_eq!(status.status.code(), Some(0), "{}", stderr(&status));
+    assert!(stdout(&status).contains("contacts"), "{}", stdout(&status));
+}
+
+#[test]
+fn every_argument_has_help_and_demo_and_sandbox_list_only_what_they_use() {
+    use clap::CommandFactory;
+    fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+        for arg in cmd.get_arguments() {
+            let id = arg.get_id().as_str();
+            if arg.is_hide_set() || id == "help" || id == "version" {
+                continue;
+            }
+            if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                missing.push(format!("{path} {id}"));
+            }
+        }
+        for sub in cmd.get_subcommands() {
+            if sub.is_hide_set() || sub.get_name() == "help" {
+                continue;
+            }
+            if sub.get_about().is_none() {
+                missing.push(format!("{path} {} (the command)", sub.get_name()));
+            }
+            walk(sub, &format!("{path} {}", sub.get_name()), missing);
+        }
+    }
+    let mut cmd = usher::cli::Cli::command();
+    cmd.build();
+    let mut missing = Vec::new();
+    walk(&cmd, "usher", &mut missing);
+    assert!(missing.is_empty(), "without help: {missing:#?}");
+
+    let help = |args: &[&str]| {
+        let out = std::process::Command::new(common::bin())
+            .args(args)
+            .arg("--help")
+            .output()
+            .unwrap();
+        stdout(&out)
+    };
+    let demo = help(&["demo"]);
+    assert!(
+        !demo.contains("--config") && !demo.contains("--log-format"),
+        "{demo}"
+    );
+    assert!(
+        demo.contains("--demo-config") && demo.contains("--state-dir"),
+        "{demo}"
+    );
+    let sandbox = help(&["sandbox"]);
+    for unused in ["--config", "--state-dir", "--log-format"] {
+        assert!(!sandbox.contains(unused), "{unused} in:\n{sandbox}");
+    }
+    assert!(help(&["status"]).contains("--json"));
+    let given = std::process::Command::new(common::bin())
+        .args(["demo", "--config", "/etc/usher/other.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(given.status.code(), Some(2));
+    assert!(
+        stderr(&given).contains("--config is not used here"),
+        "{}",
+        stderr(&given)
+    );
+}
