@@ -566,3 +566,66 @@ fn every_argument_has_help_and_demo_and_sandbox_list_only_what_they_use() {
         stderr(&given)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn trigger_through_the_daemon_follows_the_run_on_a_terminal() {
+    if std::process::Command::new("script")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("SKIPPED: needs script(1) (util-linux) for a terminal");
+        return;
+    }
+    let s = sandbox(5).await;
+    let env = Env::new();
+    env.write_config(&crm_stream_config(&base(&s), "1h", 1000, 50));
+    let d = env.spawn_daemon();
+    d.wait_ready();
+    assert!(wait_until(Duration::from_secs(15), || s
+        .crm
+        .accepted_records()
+        .len()
+        == 5));
+    // The next run meets a 429 with `Retry-After: 3` on the feed.
+    s.crm.add_contacts(5);
+    s.crm.faults.push(
+        "crm.feed",
+        usher::sandbox::Fault::RateLimited {
+            status: 429,
+            retry_after_secs: 3,
+        },
+        1,
+    );
+    let command = format!(
+        "{} --config {} trigger contacts",
+        common::bin(),
+        env.config_path().display()
+    );
+    let out = std::process::Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let shown = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{shown}\n{}", d.log());
+    assert!(
+        shown.contains("contacts: waiting 3 s for the Retry-After of crm")
+            || shown.contains("contacts: waiting 2 s for the Retry-After of crm"),
+        "{shown:?}"
+    );
+    assert!(
+        shown.contains("contacts: ok in the daemon (pid"),
+        "the run's result: {shown:?}"
+    );
+    assert_eq!(s.crm.accepted_records().len(), 10);
+    // Not on a terminal: as before, it returns once the daemon took the request.
+    let out = env.cli(&["trigger", "contacts"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        stdout(&out).contains("trigger done by the daemon"),
+        "{}",
+        stdout(&out)
+    );
+}

@@ -498,7 +498,14 @@ pub async fn trigger(source: config::Source, stream: &str) -> i32 {
     let _lock = match lock::acquire(&state_dir) {
         Ok(l) => l,
         Err(LockError::Held { pid: Some(pid), .. }) => {
-            return tokio::task::block_in_place(|| {
+            // On a terminal, the run the daemon starts is followed until it ends.
+            let follow = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let before = if follow {
+                tokio::task::block_in_place(|| last_run_id(&config, stream))
+            } else {
+                None
+            };
+            let code = tokio::task::block_in_place(|| {
                 via_daemon(
                     &state_dir,
                     config.daemon.control_poll,
@@ -508,6 +515,12 @@ pub async fn trigger(source: config::Source, stream: &str) -> i32 {
                     "trigger",
                 )
             });
+            return match before {
+                Some(before) if code == EX_OK => {
+                    follow_in_daemon(&config, stream, pid, before).await
+                }
+                _ => code,
+            };
         }
         Err(e) => return lock_error(&e),
     };
@@ -601,6 +614,103 @@ pub async fn trigger(source: config::Source, stream: &str) -> i32 {
         EX_OK
     } else {
         EX_FAIL
+    }
+}
+
+/// The ID of the stream's latest run (0: none yet), or None when the state cannot be read.
+fn last_run_id(config: &Config, stream: &str) -> Option<i64> {
+    match super::open_existing_state(&config.daemon) {
+        Ok(Some(store)) => store
+            .runs_sync(stream, 1)
+            .ok()
+            .map(|r| r.first().map_or(0, |r| r.id)),
+        Ok(None) => Some(0),
+        Err(_) => None,
+    }
+}
+
+/// On a terminal, after the daemon took a trigger: follows the run it starts, from what the
+/// daemon records (the run's row, the stream's cursor, a `Retry-After` saved for one of the
+/// stream's connections), on a progress line until the run ends (Ctrl-C stops following;
+/// the run goes on), then prints its result as a run in this process would. The exit code
+/// stays 0, as without a terminal: the daemon took the request.
+async fn follow_in_daemon(config: &Config, stream: &str, pid: u32, before: i64) -> i32 {
+    use tokio::task::block_in_place;
+    let store = match block_in_place(|| super::open_existing_state(&config.daemon)) {
+        Ok(Some(s)) => s,
+        _ => return EX_OK,
+    };
+    let spec = &config.streams[stream];
+    let budgets: Vec<String> = [&spec.source, &spec.target]
+        .into_iter()
+        .filter_map(|c| config.connections.get(c.as_str()))
+        .map(|c| c.budget_key())
+        .collect();
+    let pb = indicatif::ProgressBar::new_spinner();
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {msg} [{elapsed}]")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+    );
+    pb.enable_steady_tick(Duration::from_millis(120));
+    pb.set_message(format!(
+        "{stream}: waiting for the daemon (pid {pid}) to start the run"
+    ));
+    let mut cursor = block_in_place(|| store.cursor_sync(stream)).ok().flatten();
+    let mut pages = 0u64;
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    loop {
+        tokio::select! {
+            _ = &mut ctrl_c => {
+                pb.finish_and_clear();
+                eprintln!("usher: stopped following; the run goes on in the daemon (usher status shows it)");
+                return EX_OK;
+            }
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+        let run = block_in_place(|| store.runs_sync(stream, 1))
+            .ok()
+            .and_then(|r| r.into_iter().next())
+            .filter(|r| r.id > before);
+        let Some(run) = run else {
+            continue;
+        };
+        if run.ended_at.is_some() {
+            pb.finish_and_clear();
+            let c = run.counts;
+            println!(
+                "{stream}: {} in the daemon (pid {pid}): pulled {}, created {}, updated {}, skipped {}, failed {}, queued {}",
+                run.outcome, c.pulled, c.created, c.updated, c.skipped, c.failed, c.queued
+            );
+            if let Some(e) = &run.error {
+                println!("  error: {e}");
+            }
+            return EX_OK;
+        }
+        let now = block_in_place(|| store.cursor_sync(stream)).ok().flatten();
+        if now != cursor {
+            pages += 1;
+            cursor = now;
+        }
+        let at = chrono::Utc::now();
+        let wait = store
+            .rate_budgets()
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|b| budgets.contains(&b.key))
+            .filter_map(|b| Some((b.not_before.filter(|t| *t > at)? - at, b.key)))
+            .max();
+        pb.set_message(match wait {
+            Some((left, key)) => format!(
+                "{stream}: waiting {} s for the Retry-After of {key}",
+                (left.num_milliseconds() as f64 / 1000.0).ceil() as u64
+            ),
+            None if pages > 0 => format!(
+                "{stream}: running in the daemon (pid {pid}); {pages} page(s) committed so far"
+            ),
+            None => format!("{stream}: running in the daemon (pid {pid})"),
+        });
     }
 }
 
