@@ -399,6 +399,18 @@ fn build_log(l: &mut Layers) -> LogSettings {
         format,
         directory: raw.directory.map(PathBuf::from),
         file_prefix: raw.file_prefix.unwrap_or_else(|| "usher.log".into()),
+        keep_files: match raw.keep_files {
+            None => 14,
+            Some(0) => {
+                l.problem(
+                    "log",
+                    "log.keep_files",
+                    "must be at least 1 (the number of daily log files kept)",
+                );
+                14
+            }
+            Some(n) => n,
+        },
     }
 }
 

@@ -92,6 +92,8 @@ pub struct LogSettings {
     pub format: LogFormat,
     pub directory: Option<PathBuf>,
     pub file_prefix: String,
+    /// Daily log files kept in `directory` (older ones are deleted at each rotation).
+    pub keep_files: u32,
 }
 
 #[derive(Debug, Clone)]
