@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 cargo build --release --locked
 rm -rf target/assets && mkdir -p target/assets
 ./target/release/usher generate-assets target/assets
-gzip -9n target/assets/man/*.1
+gzip -9n target/assets/man/*.1 target/assets/man5/*.5
 # The packaged config: daemon and log settings active, every example connection and stream
 # commented out, so that `systemctl enable --now usher` starts cleanly right after install.
 awk '/^# ---- Connections/ {c=1} { if (c && $0 !~ /^#/ && $0 != "") print "# " $0; else print }' \

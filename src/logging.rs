@@ -1,6 +1,6 @@
 //! Logs: `tracing` events to stdout (for journald), human-readable on a terminal, JSON with
 //! `--log-format json`; level from `RUST_LOG`, else the config's `log.level`; optional
-//! daily-rotated files through tracing-appender. Secrets never reach a log line because no
+//! daily-rotated files through tracing-appender, the newest `log.keep_files` kept. Secrets never reach a log line because no
 //! code formats one: they live in `Secret`, whose `Debug` is `***`.
 //!
 //! **No value from outside can forge a text log line**: the text format escapes control
@@ -10,6 +10,12 @@
 //! **A log line that cannot be written is not silent** ([`Counted`]): stdout closed or
 //! full, the log directory full or gone. Each is counted in `usher_log_write_errors_total`
 //! and said once on stderr (which journald keeps apart when stdout is the broken one).
+//!
+//! **Each line reaches the journal at its own priority**: when stdout is the journal's
+//! stream (`$JOURNAL_STREAM` names its device and inode, as systemd sets it), every line
+//! starts with its syslog priority, `<3>` error, `<4>` warn, `<6>` info, `<7>` debug and
+//! trace (sd-daemon(3)), which journald takes off and keeps as the entry's priority, so
+//! `journalctl -p err` shows the errors. Elsewhere (a terminal, a file, a pipe) no prefix.
 
 use std::fmt;
 use std::io::{IsTerminal, Write};
@@ -41,6 +47,7 @@ pub fn init(settings: &LogSettings, format: LogFormat) -> LogGuard {
         tracing_appender::rolling::RollingFileAppender::builder()
             .rotation(tracing_appender::rolling::Rotation::DAILY)
             .filename_prefix(&settings.file_prefix)
+            .max_log_files(settings.keep_files as usize)
             .build(dir)
             .map_err(|e| {
                 let _ = writeln!(
@@ -69,13 +76,16 @@ pub fn init(settings: &LogSettings, format: LogFormat) -> LogGuard {
         None => (None, None),
     };
     let registry = tracing_subscriber::registry().with(filter).with(file_layer);
+    let stdout = StdoutLines {
+        journal: stdout_is_journal(std::env::var("JOURNAL_STREAM").ok().as_deref()),
+    };
     let result = if format == LogFormat::Json {
         registry
             .with(
                 tracing_subscriber::fmt::layer()
                     .json()
                     .flatten_event(true)
-                    .with_writer(counted_stdout.with_max_level(tracing::Level::TRACE)),
+                    .with_writer(stdout.with_max_level(tracing::Level::TRACE)),
             )
             .try_init()
     } else {
@@ -85,7 +95,7 @@ pub fn init(settings: &LogSettings, format: LogFormat) -> LogGuard {
                     .fmt_fields(EscapeControl(DefaultFields::new()))
                     .with_ansi(tty)
                     .with_target(false)
-                    .with_writer(counted_stdout),
+                    .with_writer(stdout),
             )
             .try_init()
     };
@@ -111,10 +121,89 @@ pub struct Counted<W> {
     sink: Sink,
 }
 
-fn counted_stdout() -> Counted<std::io::Stdout> {
-    Counted {
-        inner: std::io::stdout(),
-        sink: Sink::Stdout,
+/// `$JOURNAL_STREAM` ("DEVICE:INODE", set by systemd when stdout or stderr is connected to
+/// the journal) names stdout's own stream: then journald reads priority prefixes from it.
+fn stdout_is_journal(journal_stream: Option<&str>) -> bool {
+    let Some((dev, ino)) = journal_stream.and_then(|v| v.trim().split_once(':')) else {
+        return false;
+    };
+    let (Ok(dev), Ok(ino)) = (dev.parse::<u64>(), ino.parse::<u64>()) else {
+        return false;
+    };
+    stream_id(std::io::stdout()).is_some_and(|id| id == (dev, ino))
+}
+
+/// The device and inode of what a descriptor is open on (fstat, through a duplicate).
+fn stream_id(fd: impl std::os::fd::AsFd) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::File::from(fd.as_fd().try_clone_to_owned().ok()?)
+        .metadata()
+        .ok()?;
+    Some((m.dev(), m.ino()))
+}
+
+/// The syslog priority of a level, as sd-daemon(3) prefixes it: `<3>` … `<7>`.
+fn priority(level: &tracing::Level) -> &'static [u8] {
+    match *level {
+        tracing::Level::ERROR => b"<3>",
+        tracing::Level::WARN => b"<4>",
+        tracing::Level::INFO => b"<6>",
+        _ => b"<7>",
+    }
+}
+
+/// Log lines to stdout, counted ([`Counted`]); prefixed with their priority when stdout is
+/// the journal.
+#[derive(Clone, Copy)]
+struct StdoutLines {
+    journal: bool,
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for StdoutLines {
+    type Writer = Prefixed<Counted<std::io::Stdout>>;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        Prefixed {
+            prefix: None,
+            inner: Counted {
+                inner: std::io::stdout(),
+                sink: Sink::Stdout,
+            },
+        }
+    }
+
+    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> Self::Writer {
+        let mut w = self.make_writer();
+        if self.journal {
+            w.prefix = Some(priority(meta.level()));
+        }
+        w
+    }
+}
+
+/// One event's writer: the prefix goes before its first bytes, once. The fmt layer writes
+/// an event as one buffer, so prefix and line leave in one write.
+pub struct Prefixed<W> {
+    prefix: Option<&'static [u8]>,
+    inner: W,
+}
+
+impl<W: Write> Write for Prefixed<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self.prefix.take() {
+            None => self.inner.write(buf),
+            Some(p) => {
+                let mut line = Vec::with_capacity(p.len() + buf.len());
+                line.extend_from_slice(p);
+                line.extend_from_slice(buf);
+                self.inner.write_all(&line)?;
+                Ok(buf.len())
+            }
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
     }
 }
 
@@ -279,6 +368,28 @@ mod tests {
 
     fn escaped(v: &dyn fmt::Debug) -> String {
         format!("{:?}", Escaped(v))
+    }
+
+    #[test]
+    fn priorities_only_when_stdout_is_the_journal() {
+        assert_eq!(priority(&tracing::Level::ERROR), b"<3>");
+        assert_eq!(priority(&tracing::Level::WARN), b"<4>");
+        assert_eq!(priority(&tracing::Level::INFO), b"<6>");
+        assert_eq!(priority(&tracing::Level::DEBUG), b"<7>");
+        assert_eq!(priority(&tracing::Level::TRACE), b"<7>");
+        assert!(!stdout_is_journal(None));
+        assert!(!stdout_is_journal(Some("garbage")));
+        assert!(!stdout_is_journal(Some("0:0")));
+        let (dev, ino) = stream_id(std::io::stdout()).unwrap();
+        assert!(stdout_is_journal(Some(&format!("{dev}:{ino}"))));
+        let mut out = Vec::new();
+        let mut w = Prefixed {
+            prefix: Some(b"<3>"),
+            inner: &mut out,
+        };
+        w.write_all(b"one line\n").unwrap();
+        w.write_all(b"more of it\n").unwrap();
+        assert_eq!(out, b"<3>one line\nmore of it\n");
     }
 
     #[test]

@@ -101,9 +101,11 @@ impl Mapping {
             match Transform::parse(t) {
                 Some(t) => transforms.push(t),
                 None => {
+                    let name = t.trim().split(':').next().unwrap_or("").trim();
                     return Err(format!(
-                        "unknown transform `{}` (known: {})",
+                        "unknown transform `{}`{} (known: {})",
                         t.trim(),
+                        crate::config::suggest::did_you_mean(name, Transform::NAMES),
                         Transform::NAMES.join(", ")
                     ));
                 }
@@ -314,5 +316,7 @@ mod tests {
     fn unknown_transform_is_refused() {
         let err = Mapping::parse_field("a", "b | shout").unwrap_err();
         assert!(err.contains("unknown transform `shout`"), "{err}");
+        let err = Mapping::parse_field("a", "b | lowercse").unwrap_err();
+        assert!(err.contains("did you mean `lowercase`?"), "{err}");
     }
 }

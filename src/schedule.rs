@@ -49,6 +49,63 @@ pub fn parse_tz(text: &str) -> Result<Tz, ScheduleError> {
     Tz::from_str(text.trim()).map_err(|_| ScheduleError::Timezone(text.to_string()))
 }
 
+/// Which field of a cron expression is wrong and what it takes, in words (the parser says
+/// only "Component error: Number out of bounds"). None when no field is found at fault.
+fn explain_cron(text: &str) -> Option<String> {
+    const FIVE: [(&str, u32, u32); 5] = [
+        ("minute", 0, 59),
+        ("hour", 0, 23),
+        ("day-of-month", 1, 31),
+        ("month", 1, 12),
+        ("day-of-week", 0, 7),
+    ];
+    let fields: Vec<&str> = text.split_whitespace().collect();
+    let spec: Vec<(&str, u32, u32)> = match fields.len() {
+        5 => FIVE.to_vec(),
+        6 => std::iter::once(("second", 0, 59)).chain(FIVE).collect(),
+        n => {
+            return Some(format!(
+                "it has {n} field{}; a cron schedule has 5 (minute hour day-of-month month \
+                 day-of-week, e.g. \"0 3 * * *\") or 6 with seconds first",
+                if n == 1 { "" } else { "s" }
+            ));
+        }
+    };
+    for (field, (name, lo, hi)) in fields.iter().zip(spec) {
+        for part in field.split(',') {
+            let (range, step) = part.split_once('/').unwrap_or((part, ""));
+            if !step.is_empty() && step.parse::<u32>().map_or(true, |n| n == 0) {
+                return Some(format!(
+                    "the {name} field {field:?}: the step after `/` must be a whole number above 0"
+                ));
+            }
+            for n in range.split('-') {
+                if n == "*" || n == "?" || n.is_empty() {
+                    continue;
+                }
+                match n.parse::<u32>() {
+                    Ok(v) if v < lo || v > hi => {
+                        return Some(format!(
+                            "the {name} field {field:?} is out of range ({lo} to {hi})"
+                        ));
+                    }
+                    Ok(_) => {}
+                    // Names (MON, JAN), `L`, `W`, `#`: left to the parser.
+                    Err(_)
+                        if n.chars()
+                            .all(|c| c.is_ascii_alphabetic() || "#LW".contains(c)) => {}
+                    Err(_) => {
+                        return Some(format!(
+                            "the {name} field {field:?} is not a number ({lo} to {hi}), `*`, a range `a-b`, a list `a,b` or a step `*/n`"
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    None
+}
+
 impl Schedule {
     pub fn every(text: &str, jitter: Duration, stream: &str) -> Result<Self, ScheduleError> {
         let period = parse_duration(text)?;
@@ -74,8 +131,12 @@ impl Schedule {
 
     /// A cron expression of five fields (minute first) or six (seconds first), in `tz`.
     pub fn cron(text: &str, tz: Tz) -> Result<Self, ScheduleError> {
-        let cron = Cron::from_str(text)
-            .map_err(|e| ScheduleError::Cron(text.to_string(), e.to_string()))?;
+        let cron = Cron::from_str(text).map_err(|e| {
+            ScheduleError::Cron(
+                text.to_string(),
+                explain_cron(text).unwrap_or_else(|| e.to_string()),
+            )
+        })?;
         // Make sure it ever fires (e.g. "0 0 31 2 *" never does).
         cron.find_next_occurrence(&Utc::now().with_timezone(&tz), false)
             .map_err(|e| ScheduleError::Cron(text.to_string(), e.to_string()))?;
@@ -143,6 +204,36 @@ impl Schedule {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bad_cron_names_its_field_and_range() {
+        let e = Schedule::cron("0 25 * * *", Tz::UTC)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("the hour field \"25\" is out of range (0 to 23)"),
+            "{e}"
+        );
+        assert!(!e.contains("Component error"), "{e}");
+        let e = Schedule::cron("61 * * * *", Tz::UTC)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("minute field \"61\" is out of range (0 to 59)"),
+            "{e}"
+        );
+        let e = Schedule::cron("a b c d e f g h", Tz::UTC)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("it has 8 fields"), "{e}");
+        let e = Schedule::cron("0 0 32 * *", Tz::UTC)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("day-of-month field \"32\" is out of range (1 to 31)"),
+            "{e}"
+        );
+    }
 
     fn utc(s: &str) -> DateTime<Utc> {
         DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)

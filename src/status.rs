@@ -80,6 +80,9 @@ pub struct Status {
     /// online check.
     pub integrations: Vec<crate::config::IntegrationState>,
     pub connections: Vec<ConnectionStatus>,
+    /// The configuration's problems, when it has any (`streams` then holds the valid ones).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub config_problems: Vec<String>,
 }
 
 /// A connection with its integration's state and its last online check (from the state).
@@ -162,6 +165,7 @@ pub fn collect(
         streams,
         integrations: config.settings.integrations.clone(),
         connections: connection_statuses(config, checks),
+        config_problems: Vec::new(),
     })
 }
 
@@ -537,6 +541,7 @@ mod tests {
             }],
             integrations: Vec::new(),
             connections: Vec::new(),
+            config_problems: Vec::new(),
         }
     }
 

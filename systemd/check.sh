@@ -32,14 +32,21 @@ trap 'exit 130' INT TERM
 fail=0
 
 # The copy keeps the name usher.service: verify and security report by name.
-sed 's#^ExecStart=/usr/bin/usher #ExecStart=/bin/true #' "$unit" >"$tmp/usher.service"
+sed 's#^\(Exec[A-Za-z]*\)=/usr/bin/usher #\1=/bin/true #' "$unit" >"$tmp/usher.service"
 if ! grep -q '^ExecStart=/bin/true run ' "$tmp/usher.service"; then
     echo "check.sh: FAIL: ExecStart=/usr/bin/usher ... not found in $unit"
     exit 1
 fi
+# A reload must report the daemon's verdict: `usher reload` waits for it, a bare
+# signal (kill -HUP) would make `systemctl reload` succeed on a refused config.
+if ! grep -q '^ExecReload=/bin/true reload ' "$tmp/usher.service"; then
+    echo "check.sh: FAIL: ExecReload must run /usr/bin/usher reload (it waits for the daemon's verdict)"
+    exit 1
+fi
 
 echo "== systemd-analyze verify (ExecStart -> /bin/true in a temp copy)"
-out=$(cd "$tmp" && systemd-analyze verify ./usher.service 2>&1)
+# --man=no: the man pages in Documentation= are installed by the package, not here.
+out=$(cd "$tmp" && systemd-analyze verify --man=no ./usher.service 2>&1)
 rc=$?
 [ -n "$out" ] && printf '%s\n' "$out"
 if [ "$rc" -ne 0 ] || printf '%s\n' "$out" | grep -q usher; then

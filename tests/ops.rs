@@ -258,3 +258,90 @@ async fn log_files_rotate_daily_in_the_configured_directory() {
     assert!(first["level"].is_string(), "JSON lines: {first}");
     assert!(text.contains("run finished"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn metrics_tell_start_time_runs_durations_requests_and_waits() {
+    use usher::sandbox::Fault;
+    let s = Sandbox::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    s.crm.add_contacts(5);
+    // The feed's first answer asks for a pause: the run waits it out, then goes on.
+    s.crm.faults.push(
+        "crm.feed",
+        Fault::RateLimited {
+            status: 429,
+            retry_after_secs: 1,
+        },
+        1,
+    );
+    let env = Env::new();
+    let port = free_port();
+    env.write_config(&format!(
+        "[metrics]\nlisten = \"127.0.0.1:{port}\"\n{}",
+        crm_stream_config(&format!("http://{}", s.addr), "1h", 1000, 50)
+    ));
+    let spawned = chrono::Utc::now().timestamp_millis() as f64 / 1000.0;
+    let d = env.spawn_daemon();
+    d.wait_ready();
+    assert!(wait_until(Duration::from_secs(15), || s
+        .crm
+        .accepted_records()
+        .len()
+        == 5));
+    // Scraped for the first time well after the start.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let client = reqwest::Client::new();
+    let mut text = String::new();
+    for _ in 0..50 {
+        let r = client
+            .get(format!("http://127.0.0.1:{port}/metrics"))
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            r.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("application/openmetrics-text"),
+            "{:?}",
+            r.headers()
+        );
+        text = r.text().await.unwrap();
+        if text.contains("usher_runs_total{stream=\"contacts\",outcome=\"ok\"} 1") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+    };
+    let start = value("process_start_time_seconds ");
+    assert!(
+        start > spawned - 1.5 && start < spawned + 1.5,
+        "process_start_time_seconds {start} is the process start ({spawned}), not the first scrape:\n{text}"
+    );
+    for needle in [
+        "usher_runs_total{stream=\"contacts\",outcome=\"ok\"} 1",
+        "usher_run_duration_seconds_count{stream=\"contacts\"} 1",
+        "usher_run_duration_seconds_bucket{le=\"+Inf\",stream=\"contacts\"} 1",
+        "usher_http_requests_total{connection=\"crm\",class=\"4xx\"} 1",
+        "usher_waits_total{connection=\"crm\",reason=\"retry_after\"} 1",
+        "usher_wait_seconds_total{connection=\"crm\",reason=\"retry_after\"}",
+        &format!(
+            "usher_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        ),
+        "usher_records_pulled_total{stream=\"contacts\"} 5",
+        "# TYPE usher_run_duration_seconds histogram",
+        "# EOF",
+    ] {
+        assert!(text.contains(needle), "{needle} in:\n{text}");
+    }
+    assert!(value("usher_http_requests_total{connection=\"crm\",class=\"2xx\"}") >= 1.0);
+    assert!(value("usher_http_requests_total{connection=\"hub\",class=\"2xx\"}") >= 1.0);
+}

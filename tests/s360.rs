@@ -1176,3 +1176,66 @@ async fn long_ids_and_exact_bodies_are_stored_and_relayed_byte_for_byte() {
         3
     );
 }
+
+/// Issue 21: one run pulled 150 with `max_per_run = 25`. A run of a CRM → S-360 contacts
+/// (or offers) stream takes at most `max_per_run` records; the next run goes on from the
+/// last one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn max_per_run_caps_crm_to_s360_contacts_and_offers_runs() {
+    let s = sandbox().await;
+    for i in 1..=150 {
+        s.crm.push_contact(usher::sandbox::crm::contact(i));
+    }
+    s.crm.add_offers(30);
+    let env = Env::new();
+    let mut cfg = head(&env, &s, free_port(), "");
+    cfg += r#"
+[streams.crm-offers]
+source = "crm"
+entity = "offer"
+target = "s360"
+every = "1h"
+max_per_run = 10
+
+[streams.crm-contacts]
+source = "crm"
+entity = "contact"
+target = "s360"
+every = "1h"
+page_size = 100
+max_per_run = 25
+"#;
+    env.write_config(&cfg);
+    let out = env.cli(&["trigger", "crm-offers"]);
+    assert_eq!(out.status.code(), Some(0), "{}", common::stderr(&out));
+    assert_eq!(s.s360.orders().len(), 10, "one run of offers, 10 orders");
+    let out = env.cli(&["trigger", "crm-contacts"]);
+    assert_eq!(out.status.code(), Some(0), "{}", common::stderr(&out));
+    assert_eq!(s.s360.contacts().len(), 25, "one run, 25 records");
+    let out = env.cli(&["trigger", "crm-contacts"]);
+    assert_eq!(out.status.code(), Some(0), "{}", common::stderr(&out));
+    assert_eq!(s.s360.contacts().len(), 50, "the next 25, none twice");
+    assert_eq!(
+        query_i64(
+            &env.db_path(),
+            "SELECT COUNT(DISTINCT target_id) FROM links WHERE stream = 'crm-contacts'"
+        ),
+        50
+    );
+
+    // A key its runs do not read is refused, naming the stream kind.
+    env.write_config(&format!("{cfg}max_per_payload = 10\n"));
+    let out = env.cli(&["validate"]);
+    let err = common::stderr(&out);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert!(
+        err.contains("key `streams.crm-contacts.max_per_payload`: `max_per_payload` does not apply to a crm → s360 contacts stream"),
+        "{err}"
+    );
+    env.write_config(&format!("{cfg}institution = \"myvenue\"\n"));
+    let err = common::stderr(&env.cli(&["validate"]));
+    assert!(
+        err.contains("key `streams.crm-contacts.institution`: `institution` does not apply to a crm → s360 contacts stream"),
+        "{err}"
+    );
+}

@@ -769,6 +769,13 @@ tenant = "other"
 client_id = "usher-demo"
 client_secret_file = "halo-secret"
 
+[connections.halo-bad-client]
+kind = "halo"
+base_url = "{b}/halo"
+tenant = "demo"
+client_id = "usher-demo"
+client_secret_file = "bad"
+
 [connections.halo-down]
 kind = "halo"
 base_url = "http://{closed}/halo"
@@ -797,6 +804,16 @@ max_retries = 0
     assert!(line("sg-bad").contains("wrong credentials"), "{text}");
     assert!(
         line("halo-bad-tenant").contains("wrong credentials"),
+        "{text}"
+    );
+    // Which of tenant, client or secret, as far as Halo's answer tells (issue 21).
+    assert!(
+        line("halo-bad-tenant").contains("Halo refused the tenant \"other\"")
+            && line("halo-bad-tenant").contains("its authinfo names tenant \"demo\""),
+        "{text}"
+    );
+    assert!(
+        line("halo-bad-client").contains("Halo took the tenant \"demo\" but refused the client"),
         "{text}"
     );
     assert!(line("halo-down").contains("unreachable"), "{text}");

@@ -28,7 +28,118 @@ fn demo_token(config_file: &std::path::Path) -> Option<String> {
     Some(std::fs::read_to_string(p).ok()?.trim().to_string())
 }
 
-pub async fn demo(demo_config: PathBuf, contacts: u64, state_override: Option<PathBuf>) -> i32 {
+/// The demo's configuration and secrets, built into the binary, so that `usher demo` runs
+/// from any folder and from the package (which also ships them, for reading, in
+/// /usr/share/usher/demo).
+const DEMO_TOML: &str = include_str!("../../config/demo.toml");
+const DEMO_SECRETS: &[(&str, &str)] = &[
+    (
+        "airship-token",
+        include_str!("../../config/demo-secrets/airship-token"),
+    ),
+    (
+        "cdp-token",
+        include_str!("../../config/demo-secrets/cdp-token"),
+    ),
+    (
+        "crm-token",
+        include_str!("../../config/demo-secrets/crm-token"),
+    ),
+    (
+        "halo-secret",
+        include_str!("../../config/demo-secrets/halo-secret"),
+    ),
+    (
+        "s360-hook-token",
+        include_str!("../../config/demo-secrets/s360-hook-token"),
+    ),
+    (
+        "s360-partner-secret",
+        include_str!("../../config/demo-secrets/s360-partner-secret"),
+    ),
+    (
+        "seatgeek-secret",
+        include_str!("../../config/demo-secrets/seatgeek-secret"),
+    ),
+    (
+        "seatsio-secret-key",
+        include_str!("../../config/demo-secrets/seatsio-secret-key"),
+    ),
+    (
+        "ticketco-token",
+        include_str!("../../config/demo-secrets/ticketco-token"),
+    ),
+];
+
+/// The demo configuration in a checkout, relative to the working folder.
+const CHECKOUT_DEMO: &str = "config/demo.toml";
+
+/// Where the demo's configuration is, and its state when nobody said: `--demo-config`;
+/// else `config/demo.toml` in this folder (a checkout: state in `./state/demo`); else the
+/// built-in copy, written to a new folder under the temporary folder with the state beside
+/// it (so that running from `/` or `$HOME` writes nothing there).
+fn locate_demo(
+    explicit: Option<PathBuf>,
+    state: Option<PathBuf>,
+) -> std::io::Result<(PathBuf, Option<PathBuf>)> {
+    if let Some(p) = explicit {
+        return Ok((p, state));
+    }
+    let checkout = PathBuf::from(CHECKOUT_DEMO);
+    if checkout.is_file() {
+        return Ok((checkout, state));
+    }
+    let dir = write_builtin_demo(&std::env::temp_dir())?;
+    Ok((
+        dir.join("demo.toml"),
+        state.or_else(|| Some(dir.join("state"))),
+    ))
+}
+
+/// Writes the built-in demo (demo.toml, demo-secrets/) to a new folder in `parent`.
+fn write_builtin_demo(parent: &std::path::Path) -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    let dir = parent.join(format!("usher-demo-{}-{stamp}", std::process::id()));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .recursive(true)
+        .create(dir.join("demo-secrets"))?;
+    let write = |path: PathBuf, text: &str| -> std::io::Result<()> {
+        use std::io::Write as _;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)?
+            .write_all(text.as_bytes())
+    };
+    write(dir.join("demo.toml"), DEMO_TOML)?;
+    for (name, text) in DEMO_SECRETS {
+        write(dir.join("demo-secrets").join(name), text)?;
+    }
+    Ok(dir)
+}
+
+pub async fn demo(
+    demo_config: Option<PathBuf>,
+    contacts: u64,
+    state_override: Option<PathBuf>,
+) -> i32 {
+    let (demo_config, state_override) = match locate_demo(demo_config, state_override) {
+        Ok(found) => found,
+        Err(e) => {
+            eprintln!(
+                "usher demo: cannot write the built-in demo configuration under {}: {e}",
+                std::env::temp_dir().display()
+            );
+            return EX_FAIL;
+        }
+    };
+    println!("usher demo: configuration {}", demo_config.display());
     let sandbox = match Sandbox::start("127.0.0.1:0".parse().expect("static address")).await {
         Ok(s) => s,
         Err(e) => {
@@ -247,8 +358,7 @@ integration {} of company {}: {}",
             conn.kind,
             crate::config::ConnectionKind::Seatsio | crate::config::ConnectionKind::Cdp
         ) {
-            let v =
-                crate::connectors::check_online_with(&http, conn, &config.settings, &cancel).await;
+            let v = crate::connectors::check_online_in(&http, conn, &config, &cancel).await;
             let message = match &v {
                 crate::connectors::Verdict::Valid(m) => m.clone(),
                 other => other.to_string(),
@@ -282,6 +392,7 @@ pub struct TicketCoSeed {
     /// The first event day (YYYY-MM-DD); default yesterday (UTC).
     #[arg(long)]
     pub ticketco_first_day: Option<chrono::NaiveDate>,
+    /// Days the generated events are spread over.
     #[arg(long, default_value_t = 30)]
     pub ticketco_days: u64,
     /// Venue names, comma-separated; each is also an Airship unit (IDs 1, 2, …).
@@ -293,6 +404,7 @@ pub struct TicketCoSeed {
     /// Bearer token the fake Airship requires.
     #[arg(long)]
     pub airship_token: Option<String>,
+    /// The account ID the fake Airship answers for.
     #[arg(long, default_value_t = 1)]
     pub airship_account: i64,
 }
@@ -381,5 +493,29 @@ fn seed_settings(sandbox: &Sandbox, config_file: &std::path::Path) {
         .add_event_type("6f0e4c4a-2b1d-4a8e-9c3f-5d7e8f9a0b1c");
     if let Some(key) = secret("seatsio-secret-key") {
         sandbox.seatsio.add_secret_key("eu", &key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_builtin_demo_is_the_checkouts_and_complete() {
+        let dir = tempfile::tempdir().unwrap();
+        let written = write_builtin_demo(dir.path()).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(written.join("demo.toml")).unwrap(),
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/demo.toml"))
+                .unwrap()
+        );
+        let shipped =
+            std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/config/demo-secrets"))
+                .unwrap()
+                .count();
+        assert_eq!(DEMO_SECRETS.len(), shipped, "every demo secret is built in");
+        for (name, _) in DEMO_SECRETS {
+            assert!(written.join("demo-secrets").join(name).is_file(), "{name}");
+        }
     }
 }

@@ -23,15 +23,7 @@ pub async fn import(source: config::Source, stream: &str, limit: u64, dry_run: b
         Err(p) => return report_problems(&p),
     };
     let Some(spec) = config.streams.get(stream).cloned() else {
-        eprintln!(
-            "usher: no stream {stream:?} in the configuration (streams: {})",
-            config
-                .streams
-                .keys()
-                .cloned()
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
+        eprintln!("{}", super::ops::no_stream(&config, stream));
         return EX_FAIL;
     };
     let StreamKind::SeatGeekToHalo(opts) = &spec.kind else {

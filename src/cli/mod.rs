@@ -6,6 +6,7 @@
 
 mod bench;
 mod demo;
+mod man;
 // S-360
 mod bench_s360;
 mod demo_s360;
@@ -91,8 +92,17 @@ pub enum Command {
         #[arg(long)]
         online: bool,
     },
+    /// Reload the running daemon (the unit's ExecReload): check the configuration as the
+    /// daemon will load it, send it SIGHUP and wait for its verdict. Exits 78 with the
+    /// problems when the configuration is refused (the daemon keeps the old one).
+    Reload {
+        /// How long to wait for the daemon's verdict.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
     /// Show each stream: schedule, last and next run, cursor, outbox, dead letters, owed records.
     Status {
+        /// Print JSON (every stream's state, for scripts and monitoring) instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -102,7 +112,10 @@ pub enum Command {
         action: CursorAction,
     },
     /// Run a stream now (through the daemon when one runs, else in this process).
-    Trigger { stream: String },
+    Trigger {
+        /// The stream to run (a name under `[streams]`).
+        stream: String,
+    },
     /// Back up or check the state database (while the daemon runs, too).
     State {
         #[command(subcommand)]
@@ -116,6 +129,7 @@ pub enum Command {
     // Ticket Co x Airship
     /// Run a stream once from an older date (attendance date), e.g. a historic import.
     Backfill {
+        /// The Ticket Co → Airship stream to backfill.
         stream: String,
         /// The first date to import (YYYY-MM-DD).
         #[arg(long)]
@@ -124,6 +138,7 @@ pub enum Command {
     // SeatGeek / Halo
     /// Test import of a SeatGeek → Halo stream: the first N change events after its cursor.
     Import {
+        /// The SeatGeek → Halo stream to import into.
         stream: String,
         /// How many change events to take.
         #[arg(long, default_value_t = 100)]
@@ -132,14 +147,17 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
-    /// Run every stream of config/demo.toml once against the bundled fakes.
+    /// Run every stream of the demo configuration once against the bundled fakes.
     Demo {
-        /// The demo configuration.
-        #[arg(long, default_value = "config/demo.toml")]
-        demo_config: PathBuf,
+        /// The demo configuration [default: config/demo.toml in this folder, else the
+        /// built-in copy, written with its secrets to a new folder under $TMPDIR]
+        #[arg(long)]
+        demo_config: Option<PathBuf>,
         /// How many contacts the fake CRM starts with.
         #[arg(long, default_value_t = 240)]
         contacts: u64,
+        #[command(flatten)]
+        unused: UnusedGlobals,
     },
     /// Measure start, reload, memory and CPU with many streams (prints figures).
     #[command(hide = true)]
@@ -156,8 +174,10 @@ pub enum Command {
     GenerateAssets { dir: PathBuf },
     /// Serve the fake vendors on loopback until interrupted (for trying usher by hand).
     Sandbox {
+        /// Where the fakes listen (port 0: a free port, printed at start).
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: std::net::SocketAddr,
+        /// Contacts the fake CRM starts with.
         #[arg(long, default_value_t = 1000)]
         contacts: u64,
         // Ticket Co x Airship
@@ -170,6 +190,11 @@ pub enum Command {
         /// Users those events are spread over.
         #[arg(long, default_value_t = 1000)]
         seatgeek_users: u32,
+        #[command(flatten)]
+        unused: UnusedGlobals,
+        /// Not used: the fakes keep no state.
+        #[arg(long, hide = true)]
+        state_dir: Option<PathBuf>,
     },
     // S-360
     /// Measure the S-360 receiver (records/s accepted durably, latency) and relay.
@@ -187,27 +212,76 @@ pub enum Command {
     },
 }
 
+/// The global options that `demo` and `sandbox` do not read, defined again on them (hidden)
+/// so that their help does not list them: clap gives a subcommand a global option only when
+/// it has none of that name. Given anyway, they are refused ([`UnusedGlobals::refuse`]).
+#[derive(clap::Args, Debug, Clone)]
+pub struct UnusedGlobals {
+    /// Not used: the demo runs its own configuration (`--demo-config`).
+    #[arg(long, short = 'c', hide = true)]
+    config: Option<PathBuf>,
+    /// Not used: the demo logs as `auto` says.
+    #[arg(long, hide = true, value_enum)]
+    log_format: Option<LogFormatArg>,
+}
+
+impl UnusedGlobals {
+    /// Exit 2 (a usage error) when an option given would be ignored.
+    fn refuse(&self, command: &str) -> Option<i32> {
+        // clap hands the top level's defaults down to these too: a default is not "given".
+        let given: Vec<&str> = [
+            self.config
+                .as_ref()
+                .filter(|c| c.as_path() != std::path::Path::new(config::DEFAULT_CONFIG))
+                .map(|_| "--config"),
+            self.log_format
+                .filter(|f| !matches!(f, LogFormatArg::Auto))
+                .map(|_| "--log-format"),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if given.is_empty() {
+            return None;
+        }
+        eprintln!(
+            "usher {command}: {} {} not used here ({command} runs its own configuration; see usher {command} --help)",
+            given.join(" and "),
+            if given.len() == 1 { "is" } else { "are" }
+        );
+        Some(2)
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub enum DeadLetterAction {
     /// Show the stream's dead letters with their reasons.
     List {
+        /// The stream whose dead letters to show.
         stream: String,
+        /// Show at most this many, oldest first.
         #[arg(long, default_value_t = 100)]
         limit: u32,
+        /// Print JSON, with each record as it was set aside.
         #[arg(long)]
         json: bool,
     },
     /// Put dead letters through the stream again at its next run (all, or one by --id).
     Retry {
+        /// The stream whose dead letters to put through again.
         stream: String,
+        /// Only this dead letter (its ID, as `list` shows it); default: all of the stream's.
         #[arg(long)]
         id: Option<i64>,
     },
     /// Delete dead letters for good (all, with --all, or one by --id).
     Drop {
+        /// The stream whose dead letters to delete.
         stream: String,
+        /// Only this dead letter (its ID, as `list` shows it).
         #[arg(long, conflicts_with = "all", required_unless_present = "all")]
         id: Option<i64>,
+        /// Every dead letter of the stream.
         #[arg(long)]
         all: bool,
     },
@@ -219,10 +293,14 @@ pub enum StateAction {
     /// runs: a snapshot at one instant, compacted, checked with `quick_check`. FILE must not
     /// exist. To restore it: stop usher, replace usher.db with it, delete usher.db-wal and
     /// usher.db-shm, start usher (README, "Backup and restore").
-    Backup { file: PathBuf },
+    Backup {
+        /// Where to write the copy (must not exist).
+        file: PathBuf,
+    },
     /// Check the state database for damage (`quick_check`; `--full`: `integrity_check`,
     /// which also compares every index with its table and takes longer). Exit 65 if damaged.
     Check {
+        /// `integrity_check` instead of `quick_check`: also every index against its table.
         #[arg(long)]
         full: bool,
     },
@@ -242,11 +320,14 @@ pub enum StateAction {
 
 #[derive(Subcommand, Debug)]
 pub enum CursorAction {
+    /// Print where the stream is in its source.
     Show {
+        /// The stream whose cursor to show.
         stream: String,
     },
     /// Back to the start: the next run re-imports all history (links are kept: no duplicates).
     Reset {
+        /// The stream whose cursor to reset.
         stream: String,
     },
 }
@@ -354,6 +435,7 @@ pub fn main() -> i32 {
     match cli.command {
         Command::Run => runtime.block_on(ops::run(source, cli.log_format.into())),
         Command::Validate { online } => runtime.block_on(ops::validate(source, online)),
+        Command::Reload { timeout } => ops::reload(source, timeout),
         Command::Status { json } => ops::status(state_only, json),
         Command::Cursor { action } => match action {
             CursorAction::Show { stream } => ops::cursor_show(state_only, &stream),
@@ -377,7 +459,11 @@ pub fn main() -> i32 {
         Command::Demo {
             demo_config,
             contacts,
-        } => runtime.block_on(demo::demo(demo_config, contacts, cli.state_dir.clone())),
+            unused,
+        } => match unused.refuse("demo") {
+            Some(code) => code,
+            None => runtime.block_on(demo::demo(demo_config, contacts, cli.state_dir.clone())),
+        },
         Command::BenchScale {
             streams,
             connections,
@@ -397,13 +483,22 @@ pub fn main() -> i32 {
             ticketco,
             seatgeek_events,
             seatgeek_users,
-        } => runtime.block_on(demo::sandbox(
-            listen,
-            contacts,
-            ticketco,
-            seatgeek_events,
-            seatgeek_users,
-        )),
+            unused,
+            state_dir,
+        } => match unused.refuse("sandbox") {
+            Some(code) => code,
+            None if state_dir.is_some() => {
+                eprintln!("usher sandbox: --state-dir is not used here (the fakes keep no state)");
+                2
+            }
+            None => runtime.block_on(demo::sandbox(
+                listen,
+                contacts,
+                ticketco,
+                seatgeek_events,
+                seatgeek_users,
+            )),
+        },
         // Ticket Co x Airship
         Command::Backfill { stream, from } => {
             runtime.block_on(backfill::backfill(source, &stream, from))
@@ -430,7 +525,9 @@ pub fn report_problems(problems: &[Problem]) -> i32 {
     EX_CONFIG
 }
 
-/// Man pages (one per subcommand) and bash/zsh/fish completions, from the CLI definition.
+/// Man pages (one per subcommand, usher(1) with FILES, SIGNALS and EXIT STATUS, and
+/// usher.toml(5)) and bash/zsh/fish completions, from the CLI definition and the
+/// configuration reference.
 fn generate_assets(dir: &std::path::Path) -> i32 {
     use clap::CommandFactory;
     let result = (|| -> std::io::Result<()> {
@@ -440,6 +537,14 @@ fn generate_assets(dir: &std::path::Path) -> i32 {
         std::fs::create_dir_all(&comp)?;
         let cmd = Cli::command();
         clap_mangen::generate_to(cmd.clone(), &man)?;
+        // usher(1) with FILES, SIGNALS and EXIT STATUS; usher.toml(5) from the reference.
+        std::fs::write(man.join("usher.1"), man::usher_1(cmd.clone())?)?;
+        let man5 = dir.join("man5");
+        std::fs::create_dir_all(&man5)?;
+        std::fs::write(
+            man5.join("usher.toml.5"),
+            man::usher_toml_5(man::CONFIG_REFERENCE, env!("CARGO_PKG_VERSION")),
+        )?;
         for shell in [
             clap_complete::Shell::Bash,
             clap_complete::Shell::Zsh,

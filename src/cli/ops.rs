@@ -1,4 +1,4 @@
-//! `run`, `validate`, `status`, `cursor`, `trigger`.
+//! `run`, `validate`, `reload`, `status`, `cursor`, `trigger`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -146,8 +146,7 @@ pub async fn validate(source: config::Source, online: bool) -> i32 {
         Some(pg) => Store::open_postgres(pg).await.ok(),
     };
     for conn in config.connections.values() {
-        let verdict =
-            crate::connectors::check_online_with(&http, conn, &config.settings, &cancel).await;
+        let verdict = crate::connectors::check_online_in(&http, conn, &config, &cancel).await;
         if !verdict.is_valid() {
             bad += 1;
         }
@@ -197,11 +196,109 @@ pub async fn validate(source: config::Source, online: bool) -> i32 {
     if bad > 0 { EX_CONFIG } else { EX_OK }
 }
 
-pub fn status(source: config::Source, json: bool) -> i32 {
+/// `usher reload` (the unit's `ExecReload`): the configuration is loaded here exactly as the
+/// daemon will load it (same files, environment and credentials: systemd runs ExecReload
+/// in the service's own context), so a broken one is refused before the daemon is
+/// bothered; then SIGHUP, and the daemon's own verdict (`engine::reload`), which is what
+/// counts. Exit 0 taken, 78 refused (the daemon keeps running the old configuration), 1
+/// no daemon to reload or no verdict in time.
+pub fn reload(source: config::Source, timeout: Duration) -> i32 {
+    use crate::engine::reload;
+    let refused = |code| {
+        eprintln!(
+            "usher: reload refused: the running daemon keeps its configuration; fix the problems above and reload again"
+        );
+        code
+    };
     let config = match load(&source) {
         Ok(c) => c,
-        Err(code) => return code,
+        Err(code) => return refused(code),
     };
+    let state_dir = config.daemon.state_dir.clone();
+    let Some(pid) = lock::holder(&state_dir) else {
+        eprintln!(
+            "usher: no usher daemon runs on the state directory {}; nothing to reload (the configuration is valid)",
+            state_dir.display()
+        );
+        return EX_FAIL;
+    };
+    // Only a daemon that said it is ready handles SIGHUP; before that the signal would end
+    // it (it is still opening the state, or it is an older usher that writes no verdict).
+    let before = match reload::read(&state_dir) {
+        Some(v) if v.pid == pid => v.generation,
+        _ => {
+            eprintln!(
+                "usher: the daemon (pid {pid}) has not said it is ready (no {} of its own): it is still starting, or was started by an older usher; not signalled. Try again once it runs, or restart it (systemctl restart usher)",
+                reload::path(&state_dir).display()
+            );
+            return EX_FAIL;
+        }
+    };
+    let Some(target) = rustix::process::Pid::from_raw(pid as i32) else {
+        return EX_FAIL;
+    };
+    if let Err(e) = rustix::process::kill_process(target, rustix::process::Signal::HUP) {
+        eprintln!("usher: cannot signal the daemon (pid {pid}): {e}");
+        return EX_FAIL;
+    }
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = reload::read(&state_dir)
+            && v.pid == pid
+            && v.generation > before
+        {
+            if v.accepted {
+                println!(
+                    "configuration reloaded by the daemon (pid {pid}): {} stream(s)",
+                    v.streams
+                );
+                for w in &config.warnings {
+                    println!("warning: {w}");
+                }
+                return EX_OK;
+            }
+            for p in &v.problems {
+                eprintln!("{p}");
+            }
+            eprintln!(
+                "usher: the daemon (pid {pid}) found {} problem(s) in the new configuration",
+                v.problems.len()
+            );
+            return refused(EX_CONFIG);
+        }
+        if matches!(process_state(pid), None | Some('Z') | Some('X')) {
+            eprintln!("usher: the daemon (pid {pid}) ended before it answered the reload");
+            return EX_FAIL;
+        }
+        if Instant::now() > deadline {
+            eprintln!(
+                "usher: the daemon (pid {pid}) has not answered the reload within {}; see its log (journalctl -u usher)",
+                humantime::format_duration(timeout)
+            );
+            return EX_FAIL;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn status(source: config::Source, json: bool) -> i32 {
+    // An invalid configuration does not hide the state: the streams and connections that
+    // are valid are shown, and the problems beside them (exit 78 still says it is invalid).
+    let (config, problems) = config::load_partial(&source);
+    let shown = status_of(&config, &problems, json);
+    if !problems.is_empty() {
+        if !json {
+            println!();
+        }
+        eprintln!(
+            "usher: the configuration is invalid; the state above shows only the streams and connections that are valid"
+        );
+        return report_problems(&problems);
+    }
+    shown
+}
+
+fn status_of(config: &Config, problems: &[config::Problem], json: bool) -> i32 {
     let state_dir = &config.daemon.state_dir;
     let store = match super::open_existing_state(&config.daemon) {
         Ok(s) => s,
@@ -209,10 +306,11 @@ pub fn status(source: config::Source, json: bool) -> i32 {
     };
     let pid = lock::holder(state_dir);
     let state_error = lock::state_note(state_dir);
-    let status = match crate::status::collect(&config, store.as_ref(), pid, state_error) {
+    let mut status = match crate::status::collect(config, store.as_ref(), pid, state_error) {
         Ok(s) => s,
         Err(e) => return store_error(&e),
     };
+    status.config_problems = problems.iter().map(ToString::to_string).collect();
     let mut out = std::io::stdout().lock();
     let r = if json {
         serde_json::to_writer_pretty(&mut out, &status)
@@ -232,17 +330,19 @@ pub(super) fn known_stream(config: &Config, stream: &str) -> Result<(), i32> {
     if config.streams.contains_key(stream) {
         Ok(())
     } else {
-        eprintln!(
-            "usher: no stream {stream:?} in the configuration (streams: {})",
-            config
-                .streams
-                .keys()
-                .cloned()
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
+        eprintln!("{}", no_stream(config, stream));
         Err(EX_FAIL)
     }
+}
+
+/// "no stream X", with the nearest name when one is near and the names there are.
+pub(super) fn no_stream(config: &Config, stream: &str) -> String {
+    let names: Vec<&str> = config.streams.keys().map(String::as_str).collect();
+    format!(
+        "usher: no stream {stream:?} in the configuration{} (streams: {})",
+        config::suggest::did_you_mean(stream, &names),
+        names.join(", ")
+    )
 }
 
 pub fn cursor_show(source: config::Source, stream: &str) -> i32 {
@@ -500,7 +600,14 @@ pub async fn trigger(source: config::Source, stream: &str) -> i32 {
         _lock = match lock::acquire(&state_dir) {
             Ok(l) => Some(l),
             Err(LockError::Held { pid: Some(pid), .. }) => {
-                return tokio::task::block_in_place(|| {
+                // On a terminal, the run the daemon starts is followed until it ends.
+                let follow = std::io::IsTerminal::is_terminal(&std::io::stderr());
+                let before = if follow {
+                    tokio::task::block_in_place(|| last_run_id(&config, stream))
+                } else {
+                    None
+                };
+                let code = tokio::task::block_in_place(|| {
                     via_daemon(
                         &state_dir,
                         config.daemon.control_poll,
@@ -510,6 +617,12 @@ pub async fn trigger(source: config::Source, stream: &str) -> i32 {
                         "trigger",
                     )
                 });
+                return match before {
+                    Some(before) if code == EX_OK => {
+                        follow_in_daemon(&config, stream, pid, before).await
+                    }
+                    _ => code,
+                };
             }
             Err(e) => return lock_error(&e),
         };
@@ -601,9 +714,24 @@ pub async fn trigger(source: config::Source, stream: &str) -> i32 {
         clock: crate::clock::Clock::process(),
         backfill: None,
     };
+    // Pages and waits as they happen, so that a long Retry-After reads as a wait.
+    let done = CancellationToken::new();
+    let shown = crate::engine::progress::subscribe().map(|rx| {
+        tokio::spawn(show_progress(
+            rx,
+            stream.to_string(),
+            std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            done.clone(),
+        ))
+    });
     // On a worker of the runtime, as the daemon runs it (the HTTP connections' tasks then
     // share its thread instead of waking the main one for every answer).
-    let report = match tokio::spawn(async move { run_stream(&ctx, "trigger").await }).await {
+    let report = tokio::spawn(async move { run_stream(&ctx, "trigger").await }).await;
+    done.cancel();
+    if let Some(shown) = shown {
+        let _ = shown.await;
+    }
+    let report = match report {
         Ok(r) => r,
         Err(e) => {
             eprintln!("usher: the run of {stream} ended abnormally: {e}");
@@ -634,6 +762,172 @@ pub async fn trigger(source: config::Source, stream: &str) -> i32 {
         EX_OK
     } else {
         EX_FAIL
+    }
+}
+
+/// The ID of the stream's latest run (0: none yet), or None when the state cannot be read.
+fn last_run_id(config: &Config, stream: &str) -> Option<i64> {
+    match super::open_existing_state(&config.daemon) {
+        Ok(Some(store)) => store
+            .runs_sync(stream, 1)
+            .ok()
+            .map(|r| r.first().map_or(0, |r| r.id)),
+        Ok(None) => Some(0),
+        Err(_) => None,
+    }
+}
+
+/// On a terminal, after the daemon took a trigger: follows the run it starts, from what the
+/// daemon records (the run's row, the stream's cursor, a `Retry-After` saved for one of the
+/// stream's connections), on a progress line until the run ends (Ctrl-C stops following;
+/// the run goes on), then prints its result as a run in this process would. The exit code
+/// stays 0, as without a terminal: the daemon took the request.
+async fn follow_in_daemon(config: &Config, stream: &str, pid: u32, before: i64) -> i32 {
+    use tokio::task::block_in_place;
+    let store = match block_in_place(|| super::open_existing_state(&config.daemon)) {
+        Ok(Some(s)) => s,
+        _ => return EX_OK,
+    };
+    let spec = &config.streams[stream];
+    let budgets: Vec<String> = [&spec.source, &spec.target]
+        .into_iter()
+        .filter_map(|c| config.connections.get(c.as_str()))
+        .map(|c| c.budget_key())
+        .collect();
+    let pb = indicatif::ProgressBar::new_spinner();
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {msg} [{elapsed}]")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+    );
+    pb.enable_steady_tick(Duration::from_millis(120));
+    pb.set_message(format!(
+        "{stream}: waiting for the daemon (pid {pid}) to start the run"
+    ));
+    let mut cursor = block_in_place(|| store.cursor_sync(stream)).ok().flatten();
+    let mut pages = 0u64;
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    loop {
+        tokio::select! {
+            _ = &mut ctrl_c => {
+                pb.finish_and_clear();
+                eprintln!("usher: stopped following; the run goes on in the daemon (usher status shows it)");
+                return EX_OK;
+            }
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+        let run = block_in_place(|| store.runs_sync(stream, 1))
+            .ok()
+            .and_then(|r| r.into_iter().next())
+            .filter(|r| r.id > before);
+        let Some(run) = run else {
+            continue;
+        };
+        if run.ended_at.is_some() {
+            pb.finish_and_clear();
+            let c = run.counts;
+            println!(
+                "{stream}: {} in the daemon (pid {pid}): pulled {}, created {}, updated {}, skipped {}, failed {}, queued {}",
+                run.outcome, c.pulled, c.created, c.updated, c.skipped, c.failed, c.queued
+            );
+            if let Some(e) = &run.error {
+                println!("  error: {e}");
+            }
+            return EX_OK;
+        }
+        let now = block_in_place(|| store.cursor_sync(stream)).ok().flatten();
+        if now != cursor {
+            pages += 1;
+            cursor = now;
+        }
+        let at = chrono::Utc::now();
+        let wait = store
+            .rate_budgets()
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|b| budgets.contains(&b.key))
+            .filter_map(|b| Some((b.not_before.filter(|t| *t > at)? - at, b.key)))
+            .max();
+        pb.set_message(match wait {
+            Some((left, key)) => format!(
+                "{stream}: waiting {} s for the Retry-After of {key}",
+                (left.num_milliseconds() as f64 / 1000.0).ceil() as u64
+            ),
+            None if pages > 0 => format!(
+                "{stream}: running in the daemon (pid {pid}); {pages} page(s) committed so far"
+            ),
+            None => format!("{stream}: running in the daemon (pid {pid})"),
+        });
+    }
+}
+
+/// Shows a run's progress on stderr until `done`: on a terminal a spinner whose line says
+/// the pages committed and the counts so far, or what the run waits for and how long;
+/// elsewhere plain lines (every wait, and the counts at most every 2 s).
+async fn show_progress(
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<crate::engine::progress::Event>,
+    stream: String,
+    tty: bool,
+    done: CancellationToken,
+) {
+    use crate::engine::progress::Event;
+    let bar = tty.then(|| {
+        let pb = indicatif::ProgressBar::new_spinner();
+        pb.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} {msg} [{elapsed}]")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        );
+        pb.enable_steady_tick(Duration::from_millis(120));
+        pb.set_message(format!("{stream}: running"));
+        pb
+    });
+    let mut pages = 0u64;
+    let mut said: Option<Instant> = None;
+    loop {
+        let event = tokio::select! {
+            e = rx.recv() => match e {
+                Some(e) => e,
+                None => break,
+            },
+            _ = done.cancelled() => break,
+        };
+        let (text, always) = match event {
+            Event::Page {
+                stream: s,
+                counts: c,
+            } => {
+                pages += 1;
+                (
+                    format!(
+                        "{s}: {pages} page(s) committed: pulled {}, created {}, updated {}, skipped {}, failed {}, queued {}",
+                        c.pulled, c.created, c.updated, c.skipped, c.failed, c.queued
+                    ),
+                    false,
+                )
+            }
+            Event::Waiting { what, wait } => (
+                format!(
+                    "{stream}: waiting {} s for {what}",
+                    wait.as_secs_f64().ceil() as u64
+                ),
+                true,
+            ),
+        };
+        match &bar {
+            Some(pb) => pb.set_message(text),
+            None => {
+                if always {
+                    eprintln!("usher: {text}");
+                } else if said.is_none_or(|t| t.elapsed() >= Duration::from_secs(2)) {
+                    eprintln!("usher: {text}");
+                    said = Some(Instant::now());
+                }
+            }
+        }
+    }
+    if let Some(pb) = bar {
+        pb.finish_and_clear();
     }
 }
 

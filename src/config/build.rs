@@ -30,6 +30,17 @@ const TOP_LEVEL: &[&str] = &[
 ];
 
 pub(super) fn build(source: &Source, extra: Option<Figment>) -> Result<Config, Vec<Problem>> {
+    let (config, problems) = build_partial(source, extra);
+    if problems.is_empty() {
+        Ok(config)
+    } else {
+        Err(problems)
+    }
+}
+
+/// The valid part of the configuration (the streams and connections without problems) and
+/// every problem found.
+pub(super) fn build_partial(source: &Source, extra: Option<Figment>) -> (Config, Vec<Problem>) {
     let mut l = layers(&source.main_file, source.env_overrides);
     l.read_secrets = source.read_secrets;
     if let Some(extra) = extra {
@@ -50,7 +61,11 @@ pub(super) fn build(source: &Source, extra: Option<Figment>) -> Result<Config, V
             l.problem(
                 "config",
                 key,
-                format!("unknown section `{key}` (known: {})", TOP_LEVEL.join(", ")),
+                format!(
+                    "unknown section `{key}`{} (known: {})",
+                    super::suggest::did_you_mean(key, TOP_LEVEL),
+                    TOP_LEVEL.join(", ")
+                ),
             );
         }
     }
@@ -86,21 +101,18 @@ pub(super) fn build(source: &Source, extra: Option<Figment>) -> Result<Config, V
         &mut warnings,
     );
 
-    if l.problems.is_empty() {
-        Ok(Config {
-            daemon,
-            metrics_listen,
-            log,
-            connections,
-            streams,
-            receiver,
-            files: l.files,
-            warnings,
-            settings,
-        })
-    } else {
-        Err(l.problems)
-    }
+    let config = Config {
+        daemon,
+        metrics_listen,
+        log,
+        connections,
+        streams,
+        receiver,
+        files: l.files,
+        warnings,
+        settings,
+    };
+    (config, l.problems)
 }
 
 /// The names of the entries of a `[section.NAME]` table, checked for a usable spelling.
@@ -387,11 +399,24 @@ fn build_log(l: &mut Layers) -> LogSettings {
         format,
         directory: raw.directory.map(PathBuf::from),
         file_prefix: raw.file_prefix.unwrap_or_else(|| "usher.log".into()),
+        keep_files: match raw.keep_files {
+            None => 14,
+            Some(0) => {
+                l.problem(
+                    "log",
+                    "log.keep_files",
+                    "must be at least 1 (the number of daily log files kept)",
+                );
+                14
+            }
+            Some(n) => n,
+        },
     }
 }
 
 /// Reads a secret from exactly one of `KEY`, `KEY_file`, `KEY_env`. A relative file name is
-/// looked up in `$CREDENTIALS_DIRECTORY` (systemd `LoadCredential`), else beside the main file.
+/// looked up in `$CREDENTIALS_DIRECTORY` (systemd `LoadCredential`), else where the unit's
+/// `LoadCredential=` would take it from (see `secret_path`).
 #[allow(clippy::too_many_arguments)] // one argument per way of giving a secret reads best here
 pub(super) fn secret(
     l: &mut Layers,
@@ -429,14 +454,11 @@ pub(super) fn secret(
         return None;
     }
     if let Some(v) = inline {
-        warnings.push(Problem {
-            origin: l.origin_of(&key),
-            scope: scope.into(),
-            key: key.clone(),
-            message: format!(
-                "secret written inline; prefer `{name}_file` with systemd's LoadCredential"
-            ),
-        });
+        warnings.push(l.make(
+            scope,
+            &key,
+            format!("secret written inline; prefer `{name}_file` with systemd's LoadCredential"),
+        ));
         if v.is_empty() {
             l.problem(scope, &key, "the secret is empty");
             return None;
@@ -445,14 +467,12 @@ pub(super) fn secret(
     }
     if let Some(path) = file {
         let key = format!("{key}_file");
-        let p = PathBuf::from(path);
-        let p = if p.is_absolute() {
-            p
-        } else if let Some(creds) = std::env::var_os("CREDENTIALS_DIRECTORY") {
-            PathBuf::from(creds).join(p)
-        } else {
-            config_dir.join(p)
-        };
+        let p = secret_path(
+            path,
+            std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from),
+            config_dir,
+            &unit_credentials(UNIT_PATHS),
+        );
         return match std::fs::read_to_string(&p) {
             Ok(text) => {
                 let text = text.trim_end_matches(['\n', '\r']).to_string();
@@ -460,6 +480,22 @@ pub(super) fn secret(
                     l.problem(scope, &key, format!("secret file {} is empty", p.display()));
                     None
                 } else {
+                    // A credential systemd copied is systemd's to protect (its source is not
+                    // ours to see); any other file is the sysadmin's.
+                    let from_systemd = std::env::var_os("CREDENTIALS_DIRECTORY")
+                        .is_some_and(|d| p.starts_with(Path::new(&d)));
+                    if let Some(mode) = loose_mode(&p).filter(|_| !from_systemd) {
+                        // As ssh does for a private key, but a warning: the service still starts.
+                        warnings.push(l.make(
+                            scope,
+                            &key,
+                            format!(
+                                "secret file {} can be read by group or others (mode {mode:04o}): `chmod 600 {}`",
+                                p.display(),
+                                p.display()
+                            ),
+                        ));
+                    }
                     Some(Secret::new(text))
                 }
             }
@@ -490,6 +526,91 @@ pub(super) fn secret(
             None
         }
     }
+}
+
+/// Where the packaged unit's files are, in systemd's order of precedence (a drop-in last).
+const UNIT_PATHS: &[&str] = &[
+    "/usr/lib/systemd/system/usher.service",
+    "/lib/systemd/system/usher.service",
+    "/etc/systemd/system/usher.service",
+    "/etc/systemd/system/usher.service.d",
+    "/run/systemd/system/usher.service.d",
+];
+
+/// The unit's `LoadCredential=ID:PATH` lines: ID → PATH, the later line winning.
+fn unit_credentials(paths: &[&str]) -> BTreeMap<String, PathBuf> {
+    let mut texts = Vec::new();
+    for p in paths {
+        let p = Path::new(p);
+        if p.is_dir() {
+            let mut confs: Vec<PathBuf> = std::fs::read_dir(p)
+                .into_iter()
+                .flatten()
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|f| f.extension().is_some_and(|x| x == "conf"))
+                .collect();
+            confs.sort();
+            texts.extend(confs.iter().filter_map(|f| std::fs::read_to_string(f).ok()));
+        } else if let Ok(t) = std::fs::read_to_string(p) {
+            texts.push(t);
+        }
+    }
+    texts.iter().flat_map(|t| load_credentials(t)).collect()
+}
+
+/// `LoadCredential=ID:PATH` lines of a unit file's text (not `LoadCredentialEncrypted=`,
+/// which only systemd can read).
+fn load_credentials(text: &str) -> Vec<(String, PathBuf)> {
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("LoadCredential="))
+        .filter_map(|v| v.trim().split_once(':'))
+        .filter(|(id, path)| !id.is_empty() && path.starts_with('/'))
+        .map(|(id, path)| (id.to_string(), PathBuf::from(path.trim())))
+        .collect()
+}
+
+/// The file a `*_file` secret names. Absolute: itself. Relative, under systemd: in
+/// `$CREDENTIALS_DIRECTORY` (what `LoadCredential=` put there). Relative, from a shell (`sudo
+/// usher validate`): what the service would get, that is the source of the unit's
+/// `LoadCredential=NAME:…` line, else `credentials/NAME` beside the main file (the package's
+/// `/etc/usher/credentials/`), else `NAME` beside the main file (a checkout, the demo).
+fn secret_path(
+    name: &str,
+    credentials_directory: Option<PathBuf>,
+    config_dir: &Path,
+    unit: &BTreeMap<String, PathBuf>,
+) -> PathBuf {
+    let p = PathBuf::from(name);
+    if p.is_absolute() {
+        return p;
+    }
+    if let Some(creds) = credentials_directory {
+        return creds.join(p);
+    }
+    if let Some(source) = unit.get(name) {
+        return source.clone();
+    }
+    let folder = config_dir.join("credentials");
+    let in_folder = folder.join(&p);
+    let beside = config_dir.join(&p);
+    match in_folder.try_exists() {
+        Ok(true) => in_folder,
+        // A file beside the main file is still read where there is one (as before the
+        // credentials folder was looked at; a service without `LoadCredential=` reads it).
+        _ if beside.exists() => beside,
+        // Not readable by this user (root's 0700 folder): name it, so that the message says
+        // "permission denied" there rather than "not found" elsewhere.
+        Err(_) => in_folder,
+        Ok(false) if folder.is_dir() => in_folder,
+        Ok(false) => beside,
+    }
+}
+
+/// The file's permission bits when group or others may read or write it.
+fn loose_mode(path: &Path) -> Option<u32> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o7777;
+    (mode & 0o077 != 0).then_some(mode)
 }
 
 fn url(l: &mut Layers, scope: &str, key: &str, text: &str) -> Option<Url> {
@@ -541,7 +662,8 @@ fn build_connection(
                     &scope,
                     &format!("{prefix}.kind"),
                     format!(
-                        "unknown kind {k:?} (one of: {})",
+                        "unknown kind {k:?}{} (one of: {})",
+                        super::suggest::did_you_mean(k, ConnectionKind::NAMES),
                         ConnectionKind::NAMES.join(", ")
                     ),
                 );
@@ -701,7 +823,13 @@ pub(super) fn build_auth(
             l.problem(
                 scope,
                 &format!("{prefix}.type"),
-                format!("unknown auth type {other:?} (none, basic, bearer, api_key or oauth2)"),
+                format!(
+                    "unknown auth type {other:?}{} (none, basic, bearer, api_key or oauth2)",
+                    super::suggest::did_you_mean(
+                        other,
+                        &["none", "basic", "bearer", "api_key", "oauth2"]
+                    )
+                ),
             );
             return None;
         }
@@ -855,60 +983,70 @@ fn build_stream(
     let raw: RawStream = l.table(&scope, &prefix)?;
     let key = |k: &str| format!("{prefix}.{k}");
 
-    let connection = |l: &mut Layers, which: &str, v: &Option<String>| -> Option<Arc<Connection>> {
-        match v {
-            None => {
-                l.problem(
-                    &scope,
-                    &key(which),
-                    format!("missing key `{which}` (a connection name)"),
-                );
-                None
-            }
-            Some(c) => match connections.get(c) {
-                Some(conn) => Some(conn.clone()),
+    // A connection that exists but failed validation has its problems reported already;
+    // the stream's checks that depend on its kind are then skipped (`broken`), so that one
+    // bad secret file is one problem, not that plus what the stream would need without it.
+    let mut broken = false;
+    let mut connection =
+        |l: &mut Layers, which: &str, v: &Option<String>| -> Option<Arc<Connection>> {
+            match v {
                 None => {
-                    // A connection that exists but failed validation was reported already.
-                    if l.figment.find_value(&format!("connections.{c}")).is_err() {
-                        let known: Vec<String> = l
-                            .figment
-                            .find_value("connections")
-                            .ok()
-                            .and_then(|v| v.into_dict())
-                            .map(|d| d.keys().cloned().collect())
-                            .unwrap_or_default();
-                        let known = if known.is_empty() {
-                            "none".to_string()
-                        } else {
-                            known.join(", ")
-                        };
-                        l.problem(
-                            &scope,
-                            &key(which),
-                            format!("unknown connection {c:?} (defined: {known})"),
-                        );
-                    } else {
-                        l.problem(
-                            &scope,
-                            &key(which),
-                            format!("connection {c:?} is not valid (see its problems)"),
-                        );
-                    }
+                    l.problem(
+                        &scope,
+                        &key(which),
+                        format!("missing key `{which}` (a connection name)"),
+                    );
                     None
                 }
-            },
-        }
-    };
+                Some(c) => match connections.get(c) {
+                    Some(conn) => Some(conn.clone()),
+                    None => {
+                        if l.figment.find_value(&format!("connections.{c}")).is_err() {
+                            let known: Vec<String> = l
+                                .figment
+                                .find_value("connections")
+                                .ok()
+                                .and_then(|v| v.into_dict())
+                                .map(|d| d.keys().cloned().collect())
+                                .unwrap_or_default();
+                            let near = super::suggest::did_you_mean(c, &known);
+                            let known = if known.is_empty() {
+                                "none".to_string()
+                            } else {
+                                known.join(", ")
+                            };
+                            l.problem(
+                                &scope,
+                                &key(which),
+                                format!("unknown connection {c:?}{near} (defined: {known})"),
+                            );
+                        } else {
+                            broken = true;
+                        }
+                        None
+                    }
+                },
+            }
+        };
     let source = connection(l, "source", &raw.source);
     let target = connection(l, "target", &raw.target);
+    // The kind of each end, also when its connection is broken (as written).
+    let kind_of = |l: &Layers, built: &Option<Arc<Connection>>, name: &Option<String>| {
+        built.as_ref().map(|c| c.kind).or_else(|| {
+            let name = name.as_ref()?;
+            l.figment
+                .find_value(&format!("connections.{name}.kind"))
+                .ok()
+                .and_then(|v| v.into_string())
+                .and_then(|k| ConnectionKind::parse(&k))
+        })
+    };
+    let source_kind = kind_of(l, &source, &raw.source);
+    let target_kind = kind_of(l, &target, &raw.target);
 
     // Ticket Co x Airship
-    let is_ticketco_airship = source
-        .as_ref()
-        .is_some_and(|s| s.kind == ConnectionKind::TicketCo)
-        && target
-            .as_ref()
-            .is_some_and(|t| t.kind == ConnectionKind::Airship);
+    let is_ticketco_airship = source_kind == Some(ConnectionKind::TicketCo)
+        && target_kind == Some(ConnectionKind::Airship);
 
     // Ticket Co x Airship: the venues' time zone. The window's "today" and the local times
     // sent to Airship are the venue's, so it is required: never a silent UTC.
@@ -1027,7 +1165,10 @@ fn build_stream(
             l.problem(
                 &scope,
                 &key("on_bad_record"),
-                format!("{other:?} is neither \"dead_letter\" nor \"stop\""),
+                format!(
+                    "{other:?} is neither \"dead_letter\" nor \"stop\"{}",
+                    super::suggest::did_you_mean(other, &["dead_letter", "stop"])
+                ),
             );
             BadRecordPolicy::DeadLetter
         }
@@ -1044,7 +1185,14 @@ fn build_stream(
     };
     let page_size = limit(l, "page_size", raw.page_size, 100, 1000);
     let max_per_run = limit(l, "max_per_run", raw.max_per_run, 500, 1_000_000);
-    let max_per_payload = limit(l, "max_per_payload", raw.max_per_payload, 50, 10_000);
+    // Unwritten, a payload is at most a run.
+    let max_per_payload = limit(
+        l,
+        "max_per_payload",
+        raw.max_per_payload,
+        50.min(max_per_run),
+        10_000,
+    );
 
     let mut mapping = Mapping::default();
     for (target_field, expr) in raw.mapping.iter().flatten() {
@@ -1196,7 +1344,7 @@ fn build_stream(
             "`feed` applies only to a source of kind crm",
         );
     }
-    if max_per_payload > max_per_run {
+    if raw.max_per_payload.is_some() && max_per_payload > max_per_run {
         l.problem(
             &scope,
             &key("max_per_payload"),
@@ -1204,6 +1352,21 @@ fn build_stream(
                 "max_per_payload ({max_per_payload}) is larger than max_per_run ({max_per_run})"
             ),
         );
+    }
+    // The rest depends on what the connections are: not checked with one of them broken.
+    if broken {
+        if raw.entity.is_none() && !is_ticketco_airship {
+            l.problem(
+                &scope,
+                &key("entity"),
+                "missing key `entity` (what the source reads, e.g. \"contact\")",
+            );
+        }
+        // The stream's own secret (what S-360 sends to the receiver) is its own problem.
+        if let Some(a) = raw.s360.as_ref().and_then(|s| s.auth.as_ref()) {
+            build_auth(l, &scope, &key("s360.auth"), a, config_dir, warnings);
+        }
+        return None;
     }
     // SeatGeek / Halo
     let halo = super::halo::build_stream_kind(
@@ -1266,6 +1429,9 @@ fn build_stream(
             "`airship` applies only to a stream from a ticketco source to an airship target",
         );
     }
+    if let Some(k) = &kind {
+        unused_keys(l, &scope, &prefix, &raw, k);
+    }
     if raw.entity.is_none() {
         l.problem(
             &scope,
@@ -1295,6 +1461,70 @@ fn build_stream(
     })
 }
 
+/// The generic stream keys that a kind's runs do not read, and the kind's name. A key that
+/// validates must do something: written on a stream whose runs ignore it, it is refused.
+pub(super) fn unused_keys_of(kind: &StreamKind) -> (&'static str, &'static [&'static str]) {
+    match kind {
+        StreamKind::FeedToWebhook { .. } => ("crm → crm webhook", &[]),
+        // S-360
+        StreamKind::S360Relay { .. } => ("s360 → crm relay", &["matching"]),
+        // One call per record: no payloads; no URL to fill `{institution}` in.
+        StreamKind::CrmToS360Contacts { .. } => (
+            "crm → s360 contacts",
+            &["max_per_payload", "matching", "institution"],
+        ),
+        StreamKind::CrmOffersToS360 { .. } => (
+            "crm → s360 offers",
+            &["max_per_payload", "matching", "institution"],
+        ),
+        // Ticket Co x Airship: a window of dates, its own options (`[streams.X.airship]`).
+        StreamKind::TicketCoToAirship(_) => (
+            "ticketco → airship",
+            &[
+                "page_size",
+                "max_per_run",
+                "max_per_payload",
+                "oldest",
+                "on_bad_record",
+                "matching",
+                "mapping",
+                "static",
+                "institution",
+            ],
+        ),
+        StreamKind::FeedToCdp { .. } => ("crm → cdp", &["matching", "institution"]),
+        // SeatGeek / Halo: users per POST is `halo.batch_size`.
+        StreamKind::SeatGeekToHalo(_) => (
+            "seatgeek → halo",
+            &["max_per_payload", "matching", "institution"],
+        ),
+    }
+}
+
+fn unused_keys(l: &mut Layers, scope: &str, prefix: &str, raw: &RawStream, kind: &StreamKind) {
+    let written = [
+        ("page_size", raw.page_size.is_some()),
+        ("max_per_run", raw.max_per_run.is_some()),
+        ("max_per_payload", raw.max_per_payload.is_some()),
+        ("oldest", raw.oldest.is_some()),
+        ("on_bad_record", raw.on_bad_record.is_some()),
+        ("matching", raw.matching.is_some()),
+        ("mapping", raw.mapping.is_some()),
+        ("static", raw.statics.is_some()),
+        ("institution", raw.institution.is_some()),
+    ];
+    let (name, unused) = unused_keys_of(kind);
+    for (k, set) in written {
+        if set && unused.contains(&k) {
+            l.problem(
+                scope,
+                &format!("{prefix}.{k}"),
+                format!("`{k}` does not apply to a {name} stream (its runs do not read it)"),
+            );
+        }
+    }
+}
+
 /// Fills `{stream}`, `{institution}` and `{entity}` in a URL template.
 pub fn expand(
     template: &str,
@@ -1310,4 +1540,137 @@ pub fn expand(
         s = s.replace("{entity}", e);
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::value::{Dict, Tag, Value};
+    use serde::de::DeserializeOwned;
+    use std::collections::BTreeSet;
+
+    /// The keys `T` knows at `path` (a table inside it), as its unknown-key error lists them;
+    /// None when `path` is not a table of named keys (a value, or a map of any keys).
+    fn keys_at<T: DeserializeOwned>(path: &[String]) -> Option<Vec<String>> {
+        let mut v = Dict::new();
+        v.insert("zz_probe".into(), Value::from(1));
+        let mut v = Value::Dict(Tag::Default, v);
+        for p in path.iter().rev() {
+            let mut d = Dict::new();
+            d.insert(p.clone(), v);
+            v = Value::Dict(Tag::Default, d);
+        }
+        let err = v.deserialize::<T>().err()?;
+        err.into_iter().find_map(|e| match e.kind {
+            figment::error::Kind::UnknownField(_, known) => {
+                Some(known.iter().map(|k| k.to_string()).collect())
+            }
+            _ => None,
+        })
+    }
+
+    /// Every dotted key below `prefix` that `T` knows.
+    fn every_key<T: DeserializeOwned>(prefix: &str, path: Vec<String>, out: &mut BTreeSet<String>) {
+        for k in keys_at::<T>(&path).unwrap_or_default() {
+            out.insert(format!("{prefix}.{k}"));
+            let mut deeper = path.clone();
+            deeper.push(k.clone());
+            every_key::<T>(&format!("{prefix}.{k}"), deeper, out);
+        }
+    }
+
+    /// Every key the loader knows, from the raw types (the same lists that make an unknown
+    /// key an error), with `NAME` for the names a sysadmin chooses.
+    fn known_keys() -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        every_key::<RawDaemon>("daemon", vec![], &mut out);
+        every_key::<RawLog>("log", vec![], &mut out);
+        every_key::<RawMetrics>("metrics", vec![], &mut out);
+        every_key::<super::super::s360::RawReceiver>("receiver", vec![], &mut out);
+        every_key::<RawConnection>("connections.NAME", vec![], &mut out);
+        every_key::<RawStream>("streams.NAME", vec![], &mut out);
+        every_key::<super::super::settings::RawReseller>("resellers.NAME", vec![], &mut out);
+        every_key::<super::super::settings::RawCompany>("companies.NAME", vec![], &mut out);
+        for top in TOP_LEVEL {
+            assert!(
+                out.iter().any(|k| k.starts_with(&format!("{top}."))),
+                "{top}"
+            );
+        }
+        out
+    }
+
+    #[test]
+    fn the_example_config_shows_every_key_the_loader_knows() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/usher.toml");
+        let text = std::fs::read_to_string(path).unwrap();
+        let keys = known_keys();
+        assert!(keys.contains("streams.NAME.halo.batch_size"), "{keys:?}");
+        assert!(keys.contains("connections.NAME.auth.type"), "{keys:?}");
+        let missing: Vec<&String> = keys
+            .iter()
+            .filter(|k| {
+                let last = k.rsplit('.').next().unwrap_or(k);
+                // Written as a key (`last =`), or as a table (`[….last]`).
+                !(text.contains(&format!("{last} ="))
+                    || text.contains(&format!(".{last}]"))
+                    || text.contains(&format!(".{last}."))
+                    || text.contains(&format!("[{last}]")))
+            })
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "config/usher.toml shows no example of: {missing:?}"
+        );
+    }
+
+    #[test]
+    fn the_units_load_credential_lines_are_read() {
+        let text = "[Service]\n#LoadCredential=old:/etc/x\nLoadCredential=crm-token:/etc/usher/credentials/crm\nLoadCredentialEncrypted=h:/etc/usher/credentials/h.cred\nLoadCredential=bad\n";
+        assert_eq!(
+            load_credentials(text),
+            vec![(
+                "crm-token".to_string(),
+                PathBuf::from("/etc/usher/credentials/crm")
+            )]
+        );
+    }
+
+    #[test]
+    fn a_shell_sees_the_secret_the_service_would_see() {
+        let dir = tempfile::tempdir().unwrap();
+        let etc = dir.path();
+        let none = BTreeMap::new();
+        // A checkout: beside the main file.
+        assert_eq!(secret_path("t", None, etc, &none), etc.join("t"));
+        // The package's folder, once it exists, even before the file is written.
+        std::fs::create_dir(etc.join("credentials")).unwrap();
+        assert_eq!(
+            secret_path("t", None, etc, &none),
+            etc.join("credentials/t")
+        );
+        // A file beside the main file is read where the folder has none.
+        std::fs::write(etc.join("t"), "x").unwrap();
+        assert_eq!(secret_path("t", None, etc, &none), etc.join("t"));
+        std::fs::write(etc.join("credentials/t"), "x").unwrap();
+        assert_eq!(
+            secret_path("t", None, etc, &none),
+            etc.join("credentials/t")
+        );
+        // The unit's own line wins; under systemd, the credentials directory.
+        let mut unit = BTreeMap::new();
+        unit.insert("t".to_string(), PathBuf::from("/srv/secrets/t"));
+        assert_eq!(
+            secret_path("t", None, etc, &unit),
+            PathBuf::from("/srv/secrets/t")
+        );
+        assert_eq!(
+            secret_path("t", Some(PathBuf::from("/run/creds/usher")), etc, &unit),
+            PathBuf::from("/run/creds/usher/t")
+        );
+        assert_eq!(
+            secret_path("/abs/t", None, etc, &unit),
+            PathBuf::from("/abs/t")
+        );
+    }
 }

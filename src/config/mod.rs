@@ -15,6 +15,8 @@ mod s360;
 mod ticketco_airship;
 // Integration settings, CM.com CDP and seats.io.
 mod settings;
+// "Did you mean" for misspelt keys, kinds, transforms and names.
+pub mod suggest;
 pub use settings::{
     CONFLICTS, CdpAccount, INTEGRATIONS, IntegrationState, SeatsioAccount, Settings,
     basic_user_only, is_guid,
@@ -90,6 +92,8 @@ pub struct LogSettings {
     pub format: LogFormat,
     pub directory: Option<PathBuf>,
     pub file_prefix: String,
+    /// Daily log files kept in `directory` (older ones are deleted at each rotation).
+    pub keep_files: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -372,6 +376,13 @@ impl Source {
 /// Loads and validates. `Err` holds every problem found, in file order.
 pub fn load(source: &Source) -> Result<Config, Vec<Problem>> {
     build::build(source, None)
+}
+
+/// The valid part of the configuration and every problem (none: as [`load`]). For `status`,
+/// which shows the state also when the configuration has problems: they are what a sysadmin
+/// is looking into when the state is wanted most.
+pub fn load_partial(source: &Source) -> (Config, Vec<Problem>) {
+    build::build_partial(source, None)
 }
 
 /// Like [`load`], with extra layers merged last (used by `usher demo` to point the demo

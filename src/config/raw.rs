@@ -48,6 +48,7 @@ pub struct RawLog {
     pub format: Option<String>,
     pub directory: Option<String>,
     pub file_prefix: Option<String>,
+    pub keep_files: Option<u32>,
 }
 
 /// One connection, whatever its kind; `build.rs` refuses keys that the kind does not use.

@@ -285,6 +285,14 @@ pub(super) fn prepare(l: &mut Layers) {
             for (k, v) in creds {
                 if !conn.contains_key(k) {
                     fill.insert(k.clone(), v.clone());
+                    // Its problems are reported where the sysadmin wrote it.
+                    l.aliases.insert(
+                        format!("{at}.{k}"),
+                        (
+                            format!("resellers.{reseller}.credentials.{kind}.{k}"),
+                            format!("credentials of reseller {reseller:?}"),
+                        ),
+                    );
                 }
             }
         }

@@ -65,6 +65,41 @@ fn malformed(conn: &str, what: String, status: u16, why: &str) -> HttpError {
     }
 }
 
+/// The tenant's token URL from `GET {base}/api/authinfo`, and the tenant ID it names.
+async fn token_url(
+    http: &Http,
+    conn: &Connection,
+    cancel: &CancellationToken,
+) -> Result<(url::Url, Option<String>), HttpError> {
+    let plain = http.endpoint_with(conn, HttpAuth::None);
+    let url = plain.url("api/authinfo");
+    let what = describe(&Method::GET, &url);
+    let reply = plain
+        .send_ok(Method::GET, url, Retry::Idempotent, cancel, |rb| rb)
+        .await?;
+    #[derive(Deserialize)]
+    struct AuthInfo {
+        auth_url: String,
+        tenant_id: Option<String>,
+    }
+    let info: AuthInfo = serde_json::from_slice(&reply.body)
+        .map_err(|e| malformed(&conn.name, what.clone(), reply.status, &e.to_string()))?;
+    let mut token_url = url::Url::parse(&info.auth_url)
+        .or_else(|_| conn.base_url.join(&info.auth_url))
+        .map_err(|e| malformed(&conn.name, what.clone(), reply.status, &e.to_string()))?;
+    if !token_url.path().ends_with('/') {
+        let p = format!("{}/", token_url.path());
+        token_url.set_path(&p);
+    }
+    let mut token_url = token_url
+        .join("token")
+        .map_err(|e| malformed(&conn.name, what.clone(), reply.status, &e.to_string()))?;
+    token_url
+        .query_pairs_mut()
+        .append_pair("tenant", conn.tenant.as_deref().unwrap_or(""));
+    Ok((token_url, info.tenant_id))
+}
+
 impl HaloClient {
     /// Asks `authinfo` for the auth server and returns a client that fetches its token there.
     pub async fn connect(
@@ -72,31 +107,7 @@ impl HaloClient {
         conn: &Connection,
         cancel: &CancellationToken,
     ) -> Result<HaloClient, HttpError> {
-        let plain = http.endpoint_with(conn, HttpAuth::None);
-        let url = plain.url("api/authinfo");
-        let what = describe(&Method::GET, &url);
-        let reply = plain
-            .send_ok(Method::GET, url, Retry::Idempotent, cancel, |rb| rb)
-            .await?;
-        #[derive(Deserialize)]
-        struct AuthInfo {
-            auth_url: String,
-        }
-        let info: AuthInfo = serde_json::from_slice(&reply.body)
-            .map_err(|e| malformed(&conn.name, what.clone(), reply.status, &e.to_string()))?;
-        let mut token_url = url::Url::parse(&info.auth_url)
-            .or_else(|_| conn.base_url.join(&info.auth_url))
-            .map_err(|e| malformed(&conn.name, what.clone(), reply.status, &e.to_string()))?;
-        if !token_url.path().ends_with('/') {
-            let p = format!("{}/", token_url.path());
-            token_url.set_path(&p);
-        }
-        let mut token_url = token_url
-            .join("token")
-            .map_err(|e| malformed(&conn.name, what.clone(), reply.status, &e.to_string()))?;
-        token_url
-            .query_pairs_mut()
-            .append_pair("tenant", conn.tenant.as_deref().unwrap_or(""));
+        let (token_url, _) = token_url(http, conn, cancel).await?;
         let auth = match &conn.auth {
             crate::config::Auth::OAuth2 {
                 client_id,
@@ -304,9 +315,75 @@ impl HaloClient {
     }
 }
 
+/// Which of tenant, client or secret Halo refused, as far as its token answer tells
+/// (vendor-apis "Halo": a wrong tenant is a 401, a missing one a 400; a wrong client ID or
+/// secret is OAuth's `invalid_client`, which does not say which of the two).
+fn token_refused(
+    conn: &Connection,
+    status: u16,
+    body: &[u8],
+    tenant_id: Option<&str>,
+) -> super::Verdict {
+    use super::Verdict;
+    let error = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
+        .unwrap_or_default();
+    let tenant = conn.tenant.as_deref().unwrap_or("");
+    let client = match &conn.auth {
+        crate::config::Auth::OAuth2 { client_id, .. } => client_id.as_str(),
+        _ => "",
+    };
+    if error.contains("tenant") {
+        let hint = match tenant_id {
+            Some(t) if t != tenant => format!(" (its authinfo names tenant {t:?})"),
+            _ => String::new(),
+        };
+        return Verdict::WrongCredentials(format!(
+            "Halo refused the tenant {tenant:?}: HTTP {status} {error:?}{hint}; check `tenant`"
+        ));
+    }
+    if error == "invalid_client" {
+        return Verdict::WrongCredentials(format!(
+            "Halo took the tenant {tenant:?} but refused the client: the client ID {client:?} or its secret is wrong (HTTP {status} \"invalid_client\", which does not say which); check `client_id` and `client_secret_file`"
+        ));
+    }
+    Verdict::WrongCredentials(format!(
+        "Halo refused the token request: HTTP {status} {error:?}"
+    ))
+}
+
 /// `validate --online`: authinfo, a token, and the list of sites (nothing is changed).
 pub async fn check(http: &Http, conn: &Connection, cancel: &CancellationToken) -> super::Verdict {
     use super::Verdict;
+    // The token call first, by hand: Halo's answer tells a wrong tenant from a wrong client,
+    // which the shared client's "credentials refused" does not keep.
+    let (url, tenant_id) = match token_url(http, conn, cancel).await {
+        Ok(t) => t,
+        Err(e) => return Verdict::Unreachable(e.to_string()),
+    };
+    if let crate::config::Auth::OAuth2 {
+        client_id,
+        client_secret,
+        ..
+    } = &conn.auth
+    {
+        let plain = http.endpoint_with(conn, HttpAuth::None);
+        let form = [
+            ("grant_type", "client_credentials"),
+            ("client_id", client_id.as_str()),
+            ("client_secret", client_secret.expose()),
+            ("scope", "all"),
+        ];
+        match plain
+            .send(Method::POST, url, Retry::Once, cancel, |rb| rb.form(&form))
+            .await
+        {
+            Ok(r) if r.is_success() => {}
+            Ok(r) => return token_refused(conn, r.status, &r.body, tenant_id.as_deref()),
+            Err(e) => return Verdict::Unreachable(e.to_string()),
+        }
+    }
     let client = match HaloClient::connect(http, conn, cancel).await {
         Ok(c) => c,
         Err(e) => return Verdict::Unreachable(e.to_string()),

@@ -51,6 +51,170 @@ impl fmt::Display for Verdict {
     }
 }
 
+/// Checks one connection as the configuration uses it: a CRM through the feed and webhook
+/// paths of its streams (a generic CRM has no "who am I" call, and its root says nothing),
+/// every other kind as [`check_online_with`].
+pub async fn check_online_in(
+    http: &Http,
+    conn: &Connection,
+    config: &crate::config::Config,
+    cancel: &CancellationToken,
+) -> Verdict {
+    if conn.kind != ConnectionKind::Crm {
+        return check_online_with(http, conn, &config.settings, cancel).await;
+    }
+    use crate::config::StreamKind;
+    let mut verdicts = Vec::new();
+    for spec in config.streams.values() {
+        let feed = match &spec.kind {
+            StreamKind::FeedToWebhook { feed, .. }
+            | StreamKind::CrmToS360Contacts { feed, .. }
+            | StreamKind::CrmOffersToS360 { feed, .. }
+            | StreamKind::FeedToCdp { feed, .. } => Some(feed),
+            _ => None,
+        };
+        if let Some(feed) = feed.filter(|_| spec.source == conn.name) {
+            verdicts.push(check_feed(http, conn, spec, feed, cancel).await);
+        }
+        let webhook = match &spec.kind {
+            StreamKind::FeedToWebhook { webhook, .. } | StreamKind::S360Relay { webhook, .. } => {
+                Some(webhook)
+            }
+            _ => None,
+        };
+        if let Some(webhook) = webhook.filter(|_| spec.target == conn.name) {
+            let path = crate::config::expand(
+                &webhook.url,
+                &spec.name,
+                spec.institution.as_deref(),
+                &Some(spec.entity.clone()),
+            );
+            verdicts.push(check_webhook(http, conn, &spec.name, &path, cancel).await);
+        }
+    }
+    if verdicts.is_empty() {
+        return check_root(http, conn, cancel).await;
+    }
+    // The worst verdict decides; every check is named.
+    let text = verdicts
+        .iter()
+        .map(|v| match v {
+            Verdict::Valid(m)
+            | Verdict::WrongCredentials(m)
+            | Verdict::Unreachable(m)
+            | Verdict::Invalid(m) => m.clone(),
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    if verdicts
+        .iter()
+        .any(|v| matches!(v, Verdict::WrongCredentials(_)))
+    {
+        Verdict::WrongCredentials(text)
+    } else if verdicts
+        .iter()
+        .any(|v| matches!(v, Verdict::Unreachable(_)))
+    {
+        Verdict::Unreachable(text)
+    } else if verdicts.iter().any(|v| matches!(v, Verdict::Invalid(_))) {
+        Verdict::Invalid(text)
+    } else {
+        Verdict::Valid(text)
+    }
+}
+
+/// The stream's feed, asked for one record from the start (a read: nothing changes).
+async fn check_feed(
+    http: &Http,
+    conn: &Connection,
+    spec: &crate::config::StreamSpec,
+    feed: &crate::config::FeedOptions,
+    cancel: &CancellationToken,
+) -> Verdict {
+    let source = feed::FeedSource::new(http.endpoint(conn), feed.clone(), &spec.entity);
+    let at = format!("feed of stream {:?} at {}", spec.name, source.path);
+    match source.pull(&spec.name, None, 1, cancel).await {
+        Ok(page) => Verdict::Valid(format!(
+            "{at} answered a page ({} record(s))",
+            page.records.len()
+        )),
+        Err(crate::engine::SourceError::Http(e)) => match e {
+            HttpError::CredentialsRefused { .. }
+            | HttpError::Status {
+                status: 401 | 403, ..
+            } => Verdict::WrongCredentials(format!("{at}: credentials refused")),
+            HttpError::Status { status, .. } => {
+                Verdict::Invalid(format!("{at}: HTTP {status}, not a page of the feed"))
+            }
+            other => Verdict::Unreachable(format!("{at}: {other}")),
+        },
+        Err(e) => Verdict::Invalid(format!("{at}: {e}")),
+    }
+}
+
+/// The stream's webhook path, asked with a GET (a check sends no POST: it would deliver).
+/// A 405 says the path is there and takes another method; a 404, that it is not there.
+async fn check_webhook(
+    http: &Http,
+    conn: &Connection,
+    stream: &str,
+    path: &str,
+    cancel: &CancellationToken,
+) -> Verdict {
+    let ep = http.endpoint(conn);
+    let url = ep.url(path);
+    let at = format!("webhook of stream {stream:?} at {}", url.path());
+    match ep
+        .send(Method::GET, url, Retry::Once, cancel, |rb| rb)
+        .await
+    {
+        Ok(r) if r.status == 401 || r.status == 403 => {
+            Verdict::WrongCredentials(format!("{at}: HTTP {} to a GET", r.status))
+        }
+        Ok(r) if r.status == 404 || r.status == 410 => {
+            Verdict::Invalid(format!("{at}: HTTP {}: no webhook there", r.status))
+        }
+        Ok(r) if r.status == 405 => Verdict::Valid(format!(
+            "{at} is there (HTTP 405 to a GET: it takes POST, which a check does not send)"
+        )),
+        Ok(r) => Verdict::Valid(format!(
+            "{at} answered HTTP {} to a GET (a check sends no POST)",
+            r.status
+        )),
+        Err(HttpError::CredentialsRefused { .. }) => {
+            Verdict::WrongCredentials(format!("{at}: credentials refused"))
+        }
+        Err(e) => Verdict::Unreachable(format!("{at}: {e}")),
+    }
+}
+
+/// A CRM connection no stream uses: its base URL, which proves only that it answers.
+async fn check_root(http: &Http, conn: &Connection, cancel: &CancellationToken) -> Verdict {
+    let ep = http.endpoint(conn);
+    let path = conn.base_url.path().to_string();
+    let unused = "no stream uses this connection, so no feed or webhook path was checked";
+    match ep
+        .send(
+            Method::GET,
+            conn.base_url.clone(),
+            Retry::Once,
+            cancel,
+            |rb| rb,
+        )
+        .await
+    {
+        Ok(r) if r.status == 401 || r.status == 403 => {
+            Verdict::WrongCredentials(format!("HTTP {} from {path}", r.status))
+        }
+        Ok(r) if r.is_success() => {
+            Verdict::Valid(format!("HTTP {} from {path}; {unused}", r.status))
+        }
+        Ok(r) => Verdict::Invalid(format!("HTTP {} from {path}; {unused}", r.status)),
+        Err(HttpError::CredentialsRefused { what, .. }) => Verdict::WrongCredentials(what),
+        Err(e) => Verdict::Unreachable(e.to_string()),
+    }
+}
+
 /// Checks one connection against its vendor without changing anything there.
 pub async fn check_online(http: &Http, conn: &Connection, cancel: &CancellationToken) -> Verdict {
     check_online_with(http, conn, &crate::config::Settings::default(), cancel).await

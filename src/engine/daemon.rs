@@ -253,6 +253,9 @@ pub struct Daemon {
     /// Several instances on PostgreSQL: the leases of this instance's stream groups. None
     /// on SQLite (one daemon holds every stream).
     leases: Option<super::lease::Keeper>,
+    /// Reloads judged so far: `usher reload` waits for the verdict of the one it asked for
+    /// (`engine::reload`).
+    reloads: u64,
 }
 
 /// Starts the daemon and runs it until SIGTERM/SIGINT (or until its state directory is
@@ -303,6 +306,7 @@ pub async fn run(
         backoff: HashMap::new(),
         lock,
         leases: None,
+        reloads: 0,
     };
     // S-360: start receiving before READY=1; a bind failure is a start-up error.
     d.receiver =
@@ -346,6 +350,8 @@ pub async fn run(
         d.shutdown.clone(),
     );
 
+    // From here SIGHUP is handled: `usher reload` signals only a daemon that wrote this.
+    d.verdict(true, Vec::new());
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     tracing::info!(
         streams = d.config.streams.len(),
@@ -893,6 +899,8 @@ impl Daemon {
                     problems = problems.len(),
                     "reload refused: the new configuration is invalid; the running configuration stays"
                 );
+                self.reloads += 1;
+                self.verdict(false, problems.iter().map(|p| p.to_string()).collect());
             }
             Ok(mut new) => {
                 if new.daemon.state_dir != self.config.daemon.state_dir {
@@ -935,9 +943,27 @@ impl Daemon {
                     streams = self.config.streams.len(),
                     "configuration reloaded"
                 );
+                self.reloads += 1;
+                self.verdict(true, Vec::new());
             }
         }
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    }
+
+    /// Writes the verdict of the current reload generation for `usher reload`.
+    fn verdict(&self, accepted: bool, problems: Vec<String>) {
+        let v = super::reload::Verdict {
+            pid: std::process::id(),
+            generation: self.reloads,
+            accepted,
+            problems,
+            streams: self.config.streams.len(),
+            at: Utc::now(),
+        };
+        if let Err(e) = super::reload::write(&self.config.daemon.state_dir, &v) {
+            tracing::warn!(error = %e, file = %super::reload::path(&self.config.daemon.state_dir).display(),
+                "cannot write the reload verdict; `usher reload` will not see this daemon's answer");
+        }
     }
 
     /// Acts on waiting control files. Several instances: a file for a stream another

@@ -65,7 +65,7 @@ async fn metrics(State(st): State<HealthState>) -> Response {
     let streams: Vec<String> = config.streams.keys().cloned().collect();
     let gauges = st.store.gauges().await.unwrap_or_default();
     let body = METRICS.render(&streams, &gauges, &st.http.budgets_remaining());
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+    ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], body).into_response()
 }
 
 /// The reasons the daemon is unhealthy; empty when it is healthy.

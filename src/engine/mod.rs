@@ -20,7 +20,9 @@ pub mod in_doubt;
 pub mod lease;
 pub mod lock;
 pub mod owed;
+pub mod progress;
 pub mod refusals;
+pub mod reload;
 // S-360
 mod s360;
 // Ticket Co x Airship

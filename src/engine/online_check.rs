@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, ConnectionKind};
-use crate::connectors::{Verdict, check_online_with};
+use crate::connectors::{Verdict, check_online_in};
 use crate::http::Http;
 use crate::store::Store;
 
@@ -27,7 +27,7 @@ pub fn spawn(
             if cancel.is_cancelled() {
                 return;
             }
-            let verdict = check_online_with(&http, conn, &config.settings, &cancel).await;
+            let verdict = check_online_in(&http, conn, &config, &cancel).await;
             let message = match &verdict {
                 Verdict::Valid(m) => m.clone(),
                 other => other.to_string(),

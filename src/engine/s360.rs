@@ -16,6 +16,7 @@
 //!   timeout before) asks `getOrderByExternalReference` before sending anything. Done offers
 //!   are `done` in the ledger, with the order ID, in the page's commit.
 
+use super::progress;
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
@@ -199,6 +200,7 @@ pub async fn relay(
                 ..Default::default()
             })
             .await?;
+        progress::page(ctx, counts);
         cursor = last;
         match deliver(ctx, &target, budget, &mut sent, counts).await? {
             Flow::Done => {}
@@ -256,14 +258,22 @@ pub async fn contacts(
     let source = source(ctx, feed)?;
     let s360 = client(ctx)?;
     let mut cursor = ctx.store.cursor(&spec.name).await?;
+    // `max_per_run`: the run takes at most this many records from the feed; the last page
+    // asks for only what is left, so the cursor ends right after the last record handled.
+    let mut left = u64::from(spec.max_per_run);
     loop {
+        if left == 0 {
+            return Ok(Flow::Done);
+        }
         if ctx.should_stop() {
             return Ok(Flow::Stopped);
         }
+        let want = left.min(u64::from(spec.page_size)) as u32;
         let page = source
-            .pull(&spec.name, cursor.as_deref(), spec.page_size, &ctx.cancel)
+            .pull(&spec.name, cursor.as_deref(), want, &ctx.cancel)
             .await?;
         counts.pulled += page.records.len() as u64;
+        left = left.saturating_sub(page.records.len() as u64);
         super::check_not_stuck(&spec.source, &cursor, &page)?;
         let ids: Vec<String> = page
             .records
@@ -411,6 +421,7 @@ pub async fn contacts(
                 ..Default::default()
             })
             .await?;
+        progress::page(ctx, counts);
         cursor = next;
         if !page.has_more || page.records.is_empty() {
             return Ok(Flow::Done);
@@ -541,14 +552,22 @@ pub async fn offers(
     let source = source(ctx, feed)?;
     let s360 = client(ctx)?;
     let mut cursor = ctx.store.cursor(&spec.name).await?;
+    // `max_per_run`: the run takes at most this many records from the feed; the last page
+    // asks for only what is left, so the cursor ends right after the last record handled.
+    let mut left = u64::from(spec.max_per_run);
     loop {
+        if left == 0 {
+            return Ok(Flow::Done);
+        }
         if ctx.should_stop() {
             return Ok(Flow::Stopped);
         }
+        let want = left.min(u64::from(spec.page_size)) as u32;
         let page = source
-            .pull(&spec.name, cursor.as_deref(), spec.page_size, &ctx.cancel)
+            .pull(&spec.name, cursor.as_deref(), want, &ctx.cancel)
             .await?;
         counts.pulled += page.records.len() as u64;
+        left = left.saturating_sub(page.records.len() as u64);
         super::check_not_stuck(&spec.source, &cursor, &page)?;
         let mut ledger = Vec::new();
         let mut links = Vec::new();
@@ -626,6 +645,7 @@ pub async fn offers(
                         ..Default::default()
                     })
                     .await?;
+                progress::page(ctx, counts);
                 let mut sends = 0;
                 loop {
                     sends += 1;
@@ -700,6 +720,7 @@ pub async fn offers(
                 ..Default::default()
             })
             .await?;
+        progress::page(ctx, counts);
         cursor = next;
         if !page.has_more || page.records.is_empty() {
             return Ok(Flow::Done);

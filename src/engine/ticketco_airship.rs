@@ -40,6 +40,7 @@
 //! marks that a first run (and so `backfill_from`) is done, and is written only when
 //! nothing is owed.
 
+use super::progress;
 use std::collections::HashMap;
 
 use chrono::{DateTime, NaiveDate, NaiveDateTime};
@@ -582,6 +583,7 @@ pub async fn run(
     };
     book.commit_into(&mut start);
     ctx.store.commit_page(start).await?;
+    progress::page(ctx, counts);
 
     // Venues → units.
     let units = if o.venues.iter().all(|v| o.unit_ids.contains_key(v)) {
@@ -1225,6 +1227,7 @@ async fn batch(
         };
         book.commit_into(&mut commit);
         ctx.store.commit_page(commit).await?;
+        progress::page(ctx, counts);
     }
     match fatal {
         Some(e) => Err(RunError::Target(e)),

@@ -174,7 +174,21 @@ impl Budget {
                 let mut st = self.lock();
                 let now = Instant::now();
                 match st.not_before {
-                    Some(nb) if nb > now => (Some(nb - now), false),
+                    Some(nb) if nb > now => {
+                        let w = nb - now;
+                        crate::engine::progress::waiting(w, || {
+                            format!(
+                                "the Retry-After of {} (the vendor asked for a pause)",
+                                self.key
+                            )
+                        });
+                        crate::metrics::METRICS.waited(
+                            &self.key,
+                            crate::metrics::Wait::RetryAfter,
+                            w,
+                        );
+                        (Some(w), false)
+                    }
                     _ => match limit {
                         None => {
                             st.calls.push_back(now);
@@ -215,7 +229,21 @@ impl Budget {
                                 // A restored call may lie ahead of now: it counts until a
                                 // whole window after it.
                                 let ahead = oldest.saturating_duration_since(now);
-                                (Some(per - age + ahead + Duration::from_millis(1)), false)
+                                let w = per - age + ahead + Duration::from_millis(1);
+                                crate::engine::progress::waiting(w, || {
+                                    format!(
+                                        "the rate budget of {} ({} calls per {})",
+                                        self.key,
+                                        l.calls,
+                                        humantime::format_duration(l.per)
+                                    )
+                                });
+                                crate::metrics::METRICS.waited(
+                                    &self.key,
+                                    crate::metrics::Wait::RateBudget,
+                                    w,
+                                );
+                                (Some(w), false)
                             }
                         }
                     },

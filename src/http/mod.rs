@@ -640,6 +640,10 @@ impl Endpoint {
                     r.unanswered(deadline);
                 }
             }
+            crate::metrics::METRICS.request(
+                &self.name,
+                result.as_ref().ok().map(|(status, _, _)| status.as_u16()),
+            );
             match result {
                 Ok((status, headers, body)) => {
                     let code = status.as_u16();

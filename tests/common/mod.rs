@@ -155,6 +155,9 @@ impl Env {
     pub fn write_secret(&self, name: &str, value: &str) -> PathBuf {
         let p = self.dir.path().join("etc").join(name);
         std::fs::write(&p, format!("{value}\n")).unwrap();
+        // As a sysadmin should (a looser file is warned about).
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
         p
     }
 
