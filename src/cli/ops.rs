@@ -521,6 +521,97 @@ async fn via_state(config: &Config, action: Action, stream: &str, command: &str)
     }
 }
 
+/// The CLI acting on one stream itself, with no daemon alive on a PostgreSQL state: the
+/// stream's group is leased to this process (taken, renewed every third of its length,
+/// given back by [`CliLease::release`]), and its writes go through a store fenced by it.
+struct CliLease {
+    keeper: Arc<tokio::sync::Mutex<crate::engine::lease::Keeper>>,
+    renew: tokio::task::JoinHandle<()>,
+}
+
+impl CliLease {
+    async fn release(self) {
+        self.renew.abort();
+        self.keeper.lock().await.release_all().await;
+    }
+}
+
+async fn cli_lease(store: &Store, config: &Config, stream: &str) -> Result<(Store, CliLease), i32> {
+    let mut k = crate::engine::lease::Keeper::new(store.clone(), config).for_cli();
+    let lease = match k.take_group_of(stream).await {
+        Ok(Some(l)) => l,
+        Ok(None) => {
+            eprintln!(
+                "usher: another process holds the lease of {stream}'s group (an instance that stopped renewing it, or another `usher trigger`); try again once it expires (daemon.lease, {})",
+                humantime::format_duration(config.daemon.lease)
+            );
+            return Err(EX_FAIL);
+        }
+        Err(e) => return Err(store_error(&e)),
+    };
+    let streams = k.streams_of(&lease.key);
+    if let Err(e) = crate::engine::lease::inherit(store, config, &k.me, &lease, &streams).await {
+        return Err(store_error(&e));
+    }
+    let Some(fence) = k.fence(stream) else {
+        return Err(EX_FAIL);
+    };
+    let fenced = store.fenced(fence, config.daemon.settle_margin);
+    let keeper = Arc::new(tokio::sync::Mutex::new(k));
+    let (period, renewer) = (config.daemon.lease / 3, keeper.clone());
+    let renew = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(period).await;
+            match renewer.lock().await.renew_held().await {
+                Ok(true) => {}
+                Ok(false) => tracing::error!("lost the stream's lease: nothing more is committed"),
+                Err(e) => tracing::warn!(error = %e, "cannot renew the stream's lease"),
+            }
+        }
+    });
+    Ok((fenced, CliLease { keeper, renew }))
+}
+
+/// `cursor reset` on PostgreSQL: through the holder when a daemon is alive, else here
+/// under the stream's lease.
+async fn reset_on_postgres(config: &Config, stream: &str) -> i32 {
+    let store = match Store::open_configured(&config.daemon).await {
+        Ok(s) => s,
+        Err(e) => return store_error(&e),
+    };
+    let k = crate::engine::lease::Keeper::new(store.clone(), config).for_cli();
+    match k.live_daemons().await {
+        Ok(live) if !live.is_empty() => {
+            return via_state(config, Action::Reset, stream, "cursor reset").await;
+        }
+        Ok(_) => {}
+        Err(e) => return store_error(&e),
+    }
+    let (fenced, lease) = match cli_lease(&store, config, stream).await {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    let done = fenced
+        .reset_cursor(
+            stream,
+            &control::cli_actor("cursor reset"),
+            "cursor reset by the CLI",
+        )
+        .await;
+    lease.release().await;
+    match done {
+        Ok(old) => {
+            println!(
+                "{stream}: cursor reset (was {}); the next run re-imports from the start",
+                old.map(|c| format!("{c:?}"))
+                    .unwrap_or_else(|| "at the start".into())
+            );
+            EX_OK
+        }
+        Err(e) => store_error(&e),
+    }
+}
+
 pub fn cursor_reset(source: config::Source, stream: &str) -> i32 {
     let config = match load(&source) {
         Ok(c) => c,
@@ -530,7 +621,7 @@ pub fn cursor_reset(source: config::Source, stream: &str) -> i32 {
         return code;
     }
     if config.daemon.postgres.is_some() {
-        return super::block_on(via_state(&config, Action::Reset, stream, "cursor reset"));
+        return super::block_on(reset_on_postgres(&config, stream));
     }
     let state_dir = config.daemon.state_dir.clone();
     match lock::acquire(&state_dir) {
@@ -636,46 +727,15 @@ pub async fn trigger(source: config::Source, stream: &str) -> i32 {
         Ok(s) => s,
         Err(e) => return store_error(&e),
     };
-    let mut keeper = None;
+    let mut lease = None;
     if store.is_postgres() {
-        let mut k = crate::engine::lease::Keeper::new(store.clone(), &config).for_cli();
-        let lease = match k.take_group_of(stream).await {
-            Ok(Some(l)) => l,
-            Ok(None) => {
-                eprintln!(
-                    "usher: another process holds the lease of {stream}'s group (an instance that stopped renewing it, or another `usher trigger`); try again once it expires (daemon.lease, {})",
-                    humantime::format_duration(config.daemon.lease)
-                );
-                return EX_FAIL;
+        match cli_lease(&store, &config, stream).await {
+            Ok((fenced, l)) => {
+                store = fenced;
+                lease = Some(l);
             }
-            Err(e) => return store_error(&e),
-        };
-        let streams = k.streams_of(&lease.key);
-        if let Err(e) =
-            crate::engine::lease::inherit(&store, &config, &k.me, &lease, &streams).await
-        {
-            return store_error(&e);
+            Err(code) => return code,
         }
-        let Some(fence) = k.fence(stream) else {
-            return EX_FAIL;
-        };
-        store = store.fenced(fence, config.daemon.settle_margin);
-        // Renewed every third of its length while the run goes; given back after.
-        let k = Arc::new(tokio::sync::Mutex::new(k));
-        let (period, renewer) = (config.daemon.lease / 3, k.clone());
-        let task = tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(period).await;
-                match renewer.lock().await.renew_held().await {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        tracing::error!("lost the stream's lease: the run commits nothing more")
-                    }
-                    Err(e) => tracing::warn!(error = %e, "cannot renew the stream's lease"),
-                }
-            }
-        });
-        keeper = Some((k, task));
     }
     let _ = store
         .audit(
@@ -738,9 +798,8 @@ pub async fn trigger(source: config::Source, stream: &str) -> i32 {
             return EX_FAIL;
         }
     };
-    if let Some((k, task)) = keeper {
-        task.abort();
-        k.lock().await.release_all().await;
+    if let Some(l) = lease {
+        l.release().await;
     }
     let c = report.counts;
     println!(

@@ -340,11 +340,11 @@ pub async fn inherit(
                 .map(|c| c.timeout)
                 .max()
                 .unwrap_or_default();
-            let Some(until) = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(expiry_ms)
-                .map(|t| t + chrono::TimeDelta::from_std(longest).unwrap_or_default())
-            else {
-                continue;
-            };
+            // The old lease's expiry is on the database's clock: what was left of it when
+            // this instance took it over, counted from this instance's own now.
+            let left = Duration::from_millis((expiry_ms - lease.now_ms).max(0) as u64);
+            let until = chrono::Utc::now()
+                + chrono::TimeDelta::from_std(left + longest).unwrap_or_default();
             // Only a stream the old holder was writing to (its run left a row in
             // `in_doubt`: a run that saw every answer clears it) has writes in doubt.
             let later = match store.doubt(s).await {
@@ -367,13 +367,23 @@ pub async fn inherit(
             }
         }
     }
-    store
-        .close_runs_of(
-            streams.to_vec(),
-            me,
-            "lost lease",
-            format!("instance {previous} lost the lease of this stream's group before the run finished; nothing after its last commit was kept"),
+    let (outcome, why) = if lease.holder_gone {
+        (
+            "interrupted",
+            format!(
+                "instance {previous} was killed or crashed before the run finished; nothing after its last commit was kept"
+            ),
         )
+    } else {
+        (
+            "lost lease",
+            format!(
+                "instance {previous} lost the lease of this stream's group before the run finished; nothing after its last commit was kept"
+            ),
+        )
+    };
+    store
+        .close_runs_of(streams.to_vec(), me, outcome, why)
         .await
 }
 

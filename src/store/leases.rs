@@ -220,6 +220,9 @@ pub struct Acquired {
     pub previous_holder: Option<String>,
     /// Until when the previous holder's lease ran (its writes were bound to end by then).
     pub previous_expiry_ms: Option<i64>,
+    /// The previous holder's process is gone (killed or crashed on this machine), rather
+    /// than having let the lease run out.
+    pub holder_gone: bool,
     pub now_ms: i64,
 }
 
@@ -282,6 +285,7 @@ pub fn acquire(
         expires_ms: now + length_ms,
         previous_holder: old_holder.filter(|h| h != holder),
         previous_expiry_ms,
+        holder_gone: from_dead,
         now_ms: now,
     }))
 }

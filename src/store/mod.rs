@@ -1198,7 +1198,7 @@ impl Store {
     ) -> Result<usize> {
         self.write_sync(|db| {
             let n = db.execute(
-                "UPDATE dead_letters SET retry_requested = 1 WHERE stream = ?1 AND (?2 IS NULL OR id = ?2)",
+                "UPDATE dead_letters SET retry_requested = 1 WHERE stream = ?1 AND (CAST(?2 AS BIGINT) IS NULL OR id = ?2)",
                 p![stream, id],
             )? as usize;
             let detail = match id {
@@ -1219,7 +1219,7 @@ impl Store {
     ) -> Result<usize> {
         self.write_sync(|db| {
             let n = db.execute(
-                "DELETE FROM dead_letters WHERE stream = ?1 AND (?2 IS NULL OR id = ?2)",
+                "DELETE FROM dead_letters WHERE stream = ?1 AND (CAST(?2 AS BIGINT) IS NULL OR id = ?2)",
                 p![stream, id],
             )? as usize;
             let detail = match id {

@@ -5,10 +5,15 @@
 //! order of `id` after its cursor; the cursor moves with the outbox rows through
 //! `commit_page`, like every other cursor.
 
+use std::collections::HashSet;
+
 use sha2::{Digest, Sha256};
 
-use super::sql::{DbError, Dialect};
+use super::sql::{DbError, Dialect, Param};
 use super::{Result, Store, now_text};
+
+/// Records per look-up of what the inbox holds and per INSERT.
+const CHUNK: usize = 500;
 
 /// One received record, ready to store: where its bytes and its ID are in the POST's body.
 /// No copy of the record is made: a 10 MB POST of tiny records takes its 10 MB plus 24
@@ -87,32 +92,84 @@ impl Store {
                 for s in streams {
                     db.execute("SELECT pg_advisory_xact_lock(hashtext(?1))", p![s])?;
                 }
+
             }
             let mut out = Vec::with_capacity(batches.len());
             let now = now_text();
+            // The look-ups read only rows committed before this transaction; the rows it
+            // inserts itself are remembered here (by the first half of their hash). Left to
+            // see its own inserts, PostgreSQL's planner, whose statistics do not count them,
+            // scans them all for each chunk of a large payload (quadratic).
+            let before: i64 = db
+                .query_opt(
+                    "SELECT CAST(COALESCE(MAX(id), 0) AS BIGINT) FROM s360_inbox",
+                    p![],
+                    |r| r.i64(0),
+                )?
+                .unwrap_or(0);
+            let mut inserted: HashSet<u128> = HashSet::new();
             for b in &batches {
                 let mut o = InboxOutcome::default();
-                for r in &b.records {
-                    let (id, text) = b
-                        .record(r)
-                        .map_err(|e| DbError::other(format!("a received record: {e}")))?;
-                    let hash: [u8; 32] = Sha256::digest(text.as_bytes()).into();
-                    let seen = db.query_opt(
-                        "SELECT 1 FROM s360_inbox
-                         WHERE stream = ?1 AND record_id = ?2 AND content_hash = ?3 LIMIT 1",
-                        p![&b.stream, id, &hash[..]],
-                        |_| Ok(()),
+                // A few hundred records at a time (a round trip per record is slow on a
+                // database across the network; memory stays that of one chunk): what the
+                // inbox holds of them, then the others in one INSERT. A record equal to one
+                // stored, earlier chunks of this payload included, is stored once.
+                for chunk in b.records.chunks(CHUNK) {
+                    let mut records: Vec<(&str, &str, [u8; 32])> = Vec::with_capacity(chunk.len());
+                    for r in chunk {
+                        let (id, text) = b
+                            .record(r)
+                            .map_err(|e| DbError::other(format!("a received record: {e}")))?;
+                        records.push((id, text, Sha256::digest(text.as_bytes()).into()));
+                    }
+                    let marks = (0..records.len())
+                        .map(|i| format!("?{}", i + 2))
+                        .collect::<Vec<_>>()
+                        .join(",");
+                    let mut params: Vec<Param<'_>> = vec![Param::Text(&b.stream)];
+                    params.extend(records.iter().map(|(id, _, _)| Param::Text(id)));
+                    params.push(Param::I64(before));
+                    // The content hash covers the record's bytes, its ID among them.
+                    let mut known: HashSet<Vec<u8>> = HashSet::new();
+                    db.query_each(
+                        &format!(
+                            "SELECT content_hash FROM s360_inbox
+                             WHERE stream = ?1 AND record_id IN ({marks}) AND id <= ?{}",
+                            records.len() + 2
+                        ),
+                        &params,
+                        &mut |r| {
+                            known.insert(r.blob(0)?);
+                            Ok(())
+                        },
                     )?;
-                    if seen.is_some() {
-                        o.duplicates += 1;
+                    let mut params: Vec<Param<'_>> = vec![Param::Text(&b.stream)];
+                    let mut rows = Vec::new();
+                    for (id, text, hash) in &records {
+                        let half = u128::from_be_bytes(hash[..16].try_into().expect("16 bytes"));
+                        if known.contains(&hash[..]) || !inserted.insert(half) {
+                            o.duplicates += 1;
+                            continue;
+                        }
+                        let k = params.len();
+                        rows.push(format!("(?1, ?{}, ?{}, ?{}, ?{})", k + 1, k + 2, k + 3, k + 4));
+                        params.push(Param::Text(id));
+                        params.push(Param::Blob(&hash[..]));
+                        params.push(Param::Text(text));
+                        params.push(Param::Text(&now));
+                    }
+                    if rows.is_empty() {
                         continue;
                     }
                     db.execute(
-                        "INSERT INTO s360_inbox (stream, record_id, content_hash, body, received_at)
-                         VALUES (?1, ?2, ?3, ?4, ?5)",
-                        p![&b.stream, id, &hash[..], text, &now],
+                        &format!(
+                            "INSERT INTO s360_inbox (stream, record_id, content_hash, body, received_at)
+                             VALUES {}",
+                            rows.join(", ")
+                        ),
+                        &params,
                     )?;
-                    o.stored += 1;
+                    o.stored += rows.len() as u64;
                 }
                 out.push(o);
             }
