@@ -179,7 +179,7 @@ async fn a_halo_create_still_being_saved_at_a_kill_is_not_created_again() {
     );
     // The restart pays at most one timeout (3 s) plus the margin (3 s), not more.
     eprintln!("the restarted trigger took {took:?}");
-    assert!(took < Duration::from_secs(20), "{took:?}");
+    assert!(took < Duration::from_secs(20), "{took:?}\n{text}");
     assert_eq!(
         query_i64(
             &env.db_path(),

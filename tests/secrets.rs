@@ -355,12 +355,14 @@ venues = ["Oslo Golf"]
             .collect()
     };
     let mut state = snapshot(&env);
-    assert!(
-        state
-            .iter()
-            .any(|(p, _, _)| p.to_string_lossy().ends_with("-wal")),
-        "a -wal file to search"
-    );
+    if env.pg.is_none() {
+        assert!(
+            state
+                .iter()
+                .any(|(p, _, _)| p.to_string_lossy().ends_with("-wal")),
+            "a -wal file to search"
+        );
+    }
 
     // The CLI (its trace log on stderr): the daily run with faults, twice, validate
     // --online, status, cursors, and an error (a token the vendor refuses).
@@ -407,6 +409,35 @@ venues = ["Oslo Golf"]
         HALO_SECRET,
         "eyJhbGciOi", // a signed S-360 JWT
     ];
+    // On PostgreSQL the database is searched too: every row of every table as text, its
+    // BYTEA values (shown as \x + hex) decoded.
+    if let Some(url) = &env.pg {
+        let tables = common::psql(
+            url,
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()",
+        );
+        for t in tables.iter().filter_map(|r| r[0].clone()) {
+            let rows = common::psql(url, &format!("SELECT t::text FROM {t} t"));
+            let mut bytes = Vec::new();
+            for text in rows.iter().filter_map(|r| r[0].clone()) {
+                bytes.extend_from_slice(text.as_bytes());
+                for hex in text.split("\\x").skip(1) {
+                    let digits: String =
+                        hex.chars().take_while(|c| c.is_ascii_hexdigit()).collect();
+                    for i in (0..digits.len() / 2 * 2).step_by(2) {
+                        if let Ok(b) = u8::from_str_radix(&digits[i..i + 2], 16) {
+                            bytes.push(b);
+                        }
+                    }
+                }
+            }
+            state.push((
+                std::path::PathBuf::from(format!("PostgreSQL table {t}")),
+                bytes,
+                0o600,
+            ));
+        }
+    }
     let mut leaks = Vec::new();
     for secret in secrets {
         for (i, line) in log.lines().enumerate() {

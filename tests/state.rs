@@ -35,6 +35,9 @@ fn with_metrics(port: u16, cfg: &str) -> String {
 /// once there is room again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_run_the_state_cannot_record_does_not_run_and_health_and_status_say_why() {
+    if common::sqlite_only("the state's disk filled under the daemon") {
+        return;
+    }
     let env = Env::new();
     let Some(disk) = Tmpfs::mount(&env.state_dir(), "8m") else {
         return;
@@ -141,6 +144,9 @@ async fn a_run_the_state_cannot_record_does_not_run_and_health_and_status_say_wh
 /// unit restarts, and starts once there is room.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_full_disk_at_start_exits_75_and_the_next_start_works() {
+    if common::sqlite_only("the state's disk full at start") {
+        return;
+    }
     let env = Env::new();
     let Some(disk) = Tmpfs::mount(&env.state_dir(), "2m") else {
         return;
@@ -215,6 +221,9 @@ fn the_unit_restarts_a_temporary_failure_and_not_a_lasting_one() {
 /// meanwhile is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_state_directory_moved_under_the_daemon_stops_it_and_no_second_daemon_starts() {
+    if common::sqlite_only("the state file moved") {
+        return;
+    }
     let s = sandbox(2000).await;
     // Slow answers: a run is in the middle of a POST when the directory moves, and finishes
     // it (and its page) before the daemon exits.
@@ -278,6 +287,9 @@ async fn a_state_directory_moved_under_the_daemon_stops_it_and_no_second_daemon_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_state_directory_deleted_under_the_daemon_stops_it() {
+    if common::sqlite_only("the state file deleted") {
+        return;
+    }
     let s = sandbox(5).await;
     let env = Env::new();
     env.write_config(&crm_stream_config(&base(&s), "1h", 10_000, 50));
@@ -320,6 +332,9 @@ fn assert_all_reached(s: &Sandbox, n: u64) {
 /// random part.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_state_started_afresh_sends_what_the_target_would_have_dropped_as_resends() {
+    if common::sqlite_only("the state file started afresh") {
+        return;
+    }
     let s = sandbox(10).await;
     let env = Env::new();
     env.write_config(&crm_stream_config(&base(&s), "1h", 10_000, 10));
@@ -370,6 +385,9 @@ fn damage(db: &std::path::Path, table: &str) {
 /// records included, with no second order or user (see the S-360 and Halo tests).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_damaged_state_is_refused_at_start_with_the_next_step_and_starting_again_works() {
+    if common::sqlite_only("a damaged state file") {
+        return;
+    }
     let s = sandbox(40).await;
     let env = Env::new();
     env.write_config(&crm_stream_config(&base(&s), "1h", 10_000, 10));
@@ -416,6 +434,9 @@ async fn a_damaged_state_is_refused_at_start_with_the_next_step_and_starting_aga
 /// that a daemon then starts on and goes on from, delivering what came after.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_backup_taken_while_the_daemon_commits_is_a_state_a_daemon_starts_on() {
+    if common::sqlite_only("backing up the state file") {
+        return;
+    }
     let s = sandbox(3000).await;
     s.crm.faults.push(
         "crm.hook",
@@ -483,6 +504,9 @@ async fn a_backup_taken_while_the_daemon_commits_is_a_state_a_daemon_starts_on()
 /// that does it depends on the machine: a range is tried).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_connection_without_a_descriptor_says_too_many_open_files() {
+    if common::sqlite_only("descriptors counted for a state without a server connection") {
+        return;
+    }
     let source = sandbox(5).await;
     let target = sandbox(0).await;
     let env = Env::new();
@@ -559,6 +583,9 @@ fn run_as_stranger(env: &Env) -> std::process::Output {
 /// directory at fault, its owner and mode, and whom usher runs as, and exits 77.
 #[test]
 fn permission_errors_name_the_file_or_the_directory_at_fault() {
+    if common::sqlite_only("the state file's permissions") {
+        return;
+    }
     use std::os::unix::fs::PermissionsExt;
     let root = rustix::process::geteuid().is_root();
     let env = Env::new();
@@ -696,6 +723,11 @@ fn temporary_control_files(env: &Env) -> Vec<String> {
 /// left at its start.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_failed_trigger_leaves_no_temporary_control_file() {
+    if common::sqlite_only(
+        "a local daemon's control files (on PostgreSQL a trigger is a request row)",
+    ) {
+        return;
+    }
     let env = Env::new();
     let Some(disk) = Tmpfs::mount(&env.state_dir(), "4m") else {
         return;
@@ -734,6 +766,11 @@ async fn a_failed_trigger_leaves_no_temporary_control_file() {
 /// stopped. Now it says after two seconds what it waits for, and why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_cli_says_what_it_waits_for_when_the_daemon_is_stopped() {
+    if common::sqlite_only(
+        "a local daemon's control files (on PostgreSQL a trigger is a request row)",
+    ) {
+        return;
+    }
     let s = sandbox(5).await;
     let env = Env::new();
     env.write_config(&crm_stream_config(&base(&s), "1h", 10_000, 50));

@@ -315,8 +315,8 @@ fn process_exists(pid: u32) -> bool {
 
 /// A lease just taken from another holder. When that holder let it expire (it died, or
 /// was paused or cut off) while writing to a stream (its `in_doubt` row is there), its
-/// writes may still land until its lease's expiry plus the longest timeout of the stream's
-/// connections: the row is moved to then (a run waits for it, plus the settle margin). A
+/// writes may still land until its lease's expiry plus the timeout of the stream's
+/// target: the row is moved to then (a run waits for it, plus the settle margin). A
 /// stream it was not writing to has nothing in doubt. Its runs left open are closed as
 /// `lost lease`; returns how many (their streams should run now).
 pub async fn inherit(
@@ -334,11 +334,11 @@ pub async fn inherit(
             let Some(spec) = config.streams.get(s) else {
                 continue;
             };
-            let longest = [&spec.source, &spec.target]
-                .into_iter()
-                .filter_map(|c| config.connections.get(c))
+            // Writes go to the target: its timeout bounds when one can still land.
+            let longest = config
+                .connections
+                .get(&spec.target)
                 .map(|c| c.timeout)
-                .max()
                 .unwrap_or_default();
             // The old lease's expiry is on the database's clock: what was left of it when
             // this instance took it over, counted from this instance's own now.
