@@ -40,7 +40,17 @@ fn proc_cpu(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
-/// CPU seconds of every PostgreSQL server process (the postmaster and its backends).
+/// utime + stime + the reaped children's cutime + cstime of a process, in seconds.
+fn proc_cpu_with_children(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat.rsplit_once(')').map(|x| x.1).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12) + ticks(13) + ticks(14)) / 100.0
+}
+
+/// CPU seconds of every PostgreSQL server process: the postmaster, with the backends it
+/// reaped (a run's connections end with it), and the backends still running.
 fn postgres_cpu() -> f64 {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return 0.0;
@@ -51,7 +61,7 @@ fn postgres_cpu() -> f64 {
             std::fs::read_to_string(format!("/proc/{pid}/comm"))
                 .is_ok_and(|c| c.trim() == "postgres")
         })
-        .map(proc_cpu)
+        .map(proc_cpu_with_children)
         .sum()
 }
 
