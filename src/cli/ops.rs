@@ -9,7 +9,7 @@ use super::{EX_CONFIG, EX_DATAERR, EX_FAIL, EX_OK, report_problems};
 use crate::config::{self, Config, LogFormat};
 use crate::engine::control::{self, Action};
 use crate::engine::in_doubt::InDoubt;
-use crate::engine::lock::{self, LockError};
+use crate::engine::lock::{self, LockError, process_state};
 use crate::engine::{RunCtx, daemon, run_stream};
 use crate::http::Http;
 use crate::store::{Store, StoreError};
@@ -365,14 +365,6 @@ pub fn cursor_show(source: config::Source, stream: &str) -> i32 {
     EX_OK
 }
 
-/// What the daemon is doing, from /proc: `Some('T')` stopped (SIGSTOP), `Some('t')` traced,
-/// `Some('R')`, `Some('S')`, …; `None` when it is gone.
-fn process_state(pid: u32) -> Option<char> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // "PID (comm) STATE …": comm may hold spaces and parentheses; the state follows the last ')'.
-    stat.rsplit_once(')')?.1.trim_start().chars().next()
-}
-
 /// Why the CLI is still waiting for the daemon, in words (after a second or two of it).
 fn waiting_for(pid: u32, poll: Duration) -> (String, bool) {
     match process_state(pid) {
@@ -459,31 +451,19 @@ fn via_daemon(
 /// point as for a control file), closes it with its name and the outcome, and audits it
 /// with the host that asked. Works from any host with the configuration; no daemon needs
 /// to run here.
-async fn via_state(config: &Config, action: Action, stream: &str, command: &str) -> i32 {
-    let store = match Store::open_configured(&config.daemon).await {
-        Ok(s) => s,
-        Err(e) => return store_error(&e),
-    };
+async fn via_state(
+    config: &Config,
+    store: &Store,
+    action: Action,
+    stream: &str,
+    command: &str,
+) -> i32 {
     let host = control::host_name();
     let actor = control::cli_actor(command);
     let id = match store.request(stream, action.as_str(), &actor, &host).await {
         Ok(id) => id,
         Err(e) => return store_error(&e),
     };
-    let within = config.daemon.lease;
-    let live = crate::engine::lease::Keeper::new(store.clone(), config)
-        .for_cli()
-        .live_daemons()
-        .await
-        .unwrap_or_default();
-    if live.is_empty() {
-        eprintln!(
-            "usher: no instance has been seen on this state in the last {}: request {id} ({} {stream}) is stored and the first instance to start carries it out",
-            humantime::format_duration(within),
-            action.as_str()
-        );
-        return EX_FAIL;
-    }
     let started = Instant::now();
     let mut said = false;
     loop {
@@ -572,6 +552,17 @@ async fn cli_lease(store: &Store, config: &Config, stream: &str) -> Result<(Stor
     Ok((fenced, CliLease { keeper, renew }))
 }
 
+/// Whether a daemon is alive on the (PostgreSQL) state: one is, and a request goes to the
+/// stream's holder ([`via_state`]); none is, and the CLI acts itself under the lease.
+async fn daemons_alive(store: &Store, config: &Config) -> Result<bool, i32> {
+    crate::engine::lease::Keeper::new(store.clone(), config)
+        .for_cli()
+        .live_daemons()
+        .await
+        .map(|live| !live.is_empty())
+        .map_err(|e| store_error(&e))
+}
+
 /// `cursor reset` on PostgreSQL: through the holder when a daemon is alive, else here
 /// under the stream's lease.
 async fn reset_on_postgres(config: &Config, stream: &str) -> i32 {
@@ -579,13 +570,10 @@ async fn reset_on_postgres(config: &Config, stream: &str) -> i32 {
         Ok(s) => s,
         Err(e) => return store_error(&e),
     };
-    let k = crate::engine::lease::Keeper::new(store.clone(), config).for_cli();
-    match k.live_daemons().await {
-        Ok(live) if !live.is_empty() => {
-            return via_state(config, Action::Reset, stream, "cursor reset").await;
-        }
-        Ok(_) => {}
-        Err(e) => return store_error(&e),
+    match daemons_alive(&store, config).await {
+        Ok(true) => return via_state(config, &store, Action::Reset, stream, "cursor reset").await,
+        Ok(false) => {}
+        Err(code) => return code,
     }
     let (fenced, lease) = match cli_lease(&store, config, stream).await {
         Ok(x) => x,
@@ -678,13 +666,12 @@ pub async fn trigger(source: config::Source, stream: &str) -> i32 {
             Ok(s) => s,
             Err(e) => return store_error(&e),
         };
-        let k = crate::engine::lease::Keeper::new(store, &config).for_cli();
-        match k.live_daemons().await {
-            Ok(live) if !live.is_empty() => {
-                return via_state(&config, Action::Trigger, stream, "trigger").await;
+        match daemons_alive(&store, &config).await {
+            Ok(true) => {
+                return via_state(&config, &store, Action::Trigger, stream, "trigger").await;
             }
-            Ok(_) => {}
-            Err(e) => return store_error(&e),
+            Ok(false) => {}
+            Err(code) => return code,
         }
     } else {
         let state_dir = config.daemon.state_dir.clone();

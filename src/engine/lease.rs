@@ -302,14 +302,9 @@ impl Keeper {
 /// wake up and its lease must then run out as usual).
 /// A zombie (dead, not yet reaped) counts as gone.
 fn process_exists(pid: u32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    // "PID (comm) STATE …": the state follows the last ')'.
     !matches!(
-        stat.rsplit_once(')')
-            .and_then(|(_, rest)| rest.trim_start().chars().next()),
-        Some('Z') | Some('X')
+        super::lock::process_state(pid),
+        None | Some('Z') | Some('X')
     )
 }
 

@@ -188,6 +188,15 @@ pub fn holder(dir: &Path) -> Option<u32> {
     }
 }
 
+/// What a process of this machine is doing, from /proc: `Some('T')` stopped (SIGSTOP),
+/// `Some('t')` traced, `Some('R')`, `Some('S')`, `Some('Z')` dead but not reaped, …; `None`
+/// when it is gone.
+pub fn process_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "PID (comm) STATE …": comm may hold spaces and parentheses; the state follows the last ')'.
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
