@@ -13,10 +13,11 @@ mod common;
 
 use std::collections::{HashMap, HashSet};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use common::{Daemon, Env, query_i64, wait_until};
 use serde_json::Value;
+use usher::sandbox::callers::CallerCall;
 use usher::sandbox::s360::{DEMO_OPERATOR, DEMO_PARTNER, DEMO_PARTNER_SECRET, webhook_contact};
 use usher::sandbox::{Fault, S360Sender, Sandbox};
 
@@ -851,15 +852,31 @@ async fn bounce_several(kind: Kind) {
     let (_, seed) = soak();
     eprintln!("{kind:?} on three instances: {rounds} rounds, seed {seed}");
     let mut rng = Rng(seed ^ (kind as u64 + 100));
+    // The fakes note which process made each call (from the kernel's socket tables).
+    usher::sandbox::callers::record();
     let mut c = Case::new(kind).await;
     let ports = [c.port, free_port(), free_port()];
     c.start_sender();
     let mut instances: Vec<Daemon> = (0..3).map(|i| spawn_instance(&c, i, &ports)).collect();
     let (mut kills, mut stops) = (0, 0);
+    // When each instance was killed or stopped, by PID.
+    let mut downed: Vec<(u32, Instant)> = Vec::new();
+    let s360 = matches!(kind, Kind::CrmContactsToS360 | Kind::CrmOffersToS360);
     for round in 0..rounds {
         c.slow_target();
+        if s360 && rng.next(2) == 0 {
+            // A Retry-After that every instance must honour (checked below).
+            c.s.s360.faults.push_front(
+                "s360.api",
+                Fault::RateLimited {
+                    status: if rng.next(2) == 0 { 429 } else { 509 },
+                    retry_after_secs: 1 + rng.next(2),
+                },
+            );
+        }
         tokio::time::sleep(Duration::from_millis(100 + rng.next(900))).await;
         let i = rng.next(3) as usize;
+        downed.push((instances[i].pid(), Instant::now()));
         if rng.next(3) == 0 {
             // Paused for less or more than its lease (3 s), then woken up.
             let pause = Duration::from_millis(500 + rng.next(4000));
@@ -903,14 +920,125 @@ async fn bounce_several(kind: Kind) {
         &format!("SELECT DISTINCT holder FROM runs WHERE stream = '{STREAM}'"),
     );
     assert!(holders.iter().all(Option::is_some), "{holders:?}");
+    let (calls, callers) =
+        std::panic::catch_unwind(|| one_instance_at_a_time(&c.s.callers.calls(), &downed))
+            .unwrap_or_else(|_| panic!("two instances at once; their logs:\n{}", logs()));
+    if s360 {
+        s360_limits_held(&c.s.callers.calls(), &downed);
+    }
     eprintln!(
-        "{kind:?} on three instances: {kills} kills, {stops} stops, {} holders, {} records, all once",
+        "{kind:?} on three instances: {kills} kills, {stops} stops, {} holders, {} records, all once; {calls} calls to the vendors by {callers} instances, never two at once",
         holders.len(),
         c.n
     );
     for d in &mut instances {
         d.kill9();
     }
+}
+
+/// From the fakes' log of who called: the calls of two instances to the vendors never
+/// overlap in time, i.e. no instance calls while another is inside a run of the stream
+/// (the test's only stream). A call still in flight when its instance was killed is not
+/// counted (a dead process is inside no run). Returns the number of calls checked and of
+/// the instances that made them.
+fn one_instance_at_a_time(calls: &[CallerCall], downed: &[(u32, Instant)]) -> (usize, usize) {
+    let me = std::process::id();
+    let killed_at = |pid: u32| downed.iter().find(|(p, _)| *p == pid).map(|(_, t)| *t);
+    let mut ours: Vec<&CallerCall> = calls
+        .iter()
+        .filter(|c| c.pid.is_some_and(|p| p != me))
+        // A process killed with the call in flight: the fake may still be handling it.
+        .filter(|c| killed_at(c.pid.unwrap()).is_none_or(|k| c.answered < k || c.received > k))
+        .collect();
+    let unknown = calls.iter().filter(|c| c.pid.is_none()).count();
+    assert!(
+        unknown * 20 <= calls.len(),
+        "the fakes could not tell the caller of {unknown} of {} calls",
+        calls.len()
+    );
+    ours.sort_by_key(|c| c.received);
+    // The latest answer so far of each process.
+    let mut last: HashMap<u32, (Instant, String, Instant)> = HashMap::new();
+    for c in &ours {
+        let pid = c.pid.unwrap();
+        for (other, (answered, what, received)) in &last {
+            assert!(
+                *other == pid || *answered <= c.received,
+                "instance {pid} called {} {} while instance {other} was still inside a run ({what} received {:?} before, answered {:?} after); kills and stops since 10 s before: {:?}",
+                c.method,
+                c.path,
+                c.received.duration_since(*received),
+                answered.duration_since(c.received),
+                downed
+                    .iter()
+                    .filter(|(_, t)| *t + Duration::from_secs(10) > c.received)
+                    .map(|(p, t)| (
+                        p,
+                        t.checked_duration_since(c.received).map_or_else(
+                            || -(c.received.duration_since(*t).as_secs_f64()),
+                            |d| d.as_secs_f64()
+                        )
+                    ))
+                    .collect::<Vec<_>>()
+            );
+        }
+        let e = last
+            .entry(pid)
+            .or_insert((c.answered, String::new(), c.received));
+        if c.answered >= e.0 {
+            *e = (c.answered, format!("{} {}", c.method, c.path), c.received);
+        }
+    }
+    let pids: HashSet<u32> = ours.iter().filter_map(|c| c.pid).collect();
+    (ours.len(), pids.len())
+}
+
+/// S-360 across three instances, from the fake's log: never more than the documented 180
+/// calls in any minute, and no call before a `Retry-After` has passed, whichever instance
+/// got it and whichever calls next. A Retry-After answered to an instance that was killed
+/// or stopped within a second of it is not counted: it may never have been recorded.
+fn s360_limits_held(calls: &[CallerCall], downed: &[(u32, Instant)]) {
+    let mut api: Vec<&CallerCall> = calls
+        .iter()
+        .filter(|c| c.path.starts_with("/s360/") && c.pid != Some(std::process::id()))
+        .collect();
+    api.sort_by_key(|c| c.received);
+    let per = Duration::from_secs(60);
+    let busiest = (0..api.len())
+        .map(|i| {
+            api[i..]
+                .iter()
+                .take_while(|o| o.received.duration_since(api[i].received) < per)
+                .count()
+        })
+        .max()
+        .unwrap_or(0);
+    assert!(busiest <= 180, "{busiest} calls to S-360 within a minute");
+    let mut honoured = 0;
+    for (i, c) in api.iter().enumerate() {
+        let Some(secs) = c.retry_after.as_deref().and_then(|v| v.parse::<u64>().ok()) else {
+            continue;
+        };
+        let lost = downed.iter().any(|(p, t)| {
+            Some(*p) == c.pid && *t >= c.received && *t < c.answered + Duration::from_secs(1)
+        });
+        if lost {
+            continue;
+        }
+        let earliest = c.answered + Duration::from_secs(secs);
+        // The first call sent after the answer could be read (one in flight already is not).
+        if let Some(next) = api[i + 1..].iter().find(|o| o.received >= c.answered) {
+            assert!(
+                next.received + Duration::from_millis(5) >= earliest,
+                "a call {:?} before the Retry-After ({secs} s) answered to instance {:?} had passed (next call by {:?})",
+                earliest.duration_since(next.received),
+                c.pid,
+                next.pid
+            );
+        }
+        honoured += 1;
+    }
+    eprintln!("S-360: at most {busiest} calls in a minute; {honoured} Retry-After honoured");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

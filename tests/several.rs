@@ -340,6 +340,127 @@ async fn a_killed_or_stopped_instance_s_streams_move_within_a_lease() {
     }
 }
 
+/// A holder paused past its lease in the middle of a run, seen from the vendor's side (the
+/// fake notes which process made each call, from the kernel's socket tables): once the
+/// new holder has called, the old one, woken up, calls nothing more, not even a read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_holder_woken_up_after_its_lease_calls_no_vendor() {
+    let Some(env) = pg_env() else { return };
+    usher::sandbox::callers::record();
+    let s = Sandbox::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let n = 400;
+    s.crm.add_contacts(n as u64);
+    // A long run that spends most of its time between calls: the feed allows two reads a
+    // second, five contacts a page (80 reads), so a pause mostly lands in a wait.
+    env.write_config(
+        &config(&format!("http://{}", s.addr), 1, "1s")
+            .replace("page_size = 50", "page_size = 5")
+            .replace(
+                "max_retries = 3",
+                "max_retries = 3\nrate_limit = { calls = 2, per = \"1s\" }",
+            ),
+    );
+    let a = instance(&env, "a");
+    a.wait_ready();
+    assert!(
+        wait_until(Duration::from_secs(20), || s.crm.accepted_records().len()
+            >= 20),
+        "{}",
+        a.log()
+    );
+    let b = instance(&env, "b");
+    b.wait_ready();
+    // Three pauses of the holder, each in the middle of the stream's run.
+    let mut woken: Vec<(u32, Instant)> = Vec::new();
+    for _ in 0..3 {
+        let holder = [&a, &b]
+            .into_iter()
+            .find(|d| {
+                holders(&env)
+                    .values()
+                    .flatten()
+                    .any(|h| pid_of(h) == d.pid())
+            })
+            .unwrap();
+        holder.signal(Signal::STOP);
+        // Past the lease and the new holder's wait for the writes in doubt (lease 3 s,
+        // target timeout 2 s, settle margin 1 s): the other instance is inside its run.
+        std::thread::sleep(Duration::from_millis(9_000));
+        holder.signal(Signal::CONT);
+        woken.push((holder.pid(), Instant::now()));
+        std::thread::sleep(Duration::from_millis(2_500));
+    }
+    assert!(
+        wait_until(Duration::from_secs(60), || s.crm.accepted_records().len()
+            >= n),
+        "{} of {n}\n{}\n{}",
+        s.crm.accepted_records().len(),
+        a.log(),
+        b.log()
+    );
+    // From the fake's log: no call of one instance falls inside the other's run, i.e.
+    // overlaps one of its calls or lands in a gap of less than 2 s between two of them
+    // (its run goes on: two reads a second; a handover takes a lease, 3 s, at least).
+    let mut calls: Vec<_> = s
+        .callers
+        .calls()
+        .into_iter()
+        .filter(|c| c.pid.is_some_and(|p| p == a.pid() || p == b.pid()))
+        .collect();
+    calls.sort_by_key(|c| c.received);
+    if std::env::var("DEBUG_CALLS").is_ok() {
+        let t0 = calls[0].received;
+        for c in &calls {
+            eprintln!(
+                "{:?} {:>8.3} {:>8.3} {} {} {}",
+                c.pid,
+                c.received.duration_since(t0).as_secs_f64(),
+                c.answered.duration_since(t0).as_secs_f64(),
+                c.method,
+                c.path,
+                c.status
+            );
+        }
+        for (p, t) in &woken {
+            eprintln!("woken {p} at {:.3}", t.duration_since(t0).as_secs_f64());
+        }
+    }
+    for c in &calls {
+        let others: Vec<_> = calls.iter().filter(|o| o.pid != c.pid).collect();
+        let before = others.iter().rev().find(|o| o.received <= c.received);
+        let after = others.iter().find(|o| o.received >= c.received);
+        if let Some(p) = before {
+            let inside = p.answered > c.received
+                || after.is_some_and(|n| {
+                    n.received.duration_since(p.answered) < Duration::from_secs(2)
+                });
+            assert!(
+                !inside,
+                "instance {:?} called {} {} inside a run of instance {:?} (pauses ended at {:?})",
+                c.pid,
+                c.method,
+                c.path,
+                p.pid,
+                woken
+                    .iter()
+                    .map(|(pid, t)| (pid, c.received.saturating_duration_since(*t)))
+                    .collect::<Vec<_>>()
+            );
+        }
+    }
+    let switches = calls.windows(2).filter(|w| w[0].pid != w[1].pid).count();
+    assert!(
+        switches >= 2,
+        "the pauses moved the stream: {switches} switches"
+    );
+    eprintln!(
+        "{} calls, the stream moved {switches} times; no instance called inside the other's run",
+        calls.len()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_sqlite_state_moves_to_postgresql_without_resending_anything() {
     let Some(dst) = pg_env() else { return };

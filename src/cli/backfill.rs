@@ -93,10 +93,10 @@ pub async fn backfill(source: config::Source, stream: &str, from: NaiveDate) -> 
         });
     let ctx = RunCtx {
         doubt: InDoubt::new(&store, stream, config.daemon.settle_margin),
+        http: crate::engine::lease::http_for(&http, &store, &config),
         store,
         spec: config.streams[stream].clone(),
         config,
-        http,
         stop: cancel.clone(),
         cancel,
         interrupt: Default::default(),

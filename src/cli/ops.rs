@@ -751,10 +751,10 @@ pub async fn trigger(source: config::Source, stream: &str) -> i32 {
         });
     let ctx = RunCtx {
         doubt: InDoubt::new(&store, stream, config.daemon.settle_margin),
+        http: crate::engine::lease::http_for(&http, &store, &config),
         store,
         spec: config.streams[stream].clone(),
         config,
-        http,
         cancel,
         stop,
         interrupt: Default::default(),

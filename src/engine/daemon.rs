@@ -342,13 +342,7 @@ pub async fn run(
     d.arm_all(true, None).await;
     d.process_control();
     // Integration settings: seats.io and CDP connections checked online, result in the state.
-    super::online_check::spawn(
-        &d.tracker,
-        d.store.clone(),
-        d.http.clone(),
-        d.config.clone(),
-        d.shutdown.clone(),
-    );
+    d.check_online(None);
 
     // From here SIGHUP is handled: `usher reload` signals only a daemon that wrote this.
     d.verdict(true, Vec::new());
@@ -788,6 +782,7 @@ impl Daemon {
         if let Ok(saved) = super::budget_log::saved_budgets(&self.store).await {
             self.http.restore_budgets(saved);
         }
+        self.check_online(Some(&streams));
         match super::lease::inherit(&self.store, &self.config, me, &lease, &streams).await {
             Ok(n) if n > 0 => {
                 tracing::warn!(group = %lease.key, runs = n, previous = lease.previous_holder.as_deref().unwrap_or("none"), "closed runs the previous holder left open; running their streams now");
@@ -800,6 +795,36 @@ impl Daemon {
             Ok(_) => {}
             Err(e) => tracing::error!(error = %e, "cannot close the previous holder's runs"),
         }
+    }
+
+    /// Checks seats.io and CDP connections online (integration settings): every one, or
+    /// with several instances those of `streams` (default: the streams this instance
+    /// holds), so that no instance calls a vendor for a stream another one holds.
+    fn check_online(&self, streams: Option<&[String]>) {
+        let only = self.leases.as_ref().map(|k| {
+            let held: Vec<String> = match streams {
+                Some(s) => s.to_vec(),
+                None => k.held_keys().iter().flat_map(|g| k.streams_of(g)).collect(),
+            };
+            held.iter()
+                .filter_map(|s| self.config.streams.get(s))
+                .flat_map(|spec| [spec.source.clone(), spec.target.clone()])
+                .collect()
+        });
+        if only
+            .as_ref()
+            .is_some_and(std::collections::HashSet::is_empty)
+        {
+            return;
+        }
+        super::online_check::spawn(
+            &self.tracker,
+            self.store.clone(),
+            self.http.clone(),
+            self.config.clone(),
+            self.shutdown.clone(),
+            only,
+        );
     }
 
     /// Starts a run unless one of the same stream is going.
@@ -852,10 +877,10 @@ impl Daemon {
         };
         let ctx = RunCtx {
             doubt: InDoubt::new(&store, &spec.name, self.config.daemon.settle_margin),
+            http: super::lease::http_for(&self.http, &store, &self.config),
             store,
             config: self.config.clone(),
             spec,
-            http: self.http.clone(),
             cancel: self.abandon.clone(),
             stop: self.shutdown.clone(),
             interrupt: slot.interrupt.clone(),
@@ -932,13 +957,7 @@ impl Daemon {
                     r.update(&self.config);
                 }
                 self.arm_all(false, Some(&previous)).await;
-                super::online_check::spawn(
-                    &self.tracker,
-                    self.store.clone(),
-                    self.http.clone(),
-                    self.config.clone(),
-                    self.shutdown.clone(),
-                );
+                self.check_online(None);
                 tracing::info!(
                     streams = self.config.streams.len(),
                     "configuration reloaded"

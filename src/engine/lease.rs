@@ -454,6 +454,73 @@ impl Keeper {
     }
 }
 
+/// Time since boot, counting suspended time too (`CLOCK_BOOTTIME`): a machine suspended or
+/// a process stopped past its lease sees the time that passed.
+fn since_boot() -> Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
+    Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
+}
+
+/// The [`crate::http::Gate`] of a run under a lease: a call leaves only while the lease is
+/// known to last a while longer (a third of its length, one renewal period, or the call's
+/// timeout if shorter). Known locally: a check of the lease in the database (extending it
+/// to that if needed) says how long it lasts; counted from before the check was sent, on
+/// this machine's boot clock, that lower bound holds without asking again. Past it, the
+/// lease is checked again, or the call is not sent. So a holder that was paused, suspended
+/// or cut off past its lease wakes up to no call at all, and a call sent in time has at
+/// least a renewal period to finish in before another instance may take the stream (a read
+/// slower than that may still be answered after the takeover: it changes nothing; a write
+/// is covered to its deadline by the in-doubt rule, `Store::doubt_set`).
+pub struct LeaseGate {
+    store: Store,
+    /// How long the lease must last past a call's start at least.
+    min_left: Duration,
+    /// Boot-clock time until which the lease is known to be this instance's.
+    until: std::sync::Mutex<Duration>,
+}
+
+impl LeaseGate {
+    pub fn new(store: Store, lease: Duration) -> LeaseGate {
+        LeaseGate {
+            store,
+            min_left: lease / 3,
+            until: std::sync::Mutex::new(Duration::ZERO),
+        }
+    }
+}
+
+impl crate::http::Gate for LeaseGate {
+    fn may_call(&self, within: Duration) -> futures::future::BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            let need = within.min(self.min_left);
+            let asked = since_boot();
+            if *self.until.lock().unwrap_or_else(|p| p.into_inner()) >= asked + need {
+                return Ok(());
+            }
+            match self.store.hold_lease(need).await {
+                Ok(Some(left)) => {
+                    let mut until = self.until.lock().unwrap_or_else(|p| p.into_inner());
+                    *until = (*until).max(asked + left);
+                    Ok(())
+                }
+                Ok(None) => Ok(()),
+                Err(e) => Err(e.to_string()),
+            }
+        })
+    }
+}
+
+/// The client a run uses: on a store fenced by a lease, every call asks the [`LeaseGate`].
+pub fn http_for(http: &crate::http::Http, store: &Store, config: &Config) -> crate::http::Http {
+    match store.fence() {
+        Some(_) => http.gated(std::sync::Arc::new(LeaseGate::new(
+            store.clone(),
+            config.daemon.lease,
+        ))),
+        None => http.clone(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

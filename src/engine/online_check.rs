@@ -1,6 +1,8 @@
 //! Integration settings: at start and at each reload the daemon checks its seats.io and CDP
 //! connections online, as `validate --online` does, and records the result in the state so
-//! that `usher status` (which reads the database only) can say "valid" or why not.
+//! that `usher status` (which reads the database only) can say "valid" or why not. With
+//! several instances, an instance checks only the connections of the streams it holds,
+//! when it takes their lease: a vendor sees calls for a stream from its holder alone.
 
 use std::sync::Arc;
 
@@ -18,10 +20,14 @@ pub fn spawn(
     http: Http,
     config: Arc<Config>,
     cancel: CancellationToken,
+    only: Option<std::collections::HashSet<String>>,
 ) {
     tracker.spawn(async move {
         for conn in config.connections.values() {
             if !matches!(conn.kind, ConnectionKind::Seatsio | ConnectionKind::Cdp) {
+                continue;
+            }
+            if only.as_ref().is_some_and(|o| !o.contains(&conn.name)) {
                 continue;
             }
             if cancel.is_cancelled() {

@@ -69,6 +69,13 @@ pub enum HttpError {
         what: String,
         reason: String,
     },
+    /// Several instances: the run's lease could not be shown to outlast the call.
+    #[error("connection \"{conn}\": {what}: not sent: {reason}")]
+    NotHeld {
+        conn: String,
+        what: String,
+        reason: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -169,6 +176,14 @@ pub trait Recorder: Send + Sync {
     /// The attempt got no answer from the vendor (timeout, broken connection, 502/504): it
     /// may still take effect until `deadline`.
     fn unanswered(&self, deadline: chrono::DateTime<chrono::Utc>);
+}
+
+/// Asked before every call (reads too) of a run under a lease (several instances): may the
+/// call leave and be over, answer and all, within `within`? An error is why not (the
+/// lease is another instance's now): the call is not sent. So an instance that was paused
+/// or cut off past its lease never calls a vendor again for the stream, not even to read.
+pub trait Gate: Send + Sync {
+    fn may_call(&self, within: Duration) -> futures::future::BoxFuture<'_, Result<(), String>>;
 }
 
 /// An answer, fully read.
@@ -301,6 +316,8 @@ pub struct Http {
     /// OAuth2 tokens per (connection, token URL, client ID), so that a token is reused
     /// across runs until shortly before it expires, not fetched once per run.
     tokens: Arc<Mutex<TokenSlots>>,
+    /// Asked before every call of a run under a lease (several instances): see [`Gate`].
+    gate: Option<Arc<dyn Gate>>,
 }
 
 type TokenSlots = HashMap<String, Arc<tokio::sync::Mutex<Option<CachedToken>>>>;
@@ -324,6 +341,16 @@ impl Http {
             budget_log: None,
             saved_budgets: Arc::new(Mutex::new(HashMap::new())),
             tokens: Arc::new(Mutex::new(HashMap::new())),
+            gate: None,
+        }
+    }
+
+    /// The same client (budgets, tokens and connections shared), every call of its
+    /// endpoints asked of `gate` first: a run under a lease.
+    pub fn gated(&self, gate: Arc<dyn Gate>) -> Http {
+        Http {
+            gate: Some(gate),
+            ..self.clone()
         }
     }
 
@@ -431,6 +458,7 @@ impl Http {
             token: self.token_slot(&conn.name, &auth),
             auth,
             recorder: None,
+            gate: self.gate.clone(),
         }
     }
 }
@@ -453,6 +481,7 @@ pub struct Endpoint {
     /// Told about every write before it leaves (the run's in-doubt bookkeeping); None for
     /// endpoints that only read, and for `validate --online`.
     recorder: Option<Arc<dyn Recorder>>,
+    gate: Option<Arc<dyn Gate>>,
 }
 
 /// "GET /api/changes": what a message may say about a call (never the query string).
@@ -593,6 +622,15 @@ impl Endpoint {
             // reqwest's per-request timeout runs from connecting to the end of the body, so
             // the write cannot take effect through usher after `deadline` (what the vendor
             // does with a request it already holds is the settle margin's business).
+            if let Some(g) = &self.gate
+                && let Err(reason) = g.may_call(self.timeout).await
+            {
+                return Err(HttpError::NotHeld {
+                    conn: self.name.clone(),
+                    what,
+                    reason,
+                });
+            }
             let deadline = chrono::Utc::now()
                 + chrono::TimeDelta::from_std(self.timeout).unwrap_or(chrono::TimeDelta::MAX);
             let recorder = self.recorder.as_ref().filter(|_| retry.writes());

@@ -75,6 +75,15 @@ impl Faults {
         }
     }
 
+    /// One fault ahead of the queued ones: the route's next call gets it.
+    pub fn push_front(&self, route: &str, fault: Fault) {
+        let mut i = self.0.lock().unwrap();
+        i.queues
+            .entry(route.to_string())
+            .or_default()
+            .push_front(fault);
+    }
+
     pub fn clear(&self) {
         self.0.lock().unwrap().queues.clear();
     }

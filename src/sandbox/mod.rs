@@ -2,6 +2,7 @@
 //! vendor (`/crm/...`). Used by `usher demo`, `usher sandbox` and the integration tests,
 //! which drive them through their handles (add records, inject faults, read what arrived).
 
+pub mod callers;
 pub mod crm;
 pub mod faults;
 // S-360
@@ -50,6 +51,8 @@ pub struct Sandbox {
     pub seatgeek: SeatGeekFake,
     pub seatgeek2: SeatGeekFake,
     pub halo: HaloFake,
+    /// Every call with its calling process, once [`callers::record`] was called.
+    pub callers: callers::CallLog,
     stop: CancellationToken,
 }
 
@@ -81,14 +84,22 @@ impl Sandbox {
             .nest("/seatgeek", seatgeek.router())
             .nest("/seatgeek2", seatgeek2.router())
             .nest("/halo", halo.router());
+        let callers = callers::CallLog::default();
+        let app = app.layer(axum::middleware::from_fn_with_state(
+            callers.clone(),
+            callers::log_call,
+        ));
         let listener = TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
         let stop = CancellationToken::new();
         let s = stop.clone();
         tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(async move { s.cancelled().await })
-                .await;
+            let _ = axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<callers::Caller>(),
+            )
+            .with_graceful_shutdown(async move { s.cancelled().await })
+            .await;
         });
         Ok(Sandbox {
             addr,
@@ -101,6 +112,7 @@ impl Sandbox {
             seatgeek,
             seatgeek2,
             halo,
+            callers,
             stop,
         })
     }

@@ -35,6 +35,12 @@ pub struct Fence {
 /// for it (and then sees the commit) or this write fails. `min_left_ms`: the lease must have
 /// at least that much left (a write that may land until then), else it is extended to it.
 pub fn check_fence(db: &mut dyn Sql, f: &Fence, min_left_ms: i64) -> DbResult<()> {
+    hold(db, f, min_left_ms).map(|_| ())
+}
+
+/// [`check_fence`], returning how long the lease lasts from now (milliseconds, on the
+/// database's clock) once extended.
+pub fn hold(db: &mut dyn Sql, f: &Fence, min_left_ms: i64) -> DbResult<i64> {
     let lock = match db.dialect() {
         Dialect::Postgres => " FOR UPDATE",
         Dialect::Sqlite => "",
@@ -54,8 +60,9 @@ pub fn check_fence(db: &mut dyn Sql, f: &Fence, min_left_ms: i64) -> DbResult<()
                     "UPDATE leases SET expires_ms = ?4 WHERE key = ?1 AND holder = ?2 AND epoch = ?3",
                     p![&f.key, &f.holder, f.epoch, now + min_left_ms],
                 )?;
+                return Ok(min_left_ms);
             }
-            Ok(())
+            Ok(expires - now)
         }
         _ => Err(DbError {
             kind: DbErrorKind::LostLease,

@@ -566,6 +566,20 @@ impl Store {
         }
     }
 
+    /// Several instances: makes this store's lease last at least `min_left` from now (or
+    /// fails: lost) and says how long it lasts, on the database's clock. None when the
+    /// store is not fenced.
+    pub async fn hold_lease(&self, min_left: Duration) -> Result<Option<Duration>> {
+        let Some(fs) = self.fence.clone() else {
+            return Ok(None);
+        };
+        let min_left_ms = min_left.as_millis() as i64;
+        let left = self
+            .write(move |db| leases::hold(db, &fs.fence, min_left_ms))
+            .await?;
+        Ok(Some(Duration::from_millis(left.max(0) as u64)))
+    }
+
     /// The lease this store's writes are checked against, if any.
     pub fn fence(&self) -> Option<&leases::Fence> {
         self.fence.as_deref().map(|f| &f.fence)
