@@ -181,9 +181,25 @@ CFMarketingOptIn = "marketing_opt_in | string"
         .arg("--config")
         .arg(dir.join("usher.toml"))
         .args(["trigger", "bench"])
-        .env("RUST_LOG", "warn")
+        .env(
+            "RUST_LOG",
+            std::env::var("BENCH_RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .output()
         .expect("run /usr/bin/time -v usher trigger");
+    // BENCH_RUST_LOG=usher=debug: the run's log kept for a look at where the time goes.
+    if std::env::var("BENCH_RUST_LOG").is_ok() {
+        let log = std::env::temp_dir().join(format!(
+            "bench-usher-{}.log",
+            if postgres.is_some() {
+                "postgres"
+            } else {
+                "sqlite"
+            }
+        ));
+        let _ = std::fs::write(&log, &out.stderr);
+        println!("  the run's log: {}", log.display());
+    }
     let wall = started.elapsed().as_secs_f64();
     let fake_cpu = proc_cpu(sandbox.id()) - fake_cpu_before;
     let _ = sandbox.kill();

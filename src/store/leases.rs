@@ -12,11 +12,15 @@ use super::sql::{DbError, DbErrorKind, DbResult, Dialect, Sql};
 
 /// Milliseconds since the epoch on the database's clock.
 pub fn db_now_ms(db: &mut dyn Sql) -> DbResult<i64> {
-    let sql = match db.dialect() {
-        Dialect::Postgres => "SELECT (EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT",
-        Dialect::Sqlite => "SELECT CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)",
-    };
-    db.query_one(sql, p![], |r| r.i64(0))
+    db.query_one(&format!("SELECT {}", now_ms_expr(db)), p![], |r| r.i64(0))
+}
+
+/// The database's clock in milliseconds since the epoch, as an SQL expression.
+fn now_ms_expr(db: &dyn Sql) -> &'static str {
+    match db.dialect() {
+        Dialect::Postgres => "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT",
+        Dialect::Sqlite => "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)",
+    }
 }
 
 /// What a lost lease's message says (the run's outcome is told by it).
@@ -45,16 +49,17 @@ pub fn hold(db: &mut dyn Sql, f: &Fence, min_left_ms: i64) -> DbResult<i64> {
         Dialect::Postgres => " FOR UPDATE",
         Dialect::Sqlite => "",
     };
-    let now = db_now_ms(db)?;
+    // The clock read with the row (one round trip), once its lock is held.
     let row = db.query_opt(
         &format!(
-            "SELECT expires_ms FROM leases WHERE key = ?1 AND holder = ?2 AND epoch = ?3{lock}"
+            "SELECT expires_ms, {} FROM leases WHERE key = ?1 AND holder = ?2 AND epoch = ?3{lock}",
+            now_ms_expr(db)
         ),
         p![&f.key, &f.holder, f.epoch],
-        |r| r.i64(0),
+        |r| Ok((r.i64(0)?, r.i64(1)?)),
     )?;
     match row {
-        Some(expires) if expires > now => {
+        Some((expires, now)) if expires > now => {
             if expires < now + min_left_ms {
                 db.execute(
                     "UPDATE leases SET expires_ms = ?4 WHERE key = ?1 AND holder = ?2 AND epoch = ?3",

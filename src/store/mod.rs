@@ -340,8 +340,21 @@ fn rows_by_keys<T>(
     keys: &[String],
     mut row: impl FnMut(&dyn sql::Row) -> DbResult<T>,
 ) -> DbResult<Vec<T>> {
-    let sql = in_list_sql(select);
     let mut out = Vec::new();
+    if db.dialect() == sql::Dialect::Postgres {
+        // One array parameter: one statement (and one plan) for any number of keys.
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        db.query_each(
+            &format!("{select} = ANY(?2::text[])"),
+            p![stream, sql::Param::Texts(&keys)],
+            &mut |r| {
+                out.push(row(r)?);
+                Ok(())
+            },
+        )?;
+        return Ok(out);
+    }
+    let sql = in_list_sql(select);
     for chunk in keys.chunks(KEYS_PER_LOOKUP) {
         db.query_each(&sql, &in_list_params(stream, chunk), &mut |r| {
             out.push(row(r)?);
@@ -1313,92 +1326,146 @@ mod q {
     pub fn commit_page(db: &mut dyn Sql, p: &PageCommit) -> DbResult<()> {
         let now = now_text();
         let stream = p.stream.as_str();
-        for (s, t) in &p.links {
-            db.execute(
-                "INSERT INTO links (stream, source_id, target_id, updated_at) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (stream, source_id) DO UPDATE SET target_id = excluded.target_id,
-                     updated_at = excluded.updated_at",
-                p![stream, s, t, &now],
-            )?;
-        }
-        for (body, records) in &p.outbox {
-            let nonce = format!("{:016x}", rand::random::<u64>());
-            db.execute(
-                "INSERT INTO outbox (stream, body, records, created_at, nonce) VALUES (?1, ?2, ?3, ?4, ?5)",
-                p![stream, body, *records, &now, &nonce],
-            )?;
-        }
-        for l in &p.ledger {
-            db.execute(
-                "INSERT INTO ledger (stream, key, content_hash, target_ids, status, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                 ON CONFLICT (stream, key) DO UPDATE SET content_hash = excluded.content_hash,
-                     target_ids = COALESCE(excluded.target_ids, ledger.target_ids),
-                     status = excluded.status, updated_at = excluded.updated_at",
-                p![
-                    stream,
-                    &l.key,
-                    &l.content_hash,
-                    l.target_ids.as_deref(),
-                    l.status.as_deref(),
-                    &now
-                ],
-            )?;
-        }
-        for d in &p.dead_letters {
-            db.execute(
-                "INSERT INTO dead_letters (stream, source_id, record, reason, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-                p![stream, d.source_id.as_deref(), &d.record, &d.reason, &now],
-            )?;
-        }
-        for id in &p.resolved_dead_letters {
-            db.execute(
-                "DELETE FROM dead_letters WHERE id = ?1 AND stream = ?2",
-                p![*id, stream],
-            )?;
-        }
-        for (id, reason) in &p.failed_again {
-            db.execute(
-                "UPDATE dead_letters SET reason = ?3, retry_requested = 0 WHERE id = ?1 AND stream = ?2",
-                p![*id, stream, reason],
-            )?;
-        }
-        for k in &p.settled {
-            db.execute(
-                "DELETE FROM owed WHERE stream = ?1 AND key = ?2",
-                p![stream, k],
-            )?;
-        }
-        for o in &p.owed {
-            db.execute(
-                "INSERT INTO owed (stream, key, scope, record, reason, since, attempts, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 1, ?6)
-                 ON CONFLICT (stream, key) DO UPDATE SET scope = excluded.scope,
-                     record = excluded.record, reason = excluded.reason,
-                     attempts = owed.attempts + 1, updated_at = excluded.updated_at",
-                p![
-                    stream,
-                    &o.key,
-                    o.scope.as_deref(),
-                    &o.record,
-                    &o.reason,
-                    &now
-                ],
-            )?;
-        }
-        for d in &p.digests {
-            db.execute(
-                "INSERT INTO page_digests (stream, scope, digest, records, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT (stream, scope) DO UPDATE SET digest = excluded.digest,
-                     records = excluded.records, updated_at = excluded.updated_at",
-                p![stream, &d.scope, &d.digest, d.records, &now],
-            )?;
-        }
+        // Each kind of row as one statement over all its rows (one round trip on
+        // PostgreSQL), in the order they always had.
+        set_links(db, stream, &p.links, &now)?;
+        let nonces: Vec<String> = p
+            .outbox
+            .iter()
+            .map(|_| format!("{:016x}", rand::random::<u64>()))
+            .collect();
+        db.execute_each(
+            "INSERT INTO outbox (stream, body, records, created_at, nonce) VALUES (?1, ?2, ?3, ?4, ?5)",
+            &p.outbox
+                .iter()
+                .zip(&nonces)
+                .map(|((body, records), nonce)| p![stream, body, *records, &now, nonce].to_vec())
+                .collect::<Vec<_>>(),
+        )?;
+        db.execute_each(
+            "INSERT INTO ledger (stream, key, content_hash, target_ids, status, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (stream, key) DO UPDATE SET content_hash = excluded.content_hash,
+                 target_ids = COALESCE(excluded.target_ids, ledger.target_ids),
+                 status = excluded.status, updated_at = excluded.updated_at",
+            &p.ledger
+                .iter()
+                .map(|l| {
+                    p![
+                        stream,
+                        &l.key,
+                        &l.content_hash,
+                        l.target_ids.as_deref(),
+                        l.status.as_deref(),
+                        &now
+                    ]
+                    .to_vec()
+                })
+                .collect::<Vec<_>>(),
+        )?;
+        db.execute_each(
+            "INSERT INTO dead_letters (stream, source_id, record, reason, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            &p.dead_letters
+                .iter()
+                .map(|d| p![stream, d.source_id.as_deref(), &d.record, &d.reason, &now].to_vec())
+                .collect::<Vec<_>>(),
+        )?;
+        db.execute_each(
+            "DELETE FROM dead_letters WHERE id = ?1 AND stream = ?2",
+            &p.resolved_dead_letters
+                .iter()
+                .map(|id| p![*id, stream].to_vec())
+                .collect::<Vec<_>>(),
+        )?;
+        db.execute_each(
+            "UPDATE dead_letters SET reason = ?3, retry_requested = 0 WHERE id = ?1 AND stream = ?2",
+            &p.failed_again
+                .iter()
+                .map(|(id, reason)| p![*id, stream, reason].to_vec())
+                .collect::<Vec<_>>(),
+        )?;
+        db.execute_each(
+            "DELETE FROM owed WHERE stream = ?1 AND key = ?2",
+            &p.settled
+                .iter()
+                .map(|k| p![stream, k].to_vec())
+                .collect::<Vec<_>>(),
+        )?;
+        db.execute_each(
+            "INSERT INTO owed (stream, key, scope, record, reason, since, attempts, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 1, ?6)
+             ON CONFLICT (stream, key) DO UPDATE SET scope = excluded.scope,
+                 record = excluded.record, reason = excluded.reason,
+                 attempts = owed.attempts + 1, updated_at = excluded.updated_at",
+            &p.owed
+                .iter()
+                .map(|o| {
+                    p![
+                        stream,
+                        &o.key,
+                        o.scope.as_deref(),
+                        &o.record,
+                        &o.reason,
+                        &now
+                    ]
+                    .to_vec()
+                })
+                .collect::<Vec<_>>(),
+        )?;
+        db.execute_each(
+            "INSERT INTO page_digests (stream, scope, digest, records, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (stream, scope) DO UPDATE SET digest = excluded.digest,
+                 records = excluded.records, updated_at = excluded.updated_at",
+            &p.digests
+                .iter()
+                .map(|d| p![stream, &d.scope, &d.digest, d.records, &now].to_vec())
+                .collect::<Vec<_>>(),
+        )?;
         if let Some(cur) = &p.cursor {
             set_cursor(db, stream, cur.as_deref())?;
         }
         Ok(())
+    }
+
+    /// Links of a page: on PostgreSQL a few statements over arrays (a page's rows in
+    /// one), on SQLite one cached statement per row (no round trips there).
+    fn set_links(
+        db: &mut dyn Sql,
+        stream: &str,
+        links: &[(String, String)],
+        now: &str,
+    ) -> DbResult<()> {
+        if db.dialect() == sql::Dialect::Postgres {
+            // One statement may not update a row twice: the last link of a source wins,
+            // as it did row by row.
+            let mut last: std::collections::HashMap<&str, &str> =
+                std::collections::HashMap::with_capacity(links.len());
+            for (s, t) in links {
+                last.insert(s, t);
+            }
+            let (sources, targets): (Vec<&str>, Vec<&str>) = last.into_iter().unzip();
+            for (s, t) in sources.chunks(5_000).zip(targets.chunks(5_000)) {
+                db.execute(
+                    "INSERT INTO links (stream, source_id, target_id, updated_at)
+                     SELECT ?1, s, t, ?4 FROM UNNEST(?2::text[], ?3::text[]) AS u (s, t)
+                     ON CONFLICT (stream, source_id) DO UPDATE SET target_id = excluded.target_id,
+                         updated_at = excluded.updated_at",
+                    p![stream, sql::Param::Texts(s), sql::Param::Texts(t), now],
+                )?;
+            }
+            return Ok(());
+        }
+        db.execute_each(
+            "INSERT INTO links (stream, source_id, target_id, updated_at) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (stream, source_id) DO UPDATE SET target_id = excluded.target_id,
+                 updated_at = excluded.updated_at",
+            &links
+                .iter()
+                .map(|(s, t)| p![stream, s, t, now].to_vec())
+                .collect::<Vec<_>>(),
+        )
+        .map(|_| ())
     }
 
     pub fn reset_cursor(

@@ -18,6 +18,8 @@ pub enum Param<'a> {
     I64(i64),
     Text(&'a str),
     Blob(&'a [u8]),
+    /// A text array (PostgreSQL only: `= ANY(?2)`, `UNNEST(?2::text[])`).
+    Texts(&'a [&'a str]),
 }
 
 impl From<i64> for Param<'_> {
@@ -156,6 +158,16 @@ pub trait Sql {
     /// Runs a statement; the rows it changed.
     fn execute(&mut self, sql: &str, params: &[Param<'_>]) -> DbResult<u64>;
 
+    /// Runs one statement once per parameter set, in order; the rows they changed. On
+    /// PostgreSQL they are sent together (pipelined): one round trip, not one each.
+    fn execute_each(&mut self, sql: &str, rows: &[Vec<Param<'_>>]) -> DbResult<u64> {
+        let mut n = 0;
+        for params in rows {
+            n += self.execute(sql, params)?;
+        }
+        Ok(n)
+    }
+
     /// Runs a query, calling `each` for every row.
     fn query_each(
         &mut self,
@@ -293,6 +305,11 @@ impl rusqlite::ToSql for Param<'_> {
             Param::I64(v) => ToSqlOutput::Borrowed(ValueRef::Integer(v)),
             Param::Text(s) => ToSqlOutput::Borrowed(ValueRef::Text(s.as_bytes())),
             Param::Blob(b) => ToSqlOutput::Borrowed(ValueRef::Blob(b)),
+            Param::Texts(_) => {
+                return Err(rusqlite::Error::ToSqlConversionFailure(
+                    "arrays are bound on PostgreSQL only".into(),
+                ));
+            }
         })
     }
 }
