@@ -495,6 +495,16 @@ fn open_fds(pid: u32) -> usize {
         .unwrap_or(0)
 }
 
+/// The two floods (thousands of connections each) one at a time, whether the tests run as
+/// threads of one process (`cargo test`) or as processes (`cargo nextest`): on a 2-core
+/// machine with the state on PostgreSQL beside them, two at once starve each other's
+/// legitimate sender, which is not what either test measures.
+fn one_flood_at_a_time() -> std::fs::File {
+    let f = std::fs::File::create(std::env::temp_dir().join("usher-tests-flood.lock")).unwrap();
+    f.lock().unwrap();
+    f
+}
+
 /// Issue 24, item 1: 2,000 idle connections under a 1,024 descriptor limit pinned the
 /// daemon's descriptors at 1,024 within a second; the legitimate sender got 65 of 65 POSTs
 /// timed out for 11 minutes, `/healthz` timed out, and no log line named the cause. Now,
@@ -504,11 +514,18 @@ fn open_fds(pid: u32) -> usize {
 /// the limit, `/healthz` says why it is degraded, and the log names the cap.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn idle_and_slowloris_floods_leave_the_legitimate_sender_served() {
-    // On PostgreSQL the legitimate sender got 13 of 19 POSTs answered under this flood (each
-    // commit waits on the server while the flood holds the cap): not yet held, see ARCHITECTURE.
-    if common::sqlite_only("the flood beside a legitimate sender (not yet held on PostgreSQL)") {
+    // On PostgreSQL this holds when the test runs alone (153 of 153 POSTs within 2 s, the
+    // slowest 239 ms) but not beside the suite's other heavy tests on a 2-core machine that
+    // also runs the server (3 of 10): see ARCHITECTURE, "Several instances: what is not
+    // held yet". `FLOOD_ON_POSTGRES=1` runs it there anyway.
+    if std::env::var("FLOOD_ON_POSTGRES").is_err()
+        && common::sqlite_only(
+            "the flood beside a legitimate sender (held on PostgreSQL only alone)",
+        )
+    {
         return;
     }
+    let _alone = one_flood_at_a_time();
     const IDLE: usize = 2000;
     const SLOWLORIS: usize = 300;
     const ATTACK: Duration = Duration::from_secs(15);
@@ -706,6 +723,7 @@ fn set_nofile(pid: u32, soft: u64) -> u64 {
 /// `/healthz`, and is logged at most once per 10 s; the legitimate sender still gets in.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn running_out_of_descriptors_is_counted_logged_at_a_bounded_rate_and_survived() {
+    let _alone = one_flood_at_a_time();
     let t = start();
     let pid = t.daemon.pid();
     // Room for a dozen more descriptors, no more.
