@@ -24,6 +24,7 @@ pub mod jwt;
 pub mod logging;
 pub mod mapping;
 pub mod metrics;
+pub mod progress;
 // S-360
 pub mod receiver;
 pub mod sandbox;
@@ -31,3 +32,4 @@ pub mod schedule;
 pub mod secret;
 pub mod status;
 pub mod store;
+pub mod suggest;

@@ -41,7 +41,7 @@ pub async fn import(source: config::Source, stream: &str, limit: u64, dry_run: b
     let mut _lock = None;
     let store = if dry_run && config.daemon.postgres.is_some() {
         // A dry run on PostgreSQL reads the shared state and writes nothing to it.
-        match Store::open_configured(&config.daemon).await {
+        match config.daemon.open_store().await {
             Ok(s) => s,
             Err(e) => {
                 eprintln!("usher: {e}");
@@ -77,7 +77,7 @@ pub async fn import(source: config::Source, stream: &str, limit: u64, dry_run: b
                 return EX_FAIL;
             }
         }
-        match Store::open_configured(&config.daemon).await {
+        match config.daemon.open_store().await {
             Ok(s) => s,
             Err(e) => {
                 eprintln!("usher: {e}");

@@ -168,7 +168,7 @@ pub async fn run_with<S: ContactSource>(
             .collect();
         counts.queued += events.len() as u64;
         commit_queued(ctx, &mut cursor, page.next_cursor.clone(), outbox, dead).await?;
-        super::progress::page(ctx, counts);
+        crate::progress::page(&ctx.spec.name, counts);
         match deliver(ctx, &target, budget, &mut sent, counts).await? {
             Flow::Done => {}
             other => return Ok(other),

@@ -5,7 +5,7 @@
 //! delivered per execution; the outbox is drained before the feed is read further, so it
 //! never holds more than about a page.
 
-use super::progress;
+use crate::progress;
 use chrono::{DateTime, Utc};
 
 use super::{EmptyPages, Flow, RunCtx, RunError, commit_queued, record_id};
@@ -64,7 +64,7 @@ pub async fn run(
             ));
         }
         ctx.store.commit_page(commit).await?;
-        progress::page(ctx, counts);
+        progress::page(&ctx.spec.name, counts);
         match deliver(ctx, &target, budget, &mut sent, counts).await? {
             Flow::Done => {}
             other => return Ok(other),
@@ -103,7 +103,7 @@ pub async fn run(
         }
         counts.queued += items.len() as u64;
         commit_queued(ctx, &mut cursor, page.next_cursor.clone(), outbox, dead).await?;
-        super::progress::page(ctx, counts);
+        crate::progress::page(&ctx.spec.name, counts);
         match deliver(ctx, &target, budget, &mut sent, counts).await? {
             Flow::Done => {}
             other => return Ok(other),

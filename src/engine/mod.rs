@@ -20,7 +20,6 @@ pub mod in_doubt;
 pub mod lease;
 pub mod lock;
 pub mod owed;
-pub mod progress;
 pub mod refusals;
 pub mod reload;
 // S-360
@@ -42,37 +41,9 @@ use crate::config::{Config, Connection, StreamKind, StreamSpec};
 use crate::http::{Http, HttpError};
 use crate::store::{Counts, Store, StoreError};
 
-/// One page of a source, as the source gave it.
-#[derive(Debug, Clone, Default)]
-pub struct Page {
-    pub records: Vec<Value>,
-    pub next_cursor: Option<String>,
-    pub has_more: bool,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum SourceError {
-    #[error(transparent)]
-    Http(#[from] HttpError),
-    #[error("connection \"{conn}\": {what}: malformed page: {reason}")]
-    Malformed {
-        conn: String,
-        what: String,
-        reason: String,
-    },
-    #[error(
-        "connection \"{conn}\": the source refused the stored cursor as invalid or expired; \
-         reset it with `usher cursor reset {stream}` (the re-import creates no duplicates)"
-    )]
-    InvalidCursor { conn: String, stream: String },
-    #[error(
-        "connection \"{conn}\": the feed answered cursor {cursor:?} with the same cursor and more records; stopping so as not to loop"
-    )]
-    Stuck {
-        conn: String,
-        cursor: Option<String>,
-    },
-}
+// The source side's words (connectors own them: a vendor client does not depend on what
+// schedules it).
+pub use crate::connectors::{Page, SourceError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {

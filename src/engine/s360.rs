@@ -16,7 +16,7 @@
 //!   timeout before) asks `getOrderByExternalReference` before sending anything. Done offers
 //!   are `done` in the ledger, with the order ID, in the page's commit.
 
-use super::progress;
+use crate::progress;
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
@@ -200,7 +200,7 @@ pub async fn relay(
                 ..Default::default()
             })
             .await?;
-        progress::page(ctx, counts);
+        progress::page(&ctx.spec.name, counts);
         cursor = last;
         match deliver(ctx, &target, budget, &mut sent, counts).await? {
             Flow::Done => {}
@@ -421,7 +421,7 @@ pub async fn contacts(
                 ..Default::default()
             })
             .await?;
-        progress::page(ctx, counts);
+        progress::page(&ctx.spec.name, counts);
         cursor = next;
         if !page.has_more || page.records.is_empty() {
             return Ok(Flow::Done);
@@ -645,7 +645,7 @@ pub async fn offers(
                         ..Default::default()
                     })
                     .await?;
-                progress::page(ctx, counts);
+                progress::page(&ctx.spec.name, counts);
                 let mut sends = 0;
                 loop {
                     sends += 1;
@@ -720,7 +720,7 @@ pub async fn offers(
                 ..Default::default()
             })
             .await?;
-        progress::page(ctx, counts);
+        progress::page(&ctx.spec.name, counts);
         cursor = next;
         if !page.has_more || page.records.is_empty() {
             return Ok(Flow::Done);

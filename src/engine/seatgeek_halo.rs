@@ -24,7 +24,7 @@
 //!
 //! The matching and mapping functions at the top are pure; the engine at the bottom does IO.
 
-use super::progress;
+use crate::progress;
 use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
@@ -640,7 +640,7 @@ pub async fn run(
                     ..Default::default()
                 })
                 .await?;
-            progress::page(ctx, counts);
+            progress::page(&ctx.spec.name, counts);
         }
         tracing::debug!(stream = %spec.name, events = n, work_ms, commit_ms = t_commit.elapsed().as_millis() as u64, "page committed");
         cursor = next;

@@ -40,7 +40,7 @@
 //! marks that a first run (and so `backfill_from`) is done, and is written only when
 //! nothing is owed.
 
-use super::progress;
+use crate::progress;
 use std::collections::HashMap;
 
 use chrono::{DateTime, NaiveDate, NaiveDateTime};
@@ -583,7 +583,7 @@ pub async fn run(
     };
     book.commit_into(&mut start);
     ctx.store.commit_page(start).await?;
-    progress::page(ctx, counts);
+    progress::page(&ctx.spec.name, counts);
 
     // Venues → units.
     let units = if o.venues.iter().all(|v| o.unit_ids.contains_key(v)) {
@@ -1227,7 +1227,7 @@ async fn batch(
         };
         book.commit_into(&mut commit);
         ctx.store.commit_page(commit).await?;
-        progress::page(ctx, counts);
+        progress::page(&ctx.spec.name, counts);
     }
     match fatal {
         Some(e) => Err(RunError::Target(e)),
