@@ -108,6 +108,7 @@ async fn main() {
         let store = Store::open(&state).unwrap();
         let cfg = Arc::new(cfg);
         let ctx = RunCtx {
+            kind_run: usher::streams::RUN,
             doubt: usher::engine::in_doubt::InDoubt::new(&store, stream, cfg.daemon.settle_margin),
             store,
             spec: cfg.streams[stream].clone(),

@@ -7,7 +7,9 @@
 //!   the only code that speaks SQL.
 //! - [`http`]: the shared HTTP client and its policy (retries, Retry-After, budgets, auth).
 //! - [`connectors`]: one module per vendor: URLs and JSON.
-//! - [`engine`]: runs a stream page by page; the daemon (schedules, signals, control files).
+//! - [`engine`]: what every stream shares: run records, commits, the daemon (schedules,
+//!   signals, control files).
+//! - [`streams`]: one room per stream kind: its run, its decisions, its online checks.
 //! - [`sandbox`]: fake vendor servers on loopback, for `usher demo` and the tests.
 //! - [`clock`]: the "now" runs read (settable with `--now` for tests).
 //! - [`cli`]: the subcommands.
@@ -32,4 +34,5 @@ pub mod schedule;
 pub mod secret;
 pub mod status;
 pub mod store;
+pub mod streams;
 pub mod suggest;

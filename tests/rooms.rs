@@ -22,6 +22,8 @@ const FLOORS: &[&[&str]] = &[
     &["connectors"],
     // What every stream shares: runs, commits, the daemon.
     &["engine"],
+    // One room per stream kind, plugged into the engine from above (`engine::KindRun`).
+    &["streams"],
     // What `usher status` prints.
     &["status"],
     // The subcommands.

@@ -91,6 +91,7 @@ pub async fn backfill(source: config::Source, stream: &str, from: NaiveDate) -> 
             Http::new()
         });
     let ctx = RunCtx {
+        kind_run: crate::streams::RUN,
         doubt: InDoubt::new(&store, stream, config.daemon.settle_margin),
         store,
         spec: config.streams[stream].clone(),

@@ -247,6 +247,7 @@ url = "/hooks/relay"
     );
     let config = Arc::new(config);
     let ctx = RunCtx {
+        kind_run: crate::streams::RUN,
         doubt: InDoubt::new(&store, "relay", config.daemon.settle_margin),
         store: store.clone(),
         config: config.clone(),

@@ -261,6 +261,7 @@ pub async fn demo(
             continue;
         }
         let ctx = RunCtx {
+            kind_run: crate::streams::RUN,
             store: store.clone(),
             config: config.clone(),
             doubt: InDoubt::new(&store, &spec.name, config.daemon.settle_margin),

@@ -12,10 +12,10 @@ use tokio_util::sync::CancellationToken;
 use super::{EX_DATAERR, EX_FAIL, EX_OK, report_problems};
 use crate::config::{self, StreamKind};
 use crate::engine::in_doubt::InDoubt;
-use crate::engine::seatgeek_halo::{self, EventLine, RunMode};
 use crate::engine::{RunCtx, control, lock};
 use crate::http::Http;
 use crate::store::{Counts, Store};
+use crate::streams::seatgeek_halo::{self, EventLine, RunMode};
 
 pub async fn import(source: config::Source, stream: &str, limit: u64, dry_run: bool) -> i32 {
     let config = match config::load(&source) {
@@ -93,6 +93,7 @@ pub async fn import(source: config::Source, stream: &str, limit: u64, dry_run: b
     });
     let config = Arc::new(config);
     let ctx = RunCtx {
+        kind_run: crate::streams::RUN,
         doubt: InDoubt::new(&store, &spec.name, config.daemon.settle_margin),
         store: store.clone(),
         spec: spec.clone(),

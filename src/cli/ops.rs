@@ -70,7 +70,7 @@ pub async fn run(source: config::Source, format: LogFormat) -> i32 {
         state = %store.describe(),
         "state database checked and migrated"
     );
-    match daemon::run(source, config, store, lock).await {
+    match daemon::run(source, config, store, lock, crate::streams::RUN).await {
         Ok(daemon::Ended::Clean) => EX_OK,
         Ok(daemon::Ended::Abandoned) => EX_FAIL,
         Ok(daemon::Ended::StateGone) => EX_DATAERR,
@@ -173,11 +173,11 @@ pub async fn validate(source: config::Source, online: bool) -> i32 {
     for spec in config.streams.values() {
         let lines = match &spec.kind {
             config::StreamKind::TicketCoToAirship(o) => {
-                crate::engine::ticketco_airship::check_venues(&http, &config, spec, o, &cancel)
+                crate::streams::ticketco_airship::check_venues(&http, &config, spec, o, &cancel)
                     .await
             }
             config::StreamKind::SeatGeekToHalo(o) => {
-                crate::engine::seatgeek_halo::check_options(&http, &config, spec, o, &cancel).await
+                crate::streams::seatgeek_halo::check_options(&http, &config, spec, o, &cancel).await
             }
             _ => Vec::new(),
         };
@@ -750,6 +750,7 @@ pub async fn trigger(source: config::Source, stream: &str) -> i32 {
             Http::new()
         });
     let ctx = RunCtx {
+        kind_run: crate::streams::RUN,
         doubt: InDoubt::new(&store, stream, config.daemon.settle_margin),
         store,
         spec: config.streams[stream].clone(),

@@ -293,7 +293,7 @@ pub enum StreamKind {
         cdp: CdpOptions,
     },
     // SeatGeek / Halo
-    /// SeatGeek user change events → Halo users (`engine::seatgeek_halo`).
+    /// SeatGeek user change events → Halo users (`streams::seatgeek_halo`).
     SeatGeekToHalo(crate::config::halo::HaloOptions),
 }
 

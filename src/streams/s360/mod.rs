@@ -2,7 +2,7 @@
 //!
 //! - [`relay`]: S-360's webhooks, stored in `s360_inbox` by the receiver, → CRM webhook. The
 //!   inbox position is the cursor; it moves with the outbox rows of the records it covers
-//!   (one `commit_page`). Delivery is the feed → webhook stream's own ([`super::feed_webhook::deliver`]):
+//!   (one `commit_page`). Delivery is the feed → webhook stream's own ([`crate::streams::feed_webhook::deliver`]):
 //!   refused payloads go again first, byte for byte; at most `max_per_run` records per
 //!   execution, `max_per_payload` per POST. Orders not in a forwarded state are counted as
 //!   skipped; records changed before `oldest` too. With the identity mapping a record goes
@@ -23,16 +23,16 @@ use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use super::feed_webhook::{deliver, webhook_target};
-use super::{Flow, RunCtx, RunError, record_id};
 use crate::config::{
     BadRecordPolicy, FeedOptions, RelayOptions, S360ContactOptions, S360Entity, S360OfferOptions,
     WebhookOptions,
 };
 use crate::connectors::feed::FeedSource;
 use crate::connectors::s360::{S360Client, S360Error, id_text};
+use crate::engine::{Flow, RunCtx, RunError, record_id};
 use crate::mapping::lookup;
 use crate::store::{Counts, DeadLetter, LedgerRow, PageCommit};
+use crate::streams::feed_webhook::{deliver, webhook_target};
 
 fn parse_time(v: Option<&Value>) -> Option<DateTime<Utc>> {
     DateTime::parse_from_rfc3339(v?.as_str()?)
@@ -274,7 +274,7 @@ pub async fn contacts(
             .await?;
         counts.pulled += page.records.len() as u64;
         left = left.saturating_sub(page.records.len() as u64);
-        super::check_not_stuck(&spec.source, &cursor, &page)?;
+        crate::engine::check_not_stuck(&spec.source, &cursor, &page)?;
         let ids: Vec<String> = page
             .records
             .iter()
@@ -288,7 +288,7 @@ pub async fn contacts(
             .collect();
         let mut links = Vec::new();
         let mut dead = Vec::new();
-        let mut refusals = super::refusals::Refusals::default();
+        let mut refusals = crate::engine::refusals::Refusals::default();
         for rec in &page.records {
             let Some(id) = record_id(rec, &feed.id) else {
                 bad_record(
@@ -405,9 +405,11 @@ pub async fn contacts(
             }
         }
         // Every save of the page refused for one reason is the configuration, not the records.
-        if let Some(msg) =
-            refusals.message("S-360", "contacts", super::refusals::KEPT_BEFORE_CURSOR)
-        {
+        if let Some(msg) = refusals.message(
+            "S-360",
+            "contacts",
+            crate::engine::refusals::KEPT_BEFORE_CURSOR,
+        ) {
             commit_partial(ctx, links, dead).await?;
             return Err(RunError::Setup(msg));
         }
@@ -568,7 +570,7 @@ pub async fn offers(
             .await?;
         counts.pulled += page.records.len() as u64;
         left = left.saturating_sub(page.records.len() as u64);
-        super::check_not_stuck(&spec.source, &cursor, &page)?;
+        crate::engine::check_not_stuck(&spec.source, &cursor, &page)?;
         let mut ledger = Vec::new();
         let mut links = Vec::new();
         let mut dead = Vec::new();

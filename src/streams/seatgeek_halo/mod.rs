@@ -31,11 +31,11 @@ use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use serde_json::{Map, Value, json};
 
-use super::{Flow, RunCtx, RunError, SourceError};
 use crate::config::BadRecordPolicy;
 use crate::config::halo::{CustomRef, HaloOptions, IdField, OnDeleted};
 use crate::connectors::halo::{HaloClient, Saved};
 use crate::connectors::seatgeek::{Action, ChangeEvent, EventPage, PageBody, SeatGeekSource};
+use crate::engine::{Flow, RunCtx, RunError, SourceError};
 use crate::mapping::{FieldMap, Mapping};
 use crate::store::{Counts, DeadLetter, PageCommit};
 
@@ -563,7 +563,7 @@ pub async fn run(
 
     let mut cursor = ctx.store.cursor(&spec.name).await?;
     let mut taken = 0u64;
-    let mut empty_pages = super::EmptyPages::default();
+    let mut empty_pages = crate::engine::EmptyPages::default();
     let page_limit = |taken: u64| -> u32 {
         match limit {
             Some(l) => (l.saturating_sub(taken)).min(spec.page_size as u64) as u32,
@@ -935,7 +935,7 @@ async fn process_page(
         saved.extend(resolve_creates(ctx, opts, halo, lookup, unsettled, e).await?);
     }
     // Every create (or update) of the page refused for one reason is the configuration.
-    let mut refusals = super::refusals::Refusals::default();
+    let mut refusals = crate::engine::refusals::Refusals::default();
     for (w, outcome) in &saved {
         let kind = if w.halo_id.is_none() {
             "create"
@@ -947,7 +947,9 @@ async fn process_page(
             Err(reason) => refusals.refused(kind, reason),
         }
     }
-    if let Some(msg) = refusals.message("Halo", "users", super::refusals::KEPT_BEFORE_CURSOR) {
+    if let Some(msg) =
+        refusals.message("Halo", "users", crate::engine::refusals::KEPT_BEFORE_CURSOR)
+    {
         return Err(RunError::Setup(msg));
     }
     for (w, outcome) in saved {

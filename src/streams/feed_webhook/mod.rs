@@ -8,10 +8,10 @@
 use crate::progress;
 use chrono::{DateTime, Utc};
 
-use super::{EmptyPages, Flow, RunCtx, RunError, commit_queued, record_id};
 use crate::config::{FeedOptions, WebhookOptions, expand};
 use crate::connectors::feed::FeedSource;
 use crate::connectors::webhook::{Delivery, WebhookTarget};
+use crate::engine::{EmptyPages, Flow, RunCtx, RunError, commit_queued, record_id};
 use crate::mapping::lookup;
 use crate::store::{Counts, PageCommit};
 
@@ -84,7 +84,7 @@ pub async fn run(
             .pull(&spec.name, cursor.as_deref(), spec.page_size, &ctx.cancel)
             .await?;
         counts.pulled += page.records.len() as u64;
-        super::check_not_stuck(&source_conn.name, &cursor, &page)?;
+        crate::engine::check_not_stuck(&source_conn.name, &cursor, &page)?;
         let mut items = Vec::with_capacity(page.records.len());
         let mut dead = Vec::new();
         let (records, superseded) = newest_per_key(&page.records, &spec.matching);
@@ -92,7 +92,7 @@ pub async fn run(
         for rec in records {
             let id = record_id(rec, &feed.id);
             let changed = changed_at(rec, &feed.changed_at);
-            if let Some(v) = super::map_record(spec, rec, id, changed, counts, &mut dead)? {
+            if let Some(v) = crate::engine::map_record(spec, rec, id, changed, counts, &mut dead)? {
                 items.push(v);
             }
         }

@@ -50,11 +50,11 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use super::owed::OwedBook;
-use super::{Flow, RunCtx, RunError, SourceError};
 use crate::config::TicketCoAirshipOptions;
 use crate::connectors::airship::{Airship, WriteError, unit_for};
 use crate::connectors::ticketco::{Event, Line, LinePage, RawLines, TicketCo};
+use crate::engine::owed::OwedBook;
+use crate::engine::{Flow, RunCtx, RunError, SourceError};
 use crate::http::HttpError;
 use crate::store::{Counts, DeadLetter, LedgerRow, Owed, PageCommit, PageDigest};
 
@@ -1136,7 +1136,7 @@ async fn batch(
         .collect()
         .await;
     let mut fatal = None;
-    let mut refusals = super::refusals::Refusals::default();
+    let mut refusals = crate::engine::refusals::Refusals::default();
     for (r, ev, action, res) in results {
         if res.is_err()
             && let Some(e) = per_event.get_mut(&ev)
