@@ -10,8 +10,7 @@
 //! - [`engine`]: what every stream shares: run records, commits, the daemon (schedules,
 //!   signals, control files).
 //! - [`streams`]: one room per stream kind: its run, its decisions, its online checks.
-//! - [`sandbox`]: fake vendor servers on loopback, for `usher demo` and the tests.
-//! - [`clock`]: the "now" runs read (settable with `--now` for tests).
+//! - [`clock`]: the "now" runs read (a debug build's tests may set it: `USHER_TEST_NOW`).
 //! - [`cli`]: the subcommands.
 #![forbid(unsafe_code)]
 
@@ -29,7 +28,6 @@ pub mod metrics;
 pub mod progress;
 // S-360
 pub mod receiver;
-pub mod sandbox;
 pub mod schedule;
 pub mod secret;
 pub mod status;

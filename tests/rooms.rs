@@ -16,8 +16,8 @@ const FLOORS: &[&[&str]] = &[
     &["store"],
     // The loader and the validated configuration (it opens the store it describes).
     &["config"],
-    // Edges: logs, the HTTP client and its policy, the S-360 receiver, the fakes.
-    &["http", "logging", "receiver", "sandbox"],
+    // Edges: logs, the HTTP client and its policy, the S-360 receiver.
+    &["http", "logging", "receiver"],
     // One module per vendor: URLs and JSON.
     &["connectors"],
     // What every stream shares: runs, commits, the daemon.

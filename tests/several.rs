@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::{Daemon, Env, psql, stderr, stdout, wait_until};
 use rustix::process::Signal;
-use usher::sandbox::Sandbox;
+use usher_sandbox::Sandbox;
 
 /// The server, or None (and SKIPPED said) when the suite runs on SQLite.
 fn pg_env() -> Option<Env> {

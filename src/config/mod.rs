@@ -395,7 +395,7 @@ pub fn load_partial(source: &Source) -> (Config, Vec<Problem>) {
     build::build_partial(source, None)
 }
 
-/// Like [`load`], with extra layers merged last (used by `usher demo` to point the demo
+/// Like [`load`], with extra layers merged last (used by `usher-sandbox demo` to point the demo
 /// config's connections at the sandbox's ports).
 pub fn load_with(source: &Source, extra: figment::Figment) -> Result<Config, Vec<Problem>> {
     build::build(source, Some(extra))

@@ -92,7 +92,7 @@ pub struct RunCtx {
     pub stop: CancellationToken,
     /// An operator action (cursor reset) waits for this stream: stop at the next page boundary.
     pub interrupt: Arc<AtomicBool>,
-    /// "now" for this run (the system clock unless `--now` set it).
+    /// "now" for this run (the system clock unless a debug build's `USHER_TEST_NOW` set it).
     pub clock: crate::clock::Clock,
     /// `usher backfill STREAM --from DATE`: a one-off run from this date (streams that
     /// support it), with an optional progress bar. `None` for ordinary runs.
