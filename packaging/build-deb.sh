@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Builds target/debian/usher_*.deb with cargo-deb: the binary, the systemd unit, sysusers
 # and tmpfiles entries, a default /etc/usher/usher.toml (valid as it is: no streams yet),
-# man pages and shell completions generated from the CLI.
+# man pages and shell completions generated from the CLI. The product only: the fakes, the
+# demo and the benchmarks are the workspace's other package (usher-sandbox), not shipped.
 # Needs cargo-deb: `cargo install cargo-deb --locked`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --locked
+cargo build --release --locked -p usher
 rm -rf target/assets && mkdir -p target/assets
 ./target/release/usher generate-assets target/assets
 gzip -9n target/assets/man/*.1 target/assets/man5/*.5
@@ -15,7 +16,7 @@ awk '/^# ---- Connections/ {c=1} { if (c && $0 !~ /^#/ && $0 != "") print "# " $
     config/usher.toml > target/assets/usher.toml
 ./target/release/usher --config target/assets/usher.toml --state-dir target/assets/state validate
 rm -rf target/assets/state
-cargo deb --no-build --locked
+cargo deb -p usher --no-build --locked
 deb=$(ls -t target/debian/usher_*.deb | head -n1)
 echo "built $deb ($(du -h "$deb" | cut -f1))"
 dpkg-deb -c "$deb"

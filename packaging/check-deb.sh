@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Checks the .deb that build-deb.sh made, with the real tools:
-#   1. its contents: binary, unit, man pages usher(1) and usher.toml(5), the demo, and a
-#      postrm; a maintainer that is not a placeholder;
+#   1. its contents: binary, unit, man pages usher(1) and usher.toml(5), and a postrm (and
+#      no demo: the fakes are usher-sandbox's, not the product's); a maintainer that is not a placeholder;
 #   2. lintian: no error and no warning (but initial-upload-closes-no-bugs, which is about
 #      the Debian archive's ITP bug, not the package); skipped without lintian
 #      (apt-get install lintian);
-#   3. with --install, as root: dpkg -i, the user and /var/lib/usher exist, `usher demo`
-#      runs from / as an installed binary; dpkg -r keeps the state and the user; dpkg
+#   3. with --install, as root: dpkg -i, the user and /var/lib/usher exist, `usher validate`
+#      runs from / on the packaged configuration; dpkg -r keeps the state and the user; dpkg
 #      --purge removes both, and /etc/usher. This changes the machine (it installs usher
 #      and purges it again); do not run it where usher is installed for real.
 set -euo pipefail
@@ -19,10 +19,10 @@ bad() { echo "FAIL: $*"; fail=1; }
 contents=$(dpkg-deb -c "$deb")
 for path in ./usr/bin/usher ./usr/lib/systemd/system/usher.service \
     ./usr/share/man/man1/usher.1.gz ./usr/share/man/man5/usher.toml.5.gz \
-    ./usr/share/usher/demo/demo.toml ./usr/share/usher/demo/demo-secrets/crm-token \
     ./etc/usher/usher.toml; do
     if grep -q " $path\$" <<<"$contents"; then ok "$path"; else bad "$path missing"; fi
 done
+if grep -q 'usr/share/usher/demo' <<<"$contents"; then bad "the demo is shipped"; else ok "no demo shipped"; fi
 ctl=$(mktemp -d)
 trap 'rm -rf "$ctl"' EXIT
 dpkg-deb -e "$deb" "$ctl"
@@ -60,7 +60,7 @@ if [ "${1:-}" = "--install" ]; then
     dpkg -i "$deb" >/dev/null
     id usher >/dev/null && ok "installed: user usher" || bad "no user usher after install"
     [ -d /var/lib/usher ] && ok "installed: /var/lib/usher" || bad "no /var/lib/usher after install"
-    if (cd / && usher demo --contacts 10 >/dev/null); then ok "usher demo runs from /"; else bad "usher demo from /"; fi
+    if (cd / && usher validate >/dev/null); then ok "usher validate runs from /"; else bad "usher validate from /"; fi
     touch /var/lib/usher/marker
     dpkg -r usher >/dev/null
     [ -e /var/lib/usher/marker ] && id usher >/dev/null && ok "remove keeps the state and the user" ||

@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
 # Benchmark of the Ticket Co → Airship daily run (issue 5): BOOKINGS bookings across EVENTS
-# events. The fakes run in a separate process (`usher sandbox` with seeding flags); usher
+# events. The fakes run in a separate process (`usher-sandbox serve` with seeding flags); usher
 # is measured with /usr/bin/time -v: the first run (everything new), then a second run the
 # same day with nothing changed (aim: zero writes, under 10% of the first run's cost), and a
 # third after a cursor reset (every line checked against the ledger, no page digests).
+#
+# "Today" is set with libfaketime (`apt-get install faketime`): a release usher reads no
+# test clock. DONT_FAKE_MONOTONIC leaves tokio's timers on the real monotonic clock.
 #
 #   cargo build --release && scripts/bench-ticketco-airship.sh [BOOKINGS] [EVENTS]
 set -euo pipefail
 BOOKINGS=${1:-100000}
 EVENTS=${2:-2000}
 USHER=${USHER:-target/release/usher}
+SANDBOX=${SANDBOX:-target/release/usher-sandbox}
 WORK=$(mktemp -d)
 trap 'kill "$SANDBOX_PID" 2>/dev/null || true; rm -rf "$WORK"' EXIT
 
-"$USHER" sandbox --listen 127.0.0.1:0 --contacts 0 \
+"$SANDBOX" serve --listen 127.0.0.1:0 --contacts 0 \
   --ticketco-events "$EVENTS" --ticketco-bookings "$BOOKINGS" \
   --ticketco-first-day 2026-06-09 --ticketco-days 30 \
   --ticketco-venues "Oslo Golf,Bergen Bowling,Stavanger Spa,Trondheim Padel" \
@@ -52,7 +56,8 @@ TOML
 fake_ticks() { awk '{print $14 + $15}' "/proc/$SANDBOX_PID/stat"; }
 measure() { # label now
   local t0; t0=$(fake_ticks)
-  /usr/bin/time -v "$USHER" --config "$WORK/usher.toml" --now "$2" trigger bench \
+  /usr/bin/time -v env TZ=UTC DONT_FAKE_MONOTONIC=1 faketime -f "@$(date -u -d "$2" '+%Y-%m-%d %H:%M:%S')" \
+    "$USHER" --config "$WORK/usher.toml" trigger bench \
     > "$WORK/$1.out" 2> "$WORK/$1.time" || true
   local wall user sys rss
   wall=$(awk -F': ' '/Elapsed \(wall clock\)/{print $2}' "$WORK/$1.time")

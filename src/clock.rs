@@ -1,10 +1,11 @@
 //! The clock that runs read for "now" (daily windows, "today" in a stream's timezone).
 //!
-//! By default it is the system clock. `usher --now RFC3339 …` (a hidden global flag, for
-//! tests and for replaying a day by hand) sets the process's clock to start at that instant
-//! and advance with real time from there, so a test can say "today is 29 March" without
-//! sleeping and without a fake time source inside the engine. Any stream may read it through
-//! `RunCtx::clock`.
+//! By default it is the system clock. In a debug build (what `cargo test` builds and runs),
+//! `USHER_TEST_NOW=RFC3339` in the environment sets the process's clock to start at that
+//! instant and advance with real time from there, so a test can say "today is 29 March"
+//! without sleeping and without a fake time source inside the engine. A release build (the
+//! product) never reads it; replaying a day with one is `faketime`'s job. Any stream may
+//! read the clock through `RunCtx::clock`.
 
 use std::sync::OnceLock;
 use std::time::Instant;
@@ -38,12 +39,25 @@ impl Clock {
         }
     }
 
-    /// Sets the process's clock (once, at start, from `--now`).
+    /// Sets the process's clock (once, at start).
     pub fn set_process(clock: Clock) {
         let _ = PROCESS.set(clock);
     }
 
-    /// The process's clock: the one `--now` set, else the system clock.
+    /// At start: a debug build sets the process's clock from `USHER_TEST_NOW` (RFC 3339)
+    /// when the environment has it; a release build does nothing. An unreadable value is
+    /// a test's mistake: it stops the process.
+    pub fn from_test_env() {
+        #[cfg(debug_assertions)]
+        if let Some(text) = std::env::var_os("USHER_TEST_NOW") {
+            let text = text.to_string_lossy();
+            let start = DateTime::parse_from_rfc3339(&text)
+                .unwrap_or_else(|e| panic!("USHER_TEST_NOW={text:?} is not RFC 3339: {e}"));
+            Clock::set_process(Clock::starting_at(start.to_utc()));
+        }
+    }
+
+    /// The process's clock: the one `USHER_TEST_NOW` set (debug builds), else the system clock.
     pub fn process() -> Self {
         PROCESS.get().copied().unwrap_or_default()
     }

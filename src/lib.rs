@@ -7,9 +7,10 @@
 //!   the only code that speaks SQL.
 //! - [`http`]: the shared HTTP client and its policy (retries, Retry-After, budgets, auth).
 //! - [`connectors`]: one module per vendor: URLs and JSON.
-//! - [`engine`]: runs a stream page by page; the daemon (schedules, signals, control files).
-//! - [`sandbox`]: fake vendor servers on loopback, for `usher demo` and the tests.
-//! - [`clock`]: the "now" runs read (settable with `--now` for tests).
+//! - [`engine`]: what every stream shares: run records, commits, the daemon (schedules,
+//!   signals, control files).
+//! - [`streams`]: one room per stream kind: its run, its decisions, its online checks.
+//! - [`clock`]: the "now" runs read (a debug build's tests may set it: `USHER_TEST_NOW`).
 //! - [`cli`]: the subcommands.
 #![forbid(unsafe_code)]
 
@@ -24,10 +25,12 @@ pub mod jwt;
 pub mod logging;
 pub mod mapping;
 pub mod metrics;
+pub mod progress;
 // S-360
 pub mod receiver;
-pub mod sandbox;
 pub mod schedule;
 pub mod secret;
 pub mod status;
 pub mod store;
+pub mod streams;
+pub mod suggest;

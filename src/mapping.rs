@@ -105,7 +105,7 @@ impl Mapping {
                     return Err(format!(
                         "unknown transform `{}`{} (known: {})",
                         t.trim(),
-                        crate::config::suggest::did_you_mean(name, Transform::NAMES),
+                        crate::suggest::did_you_mean(name, Transform::NAMES),
                         Transform::NAMES.join(", ")
                     ));
                 }

@@ -248,8 +248,7 @@ impl ReceiverMetrics {
             .store(Utc::now().timestamp() as u64, Ordering::Relaxed);
     }
 
-    pub fn timed_out(&self, kind: crate::receiver::Timeout) {
-        use crate::receiver::Timeout;
+    pub fn timed_out(&self, kind: Timeout) {
         let c = match kind {
             Timeout::Header => &self.header_timeouts,
             Timeout::Body => &self.body_timeouts,
@@ -357,6 +356,25 @@ impl ReceiverMetrics {
     }
 }
 
+/// Which deadline closed a connection (the S-360 receiver's; a label of
+/// `usher_receiver_timeouts_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Timeout {
+    Header,
+    Body,
+    Idle,
+}
+
+impl Timeout {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Timeout::Header => "header",
+            Timeout::Body => "body",
+            Timeout::Idle => "idle",
+        }
+    }
+}
+
 pub static METRICS: LazyLock<Registry> = LazyLock::new(Registry::default);
 
 impl Registry {
@@ -366,7 +384,7 @@ impl Registry {
     pub fn run_finished(
         &self,
         stream: &str,
-        c: &crate::store::Counts,
+        c: &crate::progress::Counts,
         outcome: &str,
         seconds: f64,
     ) {
@@ -781,7 +799,7 @@ mod tests {
     #[test]
     fn renders_prometheus_text() {
         let r = Registry::default();
-        let c = crate::store::Counts {
+        let c = crate::progress::Counts {
             pulled: 5,
             created: 3,
             updated: 1,
@@ -822,7 +840,7 @@ mod tests {
             "no receiver, no receiver series"
         );
         r.receiver.cap.store(512, Ordering::Relaxed);
-        r.receiver.timed_out(crate::receiver::Timeout::Idle);
+        r.receiver.timed_out(Timeout::Idle);
         let text = r.render(&["a".into()], &outbox, &budgets);
         assert!(
             text.contains("usher_receiver_connections_max 512"),

@@ -17,9 +17,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use common::{Daemon, Env, query_i64, wait_until};
 use serde_json::Value;
-use usher::sandbox::callers::CallerCall;
-use usher::sandbox::s360::{DEMO_OPERATOR, DEMO_PARTNER, DEMO_PARTNER_SECRET, webhook_contact};
-use usher::sandbox::{Fault, S360Sender, Sandbox};
+use usher_sandbox::callers::CallerCall;
+use usher_sandbox::s360::{DEMO_OPERATOR, DEMO_PARTNER, DEMO_PARTNER_SECRET, webhook_contact};
+use usher_sandbox::{Fault, S360Sender, Sandbox};
 
 const ROUNDS: u32 = 5;
 const TC_TOKEN: &str = "tc-bounce-token";
@@ -434,12 +434,11 @@ Seq = "seq"
                 Command::new(common::bin())
                     .arg("--config")
                     .arg(self.env.config_path())
-                    .args([
-                        "--now",
-                        &format!("2026-06-10T01:{:02}:00Z", round.min(59)),
-                        "trigger",
-                        STREAM,
-                    ])
+                    .args(["trigger", STREAM])
+                    .env(
+                        "USHER_TEST_NOW",
+                        format!("2026-06-10T01:{:02}:00Z", round.min(59)),
+                    )
                     .env_remove("RUST_LOG")
                     .stdin(Stdio::null())
                     .stdout(self.cli_log(round))
@@ -853,7 +852,7 @@ async fn bounce_several(kind: Kind) {
     eprintln!("{kind:?} on three instances: {rounds} rounds, seed {seed}");
     let mut rng = Rng(seed ^ (kind as u64 + 100));
     // The fakes note which process made each call (from the kernel's socket tables).
-    usher::sandbox::callers::record();
+    usher_sandbox::callers::record();
     let mut c = Case::new(kind).await;
     let ports = [c.port, free_port(), free_port()];
     c.start_sender();

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::{Env, query_i64, stderr, stdout, wait_until};
 use rustix::process::Signal;
-use usher::sandbox::Sandbox;
+use usher_sandbox::Sandbox;
 
 const TENANT: &str = "11111111-2222-3333-4444-555555555555";
 const EVENT_TYPE: &str = "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee";

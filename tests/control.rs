@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::{Env, crm_stream_config, query_i64, stdout, wait_until};
-use usher::sandbox::Sandbox;
+use usher_sandbox::Sandbox;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn reset_and_trigger_through_a_running_daemon() {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::{Env, crm_stream_config, query_i64, stderr, stdout, wait_until};
 use rustix::process::Signal;
-use usher::sandbox::{Fault, Sandbox};
+use usher_sandbox::{Fault, Sandbox};
 
 async fn sandbox(contacts: u64) -> Sandbox {
     let s = Sandbox::start("127.0.0.1:0".parse().unwrap())

@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use common::{Env, crm_stream_config, query_i64, stderr, stdout};
-use usher::sandbox::{Fault, Sandbox};
+use usher_sandbox::{Fault, Sandbox};
 
 const CONN: &str = "[connections.crm]\nkind = \"crm\"\nbase_url = \"http://127.0.0.1:9/crm\"\n";
 const STREAM_HEAD: &str = "[streams.s]\nsource = \"crm\"\nentity = \"contact\"\ntarget = \"crm\"\n";

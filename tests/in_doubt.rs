@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use common::{Env, query_i64, stdout};
 use serde_json::Value;
-use usher::sandbox::s360::{DEMO_OPERATOR, DEMO_PARTNER, DEMO_PARTNER_SECRET};
-use usher::sandbox::{Fault, Sandbox};
+use usher_sandbox::s360::{DEMO_OPERATOR, DEMO_PARTNER, DEMO_PARTNER_SECRET};
+use usher_sandbox::{Fault, Sandbox};
 
 async fn sandbox() -> Sandbox {
     Sandbox::start("127.0.0.1:0".parse().unwrap())

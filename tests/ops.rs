@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use common::{Env, crm_stream_config, query_i64, stdout, wait_until};
 use serde_json::json;
-use usher::sandbox::Sandbox;
+use usher_sandbox::Sandbox;
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -261,7 +261,7 @@ async fn log_files_rotate_daily_in_the_configured_directory() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn metrics_tell_start_time_runs_durations_requests_and_waits() {
-    use usher::sandbox::Fault;
+    use usher_sandbox::Fault;
     let s = Sandbox::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();

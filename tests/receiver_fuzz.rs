@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::{Daemon, Env, query_i64};
 use proptest::prelude::*;
-use usher::sandbox::s360::{DEMO_OPERATOR, DEMO_PARTNER, DEMO_PARTNER_SECRET};
+use usher_sandbox::s360::{DEMO_OPERATOR, DEMO_PARTNER, DEMO_PARTNER_SECRET};
 
 const MAX_BODY: usize = 64 * 1024;
 
@@ -263,7 +263,7 @@ fn wrong_content_types_get_a_4xx_and_nothing_is_stored() {
         "[a-z]{1,10}/[a-z]{1,10}".prop_filter("not JSON", |s| !s.contains("json")),
     ];
     let result = runner.run(&(ct, 1u64..1000), |(ct, seq)| {
-        let body = serde_json::to_vec(&vec![usher::sandbox::s360::webhook_contact(seq)]).unwrap();
+        let body = serde_json::to_vec(&vec![usher_sandbox::s360::webhook_contact(seq)]).unwrap();
         let status = post(port, "/s360/myvenue/contacts", Some(&ct), &body);
         prop_assert!((400..500).contains(&status), "{status} for {ct}");
         Ok(())
@@ -272,7 +272,7 @@ fn wrong_content_types_get_a_4xx_and_nothing_is_stored() {
     result.unwrap();
     assert_eq!(inbox(&t), 0, "nothing stored under a wrong content type");
     // The same payload as JSON is taken (the receiver works; charset is allowed).
-    let body = serde_json::to_vec(&vec![usher::sandbox::s360::webhook_contact(1)]).unwrap();
+    let body = serde_json::to_vec(&vec![usher_sandbox::s360::webhook_contact(1)]).unwrap();
     assert_eq!(
         post(
             port,

@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::{Daemon, Env, Spawn, query_i64};
-use usher::sandbox::s360::{DEMO_OPERATOR, DEMO_PARTNER, DEMO_PARTNER_SECRET};
+use usher_sandbox::s360::{DEMO_OPERATOR, DEMO_PARTNER, DEMO_PARTNER_SECRET};
 
 struct Target {
     env: Env,
@@ -260,7 +260,7 @@ async fn a_max_body_payload_takes_a_small_multiple_of_its_size_in_memory() {
     let shapes: [(&str, Record); 2] = [
         (
             "S-360 contacts",
-            Box::new(|n| serde_json::to_string(&usher::sandbox::s360::webhook_contact(n)).unwrap()),
+            Box::new(|n| serde_json::to_string(&usher_sandbox::s360::webhook_contact(n)).unwrap()),
         ),
         (
             "minimal records",

@@ -13,10 +13,10 @@ use std::time::Duration;
 
 use common::{Env, query_i64, stdout, wait_until};
 use serde_json::{Value, json};
-use usher::sandbox::s360::{
+use usher_sandbox::s360::{
     DEMO_OPERATOR, DEMO_PARTNER, DEMO_PARTNER_SECRET, webhook_contact, webhook_order,
 };
-use usher::sandbox::{S360Sender, Sandbox};
+use usher_sandbox::{S360Sender, Sandbox};
 
 async fn sandbox() -> Sandbox {
     Sandbox::start("127.0.0.1:0".parse().unwrap())
@@ -413,11 +413,11 @@ async fn crm_contacts_match_and_all_streams_of_an_instance_share_one_budget() {
         .s360
         .add_contact(json!({"individualContact": {"email": "old@example.org"}}));
     s.crm.add_contacts(2);
-    let mut c3 = usher::sandbox::crm::contact(3);
+    let mut c3 = usher_sandbox::crm::contact(3);
     c3["s360_contact_number"] = json!(numbered);
     s.crm.push_contact(c3);
     for i in 4..=24 {
-        s.crm.push_contact(usher::sandbox::crm::contact(i));
+        s.crm.push_contact(usher_sandbox::crm::contact(i));
     }
     s.crm.add_offers(10);
     // One S-360 refusal in S-360's style.
@@ -560,10 +560,10 @@ async fn fifteen_percent_500s_from_s360_cost_one_run_and_no_duplicate() {
     for _ in 0..400 {
         s.s360
             .faults
-            .push("s360.api", usher::sandbox::Fault::Pass, 6);
+            .push("s360.api", usher_sandbox::Fault::Pass, 6);
         s.s360
             .faults
-            .push("s360.api", usher::sandbox::Fault::Status(500), 1);
+            .push("s360.api", usher_sandbox::Fault::Status(500), 1);
     }
     let env = Env::new();
     let port = free_port();
@@ -1184,7 +1184,7 @@ async fn long_ids_and_exact_bodies_are_stored_and_relayed_byte_for_byte() {
 async fn max_per_run_caps_crm_to_s360_contacts_and_offers_runs() {
     let s = sandbox().await;
     for i in 1..=150 {
-        s.crm.push_contact(usher::sandbox::crm::contact(i));
+        s.crm.push_contact(usher_sandbox::crm::contact(i));
     }
     s.crm.add_offers(30);
     let env = Env::new();

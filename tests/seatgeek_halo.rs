@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use common::{Env, query_i64, stdout, wait_until};
 use serde_json::{Value, json};
-use usher::sandbox::seatgeek::gen_email;
-use usher::sandbox::{Fault, Sandbox};
+use usher_sandbox::seatgeek::gen_email;
+use usher_sandbox::{Fault, Sandbox};
 
 async fn sandbox() -> Sandbox {
     Sandbox::start("127.0.0.1:0".parse().unwrap())

@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use base64::Engine;
 use common::{Env, query_i64, wait_until};
-use usher::sandbox::s360::{DEMO_OPERATOR, DEMO_PARTNER, DEMO_PARTNER_SECRET, webhook_contact};
-use usher::sandbox::{Fault, S360Sender, Sandbox};
+use usher_sandbox::s360::{DEMO_OPERATOR, DEMO_PARTNER, DEMO_PARTNER_SECRET, webhook_contact};
+use usher_sandbox::{Fault, S360Sender, Sandbox};
 
 const HOOK_BEARER: &str = "hook-SECRET-bearer-5521";
 const HOOK_USER: &str = "s360hook";
@@ -31,8 +31,12 @@ const HALO_SECRET: &str = "halo-SECRET-client-7373";
 const TENANT: &str = "9f0c3c9e-0000-4000-8000-00000000aa01";
 const EVENT_TYPE: &str = "5b1c0d2e-0000-4000-8000-00000000bb02";
 
-fn cli_trace(env: &Env, args: &[&str]) -> String {
-    let o = Command::new(common::bin())
+fn cli_trace(env: &Env, now: Option<&str>, args: &[&str]) -> String {
+    let mut cmd = Command::new(common::bin());
+    if let Some(now) = now {
+        cmd.env("USHER_TEST_NOW", now);
+    }
+    let o = cmd
         .arg("--config")
         .arg(env.config_path())
         .args(args)
@@ -303,7 +307,7 @@ venues = ["Oslo Golf"]
     basic.auth = Some(("authorization".into(), format!("Basic {b64}")));
     let contacts: Vec<_> = (1..=10).map(webhook_contact).collect();
     let orders: Vec<_> = (1..=5)
-        .map(|i| usher::sandbox::s360::webhook_order(i, "CLOSED"))
+        .map(|i| usher_sandbox::s360::webhook_order(i, "CLOSED"))
         .collect();
     assert_eq!(bearer.send(&contacts).await.gave_up, 0);
     assert_eq!(basic.send(&orders).await.gave_up, 0);
@@ -367,27 +371,18 @@ venues = ["Oslo Golf"]
     // The CLI (its trace log on stderr): the daily run with faults, twice, validate
     // --online, status, cursors, and an error (a token the vendor refuses).
     let mut out = String::new();
-    out += &cli_trace(
-        &env,
-        &["--now", "2026-06-10T01:00:00Z", "trigger", "bookings"],
-    );
-    out += &cli_trace(
-        &env,
-        &["--now", "2026-06-10T01:05:00Z", "trigger", "bookings"],
-    );
+    out += &cli_trace(&env, Some("2026-06-10T01:00:00Z"), &["trigger", "bookings"]);
+    out += &cli_trace(&env, Some("2026-06-10T01:05:00Z"), &["trigger", "bookings"]);
     assert!(
         s.airship.booking_count() > 0,
         "bookings reached Airship\n{out}"
     );
-    out += &cli_trace(&env, &["validate", "--online"]);
-    out += &cli_trace(&env, &["status", "--json"]);
-    out += &cli_trace(&env, &["status"]);
-    out += &cli_trace(&env, &["cursor", "show", "to-s360"]);
+    out += &cli_trace(&env, None, &["validate", "--online"]);
+    out += &cli_trace(&env, None, &["status", "--json"]);
+    out += &cli_trace(&env, None, &["status"]);
+    out += &cli_trace(&env, None, &["cursor", "show", "to-s360"]);
     s.ticketco.require_token("another-token");
-    out += &cli_trace(
-        &env,
-        &["--now", "2026-06-10T02:00:00Z", "trigger", "bookings"],
-    );
+    out += &cli_trace(&env, Some("2026-06-10T02:00:00Z"), &["trigger", "bookings"]);
     assert!(out.lines().count() > 100, "trace logging was on in the CLI");
     state.extend(snapshot(&env));
 

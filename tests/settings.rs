@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::{Env, stderr, stdout, wait_until};
-use usher::sandbox::Sandbox;
+use usher_sandbox::Sandbox;
 
 /// A reseller and a company; `reseller_flags`, `company_flags` and `blocks` vary per test.
 fn config(reseller: &str, company: &str, blocks: &str, connections: &str) -> String {

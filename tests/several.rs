@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::{Daemon, Env, psql, stderr, stdout, wait_until};
 use rustix::process::Signal;
-use usher::sandbox::Sandbox;
+use usher_sandbox::Sandbox;
 
 /// The server, or None (and SKIPPED said) when the suite runs on SQLite.
 fn pg_env() -> Option<Env> {
@@ -346,7 +346,7 @@ async fn a_killed_or_stopped_instance_s_streams_move_within_a_lease() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_holder_woken_up_after_its_lease_calls_no_vendor() {
     let Some(env) = pg_env() else { return };
-    usher::sandbox::callers::record();
+    usher_sandbox::callers::record();
     let s = Sandbox::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();

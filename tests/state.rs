@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use common::{
     Env, Tmpfs, crm_stream_config, free_port, get, query_i64, stderr, stdout, wait_until,
 };
-use usher::sandbox::Sandbox;
+use usher_sandbox::Sandbox;
 
 async fn sandbox(contacts: u64) -> Sandbox {
     let s = Sandbox::start("127.0.0.1:0".parse().unwrap())
@@ -229,7 +229,7 @@ async fn a_state_directory_moved_under_the_daemon_stops_it_and_no_second_daemon_
     // it (and its page) before the daemon exits.
     s.crm.faults.push(
         "crm.hook",
-        usher::sandbox::Fault::Slow(Duration::from_secs(8)),
+        usher_sandbox::Fault::Slow(Duration::from_secs(8)),
         1000,
     );
     let env = Env::new();
@@ -440,7 +440,7 @@ async fn a_backup_taken_while_the_daemon_commits_is_a_state_a_daemon_starts_on()
     let s = sandbox(3000).await;
     s.crm.faults.push(
         "crm.hook",
-        usher::sandbox::Fault::Slow(Duration::from_millis(100)),
+        usher_sandbox::Fault::Slow(Duration::from_millis(100)),
         10_000,
     );
     let env = Env::new();

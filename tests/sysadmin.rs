@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::{Env, crm_stream_config, stderr, stdout, wait_until};
-use usher::sandbox::Sandbox;
+use usher_sandbox::Sandbox;
 
 async fn sandbox(contacts: u64) -> Sandbox {
     let s = Sandbox::start("127.0.0.1:0".parse().unwrap())
@@ -253,7 +253,7 @@ async fn sandbox_asking_for_a_pause() -> Sandbox {
     let s = sandbox(5).await;
     s.crm.faults.push(
         "crm.feed",
-        usher::sandbox::Fault::RateLimited {
+        usher_sandbox::Fault::RateLimited {
             status: 429,
             retry_after_secs: 2,
         },
@@ -464,48 +464,7 @@ fn man_pages_have_files_signals_exit_status_and_usher_toml_5() {
 }
 
 #[test]
-fn the_demo_runs_from_any_folder_and_writes_nothing_there() {
-    let cwd = tempfile::tempdir().unwrap();
-    let tmp = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new(common::bin())
-        .args(["demo", "--contacts", "20"])
-        .current_dir(cwd.path())
-        .env("TMPDIR", tmp.path())
-        .env_remove("RUST_LOG")
-        .output()
-        .unwrap();
-    let text = stdout(&out);
-    assert_eq!(out.status.code(), Some(0), "{text}\n{}", stderr(&out));
-    assert!(
-        text.contains(&format!(
-            "usher demo: configuration {}/usher-demo-",
-            tmp.path().display()
-        )),
-        "{text}"
-    );
-    assert_eq!(
-        std::fs::read_dir(cwd.path()).unwrap().count(),
-        0,
-        "nothing written in the working folder"
-    );
-    // The status command it suggests shows what the demo recorded.
-    let hint = text
-        .lines()
-        .find_map(|l| l.split("try `").nth(1))
-        .and_then(|l| l.strip_suffix("`"))
-        .unwrap_or_else(|| panic!("a status command in:\n{text}"));
-    let args: Vec<&str> = hint.split_whitespace().skip(1).collect();
-    let status = std::process::Command::new(common::bin())
-        .args(&args)
-        .current_dir(cwd.path())
-        .output()
-        .unwrap();
-    assert_eq!(status.status.code(), Some(0), "{}", stderr(&status));
-    assert!(stdout(&status).contains("contacts"), "{}", stdout(&status));
-}
-
-#[test]
-fn every_argument_has_help_and_demo_and_sandbox_list_only_what_they_use() {
+fn every_argument_has_help() {
     use clap::CommandFactory;
     fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
         for arg in cmd.get_arguments() {
@@ -541,30 +500,7 @@ fn every_argument_has_help_and_demo_and_sandbox_list_only_what_they_use() {
             .unwrap();
         stdout(&out)
     };
-    let demo = help(&["demo"]);
-    assert!(
-        !demo.contains("--config") && !demo.contains("--log-format"),
-        "{demo}"
-    );
-    assert!(
-        demo.contains("--demo-config") && demo.contains("--state-dir"),
-        "{demo}"
-    );
-    let sandbox = help(&["sandbox"]);
-    for unused in ["--config", "--state-dir", "--log-format"] {
-        assert!(!sandbox.contains(unused), "{unused} in:\n{sandbox}");
-    }
     assert!(help(&["status"]).contains("--json"));
-    let given = std::process::Command::new(common::bin())
-        .args(["demo", "--config", "/etc/usher/other.toml"])
-        .output()
-        .unwrap();
-    assert_eq!(given.status.code(), Some(2));
-    assert!(
-        stderr(&given).contains("--config is not used here"),
-        "{}",
-        stderr(&given)
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -596,7 +532,7 @@ async fn trigger_through_the_daemon_follows_the_run_on_a_terminal() {
     s.crm.add_contacts(5);
     s.crm.faults.push(
         "crm.feed",
-        usher::sandbox::Fault::RateLimited {
+        usher_sandbox::Fault::RateLimited {
             status: 429,
             retry_after_secs: 3,
         },

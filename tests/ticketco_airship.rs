@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use common::{Env, query_i64, stderr, stdout, wait_until};
 use serde_json::{Value, json};
-use usher::sandbox::{Fault, Sandbox};
+use usher_sandbox::{Fault, Sandbox};
 
 const TC_TOKEN: &str = "tc-SECRET-token-4471";
 const AIR_TOKEN: &str = "air-SECRET-pat-9923";
@@ -96,7 +96,7 @@ fn add(s: &Sandbox, id: u64, venue: &str, start: &str, tags: &[&str]) {
 }
 
 fn run(env: &Env, now: &str) -> std::process::Output {
-    let out = env.cli(&["--now", now, "trigger", "bookings"]);
+    let out = env.cli_at(now, &["trigger", "bookings"]);
     for text in [stdout(&out), stderr(&out)] {
         assert!(
             !text.contains(TC_TOKEN) && !text.contains(AIR_TOKEN),
@@ -544,7 +544,8 @@ async fn kill_9_mid_run_then_rerun_sends_each_booking_once() {
     let mut child = Command::new(common::bin())
         .arg("--config")
         .arg(env.config_path())
-        .args(["--now", "2026-06-10T01:00:00Z", "trigger", "bookings"])
+        .args(["trigger", "bookings"])
+        .env("USHER_TEST_NOW", "2026-06-10T01:00:00Z")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -611,14 +612,10 @@ async fn backfill_from_applies_to_the_first_run_then_usher_backfill_goes_further
     let text = ok(&run(&env, "2026-06-11T01:00:00Z"));
     assert!(text.contains("pulled 1, created 0, updated 0"), "{text}");
     // A one-off backfill from April.
-    let out = env.cli(&[
-        "--now",
+    let out = env.cli_at(
         "2026-06-11T02:00:00Z",
-        "backfill",
-        "bookings",
-        "--from",
-        "2026-04-01",
-    ]);
+        &["backfill", "bookings", "--from", "2026-04-01"],
+    );
     let text = ok(&out);
     assert!(
         text.contains("created 2, updated 1"),

@@ -605,7 +605,7 @@ fn status_shows_the_state_beside_the_problems_of_an_invalid_config() {
 /// feed and webhook paths that the streams use, and says what it checked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn validate_online_checks_a_crms_feed_and_webhook_paths() {
-    let s = usher::sandbox::Sandbox::start("127.0.0.1:0".parse().unwrap())
+    let s = usher_sandbox::Sandbox::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
     s.crm.add_contacts(3);

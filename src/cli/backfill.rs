@@ -18,7 +18,6 @@ use crate::engine::in_doubt::InDoubt;
 use crate::engine::lock::{self, LockError};
 use crate::engine::{Backfill, RunCtx, run_stream};
 use crate::http::Http;
-use crate::store::Store;
 
 pub async fn backfill(source: config::Source, stream: &str, from: NaiveDate) -> i32 {
     let config = match load(&source) {
@@ -54,7 +53,7 @@ pub async fn backfill(source: config::Source, stream: &str, from: NaiveDate) -> 
         }
     };
     crate::logging::init_cli();
-    let store = match Store::open_configured(&config.daemon).await {
+    let store = match config.daemon.open_store().await {
         Ok(s) => s,
         Err(e) => return store_error(&e),
     };
@@ -92,6 +91,7 @@ pub async fn backfill(source: config::Source, stream: &str, from: NaiveDate) -> 
             Http::new()
         });
     let ctx = RunCtx {
+        kind_run: crate::streams::RUN,
         doubt: InDoubt::new(&store, stream, config.daemon.settle_margin),
         http: crate::engine::lease::http_for(&http, &store, &config),
         store,

@@ -12,10 +12,10 @@ use tokio_util::sync::CancellationToken;
 use super::{EX_DATAERR, EX_FAIL, EX_OK, report_problems};
 use crate::config::{self, StreamKind};
 use crate::engine::in_doubt::InDoubt;
-use crate::engine::seatgeek_halo::{self, EventLine, RunMode};
 use crate::engine::{RunCtx, control, lock};
 use crate::http::Http;
 use crate::store::{Counts, Store};
+use crate::streams::seatgeek_halo::{self, EventLine, RunMode};
 
 pub async fn import(source: config::Source, stream: &str, limit: u64, dry_run: bool) -> i32 {
     let config = match config::load(&source) {
@@ -41,7 +41,7 @@ pub async fn import(source: config::Source, stream: &str, limit: u64, dry_run: b
     let mut _lock = None;
     let store = if dry_run && config.daemon.postgres.is_some() {
         // A dry run on PostgreSQL reads the shared state and writes nothing to it.
-        match Store::open_configured(&config.daemon).await {
+        match config.daemon.open_store().await {
             Ok(s) => s,
             Err(e) => {
                 eprintln!("usher: {e}");
@@ -77,7 +77,7 @@ pub async fn import(source: config::Source, stream: &str, limit: u64, dry_run: b
                 return EX_FAIL;
             }
         }
-        match Store::open_configured(&config.daemon).await {
+        match config.daemon.open_store().await {
             Ok(s) => s,
             Err(e) => {
                 eprintln!("usher: {e}");
@@ -93,6 +93,7 @@ pub async fn import(source: config::Source, stream: &str, limit: u64, dry_run: b
     });
     let config = Arc::new(config);
     let ctx = RunCtx {
+        kind_run: crate::streams::RUN,
         doubt: InDoubt::new(&store, &spec.name, config.daemon.settle_margin),
         store: store.clone(),
         spec: spec.clone(),

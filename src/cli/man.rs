@@ -39,10 +39,6 @@ const FILES: &[(&str, &str)] = &[
         "/usr/lib/systemd/system/usher.service",
         "The systemd unit; local changes in a drop-in (systemctl edit usher).",
     ),
-    (
-        "/usr/share/usher/demo/",
-        "The demo's configuration and secrets (usher demo).",
-    ),
 ];
 
 const SIGNALS: &[(&str, &str)] = &[

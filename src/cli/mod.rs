@@ -4,19 +4,13 @@
 //! I/O error, the file busy: systemd starts usher again), 77 (EX_NOPERM) usher may not open
 //! or write the state, 78 (EX_CONFIG) the configuration is invalid.
 
-mod bench;
-mod demo;
 mod man;
-// S-360
-mod bench_s360;
-mod demo_s360;
 mod ops;
 mod state;
 // Ticket Co x Airship
 mod backfill;
 // SeatGeek / Halo
 mod import;
-mod seatgeek_halo_demo;
 
 use std::path::PathBuf;
 
@@ -57,10 +51,6 @@ pub struct Cli {
     /// Log format on stdout.
     #[arg(long, global = true, value_enum, default_value_t = LogFormatArg::Auto)]
     pub log_format: LogFormatArg,
-    /// Ticket Co x Airship: "now" for runs (RFC 3339), for tests and replaying a day; the
-    /// clock starts there and advances in real time. Default: the system clock.
-    #[arg(long, global = true, hide = true, value_parser = parse_now)]
-    pub now: Option<chrono::DateTime<chrono::Utc>>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -147,110 +137,9 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
-    /// Run every stream of the demo configuration once against the bundled fakes.
-    Demo {
-        /// The demo configuration [default: config/demo.toml in this folder, else the
-        /// built-in copy, written with its secrets to a new folder under $TMPDIR]
-        #[arg(long)]
-        demo_config: Option<PathBuf>,
-        /// How many contacts the fake CRM starts with.
-        #[arg(long, default_value_t = 240)]
-        contacts: u64,
-        #[command(flatten)]
-        unused: UnusedGlobals,
-    },
-    /// Measure start, reload, memory and CPU with many streams (prints figures).
-    #[command(hide = true)]
-    BenchScale {
-        #[arg(long, default_value_t = 1000)]
-        streams: u32,
-        #[arg(long, default_value_t = 50)]
-        connections: u32,
-        #[arg(long, default_value_t = 20)]
-        idle_secs: u64,
-    },
     /// Write the man pages and shell completions into DIR (used by packaging).
     #[command(hide = true)]
     GenerateAssets { dir: PathBuf },
-    /// Serve the fake vendors on loopback until interrupted (for trying usher by hand).
-    Sandbox {
-        /// Where the fakes listen (port 0: a free port, printed at start).
-        #[arg(long, default_value = "127.0.0.1:0")]
-        listen: std::net::SocketAddr,
-        /// Contacts the fake CRM starts with.
-        #[arg(long, default_value_t = 1000)]
-        contacts: u64,
-        // Ticket Co x Airship
-        #[command(flatten)]
-        ticketco: demo::TicketCoSeed,
-        // SeatGeek / Halo
-        /// Change events the fake SeatGeek (`/seatgeek`) starts with.
-        #[arg(long, default_value_t = 0)]
-        seatgeek_events: u64,
-        /// Users those events are spread over.
-        #[arg(long, default_value_t = 1000)]
-        seatgeek_users: u32,
-        #[command(flatten)]
-        unused: UnusedGlobals,
-        /// Not used: the fakes keep no state.
-        #[arg(long, hide = true)]
-        state_dir: Option<PathBuf>,
-    },
-    // S-360
-    /// Measure the S-360 receiver (records/s accepted durably, latency) and relay.
-    #[command(hide = true)]
-    BenchS360 {
-        #[arg(long, default_value_t = 8)]
-        clients: usize,
-        #[arg(long, default_value_t = 10)]
-        seconds: u64,
-        #[arg(long, default_value_t = 100_000)]
-        relay: u64,
-        /// The state on this PostgreSQL database (an empty schema) instead of SQLite.
-        #[arg(long, value_name = "URL")]
-        postgres: Option<String>,
-    },
-}
-
-/// The global options that `demo` and `sandbox` do not read, defined again on them (hidden)
-/// so that their help does not list them: clap gives a subcommand a global option only when
-/// it has none of that name. Given anyway, they are refused ([`UnusedGlobals::refuse`]).
-#[derive(clap::Args, Debug, Clone)]
-pub struct UnusedGlobals {
-    /// Not used: the demo runs its own configuration (`--demo-config`).
-    #[arg(long, short = 'c', hide = true)]
-    config: Option<PathBuf>,
-    /// Not used: the demo logs as `auto` says.
-    #[arg(long, hide = true, value_enum)]
-    log_format: Option<LogFormatArg>,
-}
-
-impl UnusedGlobals {
-    /// Exit 2 (a usage error) when an option given would be ignored.
-    fn refuse(&self, command: &str) -> Option<i32> {
-        // clap hands the top level's defaults down to these too: a default is not "given".
-        let given: Vec<&str> = [
-            self.config
-                .as_ref()
-                .filter(|c| c.as_path() != std::path::Path::new(config::DEFAULT_CONFIG))
-                .map(|_| "--config"),
-            self.log_format
-                .filter(|f| !matches!(f, LogFormatArg::Auto))
-                .map(|_| "--log-format"),
-        ]
-        .into_iter()
-        .flatten()
-        .collect();
-        if given.is_empty() {
-            return None;
-        }
-        eprintln!(
-            "usher {command}: {} {} not used here ({command} runs its own configuration; see usher {command} --help)",
-            given.join(" and "),
-            if given.len() == 1 { "is" } else { "are" }
-        );
-        Some(2)
-    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -335,8 +224,7 @@ pub enum CursorAction {
 /// Async worker threads: `default` unless `TOKIO_WORKER_THREADS` says otherwise. usher's
 /// async work is waiting on vendors; SQLite runs on the blocking pool beside it. One worker
 /// spends less CPU and memory than two on the same run (ARCHITECTURE, "Performance"): with
-/// two, every HTTP answer is read on one thread and parsed and freed on the other. The fakes
-/// (`usher sandbox`) stand in for the vendors' servers and get one worker per core.
+/// two, every HTTP answer is read on one thread and parsed and freed on the other.
 fn worker_threads(env: Option<&str>, default: usize) -> Result<usize, String> {
     match env.map(str::trim) {
         None | Some("") => Ok(default),
@@ -393,14 +281,9 @@ pub(crate) fn open_state_blocking(
 
 pub fn main() -> i32 {
     let cli = Cli::parse();
-    // Ticket Co x Airship (generic): `--now` sets the clock every run reads.
-    if let Some(now) = cli.now {
-        crate::clock::Clock::set_process(crate::clock::Clock::starting_at(now));
-    }
-    let default_workers = match cli.command {
-        Command::Sandbox { .. } => std::thread::available_parallelism().map_or(2, |n| n.get()),
-        _ => 1,
-    };
+    // A debug build (what the tests run) may start its clock elsewhere: `USHER_TEST_NOW`.
+    crate::clock::Clock::from_test_env();
+    let default_workers = 1;
     let env_workers = std::env::var("TOKIO_WORKER_THREADS").ok();
     let workers = match worker_threads(env_workers.as_deref(), default_workers) {
         Ok(n) => n,
@@ -456,60 +339,12 @@ pub fn main() -> i32 {
             limit,
             dry_run,
         } => runtime.block_on(import::import(source, &stream, limit, dry_run)),
-        Command::Demo {
-            demo_config,
-            contacts,
-            unused,
-        } => match unused.refuse("demo") {
-            Some(code) => code,
-            None => runtime.block_on(demo::demo(demo_config, contacts, cli.state_dir.clone())),
-        },
-        Command::BenchScale {
-            streams,
-            connections,
-            idle_secs,
-        } => runtime.block_on(bench::scale(streams, connections, idle_secs)),
         Command::GenerateAssets { dir } => generate_assets(&dir),
-        // S-360
-        Command::BenchS360 {
-            clients,
-            seconds,
-            relay,
-            postgres,
-        } => runtime.block_on(bench_s360::bench(clients, seconds, relay, postgres)),
-        Command::Sandbox {
-            listen,
-            contacts,
-            ticketco,
-            seatgeek_events,
-            seatgeek_users,
-            unused,
-            state_dir,
-        } => match unused.refuse("sandbox") {
-            Some(code) => code,
-            None if state_dir.is_some() => {
-                eprintln!("usher sandbox: --state-dir is not used here (the fakes keep no state)");
-                2
-            }
-            None => runtime.block_on(demo::sandbox(
-                listen,
-                contacts,
-                ticketco,
-                seatgeek_events,
-                seatgeek_users,
-            )),
-        },
         // Ticket Co x Airship
         Command::Backfill { stream, from } => {
             runtime.block_on(backfill::backfill(source, &stream, from))
         }
     }
-}
-
-fn parse_now(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
-    chrono::DateTime::parse_from_rfc3339(s)
-        .map(|t| t.to_utc())
-        .map_err(|e| format!("{s:?} is not an RFC 3339 date-time: {e}"))
 }
 
 /// Prints every problem, one a line, and a count; returns EX_CONFIG.

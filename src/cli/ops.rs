@@ -70,7 +70,7 @@ pub async fn run(source: config::Source, format: LogFormat) -> i32 {
         state = %store.describe(),
         "state database checked and migrated"
     );
-    match daemon::run(source, config, store, lock).await {
+    match daemon::run(source, config, store, lock, crate::streams::RUN).await {
         Ok(daemon::Ended::Clean) => EX_OK,
         Ok(daemon::Ended::Abandoned) => EX_FAIL,
         Ok(daemon::Ended::StateGone) => EX_DATAERR,
@@ -173,11 +173,11 @@ pub async fn validate(source: config::Source, online: bool) -> i32 {
     for spec in config.streams.values() {
         let lines = match &spec.kind {
             config::StreamKind::TicketCoToAirship(o) => {
-                crate::engine::ticketco_airship::check_venues(&http, &config, spec, o, &cancel)
+                crate::streams::ticketco_airship::check_venues(&http, &config, spec, o, &cancel)
                     .await
             }
             config::StreamKind::SeatGeekToHalo(o) => {
-                crate::engine::seatgeek_halo::check_options(&http, &config, spec, o, &cancel).await
+                crate::streams::seatgeek_halo::check_options(&http, &config, spec, o, &cancel).await
             }
             _ => Vec::new(),
         };
@@ -340,7 +340,7 @@ pub(super) fn no_stream(config: &Config, stream: &str) -> String {
     let names: Vec<&str> = config.streams.keys().map(String::as_str).collect();
     format!(
         "usher: no stream {stream:?} in the configuration{} (streams: {})",
-        config::suggest::did_you_mean(stream, &names),
+        crate::suggest::did_you_mean(stream, &names),
         names.join(", ")
     )
 }
@@ -566,7 +566,7 @@ async fn daemons_alive(store: &Store, config: &Config) -> Result<bool, i32> {
 /// `cursor reset` on PostgreSQL: through the holder when a daemon is alive, else here
 /// under the stream's lease.
 async fn reset_on_postgres(config: &Config, stream: &str) -> i32 {
-    let store = match Store::open_configured(&config.daemon).await {
+    let store = match config.daemon.open_store().await {
         Ok(s) => s,
         Err(e) => return store_error(&e),
     };
@@ -662,7 +662,7 @@ pub async fn trigger(source: config::Source, stream: &str) -> i32 {
     // this process runs the stream under its group's lease.
     let mut _lock = None;
     if config.daemon.postgres.is_some() {
-        let store = match Store::open_configured(&config.daemon).await {
+        let store = match config.daemon.open_store().await {
             Ok(s) => s,
             Err(e) => return store_error(&e),
         };
@@ -710,7 +710,7 @@ pub async fn trigger(source: config::Source, stream: &str) -> i32 {
         Err(code) => return code,
     };
     crate::logging::init_cli();
-    let mut store = match Store::open_configured(&config.daemon).await {
+    let mut store = match config.daemon.open_store().await {
         Ok(s) => s,
         Err(e) => return store_error(&e),
     };
@@ -750,6 +750,7 @@ pub async fn trigger(source: config::Source, stream: &str) -> i32 {
             Http::new()
         });
     let ctx = RunCtx {
+        kind_run: crate::streams::RUN,
         doubt: InDoubt::new(&store, stream, config.daemon.settle_margin),
         http: crate::engine::lease::http_for(&http, &store, &config),
         store,
@@ -763,7 +764,7 @@ pub async fn trigger(source: config::Source, stream: &str) -> i32 {
     };
     // Pages and waits as they happen, so that a long Retry-After reads as a wait.
     let done = CancellationToken::new();
-    let shown = crate::engine::progress::subscribe().map(|rx| {
+    let shown = crate::progress::subscribe().map(|rx| {
         tokio::spawn(show_progress(
             rx,
             stream.to_string(),
@@ -912,12 +913,12 @@ async fn follow_in_daemon(config: &Config, stream: &str, pid: u32, before: i64) 
 /// the pages committed and the counts so far, or what the run waits for and how long;
 /// elsewhere plain lines (every wait, and the counts at most every 2 s).
 async fn show_progress(
-    mut rx: tokio::sync::mpsc::UnboundedReceiver<crate::engine::progress::Event>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<crate::progress::Event>,
     stream: String,
     tty: bool,
     done: CancellationToken,
 ) {
-    use crate::engine::progress::Event;
+    use crate::progress::Event;
     let bar = tty.then(|| {
         let pb = indicatif::ProgressBar::new_spinner();
         pb.set_style(

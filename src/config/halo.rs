@@ -309,7 +309,7 @@ pub(super) fn vendor_auth(
             None
         }
     };
-    let secret = super::build::secret(
+    let secret = super::values::secret(
         l,
         scope,
         prefix,

@@ -210,7 +210,7 @@ fn env_key(var: &str, known: &BTreeMap<String, Vec<String>>) -> Result<String, S
                     parts[1]
                 );
                 let folded: Vec<String> = names.iter().map(|n| fold(n)).collect();
-                if let Some(near) = crate::config::suggest::closest(&wanted, &folded) {
+                if let Some(near) = crate::suggest::closest(&wanted, &folded) {
                     let i = folded.iter().position(|f| f == near).unwrap_or(0);
                     m.push_str(&format!("; did you mean {what} {:?}?", names[i]));
                 } else if !names.is_empty() {
@@ -464,7 +464,7 @@ fn kind_message(e: &figment::Error) -> String {
         Kind::UnknownField(name, expected) => {
             let mut m = format!("unknown key `{name}`");
             if !expected.is_empty() {
-                m.push_str(&crate::config::suggest::did_you_mean(name, expected));
+                m.push_str(&crate::suggest::did_you_mean(name, expected));
                 m.push_str(&format!(" (known keys: {})", expected.join(", ")));
             }
             m

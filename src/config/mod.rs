@@ -15,8 +15,8 @@ mod s360;
 mod ticketco_airship;
 // Integration settings, CM.com CDP and seats.io.
 mod settings;
-// "Did you mean" for misspelt keys, kinds, transforms and names.
-pub mod suggest;
+// Secrets, URLs, auth blocks and durations: below every table's code that reads them.
+mod values;
 pub use settings::{
     CONFLICTS, CdpAccount, INTEGRATIONS, IntegrationState, SeatsioAccount, Settings,
     basic_user_only, is_guid,
@@ -77,6 +77,16 @@ pub struct DaemonSettings {
     pub postgres: Option<crate::store::pg::PgSettings>,
     /// How long a lease lasts without renewal (renewed at a third of it). PostgreSQL only.
     pub lease: Duration,
+}
+
+impl DaemonSettings {
+    /// The state as the configuration says: PostgreSQL, or the SQLite file in `state_dir`.
+    pub async fn open_store(&self) -> crate::store::Result<crate::store::Store> {
+        match &self.postgres {
+            Some(pg) => crate::store::Store::open_postgres(pg).await,
+            None => crate::store::Store::open(&self.state_dir),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -283,7 +293,7 @@ pub enum StreamKind {
         cdp: CdpOptions,
     },
     // SeatGeek / Halo
-    /// SeatGeek user change events → Halo users (`engine::seatgeek_halo`).
+    /// SeatGeek user change events → Halo users (`streams::seatgeek_halo`).
     SeatGeekToHalo(crate::config::halo::HaloOptions),
 }
 
@@ -385,7 +395,7 @@ pub fn load_partial(source: &Source) -> (Config, Vec<Problem>) {
     build::build_partial(source, None)
 }
 
-/// Like [`load`], with extra layers merged last (used by `usher demo` to point the demo
+/// Like [`load`], with extra layers merged last (used by `usher-sandbox demo` to point the demo
 /// config's connections at the sandbox's ports).
 pub fn load_with(source: &Source, extra: figment::Figment) -> Result<Config, Vec<Problem>> {
     build::build(source, Some(extra))

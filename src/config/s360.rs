@@ -14,9 +14,9 @@ use std::time::Duration;
 use serde::Deserialize;
 use url::Url;
 
-use super::build::{build_auth, duration, secret};
 use super::load::{Layers, Problem};
 use super::raw::{RawAuth, RawConnection, RawStream};
+use super::values::{build_auth, duration, secret};
 use super::{Auth, Connection, ConnectionKind, FeedOptions, RateLimit, StreamKind, WebhookOptions};
 use crate::mapping::Mapping;
 use crate::secret::Secret;

@@ -566,7 +566,7 @@ pub(super) fn apply(
                 if raw.auth.is_some() {
                     l.problem(&scope, &format!("{prefix}.auth"), "a cdp connection authenticates with `product_token_file` (or `product_token_env`), not `auth`");
                 }
-                let token = super::build::secret(
+                let token = super::values::secret(
                     l,
                     &scope,
                     &prefix,
@@ -633,7 +633,7 @@ pub(super) fn apply(
                     }
                     Some(r) => Some(r.to_string()),
                 };
-                let secret = super::build::secret(
+                let secret = super::values::secret(
                     l,
                     &scope,
                     &prefix,
@@ -648,7 +648,7 @@ pub(super) fn apply(
                     || raw.admin_key_file.is_some()
                     || raw.admin_key_env.is_some();
                 let admin = if has_admin {
-                    super::build::secret(
+                    super::values::secret(
                         l,
                         &scope,
                         &prefix,

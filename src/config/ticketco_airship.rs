@@ -6,9 +6,9 @@ use std::path::Path;
 
 use chrono::NaiveDate;
 
-use super::build::secret;
 use super::load::{Layers, Problem};
 use super::raw::{RawAirship, RawConnection};
+use super::values::secret;
 use super::{Auth, ConnectionKind, TicketCoAirshipOptions};
 use crate::secret::Secret;
 

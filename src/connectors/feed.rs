@@ -6,8 +6,8 @@ use reqwest::Method;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
+use super::{Page, SourceError};
 use crate::config::FeedOptions;
-use crate::engine::{Page, SourceError};
 use crate::http::{Endpoint, Retry};
 use crate::mapping::lookup;
 

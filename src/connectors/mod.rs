@@ -21,7 +21,42 @@ use reqwest::Method;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Connection, ConnectionKind};
+use serde_json::Value;
+
 use crate::http::{Http, HttpError, Retry};
+
+/// One page of a source, as the source gave it.
+#[derive(Debug, Clone, Default)]
+pub struct Page {
+    pub records: Vec<Value>,
+    pub next_cursor: Option<String>,
+    pub has_more: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+/// Why a source could not give a page.
+pub enum SourceError {
+    #[error(transparent)]
+    Http(#[from] HttpError),
+    #[error("connection \"{conn}\": {what}: malformed page: {reason}")]
+    Malformed {
+        conn: String,
+        what: String,
+        reason: String,
+    },
+    #[error(
+        "connection \"{conn}\": the source refused the stored cursor as invalid or expired; \
+         reset it with `usher cursor reset {stream}` (the re-import creates no duplicates)"
+    )]
+    InvalidCursor { conn: String, stream: String },
+    #[error(
+        "connection \"{conn}\": the feed answered cursor {cursor:?} with the same cursor and more records; stopping so as not to loop"
+    )]
+    Stuck {
+        conn: String,
+        cursor: Option<String>,
+    },
+}
 
 /// What `usher validate --online` says of one connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,7 +173,7 @@ async fn check_feed(
             "{at} answered a page ({} record(s))",
             page.records.len()
         )),
-        Err(crate::engine::SourceError::Http(e)) => match e {
+        Err(SourceError::Http(e)) => match e {
             HttpError::CredentialsRefused { .. }
             | HttpError::Status {
                 status: 401 | 403, ..

@@ -18,8 +18,8 @@ use serde::Deserialize;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
+use super::SourceError;
 use crate::config::Connection;
-use crate::engine::SourceError;
 use crate::http::{Endpoint, Http, HttpError, Retry, describe};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -21,8 +21,8 @@ use serde::Deserialize;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
+use super::SourceError;
 use crate::config::Connection;
-use crate::engine::SourceError;
 use crate::http::{Endpoint, Http, HttpAuth, HttpError, Retry, describe};
 
 /// One Ticket Co event, as much as usher needs of it.

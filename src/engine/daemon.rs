@@ -225,6 +225,8 @@ pub struct Daemon {
     config: Arc<Config>,
     store: Store,
     http: Http,
+    /// The stream kinds' runs (`crate::streams::run`), handed in by the CLI.
+    kind_run: super::KindRun,
     slots: HashMap<String, Arc<Slot>>,
     sched: JobScheduler,
     /// Each stream's armed one-shot job, its generation (a fired job whose generation is no
@@ -267,6 +269,7 @@ pub async fn run(
     config: Config,
     store: Store,
     lock: StateLock,
+    kind_run: super::KindRun,
 ) -> anyhow::Result<Ended> {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let sched = JobScheduler::new().await?;
@@ -293,6 +296,7 @@ pub async fn run(
         config,
         store,
         http,
+        kind_run,
         slots: HashMap::new(),
         sched,
         jobs: HashMap::new(),
@@ -886,6 +890,7 @@ impl Daemon {
             interrupt: slot.interrupt.clone(),
             clock: crate::clock::Clock::process(),
             backfill: None,
+            kind_run: self.kind_run,
         };
         let tx = self.events.clone();
         let name = stream.to_string();

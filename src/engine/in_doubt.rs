@@ -121,7 +121,7 @@ impl InDoubt {
         lock(&self.state).recorded = Some(recorded);
         tracing::warn!(stream = %self.stream, call = %detail, wait_secs = left.as_secs_f64().ceil() as u64,
             "waiting for an unanswered write to settle before looking its records up");
-        super::progress::waiting(left, || format!("an unanswered write ({detail}) to settle"));
+        crate::progress::waiting(left, || format!("an unanswered write ({detail}) to settle"));
         tokio::select! {
             _ = tokio::time::sleep(left) => Ok(true),
             _ = ctx.stopping() => Ok(false),
@@ -209,7 +209,7 @@ pub async fn settle_previous(ctx: &RunCtx) -> Result<bool, RunError> {
             .await?;
         tracing::warn!(stream = %stream, call = %row.detail, wait_secs = left.as_secs_f64().ceil() as u64,
             "writes of an earlier run may still land; waiting for them to settle before this run looks at the target");
-        super::progress::waiting(left, || {
+        crate::progress::waiting(left, || {
             format!("writes of an earlier run ({}) to settle", row.detail)
         });
         tokio::select! {

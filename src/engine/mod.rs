@@ -1,6 +1,9 @@
-//! Running streams: one run pulls a page, maps, matches, pushes, commits, and goes on to the
-//! next page ([`run_stream`]); the daemon ([`daemon`]) schedules runs, never two of one
-//! stream at once, and carries out signals and control files.
+//! What every stream shares: one run of a stream is recorded ([`run_stream`]) around the
+//! stream kind's own run (`crate::streams`, handed in as a [`KindRun`]), which pulls a page,
+//! maps, matches, pushes, commits (helpers here: [`commit_queued`], [`map_record`], [`owed`],
+//! [`in_doubt`], [`refusals`]) and goes on to the next page; the daemon ([`daemon`])
+//! schedules runs, never two of one stream at once, and carries out signals and control files.
+//! The engine names no stream kind.
 //!
 //! **A run stops only at a page boundary** (after a commit, or before a page's commit when
 //! the page is abandoned): shutdown and operator actions are checked between pages, never
@@ -12,67 +15,31 @@
 pub mod budget_log;
 pub mod control;
 pub mod daemon;
-mod feed_webhook;
-// Integration settings branch: CM.com CDP target.
-pub mod feed_cdp;
 pub mod health;
 pub mod in_doubt;
 pub mod lease;
 pub mod lock;
 pub mod owed;
-pub mod progress;
 pub mod refusals;
 pub mod reload;
-// S-360
-mod s360;
-// Ticket Co x Airship
+// seats.io and CDP accounts checked at start and reload.
 mod online_check;
-pub mod ticketco_airship;
-// SeatGeek / Halo
-pub mod seatgeek_halo;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
+use futures::future::BoxFuture;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, Connection, StreamKind, StreamSpec};
+use crate::config::{Config, Connection, StreamSpec};
 use crate::http::{Http, HttpError};
 use crate::store::{Counts, Store, StoreError};
 
-/// One page of a source, as the source gave it.
-#[derive(Debug, Clone, Default)]
-pub struct Page {
-    pub records: Vec<Value>,
-    pub next_cursor: Option<String>,
-    pub has_more: bool,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum SourceError {
-    #[error(transparent)]
-    Http(#[from] HttpError),
-    #[error("connection \"{conn}\": {what}: malformed page: {reason}")]
-    Malformed {
-        conn: String,
-        what: String,
-        reason: String,
-    },
-    #[error(
-        "connection \"{conn}\": the source refused the stored cursor as invalid or expired; \
-         reset it with `usher cursor reset {stream}` (the re-import creates no duplicates)"
-    )]
-    InvalidCursor { conn: String, stream: String },
-    #[error(
-        "connection \"{conn}\": the feed answered cursor {cursor:?} with the same cursor and more records; stopping so as not to loop"
-    )]
-    Stuck {
-        conn: String,
-        cursor: Option<String>,
-    },
-}
+// The source side's words (connectors own them: a vendor client does not depend on what
+// schedules it).
+pub use crate::connectors::{Page, SourceError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -101,6 +68,13 @@ pub enum Flow {
     Refused(String),
 }
 
+/// A stream kind's run, as the engine calls it: pages until done, stopped or refused,
+/// counting into `counts`. The engine knows no kind: `crate::streams::run` (the room above,
+/// one `match` on `StreamKind`) is handed in wherever a [`RunCtx`] is built, so that the
+/// engine does not depend on the kinds it runs (no import circle, `tests/rooms.rs`).
+pub type KindRun =
+    for<'a> fn(&'a RunCtx, &'a str, &'a mut Counts) -> BoxFuture<'a, Result<Flow, RunError>>;
+
 /// What a run needs. Built per run from the configuration current at its start, so a
 /// reload never changes a run in flight.
 #[derive(Clone)]
@@ -118,7 +92,7 @@ pub struct RunCtx {
     pub stop: CancellationToken,
     /// An operator action (cursor reset) waits for this stream: stop at the next page boundary.
     pub interrupt: Arc<AtomicBool>,
-    /// "now" for this run (the system clock unless `--now` set it).
+    /// "now" for this run (the system clock unless a debug build's `USHER_TEST_NOW` set it).
     pub clock: crate::clock::Clock,
     /// `usher backfill STREAM --from DATE`: a one-off run from this date (streams that
     /// support it), with an optional progress bar. `None` for ordinary runs.
@@ -126,6 +100,8 @@ pub struct RunCtx {
     /// The run's writes in doubt: every target endpoint of the run tells it about its writes
     /// ([`RunCtx::recorder`]), and a run waits on it before looking up what went unanswered.
     pub doubt: Arc<in_doubt::InDoubt>,
+    /// The stream kind's run (`crate::streams::run`).
+    pub kind_run: KindRun,
 }
 
 /// A one-off backfill asked for on the command line.
@@ -219,7 +195,7 @@ pub async fn run_stream(ctx: &RunCtx, trigger: &str) -> RunReport {
     tracing::info!(stream = %name, trigger, "run started");
     let mut counts = Counts::default();
     let result = match in_doubt::settle_previous(ctx).await {
-        Ok(true) => dispatch(ctx, trigger, &mut counts).await,
+        Ok(true) => (ctx.kind_run)(ctx, trigger, &mut counts).await,
         Ok(false) => Ok(Flow::Stopped),
         Err(e) => Err(e),
     };
@@ -270,30 +246,6 @@ pub async fn run_stream(ctx: &RunCtx, trigger: &str) -> RunReport {
         counts,
         error,
         seconds,
-    }
-}
-
-/// The stream kind's run.
-async fn dispatch(ctx: &RunCtx, trigger: &str, counts: &mut Counts) -> Result<Flow, RunError> {
-    match &ctx.spec.kind {
-        StreamKind::FeedToWebhook { feed, webhook } => {
-            feed_webhook::run(ctx, feed, webhook, counts).await
-        }
-        // S-360
-        StreamKind::S360Relay { relay, webhook } => s360::relay(ctx, relay, webhook, counts).await,
-        StreamKind::CrmToS360Contacts { feed, contacts } => {
-            s360::contacts(ctx, feed, contacts, counts).await
-        }
-        StreamKind::CrmOffersToS360 { feed, offers } => {
-            s360::offers(ctx, feed, offers, counts).await
-        }
-        // Ticket Co x Airship
-        StreamKind::TicketCoToAirship(options) => ticketco_airship::run(ctx, options, counts).await,
-        StreamKind::FeedToCdp { feed, cdp } => feed_cdp::run(ctx, trigger, feed, cdp, counts).await,
-        // SeatGeek / Halo
-        StreamKind::SeatGeekToHalo(opts) => {
-            seatgeek_halo::run(ctx, opts, counts, Default::default()).await
-        }
     }
 }
 

@@ -176,7 +176,7 @@ impl Budget {
                 match st.not_before {
                     Some(nb) if nb > now => {
                         let w = nb - now;
-                        crate::engine::progress::waiting(w, || {
+                        crate::progress::waiting(w, || {
                             format!(
                                 "the Retry-After of {} (the vendor asked for a pause)",
                                 self.key
@@ -230,7 +230,7 @@ impl Budget {
                                 // whole window after it.
                                 let ahead = oldest.saturating_duration_since(now);
                                 let w = per - age + ahead + Duration::from_millis(1);
-                                crate::engine::progress::waiting(w, || {
+                                crate::progress::waiting(w, || {
                                     format!(
                                         "the rate budget of {} ({} calls per {})",
                                         self.key,

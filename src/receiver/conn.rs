@@ -199,23 +199,8 @@ impl Slot {
     }
 }
 
-/// Which deadline closed a connection (a label of `usher_receiver_timeouts_total`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Timeout {
-    Header,
-    Body,
-    Idle,
-}
-
-impl Timeout {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Timeout::Header => "header",
-            Timeout::Body => "body",
-            Timeout::Idle => "idle",
-        }
-    }
-}
+// Which deadline closed a connection: counted by `metrics`, which sits below the receiver.
+pub use crate::metrics::Timeout;
 
 /// The open connections.
 #[derive(Default)]

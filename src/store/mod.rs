@@ -251,28 +251,8 @@ pub fn parse_ts(s: &str) -> Option<DateTime<Utc>> {
         .map(|t| t.with_timezone(&Utc))
 }
 
-/// Counts of one run. `queued` counts records put into the outbox for delivery;
-/// `created` and `updated` count records the target accepted.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-pub struct Counts {
-    pub pulled: u64,
-    pub created: u64,
-    pub updated: u64,
-    pub skipped: u64,
-    pub failed: u64,
-    pub queued: u64,
-}
-
-impl Counts {
-    pub fn add(&mut self, o: &Counts) {
-        self.pulled += o.pulled;
-        self.created += o.created;
-        self.updated += o.updated;
-        self.skipped += o.skipped;
-        self.failed += o.failed;
-        self.queued += o.queued;
-    }
-}
+// A run's counts live below the state (metrics and progress count them too).
+pub use crate::progress::Counts;
 
 /// Everything one page leaves behind, written in one transaction with the new cursor.
 #[derive(Debug, Default)]
@@ -558,14 +538,6 @@ impl Store {
             });
         }
         Ok(store)
-    }
-
-    /// The state as the configuration says: PostgreSQL, or the SQLite file in `state_dir`.
-    pub async fn open_configured(d: &crate::config::DaemonSettings) -> Result<Store> {
-        match &d.postgres {
-            Some(pg) => Self::open_postgres(pg).await,
-            None => Self::open(&d.state_dir),
-        }
     }
 
     /// The same store, its writes checked against `fence` (a run under a lease).

@@ -1,6 +1,6 @@
 //! Test harness: temporary config and state folders, the real `usher` binary as a child
 //! process (with a NOTIFY_SOCKET the test owns, so READY=1 is observed as systemd would),
-//! signals, and polling helpers. The fakes run in the test process (usher::sandbox).
+//! signals, and polling helpers. The fakes run in the test process (usher_sandbox).
 //!
 //! Both state backends: with `USHER_TEST_POSTGRES=postgres://…` (scripts/pg-test-cluster.sh
 //! starts a throwaway server and prints one) every [`Env`] keeps its state in a schema of
@@ -167,6 +167,20 @@ impl Env {
             .arg("--config")
             .arg(self.config_path())
             .args(args)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run usher")
+    }
+
+    /// [`Env::cli`] with the process's clock starting at `now` (RFC 3339; a debug build
+    /// reads `USHER_TEST_NOW`).
+    pub fn cli_at(&self, now: &str, args: &[&str]) -> Output {
+        Command::new(bin())
+            .arg("--config")
+            .arg(self.config_path())
+            .args(args)
+            .env("USHER_TEST_NOW", now)
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .output()

@@ -1,6 +1,8 @@
-//! Fake vendor servers on loopback: real HTTP on 127.0.0.1, one port, one path prefix per
-//! vendor (`/crm/...`). Used by `usher demo`, `usher sandbox` and the integration tests,
-//! which drive them through their handles (add records, inject faults, read what arrived).
+//! usher-sandbox: fake vendor servers on loopback: real HTTP on 127.0.0.1, one port, one path
+//! prefix per vendor (`/crm/...`). Used by `usher-sandbox demo`, `usher-sandbox serve`, the
+//! benchmarks and usher's integration tests, which drive them through their handles (add
+//! records, inject faults, read what arrived). Not part of the product: the `usher` binary
+//! links none of it.
 
 pub mod callers;
 pub mod crm;

@@ -1,5 +1,5 @@
 //! Benchmark of the SeatGeek users → Halo stream: N change events for U users into an empty
-//! Halo, the fakes in a separate process (`usher sandbox --seatgeek-events N
+//! Halo, the fakes in a separate process (`usher-sandbox serve --seatgeek-events N
 //! --seatgeek-users U`), one run of the stream (`usher trigger`) under `/usr/bin/time -v`.
 //! Prints wall time, events/s, usher's own CPU seconds (user + system) and peak RSS, and the
 //! fakes' CPU seconds (from /proc), for each size, and usher's CPU over the fakes' (the fakes
@@ -11,9 +11,9 @@
 //! printed beside usher's, with PostgreSQL's wall over SQLite's.
 //!
 //! ```text
-//! cargo build --release && cargo run --release --example bench_seatgeek_halo
-//! cargo run --release --example bench_seatgeek_halo -- 100000:20000 1000000:200000
-//! BENCH_POSTGRES=$(scripts/pg-test-cluster.sh start) cargo run --release --example bench_seatgeek_halo -- 1000000:200000
+//! cargo build --release --workspace && cargo run --release -p usher-sandbox --example bench_seatgeek_halo
+//! cargo run --release -p usher-sandbox --example bench_seatgeek_halo -- 100000:20000 1000000:200000
+//! BENCH_POSTGRES=$(scripts/pg-test-cluster.sh start) cargo run --release -p usher-sandbox --example bench_seatgeek_halo -- 1000000:200000
 //! ```
 
 use std::io::{BufRead, BufReader};
@@ -22,12 +22,29 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 fn usher_bin() -> PathBuf {
-    // target/release/examples/bench_seatgeek_halo → target/release/usher
+    built("usher")
+}
+
+/// The fakes: `usher-sandbox serve`.
+fn sandbox_bin() -> PathBuf {
+    built("usher-sandbox")
+}
+
+/// target/release/examples/bench_seatgeek_halo → target/release/NAME (`cargo build --release
+/// --workspace` builds both binaries).
+fn built(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    exe.parent()
+    let bin = exe
+        .parent()
         .and_then(|p| p.parent())
-        .map(|p| p.join("usher"))
-        .expect("the usher binary beside examples/")
+        .map(|p| p.join(name))
+        .expect("the binaries beside examples/");
+    assert!(
+        bin.is_file(),
+        "{} is not built: cargo build --release --workspace",
+        bin.display()
+    );
+    bin
 }
 
 /// utime + stime of a process, in seconds.
@@ -98,14 +115,14 @@ fn wall_secs(s: &str) -> f64 {
 /// One run; returns its wall seconds.
 fn run(events: u64, users: u64, postgres: Option<&str>) -> f64 {
     let bin = usher_bin();
-    let mut sandbox = Command::new(&bin)
-        .args(["sandbox", "--listen", "127.0.0.1:0", "--contacts", "0"])
+    let mut sandbox = Command::new(sandbox_bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--contacts", "0"])
         .args(["--seatgeek-events", &events.to_string()])
         .args(["--seatgeek-users", &users.to_string()])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .expect("start usher sandbox");
+        .expect("start usher-sandbox serve");
     let mut lines = BufReader::new(sandbox.stdout.take().expect("stdout")).lines();
     let (mut sg, mut halo) = (None, None);
     while sg.is_none() || halo.is_none() {

@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde_json::json;
 
-use crate::secret::Secret;
+use usher::secret::Secret;
 
 #[derive(Default)]
 struct Inner {
@@ -73,7 +73,7 @@ impl SeatsioFake {
             .iter()
             .find(|(r, k)| {
                 r == region
-                    && crate::config::basic_user_only(&Secret::new(k.clone())).expose() == got
+                    && usher::config::basic_user_only(&Secret::new(k.clone())).expose() == got
             })
             .map(|(_, k)| k.clone())
     }

@@ -1,4 +1,4 @@
-//! The S-360 part of `usher demo`: start the receiver on a free port and let the S-360
+//! The S-360 part of `usher-sandbox demo`: start the receiver on a free port and let the S-360
 //! sender fake post contacts and orders into it (as S-360 would), add offer requests to the
 //! CRM fake, and give the S-360 fake a few contacts that the CRM's contacts will match.
 
@@ -8,10 +8,10 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Auth, Config, StreamKind};
-use crate::sandbox::s360::{webhook_contact, webhook_order};
-use crate::sandbox::{S360Sender, Sandbox};
-use crate::store::Store;
+use usher::config::{Auth, Config, StreamKind};
+use usher::store::Store;
+use usher_sandbox::s360::{webhook_contact, webhook_order};
+use usher_sandbox::{S360Sender, Sandbox};
 
 /// `receiver.listen` on a free port, for the demo's config layer.
 pub fn listen_override() -> serde_json::Value {
@@ -30,7 +30,7 @@ pub async fn seed(config: &Config, store: &Store, sandbox: &Sandbox) -> Vec<Stri
     );
     let tracker = TaskTracker::new();
     let stop = CancellationToken::new();
-    let receiver = match crate::receiver::start(config, store.clone(), stop.clone(), &tracker).await
+    let receiver = match usher::receiver::start(config, store.clone(), stop.clone(), &tracker).await
     {
         Ok(Some(r)) => r,
         Ok(None) => return said,
@@ -51,8 +51,8 @@ pub async fn seed(config: &Config, store: &Store, sandbox: &Sandbox) -> Vec<Stri
             _ => None,
         };
         let records: Vec<_> = match relay.entity {
-            crate::config::S360Entity::Contacts => (1..=260).map(webhook_contact).collect(),
-            crate::config::S360Entity::Orders => {
+            usher::config::S360Entity::Contacts => (1..=260).map(webhook_contact).collect(),
+            usher::config::S360Entity::Orders => {
                 let states = ["CLOSED", "ABANDONED", "IN_PROGRESS"];
                 (1..=120)
                     .map(|i| webhook_order(i, states[i as usize % 3]))

@@ -113,7 +113,7 @@ fn valid_batch(body: &[u8], types: &HashSet<String>) -> Option<Vec<Value>> {
     }
     for it in &items {
         let t = it.get("EventTypeId")?.as_str()?;
-        if !crate::config::is_guid(t) || (!types.is_empty() && !types.contains(t)) {
+        if !usher::config::is_guid(t) || (!types.is_empty() && !types.contains(t)) {
             return None;
         }
         it.get("Event")?.as_object()?;

@@ -19,10 +19,12 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use super::{EmptyPages, Flow, Page, RunCtx, RunError, SourceError, commit_queued, record_id};
 use crate::config::{CdpOptions, FeedOptions};
 use crate::connectors::cdp::{CdpDelivery, CdpTarget};
 use crate::connectors::feed::FeedSource;
+use crate::engine::{
+    EmptyPages, Flow, Page, RunCtx, RunError, SourceError, commit_queued, record_id,
+};
 use crate::mapping::lookup;
 use crate::store::Counts;
 
@@ -147,13 +149,13 @@ pub async fn run_with<S: ContactSource>(
             .pull(cursor.as_deref(), spec.page_size, &ctx.cancel)
             .await?;
         counts.pulled += page.records.len() as u64;
-        super::check_not_stuck(&spec.source, &cursor, &page)?;
+        crate::engine::check_not_stuck(&spec.source, &cursor, &page)?;
         let mut events = Vec::with_capacity(page.records.len());
         let mut dead = Vec::new();
         for rec in &page.records {
             let id = source.record_id(rec);
             let changed = source.changed_at(rec);
-            if let Some(v) = super::map_record(spec, rec, id, changed, counts, &mut dead)? {
+            if let Some(v) = crate::engine::map_record(spec, rec, id, changed, counts, &mut dead)? {
                 events.push(v);
             }
         }
@@ -168,7 +170,7 @@ pub async fn run_with<S: ContactSource>(
             .collect();
         counts.queued += events.len() as u64;
         commit_queued(ctx, &mut cursor, page.next_cursor.clone(), outbox, dead).await?;
-        super::progress::page(ctx, counts);
+        crate::progress::page(&ctx.spec.name, counts);
         match deliver(ctx, &target, budget, &mut sent, counts).await? {
             Flow::Done => {}
             other => return Ok(other),

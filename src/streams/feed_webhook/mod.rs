@@ -5,13 +5,13 @@
 //! delivered per execution; the outbox is drained before the feed is read further, so it
 //! never holds more than about a page.
 
-use super::progress;
+use crate::progress;
 use chrono::{DateTime, Utc};
 
-use super::{EmptyPages, Flow, RunCtx, RunError, commit_queued, record_id};
 use crate::config::{FeedOptions, WebhookOptions, expand};
 use crate::connectors::feed::FeedSource;
 use crate::connectors::webhook::{Delivery, WebhookTarget};
+use crate::engine::{EmptyPages, Flow, RunCtx, RunError, commit_queued, record_id};
 use crate::mapping::lookup;
 use crate::store::{Counts, PageCommit};
 
@@ -64,7 +64,7 @@ pub async fn run(
             ));
         }
         ctx.store.commit_page(commit).await?;
-        progress::page(ctx, counts);
+        progress::page(&ctx.spec.name, counts);
         match deliver(ctx, &target, budget, &mut sent, counts).await? {
             Flow::Done => {}
             other => return Ok(other),
@@ -84,7 +84,7 @@ pub async fn run(
             .pull(&spec.name, cursor.as_deref(), spec.page_size, &ctx.cancel)
             .await?;
         counts.pulled += page.records.len() as u64;
-        super::check_not_stuck(&source_conn.name, &cursor, &page)?;
+        crate::engine::check_not_stuck(&source_conn.name, &cursor, &page)?;
         let mut items = Vec::with_capacity(page.records.len());
         let mut dead = Vec::new();
         let (records, superseded) = newest_per_key(&page.records, &spec.matching);
@@ -92,7 +92,7 @@ pub async fn run(
         for rec in records {
             let id = record_id(rec, &feed.id);
             let changed = changed_at(rec, &feed.changed_at);
-            if let Some(v) = super::map_record(spec, rec, id, changed, counts, &mut dead)? {
+            if let Some(v) = crate::engine::map_record(spec, rec, id, changed, counts, &mut dead)? {
                 items.push(v);
             }
         }
@@ -103,7 +103,7 @@ pub async fn run(
         }
         counts.queued += items.len() as u64;
         commit_queued(ctx, &mut cursor, page.next_cursor.clone(), outbox, dead).await?;
-        super::progress::page(ctx, counts);
+        crate::progress::page(&ctx.spec.name, counts);
         match deliver(ctx, &target, budget, &mut sent, counts).await? {
             Flow::Done => {}
             other => return Ok(other),

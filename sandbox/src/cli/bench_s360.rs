@@ -1,4 +1,4 @@
-//! `usher bench-s360` (hidden): the S-360 figures, in this process, over loopback HTTP.
+//! `usher-sandbox bench-s360`: the S-360 figures, in this process, over loopback HTTP.
 //!
 //! 1. Receiver: `--clients` concurrent S-360 senders POST arrays of 50 new contacts for
 //!    `--seconds`; prints records accepted per second (each 200 means committed to SQLite
@@ -6,7 +6,7 @@
 //! 2. Relay: `--relay` contacts (default 100 000) stored in the inbox are forwarded to the
 //!    fake CRM in payloads of 50, in one execution; prints the time and records per second.
 //!
-//! Run it in release mode: `cargo run --release -- bench-s360`; `--postgres URL` keeps the
+//! Run it in release mode: `cargo run --release -p usher-sandbox -- bench-s360`; `--postgres URL` keeps the
 //! state on PostgreSQL (an empty database or schema) instead of SQLite.
 
 use std::sync::Arc;
@@ -17,12 +17,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{EX_FAIL, EX_OK};
-use crate::config;
-use crate::engine::in_doubt::InDoubt;
-use crate::engine::{RunCtx, run_stream};
-use crate::http::Http;
-use crate::sandbox::Sandbox;
-use crate::store::{InboxBatch, InboxRecord, RecordId, Store};
+use usher::config;
+use usher::engine::in_doubt::InDoubt;
+use usher::engine::{RunCtx, run_stream};
+use usher::http::Http;
+use usher::store::{InboxBatch, InboxRecord, RecordId, Store};
+use usher_sandbox::Sandbox;
 
 /// The same record as [`webhook_contact`], written with `format!` so that the senders, which
 /// share the machine's cores with the receiver, spend little CPU making their bodies.
@@ -121,7 +121,7 @@ url = "/hooks/relay"
     let store = match &postgres {
         None => Store::open(&config.daemon.state_dir),
         Some(url) => {
-            Store::open_postgres(&crate::store::pg::PgSettings {
+            Store::open_postgres(&usher::store::pg::PgSettings {
                 url: url.clone(),
                 password: None,
             })
@@ -131,7 +131,7 @@ url = "/hooks/relay"
     .map_err(|e| e.to_string())?;
     let tracker = TaskTracker::new();
     let stop = CancellationToken::new();
-    let receiver = crate::receiver::start(&config, store.clone(), stop.clone(), &tracker)
+    let receiver = usher::receiver::start(&config, store.clone(), stop.clone(), &tracker)
         .await
         .map_err(|e| e.to_string())?
         .ok_or("no receiver")?;
@@ -247,6 +247,7 @@ url = "/hooks/relay"
     );
     let config = Arc::new(config);
     let ctx = RunCtx {
+        kind_run: usher::streams::RUN,
         doubt: InDoubt::new(&store, "relay", config.daemon.settle_margin),
         store: store.clone(),
         config: config.clone(),
@@ -255,7 +256,7 @@ url = "/hooks/relay"
         cancel: CancellationToken::new(),
         stop: CancellationToken::new(),
         interrupt: Default::default(),
-        clock: crate::clock::Clock::process(),
+        clock: usher::clock::Clock::process(),
         backfill: None,
     };
     let t = Instant::now();
@@ -279,7 +280,7 @@ url = "/hooks/relay"
 
 #[cfg(test)]
 mod tests {
-    use crate::sandbox::s360::webhook_contact;
+    use usher_sandbox::s360::webhook_contact;
 
     #[test]
     fn the_bench_body_is_the_fake_senders_record() {

@@ -1,13 +1,13 @@
-//! The SeatGeek → Halo part of `usher demo` and `usher sandbox`: generated data for the fakes
+//! The SeatGeek → Halo part of `usher-sandbox demo` and `usher-sandbox serve`: generated data for the fakes
 //! and what the demo prints about the stream.
 
 use serde_json::json;
 
-use crate::config::StreamSpec;
-use crate::engine::RunReport;
-use crate::sandbox::Sandbox;
+use usher::config::StreamSpec;
+use usher::engine::RunReport;
+use usher_sandbox::Sandbox;
 
-/// `usher sandbox --seatgeek-events N --seatgeek-users M`.
+/// `usher-sandbox serve --seatgeek-events N --seatgeek-users M`.
 pub fn seed_sandbox(s: &Sandbox, events: u64, users: u32) {
     if events > 0 {
         s.seatgeek.add_generated(events, users.max(1), 1);
@@ -27,7 +27,7 @@ pub fn print_urls(s: &Sandbox) {
 pub fn seed_demo(s: &Sandbox) {
     s.seatgeek.add_generated(600, 200, 7);
     for n in 1..=20u32 {
-        if let Some(e) = crate::sandbox::seatgeek::gen_email(n, "example.org") {
+        if let Some(e) = usher_sandbox::seatgeek::gen_email(n, "example.org") {
             s.halo.seed_user(
                 json!({"firstname": "Existing", "surname": format!("Person{n}"),
                 "emailaddress": e.to_uppercase(), "site_id": 1}),

@@ -1,4 +1,4 @@
-//! `usher bench-scale`: start a daemon with N streams over M connections against the fake
+//! `usher-sandbox bench-scale`: start a daemon with N streams over M connections against the fake
 //! CRM (in this process; usher itself is a child process, measured from /proc), and print
 //! start-to-READY, SIGHUP reload time, RSS, CPU while idle, CPU for one tick of every stream
 //! with nothing changed, and SIGTERM-to-exit with every stream mid-run.
@@ -9,8 +9,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::{EX_FAIL, EX_OK};
-use crate::metrics::ProcStat;
-use crate::sandbox::Sandbox;
+use usher::metrics::ProcStat;
+use usher_sandbox::Sandbox;
 
 fn wait_notify(sock: &UnixDatagram, what: &str, timeout: Duration) -> Option<Instant> {
     let deadline = Instant::now() + timeout;
@@ -94,7 +94,10 @@ fn run_scale(sandbox: &Sandbox, streams: u32, connections: u32, idle_secs: u64) 
         return EX_FAIL;
     };
     let _ = sock.set_read_timeout(Some(Duration::from_millis(100)));
-    let exe = std::env::current_exe().unwrap_or_else(|_| "usher".into());
+    // The product binary, built beside this one (`target/<profile>/usher`).
+    let exe = std::env::current_exe()
+        .map(|p| p.with_file_name("usher"))
+        .unwrap_or_else(|_| "usher".into());
     let spawn = || {
         Command::new(&exe)
             .arg("--config")
@@ -170,9 +173,9 @@ fn run_scale(sandbox: &Sandbox, streams: u32, connections: u32, idle_secs: u64) 
     let c0 = ProcStat::read_pid(pid).unwrap_or_default();
     let t = Instant::now();
     for s in 0..streams {
-        let _ = crate::engine::control::write(
+        let _ = usher::engine::control::write(
             &state,
-            crate::engine::control::Action::Trigger,
+            usher::engine::control::Action::Trigger,
             &format!("s{s}"),
             "bench",
         );
@@ -239,13 +242,13 @@ fn run_scale(sandbox: &Sandbox, streams: u32, connections: u32, idle_secs: u64) 
     sandbox.crm.add_contacts(200);
     sandbox.crm.faults.push(
         "crm.hook",
-        crate::sandbox::Fault::Slow(Duration::from_millis(200)),
+        usher_sandbox::Fault::Slow(Duration::from_millis(200)),
         100_000,
     );
     for s in 0..streams {
-        let _ = crate::engine::control::write(
+        let _ = usher::engine::control::write(
             &state,
-            crate::engine::control::Action::Trigger,
+            usher::engine::control::Action::Trigger,
             &format!("s{s}"),
             "bench",
         );

@@ -23,7 +23,7 @@ use axum::routing::post;
 use serde_json::{Value, json};
 
 use super::faults::{self, Faults};
-use crate::jwt;
+use usher::jwt;
 
 pub const DEMO_PARTNER_SECRET: &str = "demo-partner-secret";
 pub const DEMO_PARTNER: &str = "usher";

@@ -1,4 +1,4 @@
-//! `usher demo` and `usher sandbox`: the bundled fakes with generated data.
+//! `usher-sandbox demo` and `usher-sandbox serve`: the bundled fakes with generated data.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -9,12 +9,12 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use super::{EX_DATAERR, EX_FAIL, EX_OK, report_problems};
-use crate::config::{self, LogFormat};
-use crate::engine::in_doubt::InDoubt;
-use crate::engine::{RunCtx, lock, run_stream};
-use crate::http::Http;
-use crate::sandbox::Sandbox;
-use crate::store::Store;
+use usher::config::{self, LogFormat};
+use usher::engine::in_doubt::InDoubt;
+use usher::engine::{RunCtx, lock, run_stream};
+use usher::http::Http;
+use usher::store::Store;
+use usher_sandbox::Sandbox;
 
 // Ticket Co x Airship
 fn secret_file(config_file: &std::path::Path, name: &str) -> Option<String> {
@@ -28,46 +28,45 @@ fn demo_token(config_file: &std::path::Path) -> Option<String> {
     Some(std::fs::read_to_string(p).ok()?.trim().to_string())
 }
 
-/// The demo's configuration and secrets, built into the binary, so that `usher demo` runs
-/// from any folder and from the package (which also ships them, for reading, in
-/// /usr/share/usher/demo).
-const DEMO_TOML: &str = include_str!("../../config/demo.toml");
+/// The demo's configuration and secrets, built into the binary, so that `usher-sandbox demo`
+/// runs from any folder.
+const DEMO_TOML: &str = include_str!("../../../config/demo.toml");
 const DEMO_SECRETS: &[(&str, &str)] = &[
     (
         "airship-token",
-        include_str!("../../config/demo-secrets/airship-token"),
+        include_str!("../../../config/demo-secrets/airship-token"),
     ),
     (
         "cdp-token",
-        include_str!("../../config/demo-secrets/cdp-token"),
+        include_str!("../../../config/demo-secrets/cdp-token"),
     ),
     (
         "crm-token",
-        include_str!("../../config/demo-secrets/crm-token"),
+        include_str!("../../../config/demo-secrets/crm-token"),
     ),
     (
         "halo-secret",
-        include_str!("../../config/demo-secrets/halo-secret"),
+        include_str!("../../../config/demo-secrets/halo-secret"),
     ),
     (
         "s360-hook-token",
-        include_str!("../../config/demo-secrets/s360-hook-token"),
+        include_str!("../../../config/demo-secrets/s360-hook-token"),
     ),
     (
         "s360-partner-secret",
-        include_str!("../../config/demo-secrets/s360-partner-secret"),
+        include_str!("../../../config/demo-secrets/s360-partner-secret"),
     ),
     (
         "seatgeek-secret",
-        include_str!("../../config/demo-secrets/seatgeek-secret"),
+        include_str!("../../../config/demo-secrets/seatgeek-secret"),
     ),
     (
         "seatsio-secret-key",
-        include_str!("../../config/demo-secrets/seatsio-secret-key"),
+        include_str!("../../../config/demo-secrets/seatsio-secret-key"),
     ),
     (
         "ticketco-token",
-        include_str!("../../config/demo-secrets/ticketco-token"),
+        include_str!("../../../config/demo-secrets/ticketco-token"),
     ),
 ];
 
@@ -157,7 +156,7 @@ pub async fn demo(
         ticketco_events: 40,
         ticketco_bookings: 400,
         ticketco_first_day: Some(
-            crate::clock::Clock::process().now().date_naive() - chrono::Days::new(1),
+            usher::clock::Clock::process().now().date_naive() - chrono::Days::new(1),
         ),
         ticketco_days: 30,
         ticketco_venues: "Oslo Golf,Bergen Bowling".into(),
@@ -215,7 +214,7 @@ pub async fn demo(
         Ok(c) => c,
         Err(p) => return report_problems(&p),
     };
-    let _log = crate::logging::init(&config.log, LogFormat::Auto);
+    let _log = usher::logging::init(&config.log, LogFormat::Auto);
     let state_dir = config.daemon.state_dir.clone();
     let _lock = match lock::acquire(&state_dir) {
         Ok(l) => l,
@@ -226,7 +225,7 @@ pub async fn demo(
     };
     // A fresh state each time, so that the demo always shows a first import.
     for suffix in ["", "-wal", "-shm"] {
-        let _ = std::fs::remove_file(state_dir.join(format!("{}{suffix}", crate::store::DB_FILE)));
+        let _ = std::fs::remove_file(state_dir.join(format!("{}{suffix}", usher::store::DB_FILE)));
     }
     let store = match Store::open(&state_dir) {
         Ok(s) => s,
@@ -250,7 +249,7 @@ pub async fn demo(
         println!("  {line}");
     }
     let config = Arc::new(config);
-    let http = crate::engine::budget_log::http_client(&store)
+    let http = usher::engine::budget_log::http_client(&store)
         .await
         .unwrap_or_else(|_| Http::new());
     let cancel = CancellationToken::new();
@@ -261,6 +260,7 @@ pub async fn demo(
             continue;
         }
         let ctx = RunCtx {
+            kind_run: usher::streams::RUN,
             store: store.clone(),
             config: config.clone(),
             doubt: InDoubt::new(&store, &spec.name, config.daemon.settle_margin),
@@ -269,11 +269,11 @@ pub async fn demo(
             cancel: cancel.clone(),
             stop: cancel.clone(),
             interrupt: Default::default(),
-            clock: crate::clock::Clock::process(),
+            clock: usher::clock::Clock::process(),
             backfill: None,
         };
         // SeatGeek / Halo
-        if let crate::config::StreamKind::SeatGeekToHalo(_) = &spec.kind {
+        if let usher::config::StreamKind::SeatGeekToHalo(_) = &spec.kind {
             let r = run_stream(&ctx, "demo").await;
             failed |= super::seatgeek_halo_demo::report(&sandbox, spec, &r);
             continue;
@@ -319,7 +319,7 @@ pub async fn demo(
             println!("  first record as delivered: {rec}");
         }
         // Ticket Co x Airship
-        if matches!(spec.kind, crate::config::StreamKind::TicketCoToAirship(_)) {
+        if matches!(spec.kind, usher::config::StreamKind::TicketCoToAirship(_)) {
             println!(
                 "  airship now holds {} contacts and {} bookings ({} writes)",
                 sandbox.airship.contacts().len(),
@@ -327,7 +327,7 @@ pub async fn demo(
                 sandbox.airship.writes()
             );
         }
-        if let crate::config::StreamKind::FeedToCdp { .. } = &spec.kind {
+        if let usher::config::StreamKind::FeedToCdp { .. } = &spec.kind {
             let batches = sandbox.cdp.batches();
             println!(
                 "  the CDP holds {} events from {} POSTs (at most 100 each); first: {}",
@@ -356,11 +356,11 @@ integration {} of company {}: {}",
     for conn in config.connections.values() {
         if matches!(
             conn.kind,
-            crate::config::ConnectionKind::Seatsio | crate::config::ConnectionKind::Cdp
+            usher::config::ConnectionKind::Seatsio | usher::config::ConnectionKind::Cdp
         ) {
-            let v = crate::connectors::check_online_in(&http, conn, &config, &cancel).await;
+            let v = usher::connectors::check_online_in(&http, conn, &config, &cancel).await;
             let message = match &v {
-                crate::connectors::Verdict::Valid(m) => m.clone(),
+                usher::connectors::Verdict::Valid(m) => m.clone(),
                 other => other.to_string(),
             };
             let _ = store
@@ -380,7 +380,7 @@ integration {} of company {}: {}",
 }
 
 // Ticket Co x Airship
-/// `usher sandbox` flags that seed the fake Ticket Co and Airship (the benchmark uses them).
+/// `usher-sandbox serve` flags that seed the fake Ticket Co and Airship (the benchmark uses them).
 #[derive(clap::Args, Debug, Clone)]
 pub struct TicketCoSeed {
     /// Ticket Co events to generate (spread over `--ticketco-days` days).
@@ -450,11 +450,11 @@ pub async fn sandbox(
     seatgeek_events: u64,
     seatgeek_users: u32,
 ) -> i32 {
-    crate::logging::init_cli();
+    usher::logging::init_cli();
     let sandbox = match Sandbox::start(listen).await {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("usher sandbox: cannot listen on {listen}: {e}");
+            eprintln!("usher-sandbox serve: cannot listen on {listen}: {e}");
             return EX_FAIL;
         }
     };
@@ -506,13 +506,15 @@ mod tests {
         let written = write_builtin_demo(dir.path()).unwrap();
         assert_eq!(
             std::fs::read_to_string(written.join("demo.toml")).unwrap(),
-            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/demo.toml"))
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../config/demo.toml"))
                 .unwrap()
         );
-        let shipped =
-            std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/config/demo-secrets"))
-                .unwrap()
-                .count();
+        let shipped = std::fs::read_dir(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../config/demo-secrets"
+        ))
+        .unwrap()
+        .count();
         assert_eq!(DEMO_SECRETS.len(), shipped, "every demo secret is built in");
         for (name, _) in DEMO_SECRETS {
             assert!(written.join("demo-secrets").join(name).is_file(), "{name}");

@@ -4,7 +4,7 @@
 //! - throughput of one CRM → CDP run against the fakes, against a CRM → webhook run of the
 //!   same records, page and payload sizes (100 records per POST), in one process.
 //!
-//! `cargo run --release --example bench_settings -- [N] [CONTACTS]` (defaults 1000, 20000).
+//! `cargo run --release -p usher-sandbox --example bench_settings -- [N] [CONTACTS]` (defaults 1000, 20000).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -13,8 +13,8 @@ use tokio_util::sync::CancellationToken;
 use usher::config::{self, Source};
 use usher::engine::{RunCtx, run_stream};
 use usher::http::Http;
-use usher::sandbox::Sandbox;
 use usher::store::Store;
+use usher_sandbox::Sandbox;
 
 const TENANT: &str = "11111111-2222-3333-4444-555555555555";
 const EVENT: &str = "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee";
@@ -108,6 +108,7 @@ async fn main() {
         let store = Store::open(&state).unwrap();
         let cfg = Arc::new(cfg);
         let ctx = RunCtx {
+            kind_run: usher::streams::RUN,
             doubt: usher::engine::in_doubt::InDoubt::new(&store, stream, cfg.daemon.settle_margin),
             store,
             spec: cfg.streams[stream].clone(),
