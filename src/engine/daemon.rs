@@ -803,17 +803,33 @@ impl Daemon {
 
     /// Checks seats.io and CDP connections online (integration settings): every one, or
     /// with several instances those of `streams` (default: the streams this instance
-    /// holds), so that no instance calls a vendor for a stream another one holds.
+    /// holds, and connections no stream uses), so that no instance calls a vendor for a
+    /// stream another one holds.
     fn check_online(&self, streams: Option<&[String]>) {
         let only = self.leases.as_ref().map(|k| {
-            let held: Vec<String> = match streams {
-                Some(s) => s.to_vec(),
-                None => k.held_keys().iter().flat_map(|g| k.streams_of(g)).collect(),
+            let conns = |names: &mut dyn Iterator<Item = &String>| -> HashSet<String> {
+                names
+                    .filter_map(|s| self.config.streams.get(s))
+                    .flat_map(|spec| [spec.source.clone(), spec.target.clone()])
+                    .collect()
             };
-            held.iter()
-                .filter_map(|s| self.config.streams.get(s))
-                .flat_map(|spec| [spec.source.clone(), spec.target.clone()])
-                .collect()
+            match streams {
+                Some(s) => conns(&mut s.iter()),
+                None => {
+                    let held: Vec<String> =
+                        k.held_keys().iter().flat_map(|g| k.streams_of(g)).collect();
+                    // A connection no stream uses is no stream's business: every
+                    // instance checks it.
+                    let used = conns(&mut self.config.streams.keys());
+                    let unused = self
+                        .config
+                        .connections
+                        .keys()
+                        .filter(|c| !used.contains(*c))
+                        .cloned();
+                    conns(&mut held.iter()).into_iter().chain(unused).collect()
+                }
+            }
         });
         if only
             .as_ref()
