@@ -860,6 +860,8 @@ async fn bounce_several(kind: Kind) {
     let (mut kills, mut stops) = (0, 0);
     // When each instance was killed or stopped, by PID.
     let mut downed: Vec<(u32, Instant)> = Vec::new();
+    // When each killed instance was killed, by PID (a PID is killed once).
+    let mut killed: Vec<(u32, Instant)> = Vec::new();
     let s360 = matches!(kind, Kind::CrmContactsToS360 | Kind::CrmOffersToS360);
     for round in 0..rounds {
         c.slow_target();
@@ -888,6 +890,7 @@ async fn bounce_several(kind: Kind) {
                 c.progress()
             );
         } else {
+            killed.push((instances[i].pid(), Instant::now()));
             instances[i].kill9();
             kills += 1;
             eprintln!(
@@ -920,7 +923,7 @@ async fn bounce_several(kind: Kind) {
     );
     assert!(holders.iter().all(Option::is_some), "{holders:?}");
     let (calls, callers) =
-        std::panic::catch_unwind(|| one_instance_at_a_time(&c.s.callers.calls(), &downed))
+        std::panic::catch_unwind(|| one_instance_at_a_time(&c.s.callers.calls(), &killed, &downed))
             .unwrap_or_else(|_| panic!("two instances at once; their logs:\n{}", logs()));
     if s360 {
         s360_limits_held(&c.s.callers.calls(), &downed);
@@ -940,9 +943,13 @@ async fn bounce_several(kind: Kind) {
 /// (the test's only stream). A call still in flight when its instance was killed is not
 /// counted (a dead process is inside no run). Returns the number of calls checked and of
 /// the instances that made them.
-fn one_instance_at_a_time(calls: &[CallerCall], downed: &[(u32, Instant)]) -> (usize, usize) {
+fn one_instance_at_a_time(
+    calls: &[CallerCall],
+    killed: &[(u32, Instant)],
+    downed: &[(u32, Instant)],
+) -> (usize, usize) {
     let me = std::process::id();
-    let killed_at = |pid: u32| downed.iter().find(|(p, _)| *p == pid).map(|(_, t)| *t);
+    let killed_at = |pid: u32| killed.iter().find(|(p, _)| *p == pid).map(|(_, t)| *t);
     let mut ours: Vec<&CallerCall> = calls
         .iter()
         .filter(|c| c.pid.is_some_and(|p| p != me))

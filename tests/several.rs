@@ -410,23 +410,6 @@ async fn a_holder_woken_up_after_its_lease_calls_no_vendor() {
         .filter(|c| c.pid.is_some_and(|p| p == a.pid() || p == b.pid()))
         .collect();
     calls.sort_by_key(|c| c.received);
-    if std::env::var("DEBUG_CALLS").is_ok() {
-        let t0 = calls[0].received;
-        for c in &calls {
-            eprintln!(
-                "{:?} {:>8.3} {:>8.3} {} {} {}",
-                c.pid,
-                c.received.duration_since(t0).as_secs_f64(),
-                c.answered.duration_since(t0).as_secs_f64(),
-                c.method,
-                c.path,
-                c.status
-            );
-        }
-        for (p, t) in &woken {
-            eprintln!("woken {p} at {:.3}", t.duration_since(t0).as_secs_f64());
-        }
-    }
     for c in &calls {
         let others: Vec<_> = calls.iter().filter(|o| o.pid != c.pid).collect();
         let before = others.iter().rev().find(|o| o.received <= c.received);
