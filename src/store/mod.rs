@@ -225,6 +225,8 @@ enum Backend {
         rt: tokio::runtime::Handle,
         /// `postgres://user@host/db`, for messages (never a password).
         label: String,
+        /// When the tables looked up by key are analyzed next.
+        growth: pg::Growth,
     },
 }
 
@@ -497,6 +499,7 @@ impl Store {
                 pool,
                 rt: tokio::runtime::Handle::current(),
                 label: label.clone(),
+                growth: pg::Growth::default(),
             }),
             fence: None,
         };
@@ -710,7 +713,19 @@ impl Store {
 
     /// Commits one page: new cursor, links, outbox rows, ledger rows and dead letters, atomically.
     pub async fn commit_page(&self, page: PageCommit) -> Result<()> {
-        self.write(move |db| q::commit_page(db, &page)).await
+        let grew = [("links", page.links.len()), ("ledger", page.ledger.len())];
+        self.write(move |db| q::commit_page(db, &page)).await?;
+        if let Backend::Postgres {
+            pool, rt, growth, ..
+        } = &*self.db
+        {
+            for (table, rows) in grew {
+                if growth.wrote(table, rows) {
+                    pg::analyze(pool, rt, table);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Resets a stream's cursor to the start (links, ledger and outbox are kept, so the

@@ -308,6 +308,87 @@ pub async fn run(
     let mut dry_created: HashSet<String> = HashSet::new();
 
     let mut cursor = ctx.store.cursor(&spec.name).await?;
+    // A page's commit runs while the next page is worked on; whatever ends the run, the
+    // commit in flight lands (or fails) before the run says how it ended.
+    let mut in_flight: Option<InFlight> = None;
+    let pages = pages(
+        ctx,
+        opts,
+        &source,
+        &halo,
+        &mapper,
+        limit,
+        &mut lookup,
+        &mut dry_created,
+        &mut cursor,
+        counts,
+        &mut mode,
+        &mut in_flight,
+    )
+    .await;
+    let landed = match in_flight.take() {
+        Some(f) => f.land(&spec.name).await,
+        None => Ok(()),
+    };
+    let flow = pages?;
+    landed?;
+    Ok(flow)
+}
+
+/// A page's commit, sent and not yet known to have landed.
+struct InFlight {
+    commit: tokio::task::JoinHandle<Result<(), crate::store::StoreError>>,
+    /// The counts when the page was done, for the progress line once it landed.
+    counts: Counts,
+}
+
+impl InFlight {
+    fn send(ctx: &RunCtx, page: PageCommit, counts: Counts) -> InFlight {
+        let store = ctx.store.clone();
+        let (stream, events) = (page.stream.clone(), page.links.len());
+        InFlight {
+            commit: tokio::spawn(async move {
+                let t = std::time::Instant::now();
+                store.commit_page(page).await?;
+                tracing::debug!(stream = %stream, links = events, commit_ms = t.elapsed().as_millis() as u64, "page committed");
+                Ok(())
+            }),
+            counts,
+        }
+    }
+
+    async fn land(self, stream: &str) -> Result<(), RunError> {
+        self.commit
+            .await
+            .map_err(|e| crate::store::StoreError::Task(e.to_string()))??;
+        progress::page(stream, &self.counts);
+        Ok(())
+    }
+}
+
+/// The run's pages, one after the other. Page N's commit (its cursor, links and dead
+/// letters in one transaction) runs while page N+1 is read, matched and written to Halo:
+/// on PostgreSQL that hides the commit's round trips and log flush. Page N+1 sees page N's
+/// links from memory (`overlay`), committed or not: the stream's links are written by
+/// this run alone. If page N's commit fails, the run fails before page N+1 commits, and
+/// the next run redoes both pages from page N's cursor: what page N+1 wrote to Halo is
+/// found again by the SeatGeek ID, as after a crash between a write and its commit.
+#[allow(clippy::too_many_arguments)] // the run's pieces; one call site
+async fn pages(
+    ctx: &RunCtx,
+    opts: &HaloOptions,
+    source: &SeatGeekSource,
+    halo: &HaloClient,
+    mapper: &Mapper,
+    limit: Option<u64>,
+    lookup: &mut Option<Lookup>,
+    dry_created: &mut HashSet<String>,
+    cursor: &mut Option<String>,
+    counts: &mut Counts,
+    mode: &mut RunMode<'_>,
+    in_flight: &mut Option<InFlight>,
+) -> Result<Flow, RunError> {
+    let spec = &ctx.spec;
     let mut taken = 0u64;
     let mut empty_pages = crate::engine::EmptyPages::default();
     let page_limit = |taken: u64| -> u32 {
@@ -318,6 +399,8 @@ pub async fn run(
     };
     // The next page, read (not parsed) while the current one was written.
     let mut prefetched: Option<Result<PageBody, SourceError>> = None;
+    // The links of the page whose commit is in flight.
+    let mut overlay: HashMap<String, String> = HashMap::new();
     loop {
         if limit.is_some_and(|l| taken >= l) {
             return Ok(Flow::Done);
@@ -336,11 +419,11 @@ pub async fn run(
         if page.has_more
             && !page.events.is_empty()
             && cursor.is_some()
-            && page.next_cursor == cursor
+            && page.next_cursor == *cursor
         {
             return Err(SourceError::Stuck {
-                conn: source_conn.name.clone(),
-                cursor,
+                conn: spec.source.clone(),
+                cursor: cursor.clone(),
             }
             .into());
         }
@@ -352,44 +435,56 @@ pub async fn run(
         // Read the next page while this one is written (reads only; dropped if unused).
         let more = page.has_more && limit.is_none_or(|l| taken < l);
         let dry_run = mode.dry_run;
+        let t_work = std::time::Instant::now();
         let work = process_page(
             ctx,
             opts,
-            &halo,
-            &mapper,
-            &mut lookup,
+            halo,
+            mapper,
+            lookup,
             &page,
+            &overlay,
             counts,
-            &mut mode,
-            &mut dry_created,
+            mode,
+            dry_created,
         );
-        let t_work = std::time::Instant::now();
-        let commit = if more && !dry_run {
-            let (w, p) = tokio::join!(
-                work,
-                source.fetch(next.as_deref(), page_limit(taken), &ctx.cancel)
-            );
-            prefetched = Some(p);
-            w?
-        } else {
-            work.await?
+        let fetch = async {
+            if more && !dry_run {
+                Some(
+                    source
+                        .fetch(next.as_deref(), page_limit(taken), &ctx.cancel)
+                        .await,
+                )
+            } else {
+                None
+            }
         };
-        let work_ms = t_work.elapsed().as_millis() as u64;
-        let t_commit = std::time::Instant::now();
+        let landed = async {
+            match in_flight.take() {
+                Some(f) => f.land(&spec.name).await,
+                None => Ok(()),
+            }
+        };
+        let (w, p, landed) = tokio::join!(work, fetch, landed);
+        prefetched = p;
+        landed?;
+        let commit = w?;
+        tracing::debug!(stream = %spec.name, events = n, work_ms = t_work.elapsed().as_millis() as u64, "page worked");
         if !mode.dry_run {
-            ctx.store
-                .commit_page(PageCommit {
+            overlay = commit.links.iter().cloned().collect();
+            *in_flight = Some(InFlight::send(
+                ctx,
+                PageCommit {
                     stream: spec.name.clone(),
                     cursor: Some(next.clone()),
                     links: commit.links,
                     dead_letters: commit.dead,
                     ..Default::default()
-                })
-                .await?;
-            progress::page(&ctx.spec.name, counts);
+                },
+                *counts,
+            ));
         }
-        tracing::debug!(stream = %spec.name, events = n, work_ms, commit_ms = t_commit.elapsed().as_millis() as u64, "page committed");
-        cursor = next;
+        *cursor = next;
         if !page.has_more || empty_pages.end_run(&spec.name, page.events.is_empty()) {
             return Ok(Flow::Done);
         }
@@ -425,6 +520,7 @@ async fn process_page(
     mapper: &Mapper,
     lookup: &mut Option<Lookup>,
     page: &EventPage,
+    overlay: &HashMap<String, String>,
     counts: &mut Counts,
     mode: &mut RunMode<'_>,
     dry_created: &mut HashSet<String>,
@@ -501,12 +597,16 @@ async fn process_page(
         .iter()
         .map(|&i| events[i].user_id.clone().expect("winners have IDs"))
         .collect();
-    let links: HashMap<String, String> = ctx
-        .store
-        .links(&spec.name, ids)
-        .await?
-        .into_iter()
-        .collect();
+    let mut links: HashMap<String, String> = HashMap::with_capacity(ids.len());
+    for id in &ids {
+        if let Some(t) = overlay.get(id) {
+            links.insert(id.clone(), t.clone());
+        }
+    }
+    // The page before's links (in flight) win over what the store shows of them.
+    for (s, t) in ctx.store.links(&spec.name, ids).await? {
+        links.entry(s).or_insert(t);
+    }
     let unlinked: Vec<usize> = todo
         .iter()
         .copied()
