@@ -890,7 +890,10 @@ mod tests {
         // This test process started before this line, and not long before. `btime` is in
         // whole seconds and follows the wall clock's adjustments: a second or two of slack
         // (seen failing once by a fraction, beside a busy build).
-        assert!(start <= now + 2.0 && start > now - 3600.0, "{start} vs {now}");
+        assert!(
+            start <= now + 2.0 && start > now - 3600.0,
+            "{start} vs {now}"
+        );
     }
 
     #[test]

@@ -223,6 +223,8 @@ enum Backend {
     Postgres {
         pool: deadpool_postgres::Pool,
         rt: tokio::runtime::Handle,
+        /// The runtime `rt` belongs to, which drives the connections (`pg::IoRuntime`).
+        _io: pg::IoRuntime,
         /// `postgres://user@host/db`, for messages (never a password).
         label: String,
         /// When the tables looked up by key are analyzed next.
@@ -483,7 +485,7 @@ impl Store {
 
     /// Opens the state on PostgreSQL (several instances): a pool, the migrations run under
     /// an advisory lock (so instances starting together migrate once), a newer schema
-    /// refused. Must run inside the runtime (its connections are tasks on it).
+    /// refused. Its connections are driven by a runtime of their own (`pg::IoRuntime`).
     pub async fn open_postgres(settings: &pg::PgSettings) -> Result<Store> {
         let label = pg::redact_url(&settings.url);
         let pool = pg::pool(settings).map_err(|message| StoreError::Db {
@@ -494,10 +496,19 @@ impl Store {
             },
             hint: String::new(),
         })?;
+        let io = pg::IoRuntime::start().map_err(|e| StoreError::Db {
+            what: label.clone(),
+            error: DbError {
+                kind: DbErrorKind::Other,
+                message: format!("cannot start the database I/O thread: {e}"),
+            },
+            hint: String::new(),
+        })?;
         let store = Store {
             db: Arc::new(Backend::Postgres {
                 pool,
-                rt: tokio::runtime::Handle::current(),
+                rt: io.handle(),
+                _io: io,
                 label: label.clone(),
                 growth: pg::Growth::default(),
             }),
