@@ -464,7 +464,7 @@ fn build_connection(
     );
     let default_rate_limit = match kind {
         // S-360
-        Some(ConnectionKind::S360) => Some(super::s360::S360_RATE_LIMIT),
+        Some(ConnectionKind::S360) => Some(super::S360_RATE_LIMIT),
         _ => None,
     };
     let rate_limit = raw.rate_limit.as_ref().map_or(default_rate_limit, |r| {

@@ -17,32 +17,14 @@ use url::Url;
 use super::load::{Layers, Problem};
 use super::raw::{RawAuth, RawConnection, RawStream};
 use super::values::{build_auth, duration, secret};
-use super::{Auth, Connection, ConnectionKind, FeedOptions, RateLimit, StreamKind, WebhookOptions};
-use crate::mapping::Mapping;
-use crate::secret::Secret;
-
-/// S-360's documented limit: 180 calls per minute per instance, all endpoints together.
-pub const S360_RATE_LIMIT: RateLimit = RateLimit {
-    calls: 180,
-    per: Duration::from_secs(60),
+use super::{
+    Auth, Connection, ConnectionKind, FeedOptions, RateLimit, S360Account, StreamKind,
+    WebhookOptions,
 };
-/// S-360's documented window: what a 509/429 without `Retry-After` means.
-pub const S360_RATE_WINDOW: Duration = Duration::from_secs(20);
+use crate::mapping::Mapping;
+
 /// Default body limit of the receiver (S-360 sends at most `bs` records per POST).
 pub const DEFAULT_MAX_BODY: usize = 10 * 1024 * 1024;
-
-/// One S-360 instance's API account.
-#[derive(Debug, Clone)]
-pub struct S360Account {
-    /// The institution code: the JWT's `sub`, the default host, the budget's key.
-    pub institution: String,
-    /// The JWT's `aud`.
-    pub virtual_operator: String,
-    /// The JWT's `iss`.
-    pub partner_name: String,
-    /// The HS256 key.
-    pub partner_secret: Secret,
-}
 
 /// The largest `max_body` (a record's place in a body is kept in 32 bits).
 pub const MAX_MAX_BODY: usize = 1024 * 1024 * 1024;

@@ -51,6 +51,7 @@ use serde::Deserialize;
 
 use super::load::{Layers, Problem};
 use super::raw::RawConnection;
+use super::values::is_guid;
 use super::{Auth, Connection, ConnectionKind, StreamSpec};
 use crate::secret::Secret;
 
@@ -218,15 +219,6 @@ pub struct SeatsioAccount {
 
 pub const CDP_DEFAULT_BASE: &str = "https://api.cdp.cm.com";
 pub const SEATSIO_REGIONS: &[&str] = &["eu", "na", "sa", "oc"];
-
-pub fn is_guid(s: &str) -> bool {
-    let parts: Vec<&str> = s.split('-').collect();
-    parts.len() == 5
-        && parts
-            .iter()
-            .zip([8, 4, 4, 4, 12])
-            .all(|(p, n)| p.len() == n && p.chars().all(|c| c.is_ascii_hexdigit()))
-}
 
 fn dict_keys(v: Option<Value>) -> Vec<String> {
     v.and_then(|v| v.into_dict())
@@ -987,13 +979,6 @@ mod tests {
             basic_user_only(&Secret::new("abc")).expose(),
             "Basic YWJjOg=="
         );
-    }
-
-    #[test]
-    fn guids() {
-        assert!(is_guid("0d1b2c3d-4e5f-6a7b-8c9d-0e1f2a3b4c5d"));
-        assert!(!is_guid("0d1b2c3d-4e5f-6a7b-8c9d"));
-        assert!(!is_guid("zz1b2c3d-4e5f-6a7b-8c9d-0e1f2a3b4c5d"));
     }
 
     #[test]
