@@ -3,12 +3,18 @@
 //! `usher run`, `usher validate` and every other command load through [`load`], so what
 //! `validate` accepts is exactly what `run` runs. Loading never stops at the first problem:
 //! it returns all of them, each naming the file, the stream or connection, and the key.
+//!
+//! A stream's kind and its options, raw and validated, are not here: `build.rs` reads the
+//! keys every stream has and hands the rest to `streams::options`, which builds the kind
+//! (`StreamKind`, one variant per kind, each kind's options in `streams/<kind>/options.rs`)
+//! that [`StreamSpec`] carries. Those files stand on floors below this module and above
+//! its lower files (`load`, `raw`, `values`, `connection`), so nothing goes round in a circle.
 
 mod build;
 // A connection as validated (below the stream kinds' options, which check a stream's ends).
 pub(crate) mod connection;
-// SeatGeek / Halo
-pub mod halo;
+// SeatGeek / Halo: the connections' checks.
+mod halo;
 // Reading a table with every problem (`Layers`), and each problem (`Problem`).
 pub(crate) mod load;
 // The tables as written, but a stream's (`streams::options::RawStream`).
@@ -37,16 +43,13 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-pub use build::expand;
 pub use load::Problem;
 // S-360
-pub use s360::{
-    IpNet, ReceiverSettings, RelayOptions, S360ContactOptions, S360Entity, S360OfferOptions,
-    default_base_url, parse_size,
-};
+pub use s360::{IpNet, ReceiverSettings, default_base_url, parse_size};
 
 use crate::mapping::Mapping;
 use crate::schedule::Schedule;
+use crate::streams::options::StreamKind;
 
 /// Where to look when no `--config` is given.
 pub const DEFAULT_CONFIG: &str = "/etc/usher/usher.toml";
@@ -137,102 +140,6 @@ pub struct StreamSpec {
     pub mapping: Mapping,
     pub matching: Vec<String>,
     pub kind: StreamKind,
-}
-
-#[derive(Debug, Clone)]
-pub enum StreamKind {
-    FeedToWebhook {
-        feed: FeedOptions,
-        webhook: WebhookOptions,
-    },
-    // S-360
-    /// S-360's webhooks, stored by the receiver, relayed from the inbox to a CRM webhook.
-    S360Relay {
-        relay: RelayOptions,
-        webhook: WebhookOptions,
-    },
-    /// CRM contact changes → `saveIndividualContactData`.
-    CrmToS360Contacts {
-        feed: FeedOptions,
-        contacts: S360ContactOptions,
-    },
-    /// CRM offer requests → one order each through `createOrUpdateOrder`.
-    CrmOffersToS360 {
-        feed: FeedOptions,
-        offers: S360OfferOptions,
-    },
-    // Ticket Co x Airship
-    TicketCoToAirship(TicketCoAirshipOptions),
-    /// CM.com CDP target: contacts from the generic CRM feed as CDP events.
-    FeedToCdp {
-        feed: FeedOptions,
-        cdp: CdpOptions,
-    },
-    // SeatGeek / Halo
-    /// SeatGeek user change events → Halo users (`streams::seatgeek_halo`).
-    SeatGeekToHalo(crate::config::halo::HaloOptions),
-}
-
-impl StreamKind {
-    /// Whether `usher dead-letters retry` can put this stream's dead letters through again.
-    pub fn retries_dead_letters(&self) -> bool {
-        matches!(self, StreamKind::FeedToWebhook { .. })
-    }
-}
-
-// Ticket Co x Airship
-/// `[streams.X.airship]`: the daily Ticket Co bookings → Airship run.
-#[derive(Debug, Clone)]
-pub struct TicketCoAirshipOptions {
-    /// "today" and the venues' local time: the stream's `timezone`, required (the offsets
-    /// in Ticket Co's times change with daylight saving, so they do not give the zone).
-    pub timezone: chrono_tz::Tz,
-    /// Attendance dates from yesterday through today + `days_ahead`.
-    pub days_ahead: u32,
-    /// Ticket Co venue names (`location_name`) to send; others are left out.
-    pub venues: Vec<String>,
-    /// Venue name → Airship unit ID, for venues whose unit is not found by name.
-    pub unit_ids: BTreeMap<String, i64>,
-    /// Ticket Co status → Airship `stage_value`; a status not listed sends no stage.
-    pub stages: BTreeMap<String, i64>,
-    /// Ticket Co `source` → Airship `source_id`.
-    pub sources: BTreeMap<String, i64>,
-    /// Ticket Co `booking_type` → Airship `type_id`.
-    pub types: BTreeMap<String, i64>,
-    /// Event tags that put the contact in a group of the same name on the venue's unit.
-    pub event_tags: Vec<String>,
-    /// The folder those tag groups go in, if any.
-    pub tag_folder: Option<String>,
-    /// The group every contact joins on the booked venue's unit.
-    pub booking_group: String,
-    /// The first run imports from this date (attendance date), not from yesterday.
-    pub backfill_from: Option<chrono::NaiveDate>,
-    /// `source_name` on contacts written.
-    pub source_name: String,
-}
-
-#[derive(Debug, Clone)]
-pub struct FeedOptions {
-    pub path: String,
-    pub cursor_param: String,
-    pub limit_param: Option<String>,
-    pub items: String,
-    pub next_cursor: String,
-    pub has_more: String,
-    pub id: String,
-    pub changed_at: String,
-}
-
-/// `[streams.X.cdp]`: the CDP event type; the mapping's target fields are its field labels.
-#[derive(Debug, Clone)]
-pub struct CdpOptions {
-    pub event_type_id: String,
-}
-
-#[derive(Debug, Clone)]
-pub struct WebhookOptions {
-    pub url: String,
-    pub accepted_statuses: Vec<u16>,
 }
 
 /// How a load was asked for: the main file and whether `USHER_` variables apply.

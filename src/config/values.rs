@@ -14,7 +14,7 @@ use crate::schedule::parse_duration;
 use crate::secret::Secret;
 
 /// How a connection authenticates (or how S-360 authenticates to the receiver), as built by
-/// [`build_auth`] from an `auth` block or by a vendor kind from its account keys.
+/// `build_auth` from an `auth` block or by a vendor kind from its account keys.
 #[derive(Debug, Clone)]
 pub enum Auth {
     None,
@@ -285,7 +285,7 @@ pub(super) fn url(l: &mut Layers, scope: &str, key: &str, text: &str) -> Option<
     }
 }
 
-pub(super) fn build_auth(
+pub(crate) fn build_auth(
     l: &mut Layers,
     scope: &str,
     prefix: &str,

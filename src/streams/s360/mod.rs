@@ -23,16 +23,15 @@ use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use crate::config::{
-    BadRecordPolicy, FeedOptions, RelayOptions, S360ContactOptions, S360Entity, S360OfferOptions,
-    WebhookOptions,
-};
+use crate::config::BadRecordPolicy;
 use crate::connectors::feed::FeedSource;
 use crate::connectors::s360::{S360Client, S360Error, id_text};
 use crate::engine::{Flow, RunCtx, RunError, record_id};
 use crate::mapping::lookup;
 use crate::store::{Counts, DeadLetter, LedgerRow, PageCommit};
+use crate::streams::feed_webhook::options::{FeedOptions, WebhookOptions};
 use crate::streams::feed_webhook::{deliver, webhook_target};
+use options::{RelayOptions, S360ContactOptions, S360Entity, S360OfferOptions};
 
 fn parse_time(v: Option<&Value>) -> Option<DateTime<Utc>> {
     DateTime::parse_from_rfc3339(v?.as_str()?)
@@ -99,6 +98,8 @@ fn refused_record(
 // stays here.
 mod contacts;
 mod offers;
+// The three kinds' options, raw and validated (below `config`, which carries them).
+pub mod options;
 mod relay;
 pub use contacts::*;
 pub use offers::*;
