@@ -2,6 +2,7 @@
 # Checks the .deb that build-deb.sh made, with the real tools:
 #   1. its contents: binary, unit, man pages usher(1) and usher.toml(5), and a postrm (and
 #      no demo: the fakes are usher-sandbox's, not the product's); a maintainer that is not a placeholder;
+#      a version that is the changelog's top entry;
 #   2. lintian: no error and no warning (but initial-upload-closes-no-bugs, which is about
 #      the Debian archive's ITP bug, not the package); skipped without lintian
 #      (apt-get install lintian);
@@ -11,7 +12,9 @@
 #      and purges it again); do not run it where usher is installed for real.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-deb=$(ls -t target/debian/usher_*.deb | head -n1)
+# Where build-deb.sh put it: Cargo's target directory (CARGO_TARGET_DIR, else ./target).
+target=$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
+deb=$(ls -t "$target"/debian/usher_*.deb | head -n1)
 fail=0
 ok() { echo "ok: $*"; }
 bad() { echo "FAIL: $*"; fail=1; }
@@ -30,6 +33,13 @@ if grep -q 'if \[ "$1" = "purge" \]' "$ctl/postrm" && grep -q 'rm -rf /var/lib/u
     ok "postrm removes the state on purge"
 else
     bad "postrm without the purge step"
+fi
+version=$(dpkg-deb -f "$deb" Version)
+top=$(sed -n '1s/^usher (\([^)]*\)).*/\1/p' packaging/debian/changelog)
+if [ "$version" = "$top" ]; then
+    ok "Version $version is the changelog's top entry"
+else
+    bad "Version $version, but the changelog's top entry is $top (set \`revision\` in Cargo.toml)"
 fi
 maintainer=$(dpkg-deb -f "$deb" Maintainer)
 case "$maintainer" in
@@ -61,7 +71,9 @@ if [ "${1:-}" = "--install" ]; then
     id usher >/dev/null && ok "installed: user usher" || bad "no user usher after install"
     [ -d /var/lib/usher ] && ok "installed: /var/lib/usher" || bad "no /var/lib/usher after install"
     if (cd / && usher validate >/dev/null); then ok "usher validate runs from /"; else bad "usher validate from /"; fi
-    touch /var/lib/usher/marker
+    # A failed check above must not stop the script with usher installed: the remove and
+    # purge below run whatever it found.
+    touch /var/lib/usher/marker 2>/dev/null || bad "cannot write in /var/lib/usher"
     dpkg -r usher >/dev/null
     [ -e /var/lib/usher/marker ] && id usher >/dev/null && ok "remove keeps the state and the user" ||
         bad "remove deleted the state or the user"

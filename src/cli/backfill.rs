@@ -12,12 +12,13 @@ use tokio_util::sync::CancellationToken;
 
 use super::ops::{known_stream, load, store_error};
 use super::{EX_CONFIG, EX_FAIL, EX_OK};
-use crate::config::{self, StreamKind};
+use crate::config;
 use crate::engine::control;
 use crate::engine::in_doubt::InDoubt;
 use crate::engine::lock::{self, LockError};
 use crate::engine::{Backfill, RunCtx, run_stream};
 use crate::http::Http;
+use crate::streams::options::StreamKind;
 
 pub async fn backfill(source: config::Source, stream: &str, from: NaiveDate) -> i32 {
     let config = match load(&source) {

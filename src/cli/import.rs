@@ -10,11 +10,12 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use super::{EX_DATAERR, EX_FAIL, EX_OK, report_problems};
-use crate::config::{self, StreamKind};
+use crate::config;
 use crate::engine::in_doubt::InDoubt;
 use crate::engine::{RunCtx, control, lock};
 use crate::http::Http;
 use crate::store::{Counts, Store};
+use crate::streams::options::StreamKind;
 use crate::streams::seatgeek_halo::{self, EventLine, RunMode};
 
 pub async fn import(source: config::Source, stream: &str, limit: u64, dry_run: bool) -> i32 {

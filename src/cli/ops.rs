@@ -172,11 +172,11 @@ pub async fn validate(source: config::Source, online: bool) -> i32 {
     // venues map to Airship units; SeatGeek → Halo's default site and custom fields.
     for spec in config.streams.values() {
         let lines = match &spec.kind {
-            config::StreamKind::TicketCoToAirship(o) => {
+            crate::streams::options::StreamKind::TicketCoToAirship(o) => {
                 crate::streams::ticketco_airship::check_venues(&http, &config, spec, o, &cancel)
                     .await
             }
-            config::StreamKind::SeatGeekToHalo(o) => {
+            crate::streams::options::StreamKind::SeatGeekToHalo(o) => {
                 crate::streams::seatgeek_halo::check_options(&http, &config, spec, o, &cancel).await
             }
             _ => Vec::new(),

@@ -14,6 +14,7 @@ use super::values::{build_auth, duration, secret, url};
 use super::*;
 use crate::mapping::Mapping;
 use crate::schedule::{Schedule, parse_duration, parse_tz};
+use crate::streams::options::{self, RawStream, StreamKind};
 
 const TOP_LEVEL: &[&str] = &[
     "daemon",
@@ -464,7 +465,7 @@ fn build_connection(
     );
     let default_rate_limit = match kind {
         // S-360
-        Some(ConnectionKind::S360) => Some(super::s360::S360_RATE_LIMIT),
+        Some(ConnectionKind::S360) => Some(super::S360_RATE_LIMIT),
         _ => None,
     };
     let rate_limit = raw.rate_limit.as_ref().map_or(default_rate_limit, |r| {
@@ -649,34 +650,16 @@ fn build_stream(
     let source_kind = kind_of(l, &source, &raw.source);
     let target_kind = kind_of(l, &target, &raw.target);
 
-    // Ticket Co x Airship
-    let is_ticketco_airship = source_kind == Some(ConnectionKind::TicketCo)
-        && target_kind == Some(ConnectionKind::Airship);
-
-    // Ticket Co x Airship: the venues' time zone. The window's "today" and the local times
-    // sent to Airship are the venue's, so it is required: never a silent UTC.
-    let venue_tz = if is_ticketco_airship {
-        match raw.timezone.as_deref().map(parse_tz) {
-            None => {
-                l.problem(
-                    &scope,
-                    &key("timezone"),
-                    "missing key `timezone` (the venues' time zone, e.g. \"Europe/Oslo\"): a Ticket Co → Airship \
-                     stream takes \"today\" (its window of attendance dates) and the local times it sends to \
-                     Airship (`party_datetime`, `party_enquirytime`) in it; the offsets in Ticket Co's times are \
-                     not a zone (they change with daylight saving), so usher does not guess it",
-                );
-                None
-            }
-            Some(Ok(tz)) => Some(tz),
-            Some(Err(e)) => {
-                l.problem(&scope, &key("timezone"), e.to_string());
-                None
-            }
-        }
-    } else {
-        None
-    };
+    // What the kind fills in for the keys every stream has: a zone of its own, a default
+    // schedule and entity (Ticket Co → Airship: the venues' zone, required).
+    let defaults = options::KindDefaults::of(
+        l,
+        &scope,
+        &prefix,
+        source_kind,
+        target_kind,
+        raw.timezone.as_deref(),
+    );
 
     // Schedule.
     let jitter = raw.jitter.as_ref().map(|j| match parse_duration(j) {
@@ -695,10 +678,12 @@ fn build_stream(
             );
             None
         }
-        // Ticket Co x Airship: daily at 03:00 in the stream's timezone unless told otherwise.
-        (None, None) if is_ticketco_airship => {
-            venue_tz.and_then(|tz| Schedule::cron("0 3 * * *", tz).ok())
-        }
+        // The kind's own schedule (Ticket Co → Airship: daily at 03:00 in the venues' zone).
+        (None, None) if defaults.cron.is_some() => defaults
+            .zone
+            .flatten()
+            .zip(defaults.cron)
+            .and_then(|(tz, cron)| Schedule::cron(cron, tz).ok()),
         (None, None) => {
             l.problem(
                 &scope,
@@ -708,9 +693,9 @@ fn build_stream(
             None
         }
         (Some(every), None) => {
-            // (A Ticket Co → Airship stream's `timezone` is its venues' zone, whatever its
-            // schedule.)
-            if raw.timezone.is_some() && !is_ticketco_airship {
+            // (The `timezone` of a kind with a zone of its own is that zone, whatever its
+            // schedule: Ticket Co → Airship's venues'.)
+            if raw.timezone.is_some() && defaults.zone.is_none() {
                 l.problem(
                     &scope,
                     &key("timezone"),
@@ -729,11 +714,11 @@ fn build_stream(
             }
         }
         (None, Some(cron)) => {
-            let tz = match raw.timezone.as_deref() {
+            let tz = match (defaults.zone, raw.timezone.as_deref()) {
                 // Required and checked above.
-                _ if is_ticketco_airship => venue_tz,
-                None => Some(chrono_tz::Tz::UTC),
-                Some(t) => match parse_tz(t) {
+                (Some(zone), _) => zone,
+                (None, None) => Some(chrono_tz::Tz::UTC),
+                (None, Some(t)) => match parse_tz(t) {
                     Ok(tz) => Some(tz),
                     Err(e) => {
                         l.problem(&scope, &key("timezone"), e.to_string());
@@ -817,49 +802,6 @@ fn build_stream(
         }
     }
 
-    // What the source reads and the target writes, each checked on its own so that a bad
-    // source does not hide the target's problems.
-    let feed = match source.as_ref().map(|s| s.kind) {
-        Some(ConnectionKind::Crm) => {
-            let f = raw.feed.as_ref();
-            Some(FeedOptions {
-                path: f
-                    .and_then(|f| f.path.clone())
-                    .unwrap_or_else(|| "/api/changes?entity={entity}".into()),
-                cursor_param: f
-                    .and_then(|f| f.cursor_param.clone())
-                    .unwrap_or_else(|| "cursor".into()),
-                limit_param: f
-                    .and_then(|f| f.limit_param.clone())
-                    .or_else(|| Some("limit".into())),
-                items: f
-                    .and_then(|f| f.items.clone())
-                    .unwrap_or_else(|| "items".into()),
-                next_cursor: f
-                    .and_then(|f| f.next_cursor.clone())
-                    .unwrap_or_else(|| "next".into()),
-                has_more: f
-                    .and_then(|f| f.has_more.clone())
-                    .unwrap_or_else(|| "has_more".into()),
-                id: f.and_then(|f| f.id.clone()).unwrap_or_else(|| "id".into()),
-                changed_at: f
-                    .and_then(|f| f.changed_at.clone())
-                    .unwrap_or_else(|| "updated_at".into()),
-            })
-        }
-        // Integration settings branch: cdp and seatsio are not sources.
-        Some(k @ (ConnectionKind::Cdp | ConnectionKind::Seatsio)) => {
-            l.problem(
-                &scope,
-                &key("source"),
-                format!("a connection of kind {} cannot be a source", k.as_str()),
-            );
-            None
-        }
-        // S-360
-        Some(ConnectionKind::S360) | None => None,
-        _ => None,
-    };
     // S-360: a stream from S-360 takes its institution from the connection by default.
     let institution = raw.institution.clone().or_else(|| {
         source
@@ -867,88 +809,23 @@ fn build_stream(
             .and_then(|s| s.s360.as_ref())
             .map(|a| a.institution.clone())
     });
-    // CM.com CDP target (settings.rs); also refuses seatsio as a target.
-    let cdp =
-        super::settings::cdp_target(l, &scope, &prefix, &raw, target.as_deref(), max_per_payload);
-    let target_is_webhook = target
-        .as_ref()
-        .map(|t| t.kind == ConnectionKind::Crm)
-        .unwrap_or_else(|| {
-            // Unknown target: still check the webhook table when the target's kind is written down.
-            raw.target
-                .as_ref()
-                .and_then(|t| l.figment.find_value(&format!("connections.{t}.kind")).ok())
-                .and_then(|v| v.into_string())
-                .is_some_and(|k| k == "crm")
-        });
-    let webhook = if target_is_webhook {
-        let url = match raw.webhook.as_ref().and_then(|w| w.url.clone()) {
-            Some(u) => u,
-            None => {
-                l.problem(
-                    &scope,
-                    &key("webhook.url"),
-                    "missing key `url` (the CRM's webhook URL or path)",
-                );
-                String::new()
-            }
-        };
-        if !url.is_empty() {
-            let expanded = expand(&url, name, institution.as_deref(), &raw.entity);
-            if expanded.contains('{') {
-                l.problem(
-                    &scope,
-                    &key("webhook.url"),
-                    "unknown placeholder (known: {stream}, {institution}, {entity}); {institution} needs `institution`",
-                );
-            } else if let Some(t) = &target
-                && t.base_url.join(&expanded).is_err()
-            {
-                l.problem(
-                    &scope,
-                    &key("webhook.url"),
-                    format!("{url:?} is not a URL or path"),
-                );
-            }
-        }
-        let accepted_statuses = raw
-            .webhook
-            .as_ref()
-            .and_then(|w| w.accepted_statuses.clone())
-            .unwrap_or_else(|| vec![200]);
-        if accepted_statuses.iter().any(|s| !(200..300).contains(s)) || accepted_statuses.is_empty()
-        {
-            l.problem(
-                &scope,
-                &key("webhook.accepted_statuses"),
-                "accepted statuses must be 2xx codes",
-            );
-        }
-        Some(WebhookOptions {
-            url,
-            accepted_statuses,
-        })
-    } else {
-        if raw.webhook.is_some() && target.is_some() {
-            l.problem(
-                &scope,
-                &key("webhook"),
-                "`webhook` applies only to a target of kind crm",
-            );
-        }
-        None
+    // The kind: what its source reads and its target writes, each checked on its own (also
+    // with a connection broken), then, with both ends sound, the kind they make and its
+    // options (streams/options.rs, which holds each kind's table as written and its variant).
+    let stream = options::Stream {
+        name,
+        scope: &scope,
+        prefix: &prefix,
+        raw: &raw,
+        source: source.as_deref(),
+        target: target.as_deref(),
+        source_kind,
+        target_kind,
+        institution: institution.as_deref(),
+        max_per_payload,
+        zone: defaults.zone.flatten(),
     };
-    if raw.feed.is_some()
-        && source
-            .as_ref()
-            .is_some_and(|s| s.kind != ConnectionKind::Crm)
-    {
-        l.problem(
-            &scope,
-            &key("feed"),
-            "`feed` applies only to a source of kind crm",
-        );
-    }
+    let ends = options::Ends::build(l, &stream);
     if raw.max_per_payload.is_some() && max_per_payload > max_per_run {
         l.problem(
             &scope,
@@ -960,79 +837,20 @@ fn build_stream(
     }
     // The rest depends on what the connections are: not checked with one of them broken.
     if broken {
-        if raw.entity.is_none() && !is_ticketco_airship {
+        if raw.entity.is_none() && defaults.entity.is_none() {
             l.problem(
                 &scope,
                 &key("entity"),
                 "missing key `entity` (what the source reads, e.g. \"contact\")",
             );
         }
-        // The stream's own secret (what S-360 sends to the receiver) is its own problem.
-        if let Some(a) = raw.s360.as_ref().and_then(|s| s.auth.as_ref()) {
-            build_auth(l, &scope, &key("s360.auth"), a, config_dir, warnings);
-        }
+        options::check_own_secrets(l, &stream, config_dir, warnings);
         return None;
     }
-    // SeatGeek / Halo
-    let halo = super::halo::build_stream_kind(
-        l,
-        &scope,
-        &prefix,
-        &raw,
-        source.as_deref(),
-        target.as_deref(),
-        &mut mapping,
-    );
-    // end SeatGeek / Halo
-    let kind = match (feed, webhook) {
-        // SeatGeek / Halo
-        _ if halo.is_some() => halo.map(StreamKind::SeatGeekToHalo),
-        (Some(feed), Some(webhook))
-            if source
-                .as_ref()
-                .is_some_and(|s| s.kind == ConnectionKind::Crm)
-                && target
-                    .as_ref()
-                    .is_some_and(|t| t.kind == ConnectionKind::Crm) =>
-        {
-            Some(StreamKind::FeedToWebhook { feed, webhook })
-        }
-        // CM.com CDP target (settings.rs).
-        (Some(feed), None) if cdp.is_some() => cdp.map(|cdp| StreamKind::FeedToCdp { feed, cdp }),
-        // S-360
-        (feed, webhook) => super::s360::stream_kind(
-            l,
-            &scope,
-            &prefix,
-            &raw,
-            source.as_ref(),
-            target.as_ref(),
-            feed,
-            webhook,
-            &mut mapping,
-            config_dir,
-            warnings,
-        ),
-    };
-    // Ticket Co x Airship
-    let mut kind = kind;
+    let kind = options::build(l, &stream, ends, &mut mapping, config_dir, warnings);
     let mut raw = raw;
-    if is_ticketco_airship {
-        kind = super::ticketco_airship::stream_options(
-            l,
-            &scope,
-            &prefix,
-            raw.airship.as_ref(),
-            venue_tz,
-        )
-        .map(StreamKind::TicketCoToAirship);
-        raw.entity.get_or_insert_with(|| "booking".into());
-    } else if raw.airship.is_some() {
-        l.problem(
-            &scope,
-            &key("airship"),
-            "`airship` applies only to a stream from a ticketco source to an airship target",
-        );
+    if let Some(entity) = defaults.entity {
+        raw.entity.get_or_insert_with(|| entity.into());
     }
     if let Some(k) = &kind {
         unused_keys(l, &scope, &prefix, &raw, k);
@@ -1066,46 +884,6 @@ fn build_stream(
     })
 }
 
-/// The generic stream keys that a kind's runs do not read, and the kind's name. A key that
-/// validates must do something: written on a stream whose runs ignore it, it is refused.
-pub(super) fn unused_keys_of(kind: &StreamKind) -> (&'static str, &'static [&'static str]) {
-    match kind {
-        StreamKind::FeedToWebhook { .. } => ("crm → crm webhook", &[]),
-        // S-360
-        StreamKind::S360Relay { .. } => ("s360 → crm relay", &["matching"]),
-        // One call per record: no payloads; no URL to fill `{institution}` in.
-        StreamKind::CrmToS360Contacts { .. } => (
-            "crm → s360 contacts",
-            &["max_per_payload", "matching", "institution"],
-        ),
-        StreamKind::CrmOffersToS360 { .. } => (
-            "crm → s360 offers",
-            &["max_per_payload", "matching", "institution"],
-        ),
-        // Ticket Co x Airship: a window of dates, its own options (`[streams.X.airship]`).
-        StreamKind::TicketCoToAirship(_) => (
-            "ticketco → airship",
-            &[
-                "page_size",
-                "max_per_run",
-                "max_per_payload",
-                "oldest",
-                "on_bad_record",
-                "matching",
-                "mapping",
-                "static",
-                "institution",
-            ],
-        ),
-        StreamKind::FeedToCdp { .. } => ("crm → cdp", &["matching", "institution"]),
-        // SeatGeek / Halo: users per POST is `halo.batch_size`.
-        StreamKind::SeatGeekToHalo(_) => (
-            "seatgeek → halo",
-            &["max_per_payload", "matching", "institution"],
-        ),
-    }
-}
-
 fn unused_keys(l: &mut Layers, scope: &str, prefix: &str, raw: &RawStream, kind: &StreamKind) {
     let written = [
         ("page_size", raw.page_size.is_some()),
@@ -1118,7 +896,7 @@ fn unused_keys(l: &mut Layers, scope: &str, prefix: &str, raw: &RawStream, kind:
         ("static", raw.statics.is_some()),
         ("institution", raw.institution.is_some()),
     ];
-    let (name, unused) = unused_keys_of(kind);
+    let (name, unused) = kind.unused_keys();
     for (k, set) in written {
         if set && unused.contains(&k) {
             l.problem(
@@ -1128,23 +906,6 @@ fn unused_keys(l: &mut Layers, scope: &str, prefix: &str, raw: &RawStream, kind:
             );
         }
     }
-}
-
-/// Fills `{stream}`, `{institution}` and `{entity}` in a URL template.
-pub fn expand(
-    template: &str,
-    stream: &str,
-    institution: Option<&str>,
-    entity: &Option<String>,
-) -> String {
-    let mut s = template.replace("{stream}", stream);
-    if let Some(i) = institution {
-        s = s.replace("{institution}", i);
-    }
-    if let Some(e) = entity {
-        s = s.replace("{entity}", e);
-    }
-    s
 }
 
 #[cfg(test)]

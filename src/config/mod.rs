@@ -3,24 +3,38 @@
 //! `usher run`, `usher validate` and every other command load through [`load`], so what
 //! `validate` accepts is exactly what `run` runs. Loading never stops at the first problem:
 //! it returns all of them, each naming the file, the stream or connection, and the key.
+//!
+//! A stream's kind and its options, raw and validated, are not here: `build.rs` reads the
+//! keys every stream has and hands the rest to `streams::options`, which builds the kind
+//! (`StreamKind`, one variant per kind, each kind's options in `streams/<kind>/options.rs`)
+//! that [`StreamSpec`] carries. Those files stand on floors below this module and above
+//! its lower files (`load`, `raw`, `values`, `connection`), so nothing goes round in a circle.
 
 mod build;
-// SeatGeek / Halo
-pub mod halo;
-mod load;
-mod raw;
+// A connection as validated (below the stream kinds' options, which check a stream's ends).
+pub(crate) mod connection;
+// SeatGeek / Halo: the connections' checks.
+mod halo;
+// Reading a table with every problem (`Layers`), and each problem (`Problem`).
+pub(crate) mod load;
+// The tables as written, but a stream's (`streams::options::RawStream`).
+pub(crate) mod raw;
 // S-360
 mod s360;
 // Ticket Co x Airship
 mod ticketco_airship;
 // Integration settings, CM.com CDP and seats.io.
 mod settings;
-// Secrets, URLs, auth blocks and durations: below every table's code that reads them.
-mod values;
+// Secrets, URLs, auth blocks, durations and GUIDs: below every table's code that reads them.
+pub(crate) mod values;
+pub use connection::{
+    Connection, ConnectionKind, RateLimit, S360_RATE_LIMIT, S360_RATE_WINDOW, S360Account,
+};
 pub use settings::{
     CONFLICTS, CdpAccount, INTEGRATIONS, IntegrationState, SeatsioAccount, Settings,
-    basic_user_only, is_guid,
+    basic_user_only,
 };
+pub use values::{Auth, is_guid};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -28,19 +42,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use url::Url;
 
-pub use build::expand;
 pub use load::Problem;
 // S-360
-pub use s360::{
-    IpNet, ReceiverSettings, RelayOptions, S360_RATE_LIMIT, S360_RATE_WINDOW, S360Account,
-    S360ContactOptions, S360Entity, S360OfferOptions, default_base_url, parse_size,
-};
+pub use s360::{IpNet, ReceiverSettings, default_base_url, parse_size};
 
 use crate::mapping::Mapping;
 use crate::schedule::Schedule;
-use crate::secret::Secret;
+use crate::streams::options::StreamKind;
 
 /// Where to look when no `--config` is given.
 pub const DEFAULT_CONFIG: &str = "/etc/usher/usher.toml";
@@ -106,136 +115,6 @@ pub struct LogSettings {
     pub keep_files: u32,
 }
 
-#[derive(Debug, Clone)]
-pub struct Connection {
-    pub name: String,
-    pub kind: ConnectionKind,
-    pub base_url: Url,
-    pub timeout: Duration,
-    pub connect_timeout: Duration,
-    /// Attempts after the first for retryable failures (5xx, resets, timeouts).
-    pub max_retries: u32,
-    pub rate_limit: Option<RateLimit>,
-    pub auth: Auth,
-    // S-360: the instance's account (kind s360 only).
-    pub s360: Option<S360Account>,
-    // Ticket Co x Airship
-    /// Ticket Co: the API token (sent as `?token=`, never in a message). Airship's personal
-    /// access token is `auth` (bearer).
-    pub api_token: Option<Secret>,
-    /// Airship: the account every contact is written to.
-    pub account_id: Option<i64>,
-    // SeatGeek / Halo: the Halo tenant (the token call's `tenant`); None for other kinds.
-    pub tenant: Option<String>,
-}
-
-impl Connection {
-    /// The key of the rate budget this connection draws from. S-360 limits calls per
-    /// instance, so every S-360 connection to one institution shares one budget.
-    pub fn budget_key(&self) -> String {
-        match &self.s360 {
-            Some(a) => format!("s360:{}", a.institution),
-            None => self.name.clone(),
-        }
-    }
-
-    /// How long a 429/509 without `Retry-After` means to wait, when the vendor documents it.
-    pub fn rate_window(&self) -> Option<Duration> {
-        match self.kind {
-            ConnectionKind::S360 => Some(S360_RATE_WINDOW),
-            _ => None,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ConnectionKind {
-    /// A generic HTTP CRM: cursor feed source and webhook target (vendor-apis "ExtCRM").
-    Crm,
-    // S-360
-    /// An S-360 instance: REST-RPC API with an HS256 JWT (vendor-apis "S-360").
-    S360,
-    // Ticket Co x Airship
-    /// Ticket Co bookings (source); API token in the query string.
-    TicketCo,
-    /// Airship hospitality CRM (target); personal access token and account ID.
-    Airship,
-    // Integration settings branch: CM.com Customer Data Platform (target) and seats.io.
-    Cdp,
-    Seatsio,
-    // SeatGeek / Halo
-    /// SeatGeek's partner feed of user change events (source).
-    SeatGeek,
-    /// Halo PSA/ITSM users (target).
-    Halo,
-    // end SeatGeek / Halo
-}
-
-impl ConnectionKind {
-    pub const NAMES: &'static [&'static str] = &[
-        "crm", "s360", "ticketco", "airship", "cdp", "seatsio", "seatgeek", "halo",
-    ];
-
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "crm" => Some(ConnectionKind::Crm),
-            "s360" => Some(ConnectionKind::S360),
-            // Ticket Co x Airship
-            "ticketco" => Some(ConnectionKind::TicketCo),
-            "airship" => Some(ConnectionKind::Airship),
-            "cdp" => Some(ConnectionKind::Cdp),
-            "seatsio" => Some(ConnectionKind::Seatsio),
-            // SeatGeek / Halo
-            "seatgeek" => Some(ConnectionKind::SeatGeek),
-            "halo" => Some(ConnectionKind::Halo),
-            _ => None,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ConnectionKind::Crm => "crm",
-            ConnectionKind::S360 => "s360",
-            // Ticket Co x Airship
-            ConnectionKind::TicketCo => "ticketco",
-            ConnectionKind::Airship => "airship",
-            ConnectionKind::Cdp => "cdp",
-            ConnectionKind::Seatsio => "seatsio",
-            // SeatGeek / Halo
-            ConnectionKind::SeatGeek => "seatgeek",
-            ConnectionKind::Halo => "halo",
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RateLimit {
-    pub calls: u32,
-    pub per: Duration,
-}
-
-#[derive(Debug, Clone)]
-pub enum Auth {
-    None,
-    Basic {
-        username: String,
-        password: Secret,
-    },
-    Bearer {
-        token: Secret,
-    },
-    ApiKey {
-        header: String,
-        key: Secret,
-    },
-    OAuth2 {
-        token_url: Url,
-        client_id: String,
-        client_secret: Secret,
-        scope: Option<String>,
-    },
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BadRecordPolicy {
     /// Set the record aside in `dead_letters` with its reason and go on.
@@ -261,102 +140,6 @@ pub struct StreamSpec {
     pub mapping: Mapping,
     pub matching: Vec<String>,
     pub kind: StreamKind,
-}
-
-#[derive(Debug, Clone)]
-pub enum StreamKind {
-    FeedToWebhook {
-        feed: FeedOptions,
-        webhook: WebhookOptions,
-    },
-    // S-360
-    /// S-360's webhooks, stored by the receiver, relayed from the inbox to a CRM webhook.
-    S360Relay {
-        relay: RelayOptions,
-        webhook: WebhookOptions,
-    },
-    /// CRM contact changes → `saveIndividualContactData`.
-    CrmToS360Contacts {
-        feed: FeedOptions,
-        contacts: S360ContactOptions,
-    },
-    /// CRM offer requests → one order each through `createOrUpdateOrder`.
-    CrmOffersToS360 {
-        feed: FeedOptions,
-        offers: S360OfferOptions,
-    },
-    // Ticket Co x Airship
-    TicketCoToAirship(TicketCoAirshipOptions),
-    /// CM.com CDP target: contacts from the generic CRM feed as CDP events.
-    FeedToCdp {
-        feed: FeedOptions,
-        cdp: CdpOptions,
-    },
-    // SeatGeek / Halo
-    /// SeatGeek user change events → Halo users (`streams::seatgeek_halo`).
-    SeatGeekToHalo(crate::config::halo::HaloOptions),
-}
-
-impl StreamKind {
-    /// Whether `usher dead-letters retry` can put this stream's dead letters through again.
-    pub fn retries_dead_letters(&self) -> bool {
-        matches!(self, StreamKind::FeedToWebhook { .. })
-    }
-}
-
-// Ticket Co x Airship
-/// `[streams.X.airship]`: the daily Ticket Co bookings → Airship run.
-#[derive(Debug, Clone)]
-pub struct TicketCoAirshipOptions {
-    /// "today" and the venues' local time: the stream's `timezone`, required (the offsets
-    /// in Ticket Co's times change with daylight saving, so they do not give the zone).
-    pub timezone: chrono_tz::Tz,
-    /// Attendance dates from yesterday through today + `days_ahead`.
-    pub days_ahead: u32,
-    /// Ticket Co venue names (`location_name`) to send; others are left out.
-    pub venues: Vec<String>,
-    /// Venue name → Airship unit ID, for venues whose unit is not found by name.
-    pub unit_ids: BTreeMap<String, i64>,
-    /// Ticket Co status → Airship `stage_value`; a status not listed sends no stage.
-    pub stages: BTreeMap<String, i64>,
-    /// Ticket Co `source` → Airship `source_id`.
-    pub sources: BTreeMap<String, i64>,
-    /// Ticket Co `booking_type` → Airship `type_id`.
-    pub types: BTreeMap<String, i64>,
-    /// Event tags that put the contact in a group of the same name on the venue's unit.
-    pub event_tags: Vec<String>,
-    /// The folder those tag groups go in, if any.
-    pub tag_folder: Option<String>,
-    /// The group every contact joins on the booked venue's unit.
-    pub booking_group: String,
-    /// The first run imports from this date (attendance date), not from yesterday.
-    pub backfill_from: Option<chrono::NaiveDate>,
-    /// `source_name` on contacts written.
-    pub source_name: String,
-}
-
-#[derive(Debug, Clone)]
-pub struct FeedOptions {
-    pub path: String,
-    pub cursor_param: String,
-    pub limit_param: Option<String>,
-    pub items: String,
-    pub next_cursor: String,
-    pub has_more: String,
-    pub id: String,
-    pub changed_at: String,
-}
-
-/// `[streams.X.cdp]`: the CDP event type; the mapping's target fields are its field labels.
-#[derive(Debug, Clone)]
-pub struct CdpOptions {
-    pub event_type_id: String,
-}
-
-#[derive(Debug, Clone)]
-pub struct WebhookOptions {
-    pub url: String,
-    pub accepted_statuses: Vec<u16>,
 }
 
 /// How a load was asked for: the main file and whether `USHER_` variables apply.

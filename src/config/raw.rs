@@ -1,11 +1,11 @@
-//! The configuration exactly as written: every field optional, unknown keys refused.
+//! The configuration exactly as written: every field optional, unknown keys refused. A
+//! stream's table, `[streams.X]`, is `streams::options::RawStream` (each kind's part of it
+//! is in that kind's folder); the rest is here.
 //!
 //! Nothing here is checked beyond its TOML type. Required keys, cross references,
 //! secrets and value formats are checked by `build.rs`, which collects every problem.
 //! Because every field is optional, a table can be deserialized one key at a time,
 //! which is how `load.rs` reports every bad key of a table rather than the first.
-
-use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
@@ -132,77 +132,4 @@ pub struct RawAuth {
     pub client_secret_file: Option<String>,
     pub client_secret_env: Option<String>,
     pub scope: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawStream {
-    pub source: Option<String>,
-    pub entity: Option<String>,
-    pub target: Option<String>,
-    pub enabled: Option<bool>,
-    pub every: Option<String>,
-    pub cron: Option<String>,
-    pub timezone: Option<String>,
-    pub jitter: Option<String>,
-    pub oldest: Option<String>,
-    pub on_bad_record: Option<String>,
-    pub page_size: Option<u32>,
-    pub max_per_run: Option<u32>,
-    pub max_per_payload: Option<u32>,
-    pub institution: Option<String>,
-    pub mapping: Option<BTreeMap<String, String>>,
-    #[serde(rename = "static")]
-    pub statics: Option<BTreeMap<String, toml::Value>>,
-    pub matching: Option<Vec<String>>,
-    pub feed: Option<RawFeed>,
-    pub webhook: Option<RawWebhook>,
-    // S-360: receiver path and auth, matching and order options (see config/s360.rs).
-    pub s360: Option<super::s360::RawS360Stream>,
-    // Ticket Co x Airship
-    pub airship: Option<RawAirship>,
-    // Integration settings and CM.com CDP (config/settings.rs).
-    /// The company this stream belongs to (default: its connections' company).
-    pub company: Option<String>,
-    pub cdp: Option<super::settings::RawCdpStream>,
-    // End of integration settings and CDP.
-    // SeatGeek / Halo: `[streams.X.halo]`, see config/halo.rs.
-    pub halo: Option<super::halo::RawHalo>,
-}
-
-// Ticket Co x Airship
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawAirship {
-    pub days_ahead: Option<u32>,
-    pub venues: Option<Vec<String>>,
-    pub unit_ids: Option<BTreeMap<String, i64>>,
-    pub stages: Option<BTreeMap<String, i64>>,
-    pub sources: Option<BTreeMap<String, i64>>,
-    pub types: Option<BTreeMap<String, i64>>,
-    pub event_tags: Option<Vec<String>>,
-    pub tag_folder: Option<String>,
-    pub booking_group: Option<String>,
-    pub backfill_from: Option<String>,
-    pub source_name: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawFeed {
-    pub path: Option<String>,
-    pub cursor_param: Option<String>,
-    pub limit_param: Option<String>,
-    pub items: Option<String>,
-    pub next_cursor: Option<String>,
-    pub has_more: Option<String>,
-    pub id: Option<String>,
-    pub changed_at: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawWebhook {
-    pub url: Option<String>,
-    pub accepted_statuses: Option<Vec<u16>>,
 }

@@ -1,10 +1,8 @@
 //! S-360 configuration: the `s360` connection kind (institution, virtual operator, partner
-//! name and secret for the HS256 JWT, a default base URL and rate limit), the `[receiver]`
-//! section (where usher listens for S-360's webhooks), and the three S-360 stream kinds:
-//!
-//! - source `s360`, target `crm`, entity `contacts`|`orders`: the webhook relay (inbox → CRM);
-//! - source `crm`, target `s360`, entity `contact`: CRM contacts → `saveIndividualContactData`;
-//! - source `crm`, target `s360`, entity `offer`: CRM offer requests → `createOrUpdateOrder`.
+//! name and secret for the HS256 JWT, a default base URL and rate limit) and the
+//! `[receiver]` section (where usher listens for S-360's webhooks), with the checks that
+//! span streams (the relay streams' receiver paths, the limits of one institution). The
+//! three S-360 stream kinds' own options are `streams/s360/options.rs`.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -15,34 +13,13 @@ use serde::Deserialize;
 use url::Url;
 
 use super::load::{Layers, Problem};
-use super::raw::{RawAuth, RawConnection, RawStream};
-use super::values::{build_auth, duration, secret};
-use super::{Auth, Connection, ConnectionKind, FeedOptions, RateLimit, StreamKind, WebhookOptions};
-use crate::mapping::Mapping;
-use crate::secret::Secret;
+use super::raw::RawConnection;
+use super::values::{duration, secret};
+use super::{Connection, ConnectionKind, RateLimit, S360Account};
+use crate::streams::options::StreamKind;
 
-/// S-360's documented limit: 180 calls per minute per instance, all endpoints together.
-pub const S360_RATE_LIMIT: RateLimit = RateLimit {
-    calls: 180,
-    per: Duration::from_secs(60),
-};
-/// S-360's documented window: what a 509/429 without `Retry-After` means.
-pub const S360_RATE_WINDOW: Duration = Duration::from_secs(20);
 /// Default body limit of the receiver (S-360 sends at most `bs` records per POST).
 pub const DEFAULT_MAX_BODY: usize = 10 * 1024 * 1024;
-
-/// One S-360 instance's API account.
-#[derive(Debug, Clone)]
-pub struct S360Account {
-    /// The institution code: the JWT's `sub`, the default host, the budget's key.
-    pub institution: String,
-    /// The JWT's `aud`.
-    pub virtual_operator: String,
-    /// The JWT's `iss`.
-    pub partner_name: String,
-    /// The HS256 key.
-    pub partner_secret: Secret,
-}
 
 /// The largest `max_body` (a record's place in a body is kept in 32 bits).
 pub const MAX_MAX_BODY: usize = 1024 * 1024 * 1024;
@@ -133,60 +110,6 @@ pub struct RawReceiver {
     pub idle_timeout: Option<String>,
     pub max_connections: Option<u32>,
     pub trusted_proxies: Option<Vec<String>>,
-}
-
-/// `[streams.X.s360]`.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawS360Stream {
-    /// Relay: the receiver path (default `/s360/{institution}/{entity}`).
-    pub path: Option<String>,
-    /// Relay: how S-360 authenticates its POSTs (none, basic, bearer, api_key).
-    pub auth: Option<RawAuth>,
-    /// Relay of orders: states that are forwarded (default CLOSED, ABANDONED).
-    pub forward_states: Option<Vec<String>>,
-    /// Contacts: where the CRM record carries the S-360 contact number.
-    pub contact_number: Option<String>,
-    /// Offers: the point of sales of created orders.
-    pub point_of_sales_id: Option<i64>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum S360Entity {
-    Contacts,
-    Orders,
-}
-
-impl S360Entity {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            S360Entity::Contacts => "contacts",
-            S360Entity::Orders => "orders",
-        }
-    }
-}
-
-/// The webhook relay S-360 → inbox → CRM.
-#[derive(Debug, Clone)]
-pub struct RelayOptions {
-    pub entity: S360Entity,
-    pub institution: String,
-    /// The receiver path, e.g. `/s360/myvenue/contacts`.
-    pub path: String,
-    /// How the POSTs from S-360 authenticate (never OAuth2).
-    pub auth: Auth,
-    pub forward_states: Vec<String>,
-}
-
-#[derive(Debug, Clone)]
-pub struct S360ContactOptions {
-    /// Path in the CRM record of the S-360 contact number.
-    pub contact_number: String,
-}
-
-#[derive(Debug, Clone)]
-pub struct S360OfferOptions {
-    pub point_of_sales_id: i64,
 }
 
 pub(super) fn build_receiver(l: &mut Layers) -> Option<ReceiverSettings> {
@@ -422,203 +345,6 @@ pub(super) fn connection_fields(
 /// `https://{institution}.ws.secutix.com`, S-360's documented host.
 pub fn default_base_url(institution: &str) -> Option<Url> {
     Url::parse(&format!("https://{institution}.ws.secutix.com")).ok()
-}
-
-/// What kind of S-360 stream (if any) a stream is, from its source and target kinds.
-#[allow(clippy::too_many_arguments)] // the pieces build_stream has already checked
-pub(super) fn stream_kind(
-    l: &mut Layers,
-    scope: &str,
-    prefix: &str,
-    raw: &RawStream,
-    source: Option<&Arc<Connection>>,
-    target: Option<&Arc<Connection>>,
-    feed: Option<FeedOptions>,
-    webhook: Option<WebhookOptions>,
-    mapping: &mut Mapping,
-    config_dir: &Path,
-    warnings: &mut Vec<Problem>,
-) -> Option<StreamKind> {
-    let key = |k: &str| format!("{prefix}.{k}");
-    let s = raw.s360.as_ref();
-    let (source, target) = (source?, target?);
-    let is_s360 = |c: &Connection| c.kind == ConnectionKind::S360;
-    if !is_s360(source) && !is_s360(target) {
-        if s.is_some() {
-            l.problem(
-                scope,
-                &key("s360"),
-                "`s360` applies only to a stream whose source or target is of kind s360",
-            );
-        }
-        return None;
-    }
-    let entity = raw.entity.as_deref().unwrap_or("");
-    if is_s360(source) {
-        let Some(webhook) = webhook else {
-            l.problem(
-                scope,
-                &key("target"),
-                "an S-360 webhook stream needs a target of kind crm",
-            );
-            return None;
-        };
-        let entity = match entity {
-            "contacts" | "contact" => S360Entity::Contacts,
-            "orders" | "order" => S360Entity::Orders,
-            other => {
-                l.problem(
-                    scope,
-                    &key("entity"),
-                    format!(
-                        "{other:?}: an S-360 webhook stream carries \"contacts\" or \"orders\""
-                    ),
-                );
-                return None;
-            }
-        };
-        let account = source.s360.as_ref()?;
-        let institution = raw
-            .institution
-            .clone()
-            .unwrap_or_else(|| account.institution.clone());
-        let path = s
-            .and_then(|s| s.path.clone())
-            .unwrap_or_else(|| "/s360/{institution}/{entity}".into())
-            .replace("{institution}", &institution)
-            .replace("{entity}", entity.as_str());
-        if !path.starts_with('/') || path.contains(['{', '?', '#']) {
-            l.problem(
-                scope,
-                &key("s360.path"),
-                format!("{path:?} is not a receiver path (like \"/s360/myvenue/contacts\")"),
-            );
-        }
-        let auth = match s.and_then(|s| s.auth.as_ref()) {
-            None => {
-                warnings.push(Problem {
-                    origin: l.origin_of(prefix),
-                    scope: scope.into(),
-                    key: key("s360.auth"),
-                    message: "the receiver accepts unauthenticated POSTs on this path; \
-                              set `auth` unless a proxy in front authenticates S-360"
-                        .into(),
-                });
-                Auth::None
-            }
-            Some(a) => {
-                let auth = build_auth(l, scope, &key("s360.auth"), a, config_dir, warnings)?;
-                match auth {
-                    Auth::OAuth2 { .. } => {
-                        l.problem(
-                            scope,
-                            &key("s360.auth.type"),
-                            "the receiver checks basic, bearer, api_key or none",
-                        );
-                        return None;
-                    }
-                    Auth::None => warnings.push(Problem {
-                        origin: l.origin_of(prefix),
-                        scope: scope.into(),
-                        key: key("s360.auth"),
-                        message: "the receiver accepts unauthenticated POSTs on this path".into(),
-                    }),
-                    _ => {}
-                }
-                auth
-            }
-        };
-        if s.is_some_and(|s| s.contact_number.is_some() || s.point_of_sales_id.is_some()) {
-            l.problem(
-                scope,
-                &key("s360"),
-                "`contact_number` and `point_of_sales_id` apply to CRM → S-360 streams",
-            );
-        }
-        let forward_states = s
-            .and_then(|s| s.forward_states.clone())
-            .unwrap_or_else(|| vec!["CLOSED".into(), "ABANDONED".into()]);
-        return Some(StreamKind::S360Relay {
-            relay: RelayOptions {
-                entity,
-                institution,
-                path,
-                auth,
-                forward_states,
-            },
-            webhook,
-        });
-    }
-    // CRM → S-360.
-    let Some(mut feed) = feed else {
-        l.problem(
-            scope,
-            &key("source"),
-            "a stream into S-360 reads a source of kind crm",
-        );
-        return None;
-    };
-    if s.is_some_and(|s| s.path.is_some() || s.auth.is_some() || s.forward_states.is_some()) {
-        l.problem(
-            scope,
-            &key("s360"),
-            "`path`, `auth` and `forward_states` apply to S-360 webhook streams",
-        );
-    }
-    let feed_path_set = raw.feed.as_ref().is_some_and(|f| f.path.is_some());
-    let changed_set = raw.feed.as_ref().is_some_and(|f| f.changed_at.is_some());
-    match entity {
-        "contact" | "contacts" => {
-            if mapping.is_passthrough() {
-                *mapping = default_contact_mapping();
-            }
-            Some(StreamKind::CrmToS360Contacts {
-                feed,
-                contacts: S360ContactOptions {
-                    contact_number: s
-                        .and_then(|s| s.contact_number.clone())
-                        .unwrap_or_else(|| "s360_contact_number".into()),
-                },
-            })
-        }
-        "offer" | "offers" | "offer-request" | "offer-requests" => {
-            if !feed_path_set {
-                feed.path = "/api/offer-requests".into();
-            }
-            if !changed_set {
-                feed.changed_at = "created_at".into();
-            }
-            Some(StreamKind::CrmOffersToS360 {
-                feed,
-                offers: S360OfferOptions {
-                    point_of_sales_id: s.and_then(|s| s.point_of_sales_id).unwrap_or(1),
-                },
-            })
-        }
-        other => {
-            l.problem(
-                scope,
-                &key("entity"),
-                format!("{other:?}: a stream into S-360 carries \"contact\" or \"offer\""),
-            );
-            None
-        }
-    }
-}
-
-/// CRM contact → `saveIndividualContactData` body, when the stream maps nothing itself.
-pub fn default_contact_mapping() -> Mapping {
-    let mut m = Mapping::default();
-    for (t, e) in [
-        ("individualContact.firstName", "first_name | trim"),
-        ("individualContact.lastName", "last_name | trim"),
-        ("individualContact.email", "email | trim | lowercase"),
-        ("individualContact.cellPhoneNumber", "phone | trim"),
-    ] {
-        m.fields
-            .push(Mapping::parse_field(t, e).expect("static mapping parses"));
-    }
-    m
 }
 
 /// Every relay stream needs the receiver, two streams cannot share a path, and the S-360

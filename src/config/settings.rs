@@ -51,8 +51,10 @@ use serde::Deserialize;
 
 use super::load::{Layers, Problem};
 use super::raw::RawConnection;
+use super::values::is_guid;
 use super::{Auth, Connection, ConnectionKind, StreamSpec};
 use crate::secret::Secret;
+use crate::streams::options::RawStream;
 
 /// One integration that a company can turn on.
 #[derive(Debug)]
@@ -169,14 +171,6 @@ pub struct RawCompany {
     pub integrations: Option<BTreeMap<String, BTreeMap<String, toml::Value>>>,
 }
 
-/// `[streams.X.cdp]`: what a CDP target stream sends.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawCdpStream {
-    /// The CDP event type (a GUID); the mapping's target fields are its field labels.
-    pub event_type_id: Option<String>,
-}
-
 /// What settings decided, for the engine (`paused`), for `status` and for the connectors.
 #[derive(Debug, Clone, Default)]
 pub struct Settings {
@@ -218,15 +212,6 @@ pub struct SeatsioAccount {
 
 pub const CDP_DEFAULT_BASE: &str = "https://api.cdp.cm.com";
 pub const SEATSIO_REGIONS: &[&str] = &["eu", "na", "sa", "oc"];
-
-pub fn is_guid(s: &str) -> bool {
-    let parts: Vec<&str> = s.split('-').collect();
-    parts.len() == 5
-        && parts
-            .iter()
-            .zip([8, 4, 4, 4, 12])
-            .all(|(p, n)| p.len() == n && p.chars().all(|c| c.is_ascii_hexdigit()))
-}
 
 fn dict_keys(v: Option<Value>) -> Vec<String> {
     v.and_then(|v| v.into_dict())
@@ -709,7 +694,7 @@ pub(super) fn apply(
         let scope = format!("stream \"{name}\"");
         let key = format!("streams.{name}.company");
         let written = l
-            .table::<super::raw::RawStream>(&scope, &format!("streams.{name}"))
+            .table::<RawStream>(&scope, &format!("streams.{name}"))
             .and_then(|r| r.company);
         if let Some(c) = &written
             && !companies.contains_key(c)
@@ -842,73 +827,6 @@ pub(super) fn apply(
     settings
 }
 
-/// The `[streams.X.cdp]` options of a stream whose target is a `cdp` connection; refuses
-/// the table on any other target, and `seatsio` as a target (it is checked, never written).
-pub(super) fn cdp_target(
-    l: &mut Layers,
-    scope: &str,
-    prefix: &str,
-    raw: &super::raw::RawStream,
-    target: Option<&Connection>,
-    max_per_payload: u32,
-) -> Option<super::CdpOptions> {
-    let kind = target.map(|t| t.kind);
-    if kind == Some(ConnectionKind::Seatsio) {
-        l.problem(
-            scope,
-            &format!("{prefix}.target"),
-            "a seatsio connection cannot be a target (usher checks it with `validate --online`)",
-        );
-        return None;
-    }
-    if kind != Some(ConnectionKind::Cdp) {
-        if raw.cdp.is_some() && target.is_some() {
-            l.problem(
-                scope,
-                &format!("{prefix}.cdp"),
-                "`cdp` applies only to a target of kind cdp",
-            );
-        }
-        return None;
-    }
-    if max_per_payload > CDP_MAX_EVENTS {
-        l.problem(
-            scope,
-            &format!("{prefix}.max_per_payload"),
-            format!("{max_per_payload} is more than the CDP takes in one POST ({CDP_MAX_EVENTS})"),
-        );
-    }
-    if raw.mapping.as_ref().is_none_or(|m| m.is_empty()) {
-        l.problem(
-            scope,
-            &format!("{prefix}.mapping"),
-            "a CDP stream needs a mapping: each key is a field label of the event type",
-        );
-    }
-    match raw.cdp.as_ref().and_then(|c| c.event_type_id.clone()) {
-        None => {
-            l.problem(
-                scope,
-                &format!("{prefix}.cdp.event_type_id"),
-                "missing key `event_type_id` (the CDP event type, a GUID)",
-            );
-            None
-        }
-        Some(t) if !is_guid(&t) => {
-            l.problem(
-                scope,
-                &format!("{prefix}.cdp.event_type_id"),
-                format!("{t:?} is not a GUID (8-4-4-4-12 hexadecimal digits)"),
-            );
-            None
-        }
-        Some(t) => Some(super::CdpOptions { event_type_id: t }),
-    }
-}
-
-/// The CDP takes at most this many events per POST (vendor-apis).
-pub const CDP_MAX_EVENTS: u32 = 100;
-
 /// The first missing link of the enablement chain, or None when the integration may be on.
 fn missing_link(
     i: &Integration,
@@ -987,13 +905,6 @@ mod tests {
             basic_user_only(&Secret::new("abc")).expose(),
             "Basic YWJjOg=="
         );
-    }
-
-    #[test]
-    fn guids() {
-        assert!(is_guid("0d1b2c3d-4e5f-6a7b-8c9d-0e1f2a3b4c5d"));
-        assert!(!is_guid("0d1b2c3d-4e5f-6a7b-8c9d"));
-        assert!(!is_guid("zz1b2c3d-4e5f-6a7b-8c9d-0e1f2a3b4c5d"));
     }
 
     #[test]

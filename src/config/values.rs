@@ -8,11 +8,34 @@ use std::time::Duration;
 
 use url::Url;
 
-use super::Auth;
 use super::load::{Layers, Problem};
 use super::raw::RawAuth;
 use crate::schedule::parse_duration;
 use crate::secret::Secret;
+
+/// How a connection authenticates (or how S-360 authenticates to the receiver), as built by
+/// `build_auth` from an `auth` block or by a vendor kind from its account keys.
+#[derive(Debug, Clone)]
+pub enum Auth {
+    None,
+    Basic {
+        username: String,
+        password: Secret,
+    },
+    Bearer {
+        token: Secret,
+    },
+    ApiKey {
+        header: String,
+        key: Secret,
+    },
+    OAuth2 {
+        token_url: Url,
+        client_id: String,
+        client_secret: Secret,
+        scope: Option<String>,
+    },
+}
 
 pub(super) fn duration(
     l: &mut Layers,
@@ -232,6 +255,16 @@ fn loose_mode(path: &Path) -> Option<u32> {
     (mode & 0o077 != 0).then_some(mode)
 }
 
+/// A GUID as the CDP writes them: 8-4-4-4-12 hexadecimal digits.
+pub fn is_guid(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('-').collect();
+    parts.len() == 5
+        && parts
+            .iter()
+            .zip([8, 4, 4, 4, 12])
+            .all(|(p, n)| p.len() == n && p.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
 pub(super) fn url(l: &mut Layers, scope: &str, key: &str, text: &str) -> Option<Url> {
     match Url::parse(text) {
         Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {
@@ -252,7 +285,7 @@ pub(super) fn url(l: &mut Layers, scope: &str, key: &str, text: &str) -> Option<
     }
 }
 
-pub(super) fn build_auth(
+pub(crate) fn build_auth(
     l: &mut Layers,
     scope: &str,
     prefix: &str,
@@ -411,6 +444,13 @@ pub(super) fn build_auth(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn guids() {
+        assert!(is_guid("0d1b2c3d-4e5f-6a7b-8c9d-0e1f2a3b4c5d"));
+        assert!(!is_guid("0d1b2c3d-4e5f-6a7b-8c9d"));
+        assert!(!is_guid("zz1b2c3d-4e5f-6a7b-8c9d-0e1f2a3b4c5d"));
+    }
 
     #[test]
     fn the_units_load_credential_lines_are_read() {

@@ -7,9 +7,9 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use super::{Page, SourceError};
-use crate::config::FeedOptions;
 use crate::http::{Endpoint, Retry};
 use crate::mapping::lookup;
+use crate::streams::feed_webhook::options::FeedOptions;
 
 pub struct FeedSource {
     pub endpoint: Endpoint,

@@ -98,7 +98,7 @@ pub async fn check_online_in(
     if conn.kind != ConnectionKind::Crm {
         return check_online_with(http, conn, &config.settings, cancel).await;
     }
-    use crate::config::StreamKind;
+    use crate::streams::options::StreamKind;
     let mut verdicts = Vec::new();
     for spec in config.streams.values() {
         let feed = match &spec.kind {
@@ -118,7 +118,7 @@ pub async fn check_online_in(
             _ => None,
         };
         if let Some(webhook) = webhook.filter(|_| spec.target == conn.name) {
-            let path = crate::config::expand(
+            let path = crate::streams::feed_webhook::options::expand(
                 &webhook.url,
                 &spec.name,
                 spec.institution.as_deref(),
@@ -163,7 +163,7 @@ async fn check_feed(
     http: &Http,
     conn: &Connection,
     spec: &crate::config::StreamSpec,
-    feed: &crate::config::FeedOptions,
+    feed: &crate::streams::feed_webhook::options::FeedOptions,
     cancel: &CancellationToken,
 ) -> Verdict {
     let source = feed::FeedSource::new(http.endpoint(conn), feed.clone(), &spec.entity);

@@ -20,8 +20,8 @@ use serde::Deserializer as _;
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 
-use crate::config::S360Entity;
 use crate::store::{InboxRecord, RecordId};
+use crate::streams::s360::options::S360Entity;
 
 /// Longest record ID kept (bytes).
 pub const MAX_ID_LEN: usize = 256;

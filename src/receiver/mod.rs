@@ -48,9 +48,11 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Auth, Config, IpNet, ReceiverSettings, S360Entity, StreamKind};
+use crate::config::{Auth, Config, IpNet, ReceiverSettings};
 use crate::metrics::METRICS;
 use crate::store::{InboxBatch, InboxOutcome, Store};
+use crate::streams::options::StreamKind;
+use crate::streams::s360::options::S360Entity;
 
 /// Most POSTs committed together in one transaction.
 const MAX_GROUP: usize = 256;

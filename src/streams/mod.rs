@@ -1,8 +1,13 @@
-//! One room per stream kind: each folder holds the kind's run (pages through its source,
-//! what it decides for each record, what it commits), its checks of its options against the
-//! vendors (`validate --online`) and its pure decisions, beside their tests. Its options are
-//! `config::StreamKind`'s variant (raw and validated in `config/<vendor>.rs`: the
-//! configuration, below the engine, carries them).
+//! One room per stream kind: each folder holds the kind's options, raw and validated
+//! (`options.rs`), its run (pages through its source, what it decides for each record, what
+//! it commits), its checks of its options against the vendors (`validate --online`) and its
+//! pure decisions, beside their tests. [`options`] registers the kinds' options:
+//! `[streams.X]` as written and [`options::StreamKind`], one variant per kind, built from a
+//! stream's ends.
+//!
+//! The options files stand below `config` (which carries a stream's `StreamKind`), and the
+//! runs above the engine: two floors of one folder (ARCHITECTURE.md, "Rooms and floors";
+//! `tests/rooms.rs` gives a floor to `streams/options` and `streams/*/options` apart).
 //!
 //! A kind plugs into the engine through one `match` ([`run`]), handed to the engine as its
 //! [`KindRun`]: the set of kinds is closed and compiled in, so a plain enum reads better than
@@ -21,11 +26,14 @@ pub mod seatgeek_halo;
 // Ticket Co bookings → Airship (daily window, owed records).
 pub mod ticketco_airship;
 
+// `[streams.X]` as written, and the enum of the kinds' options (below `config`).
+pub mod options;
+
 use futures::future::BoxFuture;
 
-use crate::config::StreamKind;
 use crate::engine::{Flow, KindRun, RunCtx, RunError};
 use crate::store::Counts;
+use options::StreamKind;
 
 /// The stream kind's run: the one place a kind is registered.
 pub fn run<'a>(

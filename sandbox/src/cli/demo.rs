@@ -273,7 +273,7 @@ pub async fn demo(
             backfill: None,
         };
         // SeatGeek / Halo
-        if let usher::config::StreamKind::SeatGeekToHalo(_) = &spec.kind {
+        if let usher::streams::options::StreamKind::SeatGeekToHalo(_) = &spec.kind {
             let r = run_stream(&ctx, "demo").await;
             failed |= super::seatgeek_halo_demo::report(&sandbox, spec, &r);
             continue;
@@ -319,7 +319,10 @@ pub async fn demo(
             println!("  first record as delivered: {rec}");
         }
         // Ticket Co x Airship
-        if matches!(spec.kind, usher::config::StreamKind::TicketCoToAirship(_)) {
+        if matches!(
+            spec.kind,
+            usher::streams::options::StreamKind::TicketCoToAirship(_)
+        ) {
             println!(
                 "  airship now holds {} contacts and {} bookings ({} writes)",
                 sandbox.airship.contacts().len(),
@@ -327,7 +330,7 @@ pub async fn demo(
                 sandbox.airship.writes()
             );
         }
-        if let usher::config::StreamKind::FeedToCdp { .. } = &spec.kind {
+        if let usher::streams::options::StreamKind::FeedToCdp { .. } = &spec.kind {
             let batches = sandbox.cdp.batches();
             println!(
                 "  the CDP holds {} events from {} POSTs (at most 100 each); first: {}",

@@ -8,8 +8,9 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use usher::config::{Auth, Config, StreamKind};
+use usher::config::{Auth, Config};
 use usher::store::Store;
+use usher::streams::options::StreamKind;
 use usher_sandbox::s360::{webhook_contact, webhook_order};
 use usher_sandbox::{S360Sender, Sandbox};
 
@@ -51,8 +52,10 @@ pub async fn seed(config: &Config, store: &Store, sandbox: &Sandbox) -> Vec<Stri
             _ => None,
         };
         let records: Vec<_> = match relay.entity {
-            usher::config::S360Entity::Contacts => (1..=260).map(webhook_contact).collect(),
-            usher::config::S360Entity::Orders => {
+            usher::streams::s360::options::S360Entity::Contacts => {
+                (1..=260).map(webhook_contact).collect()
+            }
+            usher::streams::s360::options::S360Entity::Orders => {
                 let states = ["CLOSED", "ABANDONED", "IN_PROGRESS"];
                 (1..=120)
                     .map(|i| webhook_order(i, states[i as usize % 3]))

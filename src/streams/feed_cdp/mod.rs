@@ -13,13 +13,15 @@
 //! another contact source (SeatGeek users, S-360 contacts, Ticket Co customers) implements it
 //! and calls [`run_with`].
 
+// The kind's options, raw and validated (below `config`, which carries them).
+pub mod options;
+
 use std::future::Future;
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{CdpOptions, FeedOptions};
 use crate::connectors::cdp::{CdpDelivery, CdpTarget};
 use crate::connectors::feed::FeedSource;
 use crate::engine::{
@@ -27,6 +29,8 @@ use crate::engine::{
 };
 use crate::mapping::lookup;
 use crate::store::Counts;
+use crate::streams::feed_cdp::options::CdpOptions;
+use crate::streams::feed_webhook::options::FeedOptions;
 
 /// Pages of contact records, oldest change first, with an opaque cursor.
 pub trait ContactSource: Sync {

@@ -5,15 +5,18 @@
 //! delivered per execution; the outbox is drained before the feed is read further, so it
 //! never holds more than about a page.
 
+// The kind's options, raw and validated (below `config`, which carries them).
+pub mod options;
+
 use crate::progress;
 use chrono::{DateTime, Utc};
 
-use crate::config::{FeedOptions, WebhookOptions, expand};
 use crate::connectors::feed::FeedSource;
 use crate::connectors::webhook::{Delivery, WebhookTarget};
 use crate::engine::{EmptyPages, Flow, RunCtx, RunError, commit_queued, record_id};
 use crate::mapping::lookup;
 use crate::store::{Counts, PageCommit};
+use options::{FeedOptions, WebhookOptions, expand};
 
 pub async fn run(
     ctx: &RunCtx,

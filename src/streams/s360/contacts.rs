@@ -12,23 +12,12 @@ pub async fn contacts(
     let source = source(ctx, feed)?;
     let s360 = client(ctx)?;
     let mut cursor = ctx.store.cursor(&spec.name).await?;
-    // `max_per_run`: the run takes at most this many records from the feed; the last page
-    // asks for only what is left, so the cursor ends right after the last record handled.
     let mut left = u64::from(spec.max_per_run);
     loop {
-        if left == 0 {
-            return Ok(Flow::Done);
-        }
-        if ctx.should_stop() {
-            return Ok(Flow::Stopped);
-        }
-        let want = left.min(u64::from(spec.page_size)) as u32;
-        let page = source
-            .pull(&spec.name, cursor.as_deref(), want, &ctx.cancel)
-            .await?;
-        counts.pulled += page.records.len() as u64;
-        left = left.saturating_sub(page.records.len() as u64);
-        crate::engine::check_not_stuck(&spec.source, &cursor, &page)?;
+        let page = match next_page(ctx, &source, &cursor, &mut left, counts).await? {
+            ControlFlow::Continue(page) => page,
+            ControlFlow::Break(flow) => return Ok(flow),
+        };
         let ids: Vec<String> = page
             .records
             .iter()
@@ -44,24 +33,9 @@ pub async fn contacts(
         let mut dead = Vec::new();
         let mut refusals = crate::engine::refusals::Refusals::default();
         for rec in &page.records {
-            let Some(id) = record_id(rec, &feed.id) else {
-                bad_record(
-                    ctx,
-                    None,
-                    rec,
-                    format!("no id at `{}`", feed.id),
-                    counts,
-                    &mut dead,
-                )?;
+            let Some(id) = wanted(ctx, feed, rec, counts, &mut dead)? else {
                 continue;
             };
-            if let (Some(oldest), Some(changed)) =
-                (spec.oldest, parse_time(lookup(rec, &feed.changed_at)))
-                && changed < oldest
-            {
-                counts.skipped += 1;
-                continue;
-            }
             let mut body = match spec.mapping.apply(rec) {
                 Ok(v) => v,
                 Err(e) => {
@@ -167,18 +141,7 @@ pub async fn contacts(
             commit_partial(ctx, links, dead).await?;
             return Err(RunError::Setup(msg));
         }
-        let next = page.next_cursor.clone().or_else(|| cursor.clone());
-        ctx.store
-            .commit_page(PageCommit {
-                stream: spec.name.clone(),
-                cursor: Some(next.clone()),
-                links,
-                dead_letters: dead,
-                ..Default::default()
-            })
-            .await?;
-        progress::page(&ctx.spec.name, counts);
-        cursor = next;
+        commit(ctx, &mut cursor, &page, links, Vec::new(), dead, counts).await?;
         if !page.has_more || page.records.is_empty() {
             return Ok(Flow::Done);
         }

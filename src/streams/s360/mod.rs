@@ -18,21 +18,21 @@
 
 use crate::progress;
 use std::collections::HashMap;
+use std::ops::ControlFlow;
 
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use crate::config::{
-    BadRecordPolicy, FeedOptions, RelayOptions, S360ContactOptions, S360Entity, S360OfferOptions,
-    WebhookOptions,
-};
+use crate::config::BadRecordPolicy;
 use crate::connectors::feed::FeedSource;
 use crate::connectors::s360::{S360Client, S360Error, id_text};
-use crate::engine::{Flow, RunCtx, RunError, record_id};
+use crate::engine::{Flow, Page, RunCtx, RunError, record_id};
 use crate::mapping::lookup;
 use crate::store::{Counts, DeadLetter, LedgerRow, PageCommit};
+use crate::streams::feed_webhook::options::{FeedOptions, WebhookOptions};
 use crate::streams::feed_webhook::{deliver, webhook_target};
+use options::{RelayOptions, S360ContactOptions, S360Entity, S360OfferOptions};
 
 fn parse_time(v: Option<&Value>) -> Option<DateTime<Utc>> {
     DateTime::parse_from_rfc3339(v?.as_str()?)
@@ -47,6 +47,89 @@ pub fn s360_changed_at(entity: S360Entity, rec: &Value) -> Option<DateTime<Utc>>
             .or_else(|| parse_time(rec.get("creationDate"))),
         S360Entity::Orders => parse_time(lookup(rec, "orderDetailsData.creationDateTime")),
     }
+}
+
+/// The next page of a CRM → S-360 run's feed, or how the run ends: `max_per_run` taken
+/// (`left`: the run takes at most that many records, and the last page asks for only what is
+/// left, so the cursor ends right after the last record handled), or asked to stop.
+async fn next_page(
+    ctx: &RunCtx,
+    source: &FeedSource,
+    cursor: &Option<String>,
+    left: &mut u64,
+    counts: &mut Counts,
+) -> Result<ControlFlow<Flow, Page>, RunError> {
+    if *left == 0 {
+        return Ok(ControlFlow::Break(Flow::Done));
+    }
+    if ctx.should_stop() {
+        return Ok(ControlFlow::Break(Flow::Stopped));
+    }
+    let want = (*left).min(u64::from(ctx.spec.page_size)) as u32;
+    let page = source
+        .pull(&ctx.spec.name, cursor.as_deref(), want, &ctx.cancel)
+        .await?;
+    counts.pulled += page.records.len() as u64;
+    *left = left.saturating_sub(page.records.len() as u64);
+    crate::engine::check_not_stuck(&ctx.spec.source, cursor, &page)?;
+    Ok(ControlFlow::Continue(page))
+}
+
+/// A feed record's ID, or None when the run passes it by: without an ID it is a bad record
+/// (dead letter, or the run stops, as the stream says); changed before `oldest`, skipped.
+fn wanted(
+    ctx: &RunCtx,
+    feed: &FeedOptions,
+    rec: &Value,
+    counts: &mut Counts,
+    dead: &mut Vec<DeadLetter>,
+) -> Result<Option<String>, RunError> {
+    let Some(id) = record_id(rec, &feed.id) else {
+        bad_record(
+            ctx,
+            None,
+            rec,
+            format!("no id at `{}`", feed.id),
+            counts,
+            dead,
+        )?;
+        return Ok(None);
+    };
+    if let (Some(oldest), Some(changed)) =
+        (ctx.spec.oldest, parse_time(lookup(rec, &feed.changed_at)))
+        && changed < oldest
+    {
+        counts.skipped += 1;
+        return Ok(None);
+    }
+    Ok(Some(id))
+}
+
+/// Commits what a page of a CRM → S-360 run learnt (links, ledger rows, dead letters) with
+/// the cursor after it.
+async fn commit(
+    ctx: &RunCtx,
+    cursor: &mut Option<String>,
+    page: &Page,
+    links: Vec<(String, String)>,
+    ledger: Vec<LedgerRow>,
+    dead: Vec<DeadLetter>,
+    counts: &Counts,
+) -> Result<(), RunError> {
+    let next = page.next_cursor.clone().or_else(|| cursor.clone());
+    ctx.store
+        .commit_page(PageCommit {
+            stream: ctx.spec.name.clone(),
+            cursor: Some(next.clone()),
+            links,
+            ledger,
+            dead_letters: dead,
+            ..Default::default()
+        })
+        .await?;
+    progress::page(&ctx.spec.name, counts);
+    *cursor = next;
+    Ok(())
 }
 
 /// A mapping failure: dead letter or stop, as the stream says.
@@ -99,6 +182,8 @@ fn refused_record(
 // stays here.
 mod contacts;
 mod offers;
+// The three kinds' options, raw and validated (below `config`, which carries them).
+pub mod options;
 mod relay;
 pub use contacts::*;
 pub use offers::*;

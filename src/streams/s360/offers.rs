@@ -48,45 +48,19 @@ pub async fn offers(
     let source = source(ctx, feed)?;
     let s360 = client(ctx)?;
     let mut cursor = ctx.store.cursor(&spec.name).await?;
-    // `max_per_run`: the run takes at most this many records from the feed; the last page
-    // asks for only what is left, so the cursor ends right after the last record handled.
     let mut left = u64::from(spec.max_per_run);
     loop {
-        if left == 0 {
-            return Ok(Flow::Done);
-        }
-        if ctx.should_stop() {
-            return Ok(Flow::Stopped);
-        }
-        let want = left.min(u64::from(spec.page_size)) as u32;
-        let page = source
-            .pull(&spec.name, cursor.as_deref(), want, &ctx.cancel)
-            .await?;
-        counts.pulled += page.records.len() as u64;
-        left = left.saturating_sub(page.records.len() as u64);
-        crate::engine::check_not_stuck(&spec.source, &cursor, &page)?;
+        let page = match next_page(ctx, &source, &cursor, &mut left, counts).await? {
+            ControlFlow::Continue(page) => page,
+            ControlFlow::Break(flow) => return Ok(flow),
+        };
         let mut ledger = Vec::new();
         let mut links = Vec::new();
         let mut dead = Vec::new();
         for rec in &page.records {
-            let Some(id) = record_id(rec, &feed.id) else {
-                bad_record(
-                    ctx,
-                    None,
-                    rec,
-                    format!("no id at `{}`", feed.id),
-                    counts,
-                    &mut dead,
-                )?;
+            let Some(id) = wanted(ctx, feed, rec, counts, &mut dead)? else {
                 continue;
             };
-            if let (Some(oldest), Some(changed)) =
-                (spec.oldest, parse_time(lookup(rec, &feed.changed_at)))
-                && changed < oldest
-            {
-                counts.skipped += 1;
-                continue;
-            }
             let prior = ctx.store.ledger_entry(&spec.name, &id).await?;
             let prior_status = prior.as_ref().and_then(|p| p.0.clone());
             if prior_status.as_deref() == Some(DONE) {
@@ -205,19 +179,7 @@ pub async fn offers(
                 links.push((id, o));
             }
         }
-        let next = page.next_cursor.clone().or_else(|| cursor.clone());
-        ctx.store
-            .commit_page(PageCommit {
-                stream: spec.name.clone(),
-                cursor: Some(next.clone()),
-                links,
-                ledger,
-                dead_letters: dead,
-                ..Default::default()
-            })
-            .await?;
-        progress::page(&ctx.spec.name, counts);
-        cursor = next;
+        commit(ctx, &mut cursor, &page, links, ledger, dead, counts).await?;
         if !page.has_more || page.records.is_empty() {
             return Ok(Flow::Done);
         }

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use serde_json::{Map, Value, json};
 
-use crate::config::halo::{CustomRef, HaloOptions, IdField, OnDeleted};
+use super::options::{CustomRef, HaloOptions, IdField, OnDeleted};
 use crate::connectors::seatgeek::{Action, ChangeEvent};
 use crate::mapping::{FieldMap, Mapping};
 

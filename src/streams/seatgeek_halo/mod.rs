@@ -24,6 +24,9 @@
 //!
 //! The matching and mapping functions are pure (`decide.rs`); this file does the IO.
 
+// The kind's options, raw and validated (below `config`, which carries them).
+pub mod options;
+
 use crate::progress;
 use std::collections::{HashMap, HashSet};
 
@@ -32,11 +35,11 @@ use futures::StreamExt;
 use serde_json::{Map, Value, json};
 
 use crate::config::BadRecordPolicy;
-use crate::config::halo::{CustomRef, HaloOptions, IdField};
 use crate::connectors::halo::{HaloClient, Saved};
 use crate::connectors::seatgeek::{ChangeEvent, EventPage, PageBody, SeatGeekSource};
 use crate::engine::{Flow, RunCtx, RunError, SourceError};
 use crate::store::{Counts, DeadLetter, PageCommit};
+use options::{CustomRef, HaloOptions, IdField};
 
 /// Searches in flight at once when matching by search.
 const SEARCH_CONCURRENCY: usize = 8;
@@ -1037,8 +1040,8 @@ fn parse_time(s: &str) -> Option<DateTime<Utc>> {
 
 #[cfg(test)]
 mod tests {
+    use super::options::{OnDeleted, default_mapping};
     use super::*;
-    use crate::config::halo::{OnDeleted, default_mapping};
     use crate::connectors::seatgeek::Action;
     use crate::mapping::Mapping;
 

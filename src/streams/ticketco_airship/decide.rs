@@ -8,7 +8,7 @@ use serde::Serialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::config::TicketCoAirshipOptions;
+use super::options::TicketCoAirshipOptions;
 use crate::connectors::ticketco::{Event, Line};
 use crate::store::LedgerRow;
 

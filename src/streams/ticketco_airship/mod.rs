@@ -40,6 +40,9 @@
 //! marks that a first run (and so `backfill_from`) is done, and is written only when
 //! nothing is owed.
 
+// The kind's options, raw and validated (below `config`, which carries them).
+pub mod options;
+
 use crate::progress;
 use std::collections::HashMap;
 
@@ -48,13 +51,13 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use crate::config::TicketCoAirshipOptions;
 use crate::connectors::airship::{Airship, WriteError, unit_for};
 use crate::connectors::ticketco::{Event, Line, LinePage, RawLines, TicketCo};
 use crate::engine::owed::OwedBook;
 use crate::engine::{Flow, RunCtx, RunError, SourceError};
 use crate::http::HttpError;
 use crate::store::{Counts, DeadLetter, LedgerRow, Owed, PageCommit, PageDigest};
+use options::TicketCoAirshipOptions;
 
 /// Writes to Airship in flight at once within a batch.
 const CONCURRENT_WRITES: usize = 8;
