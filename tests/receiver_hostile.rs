@@ -311,11 +311,20 @@ async fn a_max_body_payload_takes_a_small_multiple_of_its_size_in_memory() {
                 (peak - after) as f64 * 1024.0 / len as f64
             );
             assert!(statuses.iter().all(|s| *s == 200 || *s == 503));
-            // At most four bodies (the budget) and what parsing and storing them takes.
+            // Some are stored, not all refused: with the inbox's duplicate check reading the
+            // whole inbox (SQLite's plan before `+id`), all eight were 503. (Usually four or
+            // five; on PostgreSQL from a debug build, three bodies of 374k records stored in
+            // one group can take longer than the receiver's 60 s and be answered 503, which
+            // S-360 sends again: a 503 loses nothing.)
+            let stored = statuses.iter().filter(|s| **s == 200).count();
+            assert!((1..8).contains(&stored), "{statuses:?}");
+            // At most four bodies (the budget), each with what parsing and storing it took
+            // alone (just measured), and some slack.
             assert!(
-                peak - before < (4.0 * 2.5 * len as f64 / 1024.0) as u64 + 16 * 1024,
-                "eight POSTs at once took {} MB",
-                (peak - before) / 1024
+                peak - before < 4 * (after - before) + 16 * 1024,
+                "eight POSTs at once took {} MB, one alone {} MB",
+                (peak - before) / 1024,
+                (after - before) / 1024
             );
         }
     }
