@@ -348,12 +348,12 @@ struct InFlight {
 impl InFlight {
     fn send(ctx: &RunCtx, page: PageCommit, counts: Counts) -> InFlight {
         let store = ctx.store.clone();
-        let (stream, events) = (page.stream.clone(), page.links.len());
+        let (stream, links) = (page.stream.clone(), page.links.len());
         InFlight {
             commit: tokio::spawn(async move {
                 let t = std::time::Instant::now();
                 store.commit_page(page).await?;
-                tracing::debug!(stream = %stream, links = events, commit_ms = t.elapsed().as_millis() as u64, "page committed");
+                tracing::debug!(stream = %stream, links, commit_ms = t.elapsed().as_millis() as u64, "page committed");
                 Ok(())
             }),
             counts,
